@@ -1,0 +1,37 @@
+# Two commands set up a fresh machine on their own (SPEC section 1):
+#   make demo   - venv, CPU torch, the project, then the embedded end-to-end run
+#   make test   - the same setup, then the test suite (.ci/run calls exactly this)
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.longcpt-installed
+# The CPU build of torch goes in first so that no CUDA build is pulled by accident. `+cpu` pins the
+# CPU wheel: a local wheel cache (pip's find-links) serves it when present, else PyTorch's CPU index.
+TORCH_SPEC      ?= torch==2.13.0+cpu
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)" \
+	  || $(PY) -m pip install "$(TORCH_SPEC)" --index-url $(TORCH_CPU_INDEX)
+	$(PY) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m longcpt.demo --output demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks data_prep
+
+bench: $(STAMP)
+	$(PY) benchmarks/train_step.py
+
+clean:
+	rm -rf $(VENV) demo .pytest_cache

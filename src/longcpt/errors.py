@@ -1,0 +1,20 @@
+"""The one exception type users see.
+
+Every user mistake (bad recipe key, missing file, unsupported checkpoint) raises `LongcptError`
+with a message that names the offending key/file/line, the value and the fix. The command line
+prints that message and exits non-zero without a traceback; anything else is a bug and keeps its
+traceback.
+"""
+
+
+class LongcptError(Exception):
+    """A user-facing error: the message alone tells the user what to change."""
+
+
+class ConfigError(LongcptError):
+    """One or more problems in a recipe or its `key=value` overrides."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) in the configuration:\n{lines}")

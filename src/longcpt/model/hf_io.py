@@ -1,0 +1,262 @@
+"""Read and write Hugging Face model folders (SPEC sections 5 and 7).
+
+Import reads `config.json` (transformers v4 or v5 style) and weights from `model.safetensors`,
+sharded safetensors with `model.safetensors.index.json`, or `pytorch_model.bin` (sharded too),
+loaded with `weights_only=True`. Parameter names are transformers' own, so the weight map is the
+identity; keys we do not know, or keys we need and do not find, fail with their names.
+
+Export writes a folder atomically (temporary sibling, then rename): `config.json`,
+`model.safetensors` (sharded with an index above `max_shard_bytes`), `generation_config.json` and
+the tokenizer files. `full`, `intra_doc` and `anchor` models export as their source architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from longcpt.errors import LongcptError
+from longcpt.fsio import atomic_dir
+from longcpt.model.config import ModelArgs
+from longcpt.model.llama import CausalLM
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+# Keys old checkpoints carry that hold nothing we need (RoPE tables are recomputed).
+_IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    file = path / "config.json"
+    if not file.is_file():
+        raise LongcptError(f"{path}: no config.json; expected a Hugging Face model folder")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise LongcptError(f"{file}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of an HF folder, whatever the weight format.
+
+    Raises:
+        LongcptError: no weight file, or an index naming a missing shard.
+    """
+    path = Path(path)
+    for index_name, loader in (
+        ("model.safetensors.index.json", load_file),
+        ("pytorch_model.bin.index.json", _load_bin),
+    ):
+        index = path / index_name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [s for s in shards if not (path / s).is_file()]
+            if missing:
+                raise LongcptError(f"{index}: shard(s) {', '.join(missing)} not found in {path}")
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(loader(path / shard))
+            return state
+    if (path / "model.safetensors").is_file():
+        return load_file(path / "model.safetensors")
+    if (path / "pytorch_model.bin").is_file():
+        return _load_bin(path / "pytorch_model.bin")
+    raise LongcptError(
+        f"{path}: no weights found (looked for model.safetensors, model.safetensors.index.json, "
+        "pytorch_model.bin, pytorch_model.bin.index.json)"
+    )
+
+
+def _load_bin(file: Path) -> dict[str, torch.Tensor]:
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def build_model(args: ModelArgs, state: dict[str, torch.Tensor] | None = None, source: str = "") -> CausalLM:
+    """Instantiate `CausalLM(args)` and load `state` (strictly), or keep the fresh init if None.
+
+    Parameters the attention kind adds (e.g. Infini gates under `...self_attn.core.`) may be absent
+    from `state`; they keep their own initialisation.
+    """
+    if state is None:
+        return CausalLM(args)
+    with torch.device("meta"):
+        model = CausalLM(args)
+    expected = set(model.state_dict())
+    if args.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    given = {k for k in state if not _IGNORED_KEYS.match(k)}
+    unknown = sorted(given - expected)
+    missing = sorted(k for k in expected - given if ".core." not in k)
+    if unknown or missing:
+        parts = []
+        if unknown:
+            parts.append(f"unknown keys {_few(unknown)}")
+        if missing:
+            parts.append(f"missing keys {_few(missing)}")
+        raise LongcptError(
+            f"{source or 'state dict'}: weights do not match a {args.architecture} with this config: "
+            + "; ".join(parts)
+        )
+    model.to_empty(device="cpu")
+    model.tie_weights()
+    model.load_state_dict({k: state[k] for k in given}, strict=False)
+    if expected - given:  # the attention kind's own new parameters: initialise them
+        for block in model.model.layers:
+            block.self_attn.core.reset_parameters()
+    return model
+
+
+def _few(keys: list[str], n: int = 8) -> str:
+    shown = ", ".join(keys[:n])
+    return shown + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    attention: str = "full",
+    dtype: torch.dtype | str | None = None,
+    rope_precision: str = "fp32",
+    rope_theta: float | None = None,
+    rope_scaling: dict[str, Any] | None = None,
+    **attention_options: Any,
+) -> CausalLM:
+    """Load an HF folder as a longcpt model.
+
+    Args:
+        path: folder with `config.json` and weights.
+        attention: attention kind (`full`, `intra_doc`, `anchor`, `infini`).
+        dtype: parameter dtype (torch dtype or "fp32"/"bf16"/"fp16"); default: as stored.
+        rope_precision: "fp32" (the BF16 RoPE fix) or "model" (transformers' path).
+        rope_theta, rope_scaling: context-extension overrides (ABF / HF rope_scaling dict).
+        **attention_options: options of the attention kind by their recipe names
+            (e.g. segment_len=2048, memory_update="delta").
+
+    Raises:
+        LongcptError: missing files, unsupported architecture, mismatching weights.
+    """
+    path = Path(path)
+    args = ModelArgs.from_hf_config(read_config(path), source=str(path / "config.json"))
+    args.attention, args.attention_options, args.rope_precision = attention, dict(attention_options), rope_precision
+    if rope_theta is not None:
+        args.rope_theta = float(rope_theta)
+    if rope_scaling is not None:
+        args.rope_scaling = dict(rope_scaling) or None
+    model = build_model(args, load_state_dict(path), source=str(path))
+    stored = args.hf_config.get("dtype") or args.hf_config.get("torch_dtype")
+    target = _as_dtype(dtype) if dtype is not None else _as_dtype(stored) if stored else None
+    return model.to(target) if target is not None else model
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {**DTYPES, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in names:
+        raise LongcptError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    return names[dtype]
+
+
+def save_pretrained(
+    model: CausalLM,
+    path: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """Write `model` as an HF folder at `path` (atomically; an existing folder is replaced whole).
+
+    Args:
+        model: a longcpt `CausalLM`.
+        path: output folder.
+        dtype: weight dtype in the folder; default: the model's.
+        tokenizer: folder whose tokenizer files are copied alongside (its vocabulary must fit the
+            model's embedding size).
+        max_shard_bytes: shard size above which weights are split with an index.
+
+    Returns:
+        The output folder.
+    """
+    path = Path(path)
+    target = _as_dtype(dtype) if dtype is not None else next(model.parameters()).dtype
+    state = {
+        k: v.detach().to(device="cpu", dtype=target).contiguous()
+        for k, v in model.state_dict().items()
+        if not (model.args.tie_word_embeddings and k == "lm_head.weight")
+    }
+    with atomic_dir(path) as tmp:
+        _write_weights(state, tmp, max_shard_bytes)
+        config = model.args.to_hf_config(dtype=DTYPE_NAMES[target])
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        generation = {
+            k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None
+        }
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        if tokenizer is not None:
+            copy_tokenizer(tokenizer, tmp, model.args.vocab_size)
+    return path
+
+
+def copy_tokenizer(src: str | os.PathLike, dst: Path, vocab_size: int) -> None:
+    """Copy tokenizer files and check the vocabulary fits the embedding matrix.
+
+    Raises:
+        LongcptError: no tokenizer file in `src`, or more tokens than embedding rows.
+    """
+    src = Path(src)
+    files = [src / f for f in TOKENIZER_FILES if (src / f).is_file()]
+    if not files:
+        raise LongcptError(f"{src}: no tokenizer files found ({', '.join(TOKENIZER_FILES[:2])}, ...)")
+    for f in files:
+        shutil.copy2(f, dst / f.name)
+    if (src / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        n = Tokenizer.from_file(str(src / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+        if n > vocab_size:
+            raise LongcptError(
+                f"{src}: tokenizer has {n} tokens but the model's vocab_size is {vocab_size}; "
+                "export would produce ids without embeddings (do not add tokens without resizing)"
+            )
+
+
+def _write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], folder / "model.safetensors", metadata=metadata)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / name, metadata=metadata)
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,186 @@
+"""A Llama-family decoder (Llama 1/2/3, Mistral, Qwen2) with Hugging Face parameter names.
+
+Read top to bottom: norm, MLP, attention, block, model. Parameter names equal transformers'
+`*ForCausalLM` state dicts (`model.layers.0.self_attn.q_proj.weight`, ..., `lm_head.weight`),
+so import/export is a near-identity map (see `hf_io.py`).
+
+Shapes: B batch, T tokens, C hidden size, Hq query heads, Hk KV heads, D head dim, V vocab.
+Packed batches carry `position_ids` (B, T) and `cu_seqlens` (N+1,) as SPEC section 6 defines.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from longcpt.model.attention import AttentionContext, build_attention
+from longcpt.model.config import ModelArgs
+from longcpt.model.loss import chunked_cross_entropy
+from longcpt.model.rope import RotaryEmbedding
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32, cast back, then scale: transformers' order, bit for bit.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        c, f, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
+        self.gate_proj = nn.Linear(c, f, bias=bias)
+        self.up_proj = nn.Linear(c, f, bias=bias)
+        self.down_proj = nn.Linear(f, c, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Attention(nn.Module):
+    """Projections around an attention kind from the registry (`args.attention`)."""
+
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        c, d = args.hidden_size, args.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = args.num_attention_heads, args.num_key_value_heads, d
+        self.q_proj = nn.Linear(c, self.n_heads * d, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(c, self.n_kv_heads * d, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(c, self.n_kv_heads * d, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * d, c, bias=args.o_bias)
+        self.core = build_attention(args, layer_idx)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hk, T, D)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hk, T, D)
+        y = self.core(q, k, v, ctx)  # (B, Hq, T, D)
+        y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # (B, T, Hq*D)
+        return self.o_proj(y)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args, layer_idx)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Embedding, blocks and final norm: transformers' `model.*` submodule."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(
+            args.head_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings, args.rope_precision
+        )
+
+
+class CausalLM(nn.Module):
+    """The decoder plus LM head. `forward` returns logits; `loss` is the memory-lean training path.
+
+    Args:
+        args: architecture and attention kind.
+
+    Attributes:
+        activation_checkpointing: recompute each block in the backward (set by the trainer).
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = Decoder(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.tie_weights()
+        self.activation_checkpointing = False
+        self.apply(self._init_weights)
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the LM head when the config says so (again after `to_empty`)."""
+        if self.args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.args.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def context(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        state: dict | None = None,
+    ) -> AttentionContext:
+        """Per-call attention inputs: positions (default `arange(T)` per row) and RoPE tables."""
+        b, t = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
+        cos, sin = self.model.rotary_emb(position_ids)
+        return AttentionContext(position_ids, cu_seqlens, cos, sin, self.model.rotary_emb, state=state)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        state: dict | None = None,
+    ) -> torch.Tensor:
+        """Final normalised hidden states (B, T, C)."""
+        ctx = self.context(input_ids, position_ids, cu_seqlens, state)
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        for block in self.model.layers:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, ctx, use_reentrant=False)
+            else:
+                x = block(x, ctx)
+        return self.model.norm(x)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        state: dict | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, V) for `input_ids` (B, T)."""
+        return self.lm_head(self.hidden_states(input_ids, position_ids, cu_seqlens, state))
+
+    def loss(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        state: dict | None = None,
+        reduction: str = "mean",
+        chunk_size: int = 4096,
+    ) -> torch.Tensor:
+        """Next-token loss with `labels` already aligned to `input_ids` (labels[t] = target of t)."""
+        hidden = self.hidden_states(input_ids, position_ids, cu_seqlens, state)
+        return chunked_cross_entropy(hidden, self.lm_head.weight, labels, chunk_size, reduction)

@@ -1,0 +1,5 @@
+import sys
+
+from longcpt.cli import main
+
+sys.exit(main())

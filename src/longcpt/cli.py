@@ -1,0 +1,120 @@
+"""`longcpt` command line (SPEC section 2): train, export, eval {passkey, booksum, ppl}.
+
+Each command is implemented by a `run(args)` function in its own module, imported only when the
+command runs so that `--help` is instant. User errors (`LongcptError`) print one message and exit
+with status 2; argparse reports bad flags the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from longcpt.errors import LongcptError
+
+# command -> module providing run(args)
+COMMANDS = {
+    "train": "longcpt.lit.train",
+    "export": "longcpt.export.convert",
+    "eval passkey": "longcpt.eval.passkey",
+    "eval booksum": "longcpt.eval.booksum",
+    "eval ppl": "longcpt.eval.ppl",
+}
+
+
+def _csv(kind):
+    def parse(text: str):
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
+
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="longcpt",
+        description="Continual pretraining of long-context Llama-family models.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="continual pretraining / fine-tuning from a YAML recipe")
+    train.add_argument("recipe", help="recipe YAML (see recipes/)")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="OmegaConf overrides, e.g. trainer.max_steps=10")
+    train.set_defaults(command_name="train")
+
+    export = sub.add_parser("export", help="Lightning .ckpt or DeepSpeed checkpoint -> Hugging Face folder")
+    export.add_argument("checkpoint", help="a .ckpt file, a DeepSpeed checkpoint folder, or a run's out_dir")
+    export.add_argument("--output", required=True, help="output HF folder (written atomically)")
+    export.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="weight dtype (default: as trained)")
+    export.add_argument("--tokenizer", default=None, help="tokenizer folder to copy (default: the run's)")
+    export.set_defaults(command_name="export")
+
+    ev = sub.add_parser("eval", help="evaluate an exported model: passkey, booksum, ppl")
+    evsub = ev.add_subparsers(dest="task", required=True, metavar="TASK")
+
+    pk = evsub.add_parser("passkey", help="passkey retrieval sweep -> passkey.json + passkey.png")
+    pk.add_argument("--model", required=True, help="exported HF folder (or a training checkpoint)")
+    pk.add_argument("--lengths", type=_csv(int), default=[1024, 4096], help="prompt lengths in tokens, comma-separated")
+    pk.add_argument("--depths", type=_csv(float), default=[0.0, 0.5, 1.0], help="needle depths in [0, 1]")
+    pk.add_argument("--trials", type=_positive_int, default=5, help="prompts per (length, depth)")
+    pk.add_argument("--output", required=True, help="output folder")
+    pk.add_argument("--seed", type=int, default=0)
+    pk.set_defaults(command_name="eval passkey")
+
+    bs = evsub.add_parser("booksum", help="summarise BookSum inputs -> predictions.jsonl + rouge.json")
+    bs.add_argument("--model", required=True)
+    bs.add_argument("--data", required=True, help="prepared BookSum data (data_prep/prepare_booksum.py)")
+    bs.add_argument("--output", required=True)
+    bs.add_argument("--max-input-tokens", type=_positive_int, default=None)
+    bs.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    bs.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    bs.add_argument("--top-p", type=float, default=1.0)
+    bs.add_argument("--limit", type=_positive_int, default=None, help="evaluate the first N examples only")
+    bs.add_argument("--seed", type=int, default=0)
+    bs.set_defaults(command_name="eval booksum")
+
+    ppl = evsub.add_parser("ppl", help="perplexity by position bucket -> ppl.json + ppl.png")
+    ppl.add_argument("--model", required=True)
+    ppl.add_argument("--data", required=True, help="prepared corpus (data_prep/prepare_corpus.py) of long documents")
+    ppl.add_argument("--seq-len", type=_positive_int, required=True)
+    ppl.add_argument("--output", required=True)
+    ppl.add_argument("--bucket", type=_positive_int, default=None, help="bucket width in tokens (default: seq_len/8)")
+    ppl.add_argument("--max-docs", type=_positive_int, default=32)
+    ppl.set_defaults(command_name="eval ppl")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    name = args.command_name
+    try:
+        try:
+            module = importlib.import_module(COMMANDS[name])
+        except ModuleNotFoundError as e:
+            if e.name != COMMANDS[name]:
+                raise
+            raise LongcptError(f"`longcpt {name}` is not built yet in this version (see README, 'Not done yet')") from None
+        return int(module.run(args) or 0)
+    except LongcptError as e:
+        print(f"longcpt {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"longcpt {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

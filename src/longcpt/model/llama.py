@@ -137,10 +137,18 @@ class CausalLM(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         state: dict | None = None,
     ) -> AttentionContext:
-        """Per-call attention inputs: positions (default `arange(T)` per row) and RoPE tables."""
+        """Per-call attention inputs: positions and RoPE tables.
+
+        Positions default to `arange(T)` per row, or, for a packed batch (`cu_seqlens`) whose
+        attention kind defines them (`intra_doc`, `anchor`), to that kind's SPEC section 6 positions.
+        """
         b, t = input_ids.shape
         if position_ids is None:
-            position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
+            core = self.model.layers[0].self_attn.core if len(self.model.layers) else None
+            if cu_seqlens is not None and hasattr(core, "position_ids"):
+                position_ids = core.position_ids(cu_seqlens.to(input_ids.device), b, t)
+            else:
+                position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
         cos, sin = self.model.rotary_emb(position_ids)
         return AttentionContext(position_ids, cu_seqlens, cos, sin, self.model.rotary_emb, state=state)
 

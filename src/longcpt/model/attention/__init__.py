@@ -66,4 +66,4 @@ class AttentionContext:
 
 
 # Register the built-in kinds.
-from longcpt.model.attention import full  # noqa: E402,F401
+from longcpt.model.attention import document, full  # noqa: E402,F401

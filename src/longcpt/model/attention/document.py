@@ -1,0 +1,446 @@
+"""`intra_doc` and `anchor`: causal attention inside each document of a packed window.
+
+One kernel serves both kinds; they differ only in the position ids the collator gives them
+(SPEC section 6). A window of 9 tokens holding three documents, each starting with its own BOS
+(`B`), attends like this (`x` = may attend, `.` = masked):
+
+    keys ->      B a b  B c d e  B f          intra_doc positions:  0 1 2  0 1 2 3  0 1
+    B            x                            anchor positions:     0 1 2  0 4 5 6  0 8
+    a            x x                          full positions:       0 1 2  3 4 5 6  7 8
+    b            x x x
+    B                   x
+    c                   x x
+    d                   x x x
+    e                   x x x x
+    B                            x
+    f                            x x
+
+Why one kernel is enough for AnchorAttention (arXiv 2411.13476, section 4; official code
+haonan3/AnchorContext, "flash" engine): the paper's anchor is one shared first token at
+position 0 that every token sees. Here every document carries its own copy of BOS at position 0
+and attends to it causally. A BOS at position 0 that starts its own document sees only itself,
+so every copy has the same hidden state in every layer as the one shared anchor; each document
+therefore computes exactly what it would with the shared anchor, and the block-diagonal causal
+mask above is the whole of AnchorAttention. The other tokens keep their `arange` positions (not
+reset), so the distance to the anchor is the token's absolute index.
+
+Kernels, picked per call (`backend="auto"`):
+  * CUDA, fp16/bf16: flash-attn's `flash_attn_varlen_func` when installed, else torch's own
+    `torch.nn.attention.varlen.varlen_attn`; both take `cu_seqlens` directly (no mask at all).
+  * CUDA otherwise: FlexAttention with the document mask as a `BlockMask` (compiled).
+  * CPU: SDPA's `is_causal` path per document, with documents of similar length batched into one
+    call. FlexAttention has no backward on CPU (torch 2.13), and a dense (T, T) mask drops SDPA to
+    a slow path that is slower than no mask at all (DESIGN.md section 2). Batching needs no mask:
+    documents are right-padded to the longest of their bucket, and under a causal mask a real
+    token never sees the padding after it, so the result is exact.
+The document grouping is computed once per forward (`document_layout`, kept in `ctx.cache`) and
+shared by every layer.
+
+Shapes: B batch, T tokens per row, N documents, H heads (Hq query, Hk KV), D head dim,
+n documents in one bucket, L the bucket's (padded) document length.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from longcpt.errors import LongcptError
+from longcpt.model.attention import register
+from longcpt.model.attention.full import causal_attention
+
+BACKENDS = ("auto", "sdpa", "varlen", "flash_attn", "flex")
+_CACHE_KEY = "document_layout"
+# Bucketing of the SDPA path: a document joins the current bucket (padded to its longest member)
+# when padding wastes at most this share of its own attention cost ...
+_MAX_PAD_WASTE = 0.3
+# ... or when the padded work is smaller than the fixed cost of one more kernel call, measured on
+# CPU as the cost of attending about this many tokens.
+_CALL_COST_TOKENS = 96
+
+
+# ----------------------------------------------------------------------------------------------
+# Document layout: pure functions of cu_seqlens, computed once per forward.
+
+
+@dataclass(frozen=True)
+class SdpaBucket:
+    """Documents attended in one SDPA call, each right-padded to `length`.
+
+    Attributes:
+        gather: (n*L,) flat token index for each padded slot (padding repeats the document's last
+            token, so every value is finite), or None when the bucket is the contiguous token range
+            starting at `start`.
+        start: first flat token of the bucket when `gather` is None.
+        count: number of documents n.
+        length: padded length L.
+    """
+
+    gather: torch.Tensor | None
+    start: int
+    count: int
+    length: int
+
+
+@dataclass
+class DocumentLayout:
+    """Where the documents of a packed batch are, and how each kernel will visit them.
+
+    Attributes:
+        batch, seq_len: B and T of the batch.
+        starts, lengths: flat start and length of each of the N documents, in order.
+        cu_seqlens: (N+1,) int32 on the compute device.
+    """
+
+    batch: int
+    seq_len: int
+    starts: list[int]
+    lengths: list[int]
+    cu_seqlens: torch.Tensor
+    _plans: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def whole_rows(self) -> bool:
+        """True when every document is a whole row (plain causal attention per row)."""
+        return all(n == self.seq_len for n in self.lengths)
+
+    @property
+    def max_len(self) -> int:
+        return max(self.lengths)
+
+    def sdpa_plan(self) -> tuple[list[SdpaBucket], torch.Tensor | None]:
+        """Buckets for the SDPA path and the (B*T,) row of each token in their padded output."""
+        if "sdpa" not in self._plans:
+            self._plans["sdpa"] = _sdpa_plan(self.starts, self.lengths, self.cu_seqlens.device)
+        return self._plans["sdpa"]
+
+    def document_ids(self) -> torch.Tensor:
+        """(B, T) int32 index of the document each token belongs to (for FlexAttention)."""
+        if "doc_ids" not in self._plans:
+            lengths = torch.tensor(self.lengths, device=self.cu_seqlens.device)
+            ids = torch.repeat_interleave(torch.arange(len(self.lengths), device=lengths.device), lengths)
+            self._plans["doc_ids"] = ids.to(torch.int32).view(self.batch, self.seq_len)
+        return self._plans["doc_ids"]
+
+
+def document_layout(
+    cu_seqlens: torch.Tensor | None, batch: int, seq_len: int, device: torch.device | str = "cpu"
+) -> DocumentLayout:
+    """Check `cu_seqlens` against SPEC section 6 and describe the documents.
+
+    Args:
+        cu_seqlens: (N+1,) document starts over the flattened B*T tokens (0 first, B*T last), or
+            None for one document per row.
+        batch, seq_len: B and T.
+        device: where the kernels run.
+
+    Returns:
+        The layout (one host sync to read `cu_seqlens`).
+
+    Raises:
+        LongcptError: cu_seqlens not 1-D, not starting at 0 / ending at B*T, not increasing, or
+            a document crossing a row boundary.
+    """
+    total = batch * seq_len
+    if cu_seqlens is None:
+        bounds = list(range(0, total + 1, seq_len))
+    else:
+        if cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
+            raise LongcptError(
+                f"cu_seqlens must be a 1-D integer tensor of document starts, got shape "
+                f"{tuple(cu_seqlens.shape)} dtype {cu_seqlens.dtype}"
+            )
+        bounds = [int(x) for x in cu_seqlens.tolist()]
+        problem = _boundary_problem(bounds, batch, seq_len)
+        if problem:
+            raise LongcptError(
+                f"cu_seqlens={_short(bounds)} for a batch of {batch} x {seq_len} tokens: {problem} "
+                f"(SPEC section 6: document starts over the flattened B*T tokens, from 0 to {total}, "
+                "with every row start among them; build it with the collator of longcpt.data)"
+            )
+    starts, lengths = bounds[:-1], [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+    return DocumentLayout(batch, seq_len, starts, lengths, cu)
+
+
+def _boundary_problem(bounds: list[int], batch: int, seq_len: int) -> str:
+    total = batch * seq_len
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total:
+        return f"must start at 0 and end at B*T={total}"
+    if any(b <= a for a, b in zip(bounds[:-1], bounds[1:])):
+        return "must be strictly increasing (no empty documents)"
+    missing = sorted(set(range(0, total, seq_len)) - set(bounds))
+    if missing:
+        return f"documents cross row boundaries (row starts {_short(missing)} are not document starts)"
+    return ""
+
+
+def _short(values: list[int], n: int = 8) -> str:
+    return str(values) if len(values) <= n else f"[{', '.join(map(str, values[:n]))}, ... ({len(values)} values)]"
+
+
+def _sdpa_plan(
+    starts: list[int], lengths: list[int], device: torch.device
+) -> tuple[list[SdpaBucket], torch.Tensor | None]:
+    """Group documents into few SDPA calls; see the module docstring for why padding is exact.
+
+    Documents are visited longest first; a document joins the current bucket when padding it to
+    the bucket's length wastes little (`_MAX_PAD_WASTE`) or costs less than another call
+    (`_CALL_COST_TOKENS`). Equal lengths always share a bucket.
+
+    Returns:
+        The buckets, and for each flat token its row in the buckets' concatenated padded output
+        (None when that row is the token itself, i.e. no reordering or padding happened).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], starts[i]))
+    groups: list[list[int]] = []
+    for i in order:
+        n = lengths[i]
+        if groups:
+            longest = lengths[groups[-1][0]]
+            waste = longest * longest - n * n
+            if waste <= _MAX_PAD_WASTE * n * n or waste <= _CALL_COST_TOKENS**2:
+                groups[-1].append(i)
+                continue
+        groups.append([i])
+
+    buckets, rows_of_tokens, tokens, offset = [], [], [], 0
+    for group in groups:
+        length, count = lengths[group[0]], len(group)
+        group_starts = torch.tensor([starts[i] for i in group], device=device)
+        group_lens = torch.tensor([lengths[i] for i in group], device=device)
+        steps = torch.arange(length, device=device)
+        real = steps[None, :] < group_lens[:, None]  # (n, L)
+        # Padding slots repeat the document's last token (finite values, never seen by a real token).
+        gather = group_starts[:, None] + torch.minimum(steps[None, :], group_lens[:, None] - 1)  # (n, L)
+        contiguous = all(lengths[i] == length for i in group) and all(
+            starts[b] == starts[a] + length for a, b in zip(group[:-1], group[1:])
+        )
+        start = starts[group[0]]
+        buckets.append(SdpaBucket(None if contiguous else gather.reshape(-1), start, count, length))
+        tokens.append(gather[real])
+        rows_of_tokens.append(offset + torch.arange(count * length, device=device).view(count, length)[real])
+        offset += count * length
+
+    tokens_cat, rows_cat = torch.cat(tokens), torch.cat(rows_of_tokens)
+    row_of_token = torch.empty_like(rows_cat)
+    row_of_token[tokens_cat] = rows_cat
+    identity = offset == row_of_token.numel() and bool(
+        torch.equal(row_of_token, torch.arange(offset, device=device))
+    )
+    return buckets, None if identity else row_of_token
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels. All take token-major tensors q (B*T, Hq, D), k/v (B*T, Hk, D) and return (B*T, Hq, D).
+
+
+def _sdpa_documents(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout) -> torch.Tensor:
+    """Exact document-causal attention from a few `is_causal` SDPA calls (CPU path)."""
+    buckets, row_of_token = layout.sdpa_plan()
+    gqa = q.shape[1] != k.shape[1]
+    outs = []
+    for b in buckets:
+        n, L = b.count, b.length
+
+        def take(x: torch.Tensor, b: SdpaBucket = b) -> torch.Tensor:
+            x = x.narrow(0, b.start, n * L) if b.gather is None else x.index_select(0, b.gather)  # (n*L, H, D)
+            return x.view(n, L, x.shape[1], x.shape[2]).transpose(1, 2)  # (n, H, L, D)
+
+        y = F.scaled_dot_product_attention(take(q), take(k), take(v), is_causal=True, enable_gqa=gqa)
+        outs.append(y.transpose(1, 2).reshape(n * L, q.shape[1], q.shape[2]))  # (n*L, Hq, D)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out if row_of_token is None else out.index_select(0, row_of_token)
+
+
+def _varlen_documents(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout) -> torch.Tensor:
+    """torch's own varlen flash kernel (CUDA, fp16/bf16); causal within each cu_seqlens segment."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    cu, m = layout.cu_seqlens, layout.max_len
+    return varlen_attn(q, k, v, cu, cu, m, m, window_size=(-1, 0), enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _flash_attn_documents(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout
+) -> torch.Tensor:
+    """flash-attn's varlen kernel (the official AnchorContext engine); handles GQA natively."""
+    from flash_attn import flash_attn_varlen_func
+
+    cu, m = layout.cu_seqlens, layout.max_len
+    return flash_attn_varlen_func(q, k, v, cu, cu, m, m, causal=True)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def document_block_mask(layout: DocumentLayout):
+    """FlexAttention `BlockMask` for `causal & same document`, built once per layout."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if "block_mask" not in layout._plans:
+        doc = layout.document_ids()  # (B, T)
+
+        def same_document_causal(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
+
+        device = layout.cu_seqlens.device
+        layout._plans["block_mask"] = create_block_mask(
+            same_document_causal, layout.batch, None, layout.seq_len, layout.seq_len, device=device
+        )
+    return layout._plans["block_mask"]
+
+
+def _flex_documents(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout) -> torch.Tensor:
+    """FlexAttention with the document mask; compiled on CUDA, eager (a slow reference) elsewhere."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    b, t = layout.batch, layout.seq_len
+
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        return x.view(b, t, x.shape[1], x.shape[2]).transpose(1, 2)  # (B, H, T, D)
+
+    kernel = _compiled_flex() if q.is_cuda else flex_attention
+    gqa = q.shape[1] != k.shape[1]
+    y = kernel(rows(q), rows(k), rows(v), block_mask=document_block_mask(layout), enable_gqa=gqa)  # (B, Hq, T, D)
+    return y.transpose(1, 2).reshape(b * t, q.shape[1], q.shape[2])
+
+
+_KERNELS = {
+    "sdpa": _sdpa_documents,
+    "varlen": _varlen_documents,
+    "flash_attn": _flash_attn_documents,
+    "flex": _flex_documents,
+}
+
+
+def available_backends(device: torch.device | str, dtype: torch.dtype) -> list[str]:
+    """Backends usable for tensors of `device`/`dtype`, in the order `auto` prefers them."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        # Eager FlexAttention runs on CPU (forward only, slowly): usable on request, for checks.
+        return ["sdpa", "flex"]
+    found = []
+    if dtype in (torch.float16, torch.bfloat16):
+        if importlib.util.find_spec("flash_attn") is not None:
+            found.append("flash_attn")
+        if importlib.util.find_spec("torch.nn.attention.varlen") is not None:
+            found.append("varlen")
+    if importlib.util.find_spec("torch.nn.attention.flex_attention") is not None:
+        found.append("flex")
+    return [*found, "sdpa"]
+
+
+def document_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout, backend: str = "auto"
+) -> torch.Tensor:
+    """Causal attention within each document of `layout`.
+
+    Args:
+        q: (B, Hq, T, D) rotated queries; k, v: (B, Hk, T, D).
+        layout: from `document_layout` for the same B and T.
+        backend: one of `BACKENDS`; `auto` takes the first of `available_backends`.
+
+    Returns:
+        (B, Hq, T, D).
+
+    Raises:
+        LongcptError: a backend that cannot run on these tensors was requested.
+    """
+    b, hq, t, d = q.shape
+    if layout.whole_rows:  # one document per row: exactly `full`
+        return causal_attention(q, k, v)
+    usable = available_backends(q.device, q.dtype)
+    if backend == "auto":
+        backend = usable[0]
+    elif backend not in usable:
+        raise LongcptError(
+            f"attention backend {backend!r} cannot run on {q.device.type} {q.dtype}; "
+            f"usable here: {', '.join(usable)} (or 'auto')"
+        )
+
+    def tokens(x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2).reshape(b * t, x.shape[1], d)  # (B*T, H, D)
+
+    y = _KERNELS[backend](tokens(q), tokens(k), tokens(v), layout)  # (B*T, Hq, D)
+    return y.view(b, t, hq, d).transpose(1, 2)  # (B, Hq, T, D)
+
+
+# ----------------------------------------------------------------------------------------------
+# Position ids of SPEC section 6 (the collator's job; here for direct callers of the model).
+
+
+def document_position_ids(kind: str, cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
+    """(B, T) RoPE positions for a packed batch under `kind` (SPEC section 6).
+
+    `intra_doc` restarts at 0 in every document; `anchor` keeps `arange(T)` per row and puts 0 at
+    every document start (each document's BOS is its anchor).
+    """
+    cu = cu_seqlens.long()
+    total = batch * seq_len
+    flat = torch.arange(total, device=cu.device)
+    is_start = torch.zeros(total, dtype=torch.bool, device=cu.device)
+    is_start[cu[:-1]] = True
+    if kind == "intra_doc":
+        doc = torch.cumsum(is_start, 0) - 1  # document index of each token
+        return (flat - cu[doc]).view(batch, seq_len)
+    if kind == "anchor":
+        pos = (flat % seq_len).masked_fill(is_start, 0)
+        return pos.view(batch, seq_len)
+    raise ValueError(f"no document positions for attention kind {kind!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The registered kinds.
+
+
+class DocumentAttention(nn.Module):
+    """Core of `intra_doc` and `anchor`: rotate at `ctx.position_ids`, then document-causal attention.
+
+    Options (`attention_options`): `backend` = auto | sdpa | varlen | flash_attn | flex.
+    """
+
+    kind = "document"
+
+    def __init__(self, args, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.backend = (getattr(args, "attention_options", None) or {}).get("backend", "auto")
+        if self.backend not in BACKENDS:
+            raise LongcptError(f"attention backend {self.backend!r} is unknown; use one of {', '.join(BACKENDS)}")
+
+    def position_ids(self, cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
+        """Default positions when the caller passes `cu_seqlens` but no `position_ids`."""
+        return document_position_ids(self.kind, cu_seqlens, batch, seq_len)
+
+    def forward(self, q, k, v, ctx):
+        layout = ctx.cache.get(_CACHE_KEY)
+        if layout is None:
+            layout = document_layout(ctx.cu_seqlens, q.shape[0], q.shape[2], q.device)
+            ctx.cache[_CACHE_KEY] = layout
+        q, k = ctx.rotate(q, k)
+        return document_attention(q, k, v, layout, self.backend)
+
+
+@register("intra_doc")
+class IntraDocAttention(DocumentAttention):
+    """Documents cannot see each other; positions restart at 0 in every document."""
+
+    kind = "intra_doc"
+
+
+@register("anchor")
+class AnchorAttention(DocumentAttention):
+    """AnchorAttention (arXiv 2411.13476): as `intra_doc`, but positions are `arange` per row with
+    0 at each document's BOS, the anchor every token of the document sees."""
+
+    kind = "anchor"

@@ -276,8 +276,15 @@ class DenseDocumentReference(torch.nn.Module):
 def test_model_gradients_equal_the_dense_reference():
     torch.manual_seed(0)
     args = ModelArgs(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention="anchor", initializer_range=0.2,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        attention="anchor",
+        initializer_range=0.2,
     )
     ours = CausalLM(args)
     args_ref = ModelArgs(**{**args.__dict__, "attention": "_dense_document_reference"})
@@ -327,8 +334,10 @@ def test_flex_path_equals_dense_reference_on_cpu():
     q, k, v = (torch.randn(2, h, 128, 16, generator=g) for h in (4, 2, 2))
     layout = document_layout(cu, 2, 128)
     torch.testing.assert_close(
-        document_attention(q, k, v, layout, backend="flex"), dense_document_attention(q, k, v, cu),
-        atol=1e-5, rtol=1e-5,
+        document_attention(q, k, v, layout, backend="flex"),
+        dense_document_attention(q, k, v, cu),
+        atol=1e-5,
+        rtol=1e-5,
     )
 
 

@@ -181,7 +181,11 @@ def _boundary_problem(bounds: list[int], batch: int, seq_len: int) -> str:
 
 
 def _short(values: list[int], n: int = 8) -> str:
-    return str(values) if len(values) <= n else f"[{', '.join(map(str, values[:n]))}, ... ({len(values)} values)]"
+    return (
+        str(values)
+        if len(values) <= n
+        else f"[{', '.join(map(str, values[:n]))}, ... ({len(values)} values)]"
+    )
 
 
 def _sdpa_plan(
@@ -240,25 +244,31 @@ def _sdpa_plan(
 # Kernels. All take token-major tensors q (B*T, Hq, D), k/v (B*T, Hk, D) and return (B*T, Hq, D).
 
 
-def _sdpa_documents(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout) -> torch.Tensor:
+def _bucket(x: torch.Tensor, b: SdpaBucket) -> torch.Tensor:
+    """The bucket's documents of token-major `x` (B*T, H, D) as a batch (n, H, L, D)."""
+    n, length = b.count, b.length
+    x = x.narrow(0, b.start, n * length) if b.gather is None else x.index_select(0, b.gather)  # (n*L, H, D)
+    return x.view(n, length, x.shape[1], x.shape[2]).transpose(1, 2)  # (n, H, L, D)
+
+
+def _sdpa_documents(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout
+) -> torch.Tensor:
     """Exact document-causal attention from a few `is_causal` SDPA calls (CPU path)."""
     buckets, row_of_token = layout.sdpa_plan()
     gqa = q.shape[1] != k.shape[1]
     outs = []
     for b in buckets:
-        n, L = b.count, b.length
-
-        def take(x: torch.Tensor, b: SdpaBucket = b) -> torch.Tensor:
-            x = x.narrow(0, b.start, n * L) if b.gather is None else x.index_select(0, b.gather)  # (n*L, H, D)
-            return x.view(n, L, x.shape[1], x.shape[2]).transpose(1, 2)  # (n, H, L, D)
-
-        y = F.scaled_dot_product_attention(take(q), take(k), take(v), is_causal=True, enable_gqa=gqa)
-        outs.append(y.transpose(1, 2).reshape(n * L, q.shape[1], q.shape[2]))  # (n*L, Hq, D)
+        qb, kb, vb = (_bucket(x, b) for x in (q, k, v))
+        y = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, enable_gqa=gqa)  # (n, Hq, L, D)
+        outs.append(y.transpose(1, 2).reshape(b.count * b.length, q.shape[1], q.shape[2]))  # (n*L, Hq, D)
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out if row_of_token is None else out.index_select(0, row_of_token)
 
 
-def _varlen_documents(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout) -> torch.Tensor:
+def _varlen_documents(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout
+) -> torch.Tensor:
     """torch's own varlen flash kernel (CUDA, fp16/bf16); causal within each cu_seqlens segment."""
     from torch.nn.attention.varlen import varlen_attn
 
@@ -300,7 +310,9 @@ def document_block_mask(layout: DocumentLayout):
     return layout._plans["block_mask"]
 
 
-def _flex_documents(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout) -> torch.Tensor:
+def _flex_documents(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout
+) -> torch.Tensor:
     """FlexAttention with the document mask; compiled on CUDA, eager (a slow reference) elsewhere."""
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -311,7 +323,9 @@ def _flex_documents(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: D
 
     kernel = _compiled_flex() if q.is_cuda else flex_attention
     gqa = q.shape[1] != k.shape[1]
-    y = kernel(rows(q), rows(k), rows(v), block_mask=document_block_mask(layout), enable_gqa=gqa)  # (B, Hq, T, D)
+    y = kernel(
+        rows(q), rows(k), rows(v), block_mask=document_block_mask(layout), enable_gqa=gqa
+    )  # (B, Hq, T, D)
     return y.transpose(1, 2).reshape(b * t, q.shape[1], q.shape[2])
 
 
@@ -416,7 +430,9 @@ class DocumentAttention(nn.Module):
         self.layer_idx = layer_idx
         self.backend = (getattr(args, "attention_options", None) or {}).get("backend", "auto")
         if self.backend not in BACKENDS:
-            raise LongcptError(f"attention backend {self.backend!r} is unknown; use one of {', '.join(BACKENDS)}")
+            raise LongcptError(
+                f"attention backend {self.backend!r} is unknown; use one of {', '.join(BACKENDS)}"
+            )
 
     def position_ids(self, cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
         """Default positions when the caller passes `cu_seqlens` but no `position_ids`."""

@@ -69,22 +69,21 @@ _CALL_COST_TOKENS = 96
 
 
 @dataclass(frozen=True)
-class SdpaBucket:
-    """Documents attended in one SDPA call, each right-padded to `length`.
+class SdpaPlan:
+    """How the SDPA path visits the documents: buckets of documents right-padded to equal length.
 
     Attributes:
-        gather: (n*L,) flat token index for each padded slot (padding repeats the document's last
-            token, so every value is finite), or None when the bucket is the contiguous token range
-            starting at `start`.
-        start: first flat token of the bucket when `gather` is None.
-        count: number of documents n.
-        length: padded length L.
+        buckets: (n, L) per bucket: n documents padded to length L, attended in one call.
+        gather: (sum n*L,) flat token index of every padded slot, buckets one after another
+            (padding repeats the document's last token, so every value is finite), or None when
+            that is simply every token in order.
+        row_of_token: (B*T,) row of each token in the concatenated padded output, or None when
+            that is the token itself.
     """
 
+    buckets: list[tuple[int, int]]
     gather: torch.Tensor | None
-    start: int
-    count: int
-    length: int
+    row_of_token: torch.Tensor | None
 
 
 @dataclass
@@ -113,8 +112,8 @@ class DocumentLayout:
     def max_len(self) -> int:
         return max(self.lengths)
 
-    def sdpa_plan(self) -> tuple[list[SdpaBucket], torch.Tensor | None]:
-        """Buckets for the SDPA path and the (B*T,) row of each token in their padded output."""
+    def sdpa_plan(self) -> SdpaPlan:
+        """The document buckets of the SDPA path (computed on first use, then kept)."""
         if "sdpa" not in self._plans:
             self._plans["sdpa"] = _sdpa_plan(self.starts, self.lengths, self.cu_seqlens.device)
         return self._plans["sdpa"]
@@ -188,18 +187,12 @@ def _short(values: list[int], n: int = 8) -> str:
     )
 
 
-def _sdpa_plan(
-    starts: list[int], lengths: list[int], device: torch.device
-) -> tuple[list[SdpaBucket], torch.Tensor | None]:
+def _sdpa_plan(starts: list[int], lengths: list[int], device: torch.device) -> SdpaPlan:
     """Group documents into few SDPA calls; see the module docstring for why padding is exact.
 
     Documents are visited longest first; a document joins the current bucket when padding it to
     the bucket's length wastes little (`_MAX_PAD_WASTE`) or costs less than another call
     (`_CALL_COST_TOKENS`). Equal lengths always share a bucket.
-
-    Returns:
-        The buckets, and for each flat token its row in the buckets' concatenated padded output
-        (None when that row is the token itself, i.e. no reordering or padding happened).
     """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], starts[i]))
     groups: list[list[int]] = []
@@ -213,57 +206,59 @@ def _sdpa_plan(
                 continue
         groups.append([i])
 
-    buckets, rows_of_tokens, tokens, offset = [], [], [], 0
+    buckets, gathers, tokens, rows, offset = [], [], [], [], 0
     for group in groups:
         length, count = lengths[group[0]], len(group)
         group_starts = torch.tensor([starts[i] for i in group], device=device)
         group_lens = torch.tensor([lengths[i] for i in group], device=device)
         steps = torch.arange(length, device=device)
         real = steps[None, :] < group_lens[:, None]  # (n, L)
-        # Padding slots repeat the document's last token (finite values, never seen by a real token).
         gather = group_starts[:, None] + torch.minimum(steps[None, :], group_lens[:, None] - 1)  # (n, L)
-        contiguous = all(lengths[i] == length for i in group) and all(
-            starts[b] == starts[a] + length for a, b in zip(group[:-1], group[1:])
-        )
-        start = starts[group[0]]
-        buckets.append(SdpaBucket(None if contiguous else gather.reshape(-1), start, count, length))
+        buckets.append((count, length))
+        gathers.append(gather.reshape(-1))
         tokens.append(gather[real])
-        rows_of_tokens.append(offset + torch.arange(count * length, device=device).view(count, length)[real])
+        rows.append(offset + torch.arange(count * length, device=device).view(count, length)[real])
         offset += count * length
 
-    tokens_cat, rows_cat = torch.cat(tokens), torch.cat(rows_of_tokens)
-    row_of_token = torch.empty_like(rows_cat)
-    row_of_token[tokens_cat] = rows_cat
-    identity = offset == row_of_token.numel() and bool(
-        torch.equal(row_of_token, torch.arange(offset, device=device))
-    )
-    return buckets, None if identity else row_of_token
+    gather_all, tokens_all, rows_all = torch.cat(gathers), torch.cat(tokens), torch.cat(rows)
+    row_of_token = torch.empty_like(rows_all)
+    row_of_token[tokens_all] = rows_all
+    in_order = torch.arange(len(row_of_token), device=device)
+    identity = offset == len(row_of_token) and bool(torch.equal(gather_all, in_order))
+    return SdpaPlan(buckets, None if identity else gather_all, None if identity else row_of_token)
 
 
 # ----------------------------------------------------------------------------------------------
 # Kernels. All take token-major tensors q (B*T, Hq, D), k/v (B*T, Hk, D) and return (B*T, Hq, D).
 
 
-def _bucket(x: torch.Tensor, b: SdpaBucket) -> torch.Tensor:
-    """The bucket's documents of token-major `x` (B*T, H, D) as a batch (n, H, L, D)."""
-    n, length = b.count, b.length
-    x = x.narrow(0, b.start, n * length) if b.gather is None else x.index_select(0, b.gather)  # (n*L, H, D)
-    return x.view(n, length, x.shape[1], x.shape[2]).transpose(1, 2)  # (n, H, L, D)
-
-
 def _sdpa_documents(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout
 ) -> torch.Tensor:
-    """Exact document-causal attention from a few `is_causal` SDPA calls (CPU path)."""
-    buckets, row_of_token = layout.sdpa_plan()
+    """Exact document-causal attention from a few `is_causal` SDPA calls (CPU path).
+
+    One gather brings every bucket's padded documents together and one gather puts the outputs
+    back (their backward passes are one scatter each); the buckets are `split` views, whose
+    backward is a single concatenation. Per-bucket slicing would allocate a full-size zero
+    gradient per bucket instead.
+    """
+    plan = layout.sdpa_plan()
     gqa = q.shape[1] != k.shape[1]
+    sizes = [n * length for n, length in plan.buckets]
+
+    def buckets(x: torch.Tensor) -> list[torch.Tensor]:
+        x = x if plan.gather is None else x.index_select(0, plan.gather)  # (sum n*L, H, D)
+        return [
+            part.view(n, length, x.shape[1], x.shape[2]).transpose(1, 2)  # (n, H, L, D)
+            for part, (n, length) in zip(x.split(sizes), plan.buckets)
+        ]
+
     outs = []
-    for b in buckets:
-        qb, kb, vb = (_bucket(x, b) for x in (q, k, v))
+    for qb, kb, vb in zip(buckets(q), buckets(k), buckets(v)):
         y = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, enable_gqa=gqa)  # (n, Hq, L, D)
-        outs.append(y.transpose(1, 2).reshape(b.count * b.length, q.shape[1], q.shape[2]))  # (n*L, Hq, D)
-    out = outs[0] if len(outs) == 1 else torch.cat(outs)
-    return out if row_of_token is None else out.index_select(0, row_of_token)
+        outs.append(y.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2]))  # (n*L, Hq, D)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)  # (sum n*L, Hq, D)
+    return out if plan.row_of_token is None else out.index_select(0, plan.row_of_token)
 
 
 def _varlen_documents(

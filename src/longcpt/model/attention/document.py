@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -264,11 +265,23 @@ def _sdpa_documents(
 def _varlen_documents(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout
 ) -> torch.Tensor:
-    """torch's own varlen flash kernel (CUDA, fp16/bf16); causal within each cu_seqlens segment."""
+    """torch's own varlen flash kernel (CUDA, fp16/bf16); causal within each cu_seqlens segment.
+
+    Its keywords changed across torch releases: `window_size=(-1, 0)` and `enable_gqa` (2.13) or
+    `is_causal=True` and no GQA (earlier), where the KV heads are repeated here instead.
+    """
     from torch.nn.attention.varlen import varlen_attn
 
+    params = inspect.signature(varlen_attn).parameters
     cu, m = layout.cu_seqlens, layout.max_len
-    return varlen_attn(q, k, v, cu, cu, m, m, window_size=(-1, 0), enable_gqa=q.shape[1] != k.shape[1])
+    kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)  # (B*T, Hq, D)
+    return varlen_attn(q, k, v, cu, cu, m, m, **kwargs)
 
 
 def _flash_attn_documents(
@@ -299,8 +312,15 @@ def document_block_mask(layout: DocumentLayout):
             return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
 
         device = layout.cu_seqlens.device
+        # Compiled on CUDA: the eager builder materialises the full (T, T) mask first.
         layout._plans["block_mask"] = create_block_mask(
-            same_document_causal, layout.batch, None, layout.seq_len, layout.seq_len, device=device
+            same_document_causal,
+            layout.batch,
+            None,
+            layout.seq_len,
+            layout.seq_len,
+            device=device,
+            _compile=device.type == "cuda",
         )
     return layout._plans["block_mask"]
 
@@ -339,7 +359,8 @@ def available_backends(device: torch.device | str, dtype: torch.dtype) -> list[s
         # Eager FlexAttention runs on CPU (forward only, slowly): usable on request, for checks.
         return ["sdpa", "flex"]
     found = []
-    if dtype in (torch.float16, torch.bfloat16):
+    # Both varlen kernels are FlashAttention-2: fp16/bf16 on Ampere (sm80) or newer.
+    if dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(device) >= (8, 0):
         if importlib.util.find_spec("flash_attn") is not None:
             found.append("flash_attn")
         if importlib.util.find_spec("torch.nn.attention.varlen") is not None:

@@ -420,3 +420,66 @@ def test_cuda_anchor_model_matches_cpu(tmp_path):
         ref = cpu(ids, position_ids=pos, cu_seqlens=cu)
         out = cuda(ids.cuda(), position_ids=pos.cuda(), cu_seqlens=cu.cuda())
     torch.testing.assert_close(out.float().cpu(), ref, atol=0.1, rtol=0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA kernels' plumbing, on CPU: stand-ins that follow the documented varlen APIs
+# (token-major (total, H, D) inputs, cumulative starts, causal within each segment) check that we
+# call them with the right layout, boundaries and GQA handling. The kernels themselves are
+# checked by the GPU tests above.
+
+
+def _varlen_reference(q, k, v, cu, max_len, causal):
+    assert q.dim() == 3 and q.shape[0] == cu[-1] and max_len == int((cu[1:] - cu[:-1]).max())
+    assert causal
+    out = []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qs, ks, vs = (x[a:b].transpose(0, 1) for x in (q, k, v))  # (H, n, D)
+        out.append(
+            F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True).transpose(0, 1)
+        )
+    return torch.cat(out)
+
+
+def test_torch_varlen_call(monkeypatch):
+    import torch.nn.attention.varlen as varlen
+
+    def fake(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False, **kw):
+        assert cu_q is cu_k and cu_q.dtype == torch.int32 and max_q == max_k
+        assert enable_gqa == (q.shape[1] != k.shape[1])
+        return _varlen_reference(q, k, v, cu_q, max_q, causal=window_size == (-1, 0))
+
+    monkeypatch.setattr(varlen, "varlen_attn", fake)
+    rows = random_window(random.Random(8), batch=2, seq_len=64, max_doc=30)
+    _, cu, _, _ = pack(rows, 64)
+    q, k, v = (torch.randn(2, h, 64, 8) for h in (4, 2, 2))
+    layout = document_layout(cu, 2, 64)
+    from longcpt.model.attention import document
+
+    out = document._KERNELS["varlen"](
+        *(x.transpose(1, 2).reshape(128, x.shape[1], 8) for x in (q, k, v)), layout
+    )
+    ref = dense_document_attention(q, k, v, cu)
+    torch.testing.assert_close(out.view(2, 64, 4, 8).transpose(1, 2), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_flash_attn_call(monkeypatch):
+    import sys
+    import types
+
+    def fake(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False, **kw):
+        assert cu_q is cu_k and cu_q.dtype == torch.int32
+        return _varlen_reference(q, k, v, cu_q, max_q, causal)
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=fake))
+    rows = random_window(random.Random(9), batch=1, seq_len=96, max_doc=40)
+    _, cu, _, _ = pack(rows, 96)
+    q, k, v = (torch.randn(1, h, 96, 8) for h in (4, 1, 1))
+    from longcpt.model.attention import document
+
+    layout = document_layout(cu, 1, 96)
+    out = document._KERNELS["flash_attn"](
+        *(x.transpose(1, 2).reshape(96, x.shape[1], 8) for x in (q, k, v)), layout
+    )
+    ref = dense_document_attention(q, k, v, cu)
+    torch.testing.assert_close(out.view(1, 96, 4, 8).transpose(1, 2), ref, atol=1e-5, rtol=1e-5)

@@ -167,35 +167,35 @@ def plot(result: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     windows = result["windows"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {  # (color, marker, line) per method, so the two panels read together
+        "bf16 angles": ("tab:red", "o", "-"),
+        "transformers": ("tab:blue", "s", "-"),
+        "transformers .to(bf16)": ("tab:cyan", "x", ":"),
+        "ours (fp32 rotation)": ("tab:green", "o", "-"),
+        "fp32": ("tab:gray", "^", "-"),
+    }
     for name, vals in result["relative"].items():
-        axes[0].plot(windows, vals, marker="o", label=name)
-    axes[0].set(
-        xscale="log",
-        yscale="log",
-        xlabel="window (tokens)",
-        ylabel="max |s(m) - s(0)|",
-        title="Relative-position deviation of q.k",
-    )
-    axes[0].set_xticks(windows, [f"{w // 1024}K" for w in windows])
-    axes[0].legend(fontsize=8)
+        color, marker, line = styles[name]
+        axes[0].plot(windows, vals, line, color=color, marker=marker, label=name)
+    axes[0].set(yscale="log", ylabel="max over offsets |s(m) - s(0)|", title="Relative-position deviation of q.k")
     for name, vals in result["first_token"].items():
-        if ".to(bf16)" in name:  # frequency drift, orders of magnitude off this panel's scale
+        method, where = name.split(", ")
+        if ".to(bf16)" in method:  # frequency drift, orders of magnitude off this panel's scale
             continue
-        style = "-" if "offset" in name else "--"
-        axes[1].plot(windows, vals, style, marker="o", label=name)
-    axes[1].set(
-        xscale="log",
-        yscale="log",
-        xlabel="window (tokens)",
-        ylabel="max |s - exact|",
-        title="Error of the first token's score",
-    )
-    axes[1].set_xticks(windows, [f"{w // 1024}K" for w in windows])
-    axes[1].legend(fontsize=8)
-    fig.suptitle(f"RoPE in bf16 (random q, k; score std {result['score_std']:.1f})", fontsize=10)
+        color, marker, _ = styles[method]
+        axes[1].plot(windows, vals, "--" if "anchor" in where else "-", color=color, marker=marker, label=name)
+    axes[1].set(ylim=(0, None), ylabel="max |s - exact|", title="Error of the first token's score")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticks(windows, [f"{w // 1024}K" for w in windows])
+        ax.set_xlabel("window (tokens)")
+        ax.legend(fontsize=8, loc="best")
+    fig.suptitle(f"RoPE under bf16: random q, k (head dim 128), score std {result['score_std']:.1f}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

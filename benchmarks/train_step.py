@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -77,14 +76,21 @@ def hf_labels(labels: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def timed(fn, reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+def timed_rows(rows: dict, reps: int) -> dict[str, float]:
+    """Best of `reps` seconds per row, the rows run in turn each round.
+
+    Interleaving spreads any load from other processes over all rows, and the minimum is the
+    least disturbed run (as `timeit` reports); the first call of each row is a warm-up.
+    """
+    for fn in rows.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    best = dict.fromkeys(rows, float("inf"))
+    for _ in range(reps):
+        for name, fn in rows.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
 
 
 def build(tokens: int) -> tuple[transformers.LlamaForCausalLM, dict]:
@@ -132,7 +138,7 @@ def run_setting(tokens: int, docs: int, args) -> dict:
             ids, labels, position_ids=batch[k], cu_seqlens=batch["cu_seqlens"]
         ))
     skip = set(args.skip)
-    seconds = {name: timed(fn, args.reps) for name, fn in rows.items() if name not in skip}
+    seconds = timed_rows({n: fn for n, fn in rows.items() if n not in skip}, args.reps)
 
     # Same model, same loss: a check that the comparison is fair (not a timing).
     with torch.no_grad():

@@ -325,6 +325,22 @@ def test_kernel_and_gradients_equal_dense_reference_for_random_layouts(lens, gqa
         torch.testing.assert_close(a, r, atol=1e-10, rtol=1e-10)
 
 
+def test_bf16_on_cpu_equals_dense_reference():
+    rows = random_window(random.Random(10), batch=2, seq_len=96, max_doc=40)
+    _, cu, _, _ = pack(rows, 96)
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(2, h, 96, 16, generator=g).to(torch.bfloat16).requires_grad_() for h in (4, 2, 2)]
+    out = document_attention(*xs, document_layout(cu, 2, 96))
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    ref_in = [x.detach().float().requires_grad_() for x in xs]
+    ref = dense_document_attention(*ref_in, cu)
+    ref.sum().backward()
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    for x, r in zip(xs, ref_in):
+        torch.testing.assert_close(x.grad.float(), r.grad, atol=5e-2, rtol=5e-2)
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_path_equals_dense_reference_on_cpu():
     """FlexAttention (eager on CPU, forward only) with the same document mask."""

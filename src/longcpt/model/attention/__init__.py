@@ -70,5 +70,4 @@ class AttentionContext:
 
 
 # Register the built-in kinds.
-from longcpt.model.attention import full  # noqa: E402,F401
-from longcpt.model.attention import infini  # noqa: E402,F401
+from longcpt.model.attention import full, infini  # noqa: E402,F401

@@ -79,6 +79,10 @@ class _HFModule(torch.nn.Module):
     training = True
 
 
+def _size(tokens: int) -> str:
+    return f"{tokens // 1024}K" if tokens % 1024 == 0 else str(tokens)
+
+
 def timed_rows(rows: dict, reps: int) -> dict[str, float]:
     """Best of `reps` seconds per row, the rows run in turn each round.
 
@@ -157,7 +161,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     results = [run_setting(t, d, args) for t, d in settings]
     names = list(results[0]["seconds"])
-    header = "| attention fwd+bwd | " + " | ".join(f"{r['tokens'] // 1024}K / {r['documents']} docs" for r in results)
+    header = "| attention fwd+bwd | " + " | ".join(f"{_size(r['tokens'])} / {r['documents']} docs" for r in results)
     print(header + " |")
     print("|---|" + "---:|" * len(results))
     for name in names:
@@ -171,7 +175,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     last = results[-1]
     speedup = last["seconds"]["ours full"] / last["seconds"]["ours anchor"]
     print(
-        f"anchor vs full causal at {last['tokens'] // 1024}K / {last['documents']} docs: {speedup:.1f}x "
+        f"anchor vs full causal at {_size(last['tokens'])} / {last['documents']} docs: {speedup:.1f}x "
         f"(target >= 8x: {'met' if speedup >= 8 else 'NOT met'})"
     )
     env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}

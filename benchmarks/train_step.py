@@ -76,6 +76,10 @@ def hf_labels(labels: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _size(tokens: int) -> str:
+    return f"{tokens // 1024}K" if tokens % 1024 == 0 else str(tokens)
+
+
 def timed_rows(rows: dict, reps: int) -> dict[str, float]:
     """Best of `reps` seconds per row, the rows run in turn each round.
 
@@ -162,7 +166,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     results = [run_setting(t, d, args) for t, d in settings]
     names = list(dict.fromkeys(n for r in results for n in r["seconds"]))
-    print("| train step fwd+bwd | " + " | ".join(f"{r['tokens'] // 1024}K / {r['documents']} docs" for r in results) + " |")
+    print("| train step fwd+bwd | " + " | ".join(f"{_size(r['tokens'])} / {r['documents']} docs" for r in results) + " |")
     print("|---|" + "---:|" * len(results))
     for name in names:
         cells = []
@@ -178,13 +182,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if "transformers full causal" in sec and "ours full" in sec:
             ratio = sec["transformers full causal"] / sec["ours full"]
             verdict[f"full_{r['tokens']}"] = ratio
-            print(f"{r['tokens'] // 1024}K ours full vs transformers: {ratio:.2f}x (target >= 1: "
+            print(f"{_size(r['tokens'])} ours full vs transformers: {ratio:.2f}x (target >= 1: "
                   f"{'met' if ratio >= 1 else 'NOT met'}); loss difference {r['loss_diff_full']:.2e}")
     last = results[-1]["seconds"]
     if "transformers full causal" in last and "ours anchor" in last:
         ratio = last["transformers full causal"] / last["ours anchor"]
         verdict["anchor_vs_transformers_full"] = ratio
-        print(f"anchor step vs transformers full-causal step at {results[-1]['tokens'] // 1024}K / "
+        print(f"anchor step vs transformers full-causal step at {_size(results[-1]['tokens'])} / "
               f"{results[-1]['documents']} docs: {ratio:.2f}x (target >= 2.5x: {'met' if ratio >= 2.5 else 'NOT met'})")
     env = {"torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
            "cpu": platform.processor() or platform.machine()}

@@ -189,6 +189,32 @@ def test_positions_default_to_the_kinds_spec_positions(tmp_path):
             assert torch.equal(model(ids, cu_seqlens=cu), model(ids, position_ids=pos, cu_seqlens=cu))
 
 
+@pytest.mark.parametrize("kind", ["anchor", "intra_doc"])
+def test_collator_batches_give_single_document_results(kind, tmp_path):
+    """End to end with longcpt.data: pack_documents + the collator's positions and cu_seqlens."""
+    from longcpt.data import pack_documents
+    from longcpt.data.collate import collate_windows
+
+    hf, path = hf_model("llama", tmp_path)
+    model = longcpt.from_pretrained(path, attention=kind).eval()
+    rng = random.Random(11)
+    docs = [[rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 40))] for _ in range(8)]
+    windows = list(pack_documents(docs, 48, bos_id=BOS, eos_id=2, pad_id=0))[:2]
+    batch = collate_windows(windows, kind)
+    rows = [list(w["doc_lens"]) for w in windows]
+    _, cu, anchor_pos, intra_pos = pack(rows, 48)  # the SPEC text, independently
+    assert torch.equal(batch["cu_seqlens"], cu)
+    assert torch.equal(batch["position_ids"], anchor_pos if kind == "anchor" else intra_pos)
+    ids = batch["input_ids"]
+    with torch.no_grad():
+        logits = model(ids, position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"])
+    for r, s, n in documents(rows):
+        pos = [0] + list(range(s + 1, s + n)) if kind == "anchor" else list(range(n))
+        torch.testing.assert_close(
+            logits[r, s : s + n], hf_logits(hf, ids[r, s : s + n], pos), atol=2e-5, rtol=1e-5
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # No leakage between documents
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -114,6 +115,7 @@ class SyntheticDataModule(pl.LightningDataModule):
     def on_before_batch_transfer(self, batch, dataloader_idx):
         if self.trainer is not None and self.trainer.training:
             self.consumed += 1  # a batch reaches the training step only through here
+            time.sleep(float(os.environ.get("SYNTHETIC_BATCH_SLEEP", "0")))  # lets tests act mid-run
         return batch
 
     def state_dict(self):

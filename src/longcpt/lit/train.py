@@ -203,13 +203,14 @@ def _cpu_threads(devices: Any) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
-def train(cfg: Config, datamodule=None) -> TrainResult:
+def train(cfg: Config, datamodule=None, callbacks: list | None = None) -> TrainResult:
     """Train as the recipe says; resume from `out_dir/checkpoints/last` when it exists.
 
     Args:
         cfg: a validated recipe (`load_config`).
         datamodule: a LightningDataModule to use instead of `longcpt.data.build_datamodule`
             (tests pass small synthetic ones).
+        callbacks: extra Lightning callbacks, run after longcpt's own.
 
     Returns:
         The run's `TrainResult`.
@@ -243,7 +244,8 @@ def train(cfg: Config, datamodule=None) -> TrainResult:
     module = LitCausalLM(model, cfg, tokenizer_dir=str(out / "tokenizer"))
 
     checkpoints = RunCheckpoints(out / CHECKPOINT_DIR, t.save_every_n_steps, t.keep_last_k)
-    callbacks: list = [checkpoints, TrainMetrics(window=max(t.log_every_n_steps, 10))]
+    extra = list(callbacks or [])
+    callbacks = [checkpoints, TrainMetrics(window=max(t.log_every_n_steps, 10))]
     plugins = []
     requeue = None
     if SLURMEnvironment.detect():
@@ -253,6 +255,7 @@ def train(cfg: Config, datamodule=None) -> TrainResult:
         callbacks.append(requeue)
     interactive = os.isatty(1) and os.environ.get("TERM", "dumb") != "dumb"
     callbacks.append(ProgressBar() if interactive else StepPrinter(t.log_every_n_steps))
+    callbacks += extra
 
     accumulate = cfg.optim.accumulate_grad_batches
     trainer = pl.Trainer(
@@ -283,7 +286,9 @@ def train(cfg: Config, datamodule=None) -> TrainResult:
     )
     if resume_from is not None:
         print(f"resuming from {resume_from}", flush=True)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+    # Our own checkpoints hold training state beyond tensors (RNG, data position): full unpickling.
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None,
+                weights_only=False)
 
     requeued = bool(requeue and requeue.requeued)
     last = (out / CHECKPOINT_DIR / "last") if (out / CHECKPOINT_DIR / "last").exists() else None

@@ -125,15 +125,30 @@ class SyntheticDataModule(pl.LightningDataModule):
         self.consumed = state["consumed"]
 
 
-def tiny_overrides(out_dir: Path, tokenizer: Path, **extra) -> list[str]:
-    """Dotlist for a 2-layer, 64-wide Llama trained on synthetic windows of 32 tokens."""
+def make_corpus(folder: Path) -> dict[str, Path]:
+    """A small real corpus through `longcpt.data`: stdlib text -> BPE tokenizer -> train/val sets."""
+    from longcpt.data.demo_corpus import build_demo_corpus
+    from longcpt.data.prepare import prepare_corpus
+    from longcpt.data.tokenizer import train_tokenizer
+
+    corpus = build_demo_corpus(folder, max_docs=200, max_bytes=200_000)
+    train_tokenizer([corpus], 300, folder / "tokenizer")
+    prepare_corpus([corpus], folder / "tokenizer", folder / "data", val_fraction=0.1, progress=False)
+    return {"tokenizer": folder / "tokenizer", "train": folder / "data" / "train", "val": folder / "data" / "val"}
+
+
+def tiny_overrides(out_dir: Path, tokenizer: Path, corpus: dict | None = None, **extra) -> list[str]:
+    """Dotlist for a 2-layer, 64-wide Llama: on `corpus` (make_corpus) with windows of 64 tokens,
+    or without it on synthetic windows of 32 tokens (run with --synthetic)."""
     base = {
-        "model.tokenizer": str(tokenizer),
+        "model.tokenizer": str(corpus["tokenizer"] if corpus else tokenizer),
         "model.config": "{model_type: llama, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2,"
         " num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 256}",
         "attention.kind": "full",
-        "data.seq_len": 32,
+        "data.seq_len": 64 if corpus else 32,
         "data.micro_batch_size": 2,
+        "data.num_workers": 0,
+        "data.val_batches": 2,
         "optim.lr": 3e-3,
         "optim.warmup_steps": 2,
         "trainer.out_dir": str(out_dir),
@@ -145,14 +160,16 @@ def tiny_overrides(out_dir: Path, tokenizer: Path, **extra) -> list[str]:
         "trainer.log_every_n_steps": 1,
         "trainer.val_every_n_steps": 1000,
     }
+    if corpus:
+        base.update({"data.train": str(corpus["train"]), "data.val": str(corpus["val"])})
     base.update({k.replace("__", "."): v for k, v in extra.items()})
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def run_synthetic(overrides: list[str], env: dict | None = None, timeout: float = 300, wait: bool = True):
-    """Start tests/lit/run_synthetic.py in a subprocess (it trains on SyntheticDataModule)."""
+def run_train(overrides: list[str], *flags: str, env: dict | None = None, timeout: float = 600, wait: bool = True):
+    """Start tests/lit/run_train.py in a subprocess (flags: --synthetic, --die-in-save N)."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", **(env or {})}
-    cmd = [sys.executable, str(REPO / "tests" / "lit" / "run_synthetic.py"), *overrides]
+    cmd = [sys.executable, str(REPO / "tests" / "lit" / "run_train.py"), *flags, *overrides]
     if not wait:
         return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)

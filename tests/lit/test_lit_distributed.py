@@ -1,4 +1,5 @@
-"""Two CPU processes: DDP, DeepSpeed ZeRO-2 and ZeRO-3 (gloo) train, save, resume and export.
+"""Two CPU processes on real prepared data: DDP, DeepSpeed ZeRO-2 and ZeRO-3 (gloo) train, save,
+resume and export.
 
 The reference is the DDP run: the same seed, data and AdamW give the same weights under ZeRO-2 and
 ZeRO-3 (consolidated with DeepSpeed's own zero_to_fp32, no GPU), and every exported folder loads in
@@ -7,7 +8,7 @@ plain transformers with the logits of the DDP weights loaded into transformers' 
 
 import pytest
 import torch
-from lit_helpers import run_synthetic, tiny_overrides
+from lit_helpers import run_train, tiny_overrides
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from longcpt.export.convert import read_checkpoint
@@ -15,22 +16,22 @@ from longcpt.export.convert import read_checkpoint
 pytestmark = pytest.mark.slow
 
 
-def launch(out, tokenizer_dir, steps, **extra):
+def launch(out, corpus, steps, **extra):
     # Constant LR after warmup, so a run stopped at step 2 and resumed follows the same schedule.
-    args = tiny_overrides(out, tokenizer_dir, trainer__devices=2, trainer__max_steps=steps,
+    args = tiny_overrides(out, None, corpus, trainer__devices=2, trainer__max_steps=steps,
                           optim__min_lr_ratio=1.0, trainer__export_hf="true", **extra)
-    result = run_synthetic(args, timeout=600)
-    assert result.returncode == 0, result.stdout[-4000:]
+    result = run_train(args, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tokenizer_dir):
+def runs(tmp_path_factory, corpus):
     root = tmp_path_factory.mktemp("dist")
-    launch(root / "ddp", tokenizer_dir, 4, strategy__name="ddp")
-    launch(root / "zero2", tokenizer_dir, 4, strategy__name="deepspeed", strategy__stage=2)
-    launch(root / "zero3", tokenizer_dir, 2, strategy__name="deepspeed", strategy__stage=3)
-    resumed = launch(root / "zero3", tokenizer_dir, 4, strategy__name="deepspeed", strategy__stage=3)
+    launch(root / "ddp", corpus, 4, strategy__name="ddp")
+    launch(root / "zero2", corpus, 4, strategy__name="deepspeed", strategy__stage=2)
+    launch(root / "zero3", corpus, 2, strategy__name="deepspeed", strategy__stage=3)
+    resumed = launch(root / "zero3", corpus, 4, strategy__name="deepspeed", strategy__stage=3)
     assert "resuming from" in resumed.stdout and "step-00000002.ckpt" in resumed.stdout
     return root
 

@@ -1,21 +1,21 @@
-"""Exact resume: a run killed with SIGKILL and relaunched equals an uninterrupted run (CPU, fp32)."""
+"""Exact resume on real prepared data: a run killed with SIGKILL while writing a checkpoint, then
+relaunched with the same command, equals an uninterrupted run (CPU, fp32, seeded)."""
 
 import os
 import signal
-import time
 
 import pytest
 import torch
-from lit_helpers import read_metrics, run_synthetic, tiny_overrides
+from lit_helpers import read_metrics, run_train, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
 STEPS = 8
 
 
-def overrides(out, tokenizer_dir):
-    # Gradient accumulation and a validation pass in between make the loop state non-trivial.
-    return tiny_overrides(out, tokenizer_dir, trainer__max_steps=STEPS, optim__accumulate_grad_batches=2,
+def overrides(out, corpus):
+    # Gradient accumulation and validation passes in between make the loop state non-trivial.
+    return tiny_overrides(out, None, corpus, trainer__max_steps=STEPS, optim__accumulate_grad_batches=2,
                           trainer__val_every_n_steps=3, trainer__keep_last_k=1)
 
 
@@ -23,36 +23,29 @@ def final_weights(out):
     return torch.load(out / "checkpoints" / "last", weights_only=False)["state_dict"]
 
 
-def test_kill9_then_resume_equals_uninterrupted(tmp_path, tokenizer_dir):
+def test_kill9_during_a_save_then_resume_equals_uninterrupted(tmp_path, corpus):
     ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
-    slow = {"SYNTHETIC_BATCH_SLEEP": "0.4"}  # so the kill lands mid-run, after a checkpoint
-    killed = run_synthetic(overrides(run_dir, tokenizer_dir), env=slow, wait=False)
-    reference = run_synthetic(overrides(ref_dir, tokenizer_dir))
-    assert reference.returncode == 0, reference.stdout[-3000:]
+    reference = run_train(overrides(ref_dir, corpus))
+    assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
 
-    target = run_dir / "checkpoints" / "step-00000004.ckpt"
-    deadline = time.time() + 240
-    while not target.exists() and killed.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert killed.poll() is None, "the run ended before it could be killed:\n" + killed.stdout.read()[-3000:]
-    os.kill(killed.pid, signal.SIGKILL)
-    killed.wait()
-    assert killed.returncode == -signal.SIGKILL
-    killed.stdout.close()
-    last = os.readlink(run_dir / "checkpoints" / "last")
-    assert last in {"step-00000004.ckpt", "step-00000006.ckpt"}, last
+    # SIGKILL after step 6's checkpoint is written to its temporary name, before it replaces step 4.
+    killed = run_train(overrides(run_dir, corpus), "--die-in-save", "6")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    ckpts = run_dir / "checkpoints"
+    assert os.readlink(ckpts / "last") == "step-00000004.ckpt" and (ckpts / "step-00000004.ckpt").is_file()
+    assert (ckpts / ".step-00000006.ckpt.tmp").is_file() and not (ckpts / "step-00000006.ckpt").exists()
 
-    resumed = run_synthetic(overrides(run_dir, tokenizer_dir))
-    assert resumed.returncode == 0, resumed.stdout[-3000:]
-    assert f"resuming from {run_dir / 'checkpoints' / last}" in resumed.stdout
+    resumed = run_train(overrides(run_dir, corpus))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resuming from {ckpts / 'step-00000004.ckpt'}" in resumed.stdout
+    assert not list(ckpts.glob(".*.tmp"))
 
-    ref, got = read_metrics(ref_dir)["train/loss"], read_metrics(run_dir)["train/loss"]
-    resumed_from = int(last[5:13])
-    assert set(range(resumed_from, STEPS)) <= set(got)
-    for step in range(resumed_from, STEPS):
-        assert got[step] == ref[step], f"step {step}: {got[step]} != {ref[step]}"
+    ref, got = read_metrics(ref_dir), read_metrics(run_dir)
+    assert set(range(4, STEPS)) <= set(got["train/loss"])
+    for step in range(4, STEPS):
+        assert got["train/loss"][step] == ref["train/loss"][step], step
+    assert got["val/loss"][5] == ref["val/loss"][5]
     a, b = final_weights(ref_dir), final_weights(run_dir)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert not list((run_dir / "checkpoints").glob(".*.tmp"))

@@ -6,7 +6,7 @@ import signal
 import stat
 
 import pytest
-from lit_helpers import run_synthetic, tiny_overrides
+from lit_helpers import run_train, tiny_overrides
 
 from longcpt.lit.callbacks import request_requeue, slurm_job_id
 
@@ -34,7 +34,7 @@ def test_sigusr1_checkpoints_and_requeues(tmp_path, tokenizer_dir):
     bin_dir = fake_scontrol(tmp_path / "bin")
     out = tmp_path / "run"
     args = tiny_overrides(out, tokenizer_dir, trainer__max_steps=30, trainer__save_every_n_steps=1000)
-    proc = run_synthetic(args, env={**slurm_env(bin_dir), "SYNTHETIC_BATCH_SLEEP": "0.2"}, wait=False)
+    proc = run_train(args, "--synthetic", env={**slurm_env(bin_dir), "SYNTHETIC_BATCH_SLEEP": "0.2"}, wait=False)
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -55,8 +55,7 @@ def test_sigusr1_checkpoints_and_requeues(tmp_path, tokenizer_dir):
     assert not (out / "hf").exists()
 
     # What the requeued job does: the same command resumes from that checkpoint and finishes.
-    again = run_synthetic(tiny_overrides(out, tokenizer_dir, trainer__max_steps=30, trainer__save_every_n_steps=1000),
-                          env=slurm_env(bin_dir))
+    again = run_train(args, "--synthetic", env=slurm_env(bin_dir))
     assert again.returncode == 0, again.stdout[-3000:]
     assert f"resuming from {out / 'checkpoints' / last}" in again.stdout and "step=30 requeued=False" in again.stdout
 

@@ -57,19 +57,10 @@ def tokenizer_info(tokenizer: Any) -> TokenizerInfo:
 
 
 def load_tokenizer(path: str):
-    """The tokenizer of `path` through `longcpt.data.load_tokenizer` (transformers' as a fallback)."""
-    try:
-        from longcpt.data import load_tokenizer as data_load_tokenizer
-    except ImportError:
-        data_load_tokenizer = None
-    if data_load_tokenizer is not None:
-        return data_load_tokenizer(path)
-    from transformers import AutoTokenizer
+    """The tokenizer of `path` as `longcpt.data` loads it (BOS/EOS/PAD ids set)."""
+    from longcpt.data import load_tokenizer as data_load_tokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise LongcptError(f"model.tokenizer={path!r}: cannot load a tokenizer there ({e})") from None
+    return data_load_tokenizer(path)
 
 
 def build_model(cfg: Config, tok: TokenizerInfo):
@@ -136,10 +127,9 @@ def build_model(cfg: Config, tok: TokenizerInfo):
 
 
 def build_datamodule(cfg: Config, tokenizer):
-    try:
-        from longcpt.data import build_datamodule as data_build_datamodule
-    except ImportError:
-        raise LongcptError("longcpt.data.build_datamodule is not available in this build") from None
+    """The DataModule for `data.task` (`longcpt.data.build_datamodule`)."""
+    from longcpt.data import build_datamodule as data_build_datamodule
+
     return data_build_datamodule(cfg, tokenizer)
 
 

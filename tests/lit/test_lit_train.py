@@ -73,3 +73,40 @@ def test_tokenizer_larger_than_vocab_is_rejected(tmp_path, tokenizer_dir):
     cfg = load_config(None, overrides)
     with pytest.raises(LongcptError, match="tokenizer has 96 tokens but the model's vocab_size is 50"):
         train(cfg, datamodule=SyntheticDataModule(32, 2))
+
+
+def cli(*args, timeout=600):
+    import subprocess
+    import sys
+
+    from lit_helpers import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "longcpt", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+@pytest.mark.slow
+def test_cli_trains_the_tiny_cpu_recipe_on_real_data(tmp_path, corpus):
+    from longcpt.model.attention import ATTENTION_KINDS
+
+    kind = "anchor" if "anchor" in ATTENTION_KINDS else "full"
+    out = tmp_path / "run"
+    result = cli("train", "recipes/tiny_cpu.yaml", f"model.tokenizer={corpus['tokenizer']}",
+                 f"data.train={corpus['train']}", f"data.val={corpus['val']}", f"trainer.out_dir={out}",
+                 f"attention.kind={kind}", "data.seq_len=128", "data.micro_batch_size=2", "data.num_workers=0",
+                 "trainer.max_steps=3", "trainer.val_every_n_steps=2", "trainer.log_every_n_steps=1",
+                 "trainer.export_hf=true")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "finished at step 3" in result.stdout and f"Hugging Face export: {out / 'hf'}" in result.stdout
+    m = read_metrics(out)
+    assert sorted(m["train/loss"]) == [0, 1, 2] and set(m["val/loss"]) == {1}
+    assert yaml.safe_load((out / "config.yaml").read_text())["attention"]["kind"] == kind
+
+
+def test_cli_reports_every_bad_override_at_once(tmp_path):
+    result = cli("train", "recipes/tiny_cpu.yaml", "trainer.max_step=3", "optim.lr=-1",
+                 f"trainer.out_dir={tmp_path / 'run'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "did you mean trainer.max_steps?" in result.stderr and "optim.lr=-1" in result.stderr
+    assert not (tmp_path / "run").exists()

@@ -23,6 +23,12 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.fixture(name="subprocess_env")
+def _subprocess_env_fixture():
+    """The `subprocess_env` function, for tests that start `python -m longcpt ...`."""
+    return subprocess_env
+
+
 @pytest.fixture
 def python() -> str:
     return sys.executable

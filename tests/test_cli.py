@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-from conftest import subprocess_env
 
 from longcpt.cli import main
 
@@ -21,7 +20,7 @@ def test_help_works(cmd, capsys):
     assert "usage: longcpt" in capsys.readouterr().out
 
 
-def test_python_dash_m_lists_the_commands():
+def test_python_dash_m_lists_the_commands(subprocess_env):
     out = subprocess.run(
         [sys.executable, "-m", "longcpt", "--help"], capture_output=True, text=True, env=subprocess_env()
     )

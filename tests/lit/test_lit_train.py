@@ -110,3 +110,21 @@ def test_cli_reports_every_bad_override_at_once(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "did you mean trainer.max_steps?" in result.stderr and "optim.lr=-1" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_takes_the_newest_whole_checkpoint(tmp_path, tokenizer_dir):
+    """A crash after a checkpoint is renamed into place but before `last` moves to it."""
+    run(tmp_path, tokenizer_dir, trainer__max_steps=4)
+    ckpts = tmp_path / "run" / "checkpoints"
+    (ckpts / "last").unlink()
+    os.symlink("step-00000002.ckpt", ckpts / "last")
+    (ckpts / ".step-00000006.ckpt.tmp").write_bytes(b"half a checkpoint")
+    result, _ = run(tmp_path, tokenizer_dir, trainer__max_steps=6)
+    assert result.global_step == 6
+    import csv
+
+    with open(tmp_path / "run" / "logs" / "csv" / "version_1" / "metrics.csv") as f:
+        steps = {int(r["step"]) for r in csv.DictReader(f) if r["train/loss"]}
+    assert steps == {4, 5}  # the second launch continued from step 4, not from `last` (2)
+    assert not (ckpts / ".step-00000006.ckpt.tmp").exists()
+    assert os.readlink(ckpts / "last") == "step-00000006.ckpt"

@@ -10,8 +10,9 @@ A checkpoint is written to a hidden temporary name (`.step-00000100.ckpt.tmp`), 
 and renamed into place; only then does `last` move to it and are the oldest ones beyond
 `keep_last_k` deleted. A crash at any moment therefore leaves `last` pointing at a whole
 checkpoint (the AnchorContext code deletes the previous checkpoint before writing the next one:
-research/anchors_training.md b.6). Checkpoints are only taken at optimizer-step boundaries, so a
-resumed run continues with exactly the next micro-batch.
+research/anchors_training.md b.6), and a relaunch resumes from the newest `step-*.ckpt`, which is
+always whole. Checkpoints are only taken at optimizer-step boundaries, so a resumed run continues
+with exactly the next micro-batch.
 """
 
 from __future__ import annotations
@@ -49,13 +50,14 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def resolve_last(folder: Path) -> Path | None:
-    """The checkpoint `folder/last` points to, or None when there is none (or it dangles)."""
-    last = folder / LAST
-    if not last.is_symlink() and not last.exists():
-        return None
-    target = Path(os.path.realpath(last))
-    return target if target.exists() else None
+def newest_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint to resume from: the newest complete one in `folder`, or None.
+
+    Only complete checkpoints ever carry a `step-*.ckpt` name, so this is `last` except after a
+    crash between renaming a checkpoint into place and moving `last` to it.
+    """
+    found = list_checkpoints(folder)
+    return found[-1][1] if found else None
 
 
 def _fsync_tree(path: Path) -> None:
@@ -133,24 +135,24 @@ class RunCheckpoints(Callback):
         step = trainer.global_step
         name = checkpoint_name(step)
         final, tmp = self.folder / name, self.folder / f".{name}.tmp"
-        if trainer.is_global_zero:
-            _remove(tmp)
-        trainer.strategy.barrier("longcpt.checkpoint.begin")
-        t0 = time.perf_counter()
-        trainer.save_checkpoint(tmp, weights_only=False)  # collective for DeepSpeed; rank 0 writes for the others
-        trainer.strategy.barrier("longcpt.checkpoint.written")
-        if trainer.is_global_zero:
-            _fsync_tree(tmp)
-            if final.exists():  # the same step saved again (e.g. a requeue right after a save)
-                old = self.folder / f".{name}.old.tmp"
-                os.replace(final, old)
+        # A complete checkpoint of this very step is never replaced (a swap would leave a moment
+        # with none); runs resume from the newest step, so it holds this same state.
+        if trainer.strategy.broadcast(final.exists()):
+            rank_zero_warn(f"{final} exists already; keeping it")
+        else:
+            if trainer.is_global_zero:
+                _remove(tmp)
+            trainer.strategy.barrier("longcpt.checkpoint.begin")
+            t0 = time.perf_counter()
+            trainer.save_checkpoint(tmp, weights_only=False)  # collective for DeepSpeed; rank 0 writes for the others
+            trainer.strategy.barrier("longcpt.checkpoint.written")
+            if trainer.is_global_zero:
+                _fsync_tree(tmp)
                 os.replace(tmp, final)
-                _remove(old)
-            else:
-                os.replace(tmp, final)
+                rank_zero_info(f"checkpoint {final} ({time.perf_counter() - t0:.1f}s)")
+        if trainer.is_global_zero:
             _point_last(self.folder, name)
             self._prune(keep=final)
-            rank_zero_info(f"checkpoint {final} ({time.perf_counter() - t0:.1f}s)")
         trainer.strategy.barrier("longcpt.checkpoint.done")
         self.saved_step = step
         return final

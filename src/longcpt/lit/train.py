@@ -143,9 +143,9 @@ def _prepare_run_dir(cfg: Config, tokenizer_dir: str) -> Path | None:
     """Resolve resume, save config.yaml and copy the tokenizer; returns the checkpoint to resume."""
     out = Path(cfg.trainer.out_dir)
     ckpts = out / CHECKPOINT_DIR
-    from longcpt.lit.callbacks import resolve_last
+    from longcpt.lit.callbacks import newest_checkpoint
 
-    last = resolve_last(ckpts)
+    last = newest_checkpoint(ckpts)
     if _is_rank_zero():
         out.mkdir(parents=True, exist_ok=True)
         if not cfg.trainer.resume and ckpts.exists():

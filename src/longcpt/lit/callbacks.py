@@ -284,12 +284,25 @@ class TrainMetrics(Callback):
 
 
 class ProgressBar(RichProgressBar):
-    """Rich progress bar (steps, elapsed and remaining time) showing loss and tokens/s."""
+    """Rich progress bar over the run's micro-batches (elapsed, remaining) with loss and tokens/s."""
+
+    SHORT = {"train/loss": "loss", "train/tokens_per_s": "tok/s", "val/loss": "val"}
+
+    @property
+    def total_train_batches(self) -> int | float:
+        # The stream is endless: the run ends at max_steps (the default bar shows Lightning epochs).
+        t = self.trainer
+        return min(t.num_training_batches, t.max_steps * t.accumulate_grad_batches)
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return "train"
 
     def get_metrics(self, trainer, pl_module):
         items = super().get_metrics(trainer, pl_module)
-        items.pop("v_num", None)
-        return items
+        shown = {self.SHORT[k]: v for k, v in items.items() if k in self.SHORT}
+        if "tok/s" in shown:
+            shown["tok/s"] = f"{shown['tok/s']:,.0f}"
+        return shown
 
 
 class StepPrinter(Callback):

@@ -27,7 +27,6 @@ from typing import Any
 
 from longcpt.config import Config, load_config, save_config
 from longcpt.errors import LongcptError
-from longcpt.strategies import prepare_environment, resolve_accelerator
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -208,6 +207,8 @@ def train(cfg: Config, datamodule=None, callbacks: list | None = None) -> TrainR
     Raises:
         LongcptError: bad model/tokenizer settings, or a non-finite loss (`NonFiniteLossError`).
     """
+    from longcpt.strategies import prepare_environment, resolve_accelerator
+
     t = cfg.trainer
     accelerator = resolve_accelerator(t.accelerator)
     prepare_environment(cfg, accelerator)  # before anything imports deepspeed

@@ -26,9 +26,13 @@ VOCAB_SIZE = 2048
 PASSKEY = {"lengths": "256,512,1024", "depths": "0,0.5,1", "trials": "2"}
 
 
+_STAGES: list[tuple[str, float]] = []  # (stage, start time) for the closing summary
+
+
 def _say(text: str) -> None:
     from rich.console import Console
 
+    _STAGES.append((text, time.perf_counter()))
     Console().rule(f"[bold]{text}")
 
 
@@ -119,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     wall = time.perf_counter() - start
     _say("artifacts")
+    for (stage, t0), (_, t1) in zip(_STAGES, _STAGES[1:]):
+        print(f"  {t1 - t0:6.0f}s  {stage}")
     for name, path in art.items():
         print(f"  {name:<11} {path}")
     for extra in ("passkey.json", "passkey.png"):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,8 +164,6 @@ def _copy_tokenizer(src: str, dst: Path) -> None:
     files = [Path(src) / f for f in TOKENIZER_FILES if (Path(src) / f).is_file()]
     if not files:
         return
-    import shutil
-
     with atomic_dir(dst) as tmp:
         for f in files:
             shutil.copy2(f, tmp / f.name)
@@ -193,7 +192,7 @@ def _cpu_threads(devices: Any) -> None:
 
 
 def train(cfg: Config, datamodule=None, callbacks: list | None = None) -> TrainResult:
-    """Train as the recipe says; resume from `out_dir/checkpoints/last` when it exists.
+    """Train as the recipe says; resume from the newest checkpoint in `out_dir/checkpoints`.
 
     Args:
         cfg: a validated recipe (`load_config`).
@@ -275,7 +274,7 @@ def train(cfg: Config, datamodule=None, callbacks: list | None = None) -> TrainR
         use_distributed_sampler=False,  # longcpt.data shards by rank itself
         default_root_dir=out,
     )
-    if resume_from is not None:
+    if resume_from is not None and _is_rank_zero():
         print(f"resuming from {resume_from}", flush=True)
     # Our own checkpoints hold training state beyond tensors (RNG, data position): full unpickling.
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None,

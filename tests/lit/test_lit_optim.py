@@ -78,3 +78,16 @@ def test_build_optimizer_applies_schedule_per_group():
         sched.step()
     by_name = {g["name"]: g["lr"] for g in opt.param_groups}
     assert by_name["decay"] == pytest.approx(1e-3) and by_name["gate"] == pytest.approx(1e-2)
+
+
+def test_infini_gates_get_their_own_group():
+    from longcpt.model.attention import ATTENTION_KINDS
+
+    if "infini" not in ATTENTION_KINDS:
+        pytest.skip("Infini-attention is not in this build")
+    args = tiny_model().args
+    args.attention = "infini"
+    model = CausalLM(args)
+    gate = {g["name"]: g for g in param_groups(model, OptimConfig(gate_lr=5e-3))}["gate"]
+    assert gate["param_names"] == [f"model.layers.{i}.self_attn.core.gate" for i in range(2)]
+    assert (gate["lr"], gate["weight_decay"]) == (5e-3, 0.0)

@@ -57,13 +57,12 @@ def test_resume_false_starts_over_and_keeps_old_checkpoints(tmp_path, tokenizer_
     assert os.readlink(tmp_path / "run" / "checkpoints" / "last") == "step-00000002.ckpt"
 
 
-def test_unavailable_attention_kind_is_a_clear_error(tmp_path, tokenizer_dir):
+def test_unavailable_attention_kind_is_a_clear_error(tmp_path, tokenizer_dir, monkeypatch):
     from longcpt.model.attention import ATTENTION_KINDS
 
-    if "infini" in ATTENTION_KINDS:
-        pytest.skip("every kind is available in this build")
-    with pytest.raises(LongcptError, match="attention.kind='infini' is not available"):
-        run(tmp_path, tokenizer_dir, attention__kind="infini")
+    monkeypatch.delitem(ATTENTION_KINDS, "full")  # as in a build without that kind
+    with pytest.raises(LongcptError, match="attention.kind='full' is not available"):
+        run(tmp_path, tokenizer_dir)
 
 
 def test_tokenizer_larger_than_vocab_is_rejected(tmp_path, tokenizer_dir):

@@ -110,3 +110,22 @@ def test_cli_export_and_its_errors(trained, tmp_path):
                           str(tmp_path / "x")], env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "missing.ckpt does not exist" in bad.stderr
     assert "Traceback" not in bad.stderr and not (tmp_path / "x").exists()
+
+
+def test_infini_checkpoint_exports_through_the_same_path(tmp_path, tokenizer_dir):
+    """No special case for Infini in export: the folder carries its own modeling code."""
+    from longcpt.model.attention import ATTENTION_KINDS
+
+    if "infini" not in ATTENTION_KINDS:
+        pytest.skip("Infini-attention is not in this build")
+    overrides = tiny_overrides(tmp_path / "run", tokenizer_dir, trainer__max_steps=2, attention__kind="infini",
+                               attention__segment_len=8)
+    keep = KeepFinalModel()
+    result = train(load_config(None, overrides), datamodule=SyntheticDataModule(32, 2, restart=True),
+                   callbacks=[keep])
+    out = export_checkpoint(result.out_dir, tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["model_type"] != "llama"
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    ids = torch.randint(3, 96, (1, 24), generator=torch.Generator().manual_seed(2))  # three segments
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, trained_logits(keep, ids), rtol=1e-5, atol=1e-5)

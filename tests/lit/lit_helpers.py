@@ -95,22 +95,34 @@ class FromBatch(Sampler):
         return 1_000_000
 
 
+def restart_positions(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Position ids restarting at 0 in every document (what `intra_doc` and `infini` expect)."""
+    flat = torch.arange(batch["input_ids"].numel())
+    starts = batch["cu_seqlens"].long()
+    doc = torch.searchsorted(starts, flat, right=True) - 1
+    batch["position_ids"] = (flat - starts[doc]).view_as(batch["input_ids"])
+    return batch
+
+
 class SyntheticDataModule(pl.LightningDataModule):
-    def __init__(self, seq_len: int, micro_batch_size: int, seed: int = 0, val: bool = True):
+    def __init__(self, seq_len: int, micro_batch_size: int, seed: int = 0, val: bool = True,
+                 restart: bool = False):
         super().__init__()
         self.seq_len, self.batch, self.seed, self.val = seq_len, micro_batch_size, seed, val
+        self.collate = (lambda rows: restart_positions(collate(rows))) if restart else collate
         self.consumed = 0
 
     def train_dataloader(self):
         rank, world = self.trainer.global_rank, self.trainer.world_size
         sampler = FromBatch(self.consumed, self.batch, rank, world)
-        return DataLoader(Windows(self.seq_len, self.seed), batch_size=self.batch, sampler=sampler, collate_fn=collate)
+        return DataLoader(Windows(self.seq_len, self.seed), batch_size=self.batch, sampler=sampler,
+                          collate_fn=self.collate)
 
     def val_dataloader(self):
         if not self.val:
             return []
         rows = [window(10_000_000 + i, self.seq_len, self.seed) for i in range(2 * self.batch)]
-        return DataLoader(rows, batch_size=self.batch, collate_fn=collate)
+        return DataLoader(rows, batch_size=self.batch, collate_fn=self.collate)
 
     def on_before_batch_transfer(self, batch, dataloader_idx):
         if self.trainer is not None and self.trainer.training:

@@ -1,0 +1,137 @@
+"""The LightningModule: a thin wrapper that feeds packed batches to `CausalLM.loss`.
+
+Everything worth testing lives elsewhere and runs without a Trainer: the model (`longcpt.model`),
+the optimizer groups and schedule (`longcpt.lit.optim`), the batch statistics and the non-finite
+guard below. Batches come from `longcpt.data` as `{"input_ids", "labels", "position_ids",
+"cu_seqlens"}` with labels already aligned (labels[t] is the target of token t, -100 ignored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+import longcpt
+from longcpt.config import Config
+from longcpt.errors import LongcptError
+from longcpt.lit.optim import build_optimizer
+from longcpt.model.llama import CausalLM
+from longcpt.model.loss import IGNORE_INDEX
+
+# Key of our metadata inside every checkpoint (Lightning .ckpt and DeepSpeed client state).
+CHECKPOINT_KEY = "longcpt"
+
+
+class NonFiniteLossError(LongcptError):
+    """The training loss became NaN or infinite; the message names the step and the saved batch."""
+
+
+def batch_stats(batch: dict[str, torch.Tensor]) -> tuple[int, float]:
+    """(tokens in the batch, share of positions without a target: padding and document ends)."""
+    labels = batch["labels"]
+    return batch["input_ids"].numel(), (labels == IGNORE_INDEX).float().mean().item()
+
+
+def save_batch(batch: dict[str, Any], path: Path) -> Path:
+    """Write a batch's tensors (on CPU) to `path` atomically, for post-mortem inspection."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    cpu = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in batch.items()}
+    torch.save(cpu, tmp)
+    tmp.replace(path)
+    return path
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+class LitCausalLM(pl.LightningModule):
+    """Loss, logging, optimizer and checkpoint metadata around a `CausalLM`.
+
+    Args:
+        model: the model to train.
+        cfg: the resolved recipe.
+        tokenizer_dir: tokenizer folder recorded in checkpoints (export copies it).
+    """
+
+    def __init__(self, model: CausalLM, cfg: Config, tokenizer_dir: str | None = None):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.tokenizer_dir = tokenizer_dir
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model.loss(
+            batch["input_ids"], batch["labels"], batch.get("position_ids"), batch.get("cu_seqlens")
+        )
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self._stop_if_not_finite(loss, batch, batch_idx)
+        self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss = self._loss(batch)
+        # Weighted by target tokens, so the epoch value is the token-level mean.
+        n = int((batch["labels"] != IGNORE_INDEX).sum())
+        self.log("val/loss", loss, batch_size=max(n, 1), sync_dist=True, prog_bar=True)
+
+    def _stop_if_not_finite(self, loss: torch.Tensor, batch: dict, batch_idx: int) -> None:
+        """Raise `NonFiniteLossError` on every rank when any rank's loss is NaN/inf.
+
+        Checked before the backward so no non-finite update reaches the weights; all ranks decide
+        together so none is left waiting in a collective.
+        """
+        bad = not bool(torch.isfinite(loss.detach()).item())
+        if not self.trainer.strategy.reduce_boolean_decision(bad, all=False):
+            return
+        step, rank = self.trainer.global_step, self.trainer.global_rank
+        folder = Path(self.cfg.trainer.out_dir) / "nonfinite"
+        if bad:
+            path = save_batch(batch, folder / f"step-{step:08d}-rank{rank}.pt")
+            where = f"the offending batch is saved in {path}"
+        else:
+            where = f"another rank's loss was not finite; its batch is saved under {folder}"
+        raise NonFiniteLossError(
+            f"training loss is {loss.item()} at step {step} (micro-batch {batch_idx}, rank {rank}); "
+            f"{where}. Fix: lower optim.lr, keep optim.grad_clip > 0, or inspect that batch; "
+            "the last good checkpoint is in checkpoints/last."
+        )
+
+    def configure_optimizers(self):
+        s = self.cfg.strategy
+        offload = s.name == "deepspeed" and s.offload_optimizer
+        optimizer, scheduler = build_optimizer(self.model, self.cfg.optim, self.cfg.trainer.max_steps, offload)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def checkpoint_metadata(self) -> dict[str, Any]:
+        """What `longcpt export` needs to rebuild the model from a checkpoint without the recipe."""
+        return {
+            "model_args": dataclasses.asdict(self.model.args),
+            "precision": self.cfg.trainer.precision,
+            "tokenizer": self.tokenizer_dir,
+            "config": dataclasses.asdict(self.cfg),
+            "version": longcpt.__version__,
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = self.checkpoint_metadata()
+        checkpoint["rng"] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "rng" in checkpoint:
+            set_rng_state(checkpoint["rng"])

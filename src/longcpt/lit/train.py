@@ -1,0 +1,304 @@
+"""`longcpt train RECIPE [key=value ...]`: model + DataModule + Lightning Trainer.
+
+    longcpt train recipes/tiny_cpu.yaml trainer.max_steps=50
+
+What a run directory (`trainer.out_dir`) holds (SPEC section 4):
+
+    config.yaml      the resolved recipe of the latest launch
+    tokenizer/       copy of the tokenizer (export and evaluation use it)
+    checkpoints/     step-*.ckpt (files, or folders under DeepSpeed) and `last` -> the newest
+    logs/csv/        metrics.csv per launch (version_0, version_1 after a resume, ...)
+    logs/tensorboard when tensorboard is installed
+    hf/              the exported model when trainer.export_hf=true
+    nonfinite/       the offending batch when the loss became NaN/inf
+
+Launching the same command with the same `out_dir` resumes from `checkpoints/last` (what a SLURM
+requeue does) unless `trainer.resume=false`, which moves old checkpoints aside and starts over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from longcpt.config import Config, load_config, save_config
+from longcpt.errors import LongcptError
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or requeued) `train` call produced."""
+
+    out_dir: Path
+    global_step: int
+    last_checkpoint: Path | None
+    hf_dir: Path | None
+    requeued: bool
+
+
+@dataclass
+class TokenizerInfo:
+    vocab_size: int
+    bos_token_id: int | None
+    eos_token_id: int | None
+    pad_token_id: int | None
+
+
+def tokenizer_info(tokenizer: Any) -> TokenizerInfo:
+    """Vocabulary size (added tokens included) and special ids of a transformers tokenizer."""
+    return TokenizerInfo(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+def load_tokenizer(path: str):
+    """The tokenizer of `path` as `longcpt.data` loads it (BOS/EOS/PAD ids set)."""
+    from longcpt.data import load_tokenizer as data_load_tokenizer
+
+    return data_load_tokenizer(path)
+
+
+def build_model(cfg: Config, tok: TokenizerInfo):
+    """The model a recipe asks for: `model.pretrained` loaded, or `model.config` built from scratch.
+
+    The attention kind, RoPE precision and overrides, and the attention options come from the
+    recipe. Parameters stay float32; the Trainer's precision decides what the forward runs in.
+
+    Raises:
+        LongcptError: unknown attention kind in this build, a bad `model.config`, or a tokenizer
+            with more tokens than the model has embeddings.
+    """
+    from longcpt.model.attention import ATTENTION_KINDS
+    from longcpt.model.config import ModelArgs
+    from longcpt.model.hf_io import build_model as build_from_args
+    from longcpt.model.hf_io import from_pretrained
+
+    kind = cfg.attention.kind
+    if kind not in ATTENTION_KINDS:
+        raise LongcptError(
+            f"attention.kind={kind!r} is not available in this build (available: {', '.join(sorted(ATTENTION_KINDS))})"
+        )
+    options = {
+        "segment_len": cfg.attention.segment_len,
+        "memory_update": cfg.attention.memory_update,
+        "bptt_segments": cfg.attention.bptt_segments,
+        "gate_init": cfg.attention.gate_init,
+    }
+    m = cfg.model
+    if m.pretrained is not None:
+        import torch
+
+        model = from_pretrained(
+            m.pretrained,
+            attention=kind,
+            dtype=torch.float32,
+            rope_precision=cfg.rope.precision,
+            rope_theta=m.rope_theta,
+            rope_scaling=m.rope_scaling,
+            **options,
+        )
+    else:
+        hf = dict(m.config)
+        hf.setdefault("vocab_size", tok.vocab_size)
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            hf.setdefault(key, getattr(tok, key))
+        if m.rope_theta is not None:
+            hf["rope_theta"] = m.rope_theta
+        if m.rope_scaling is not None:
+            hf["rope_scaling"] = dict(m.rope_scaling)
+        try:
+            args = ModelArgs.from_hf_config(hf, source="model.config")
+        except KeyError as e:
+            raise LongcptError(f"model.config: missing field {e.args[0]!r} (an HF config.json field)") from None
+        args.attention, args.attention_options, args.rope_precision = kind, options, cfg.rope.precision
+        model = build_from_args(args)
+    if tok.vocab_size > model.args.vocab_size:
+        raise LongcptError(
+            f"model.tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {model.args.vocab_size}: "
+            "use the model's own tokenizer (or a model.config.vocab_size at least that large)"
+        )
+    model.activation_checkpointing = cfg.trainer.activation_checkpointing
+    return model
+
+
+def build_datamodule(cfg: Config, tokenizer):
+    """The DataModule for `data.task` (`longcpt.data.build_datamodule`)."""
+    from longcpt.data import build_datamodule as data_build_datamodule
+
+    return data_build_datamodule(cfg, tokenizer)
+
+
+def _is_rank_zero() -> bool:
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def _prepare_run_dir(cfg: Config, tokenizer_dir: str) -> Path | None:
+    """Resolve resume, save config.yaml and copy the tokenizer; returns the checkpoint to resume."""
+    out = Path(cfg.trainer.out_dir)
+    ckpts = out / CHECKPOINT_DIR
+    from longcpt.lit.callbacks import newest_checkpoint
+
+    last = newest_checkpoint(ckpts)
+    if _is_rank_zero():
+        out.mkdir(parents=True, exist_ok=True)
+        if not cfg.trainer.resume and ckpts.exists():
+            aside = out / f"{CHECKPOINT_DIR}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.replace(ckpts, aside)
+            print(f"trainer.resume=false: previous checkpoints moved to {aside}", flush=True)
+        save_config(cfg, out / "config.yaml")
+        _copy_tokenizer(tokenizer_dir, out / "tokenizer")
+    return last if cfg.trainer.resume else None
+
+
+def _copy_tokenizer(src: str, dst: Path) -> None:
+    from longcpt.fsio import atomic_dir
+    from longcpt.model.hf_io import TOKENIZER_FILES
+
+    files = [Path(src) / f for f in TOKENIZER_FILES if (Path(src) / f).is_file()]
+    if not files:
+        return
+    with atomic_dir(dst) as tmp:
+        for f in files:
+            shutil.copy2(f, tmp / f.name)
+
+
+def _loggers(out: Path):
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    loggers = [CSVLogger(out / "logs", name="csv")]
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        loggers.append(TensorBoardLogger(out / "logs", name="tensorboard"))
+    return loggers
+
+
+def _cpu_threads(devices: Any) -> None:
+    """Give each local CPU process its share of the cores (torch would give each all of them)."""
+    import torch
+
+    local = devices if isinstance(devices, int) else 1
+    if local > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
+def train(cfg: Config, datamodule=None, callbacks: list | None = None) -> TrainResult:
+    """Train as the recipe says; resume from the newest checkpoint in `out_dir/checkpoints`.
+
+    Args:
+        cfg: a validated recipe (`load_config`).
+        datamodule: a LightningDataModule to use instead of `longcpt.data.build_datamodule`
+            (tests pass small synthetic ones).
+        callbacks: extra Lightning callbacks, run after longcpt's own.
+
+    Returns:
+        The run's `TrainResult`.
+
+    Raises:
+        LongcptError: bad model/tokenizer settings, or a non-finite loss (`NonFiniteLossError`).
+    """
+    from longcpt.strategies import prepare_environment, resolve_accelerator
+
+    t = cfg.trainer
+    accelerator = resolve_accelerator(t.accelerator)
+    prepare_environment(cfg, accelerator)  # before anything imports deepspeed
+
+    import lightning.pytorch as pl
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from longcpt.lit.callbacks import ProgressBar, RunCheckpoints, SlurmRequeue, StepPrinter, TrainMetrics
+    from longcpt.lit.module import LitCausalLM
+    from longcpt.strategies import build_strategy
+
+    out = Path(t.out_dir).resolve()
+    cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(t, out_dir=str(out)))
+    tokenizer_dir = cfg.model.tokenizer or cfg.model.pretrained
+    resume_from = _prepare_run_dir(cfg, tokenizer_dir)
+
+    pl.seed_everything(t.seed, workers=True, verbose=False)
+    if accelerator == "cpu":
+        _cpu_threads(t.devices)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = build_model(cfg, tokenizer_info(tokenizer))
+    if datamodule is None:
+        datamodule = build_datamodule(cfg, tokenizer)
+    module = LitCausalLM(model, cfg, tokenizer_dir=str(out / "tokenizer"))
+
+    checkpoints = RunCheckpoints(out / CHECKPOINT_DIR, t.save_every_n_steps, t.keep_last_k)
+    extra = list(callbacks or [])
+    callbacks = [checkpoints, TrainMetrics(window=max(t.log_every_n_steps, 10))]
+    plugins = []
+    requeue = None
+    if SLURMEnvironment.detect():
+        # Ranks and addresses from SLURM; requeue handled by SlurmRequeue at a step boundary.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+        requeue = SlurmRequeue(checkpoints)
+        callbacks.append(requeue)
+    interactive = os.isatty(1) and os.environ.get("TERM", "dumb") != "dumb"
+    callbacks.append(ProgressBar() if interactive else StepPrinter(t.log_every_n_steps))
+    callbacks += extra
+
+    accumulate = cfg.optim.accumulate_grad_batches
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=build_strategy(cfg, accelerator),
+        precision=t.precision,
+        max_steps=t.max_steps,
+        max_epochs=-1,
+        accumulate_grad_batches=accumulate,
+        gradient_clip_val=cfg.optim.grad_clip or None,
+        gradient_clip_algorithm="norm",
+        # Validation every val_every_n_steps optimizer steps (Lightning counts micro-batches).
+        val_check_interval=t.val_every_n_steps * accumulate,
+        check_val_every_n_epoch=None,
+        limit_val_batches=cfg.data.val_batches,
+        num_sanity_val_steps=0,
+        log_every_n_steps=t.log_every_n_steps,
+        logger=_loggers(out),
+        callbacks=callbacks,
+        plugins=plugins,
+        enable_checkpointing=False,  # RunCheckpoints does it atomically
+        enable_progress_bar=interactive,
+        enable_model_summary=False,
+        use_distributed_sampler=False,  # longcpt.data shards by rank itself
+        default_root_dir=out,
+    )
+    if resume_from is not None and _is_rank_zero():
+        print(f"resuming from {resume_from}", flush=True)
+    # Our own checkpoints hold training state beyond tensors (RNG, data position): full unpickling.
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None,
+                weights_only=False)
+
+    requeued = bool(requeue and requeue.requeued)
+    last = (out / CHECKPOINT_DIR / "last") if (out / CHECKPOINT_DIR / "last").exists() else None
+    hf_dir = None
+    if t.export_hf and not requeued and last is not None and trainer.is_global_zero:
+        from longcpt.export.convert import export_checkpoint
+
+        hf_dir = export_checkpoint(last, out / "hf")
+    return TrainResult(out, trainer.global_step, last, hf_dir, requeued)
+
+
+def run(args) -> int:
+    """Entry point of `longcpt train` (see `longcpt.cli`)."""
+    cfg = load_config(args.recipe, args.overrides, check_paths=True)
+    result = train(cfg)
+    if _is_rank_zero():
+        state = "stopped for requeue at" if result.requeued else "finished at"
+        print(f"longcpt train: {state} step {result.global_step}; run folder {result.out_dir}")
+        if result.last_checkpoint is not None:
+            print(f"  last checkpoint: {os.path.realpath(result.last_checkpoint)}")
+        if result.hf_dir is not None:
+            print(f"  Hugging Face export: {result.hf_dir}")
+    return 0

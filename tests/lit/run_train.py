@@ -1,0 +1,52 @@
+"""`python tests/lit/run_train.py [--synthetic] [--die-in-save STEP] key=value ...`
+
+Runs `longcpt.lit.train.train` as `longcpt train` does, on the recipe given as overrides, with the
+real `longcpt.data` DataModule (or `--synthetic`: lit_helpers.SyntheticDataModule). Lightning
+relaunches this same command for the other ranks.
+
+`--die-in-save STEP` kills the process with SIGKILL in the middle of saving the checkpoint of
+STEP: its temporary copy is fully written but not yet renamed into place.
+"""
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lit_helpers import SyntheticDataModule  # noqa: E402
+
+from longcpt.config import load_config  # noqa: E402
+from longcpt.errors import LongcptError  # noqa: E402
+from longcpt.lit import callbacks  # noqa: E402
+from longcpt.lit.train import train  # noqa: E402
+
+
+def die_in_save(step: int) -> None:
+    fsync = callbacks._fsync_tree
+
+    def fsync_then_die(path):
+        fsync(path)
+        if f"step-{step:08d}" in path.name:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    callbacks._fsync_tree = fsync_then_die
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--synthetic", action="store_true")
+    parser.add_argument("--die-in-save", type=int, default=None)
+    args, overrides = parser.parse_known_args()
+    cfg = load_config(None, overrides, check_paths=not args.synthetic)
+    if args.die_in_save is not None:
+        die_in_save(args.die_in_save)
+    dm = SyntheticDataModule(cfg.data.seq_len, cfg.data.micro_batch_size, cfg.trainer.seed) if args.synthetic else None
+    try:
+        result = train(cfg, datamodule=dm)
+    except LongcptError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"RESULT step={result.global_step} requeued={result.requeued} hf={result.hf_dir}")

@@ -1,0 +1,41 @@
+"""DeepSpeed config generation from the recipe (the multi-process runs are in test_lit_distributed)."""
+
+import pytest
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+from longcpt.config import load_config
+from longcpt.errors import ConfigError
+from longcpt.strategies import CPUDeepSpeedStrategy, build_strategy, deepspeed_config
+
+BASE = ["model.config={model_type: llama}", "model.tokenizer=tok"]
+
+
+def cfg(*overrides):
+    return load_config(None, [*BASE, *overrides])
+
+
+def test_stage3_offload_and_pass_through_settings():
+    c = cfg("strategy.name=deepspeed", "strategy.stage=3", "strategy.offload_optimizer=true",
+            "strategy.offload_parameters=true", "data.micro_batch_size=3",
+            "strategy.deepspeed={zero_optimization: {reduce_bucket_size: 1000, overlap_comm: false}, wall_clock_breakdown: true}")
+    ds = deepspeed_config(c)
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
+    assert zero["reduce_bucket_size"] == 1000 and zero["overlap_comm"] is False  # recipe wins, deep-merged
+    assert zero["contiguous_gradients"] is True and ds["wall_clock_breakdown"] is True
+    assert ds["train_micro_batch_size_per_gpu"] == 3
+
+
+def test_keys_owned_by_the_recipe_are_refused_with_the_key_to_use():
+    c = cfg("strategy.name=deepspeed", "strategy.deepspeed={gradient_accumulation_steps: 4, bf16: {enabled: true}}")
+    with pytest.raises(ConfigError) as err:
+        deepspeed_config(c)
+    assert "optim.accumulate_grad_batches" in str(err.value) and "trainer.precision" in str(err.value)
+
+
+def test_strategy_per_name_and_accelerator():
+    assert build_strategy(cfg(), "cpu") == "auto"
+    assert isinstance(build_strategy(cfg("strategy.name=ddp"), "gpu"), DDPStrategy)
+    ds = cfg("strategy.name=deepspeed")
+    assert type(build_strategy(ds, "cpu")) is CPUDeepSpeedStrategy
+    assert type(build_strategy(ds, "gpu")) is DeepSpeedStrategy

@@ -22,6 +22,7 @@ import dataclasses
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -276,6 +277,9 @@ def train(cfg: Config, datamodule=None, callbacks: list | None = None) -> TrainR
     )
     if resume_from is not None and _is_rank_zero():
         print(f"resuming from {resume_from}", flush=True)
+    # Lightning cannot see that the DataModule restores its own position (it saves
+    # `datamodule.state_dict()` with the step); its mid-epoch "not resumable" warning is wrong here.
+    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
     # Our own checkpoints hold training state beyond tensors (RNG, data position): full unpickling.
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None,
                 weights_only=False)

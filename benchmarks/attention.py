@@ -23,13 +23,14 @@ import argparse
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import document_lengths, size_label, timed_rows  # noqa: E402
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noqa: E402
 
@@ -40,15 +41,6 @@ from longcpt.model.rope import RotaryEmbedding  # noqa: E402
 HEADS, KV_HEADS, HEAD_DIM = 8, 4, 32
 
 
-def document_lengths(tokens: int, docs: int, seed: int, equal: bool) -> list[int]:
-    """`docs` lengths summing to `tokens`: equal, or random within about 0.2x..2.5x of the mean."""
-    if equal:
-        return [tokens // docs] * (docs - 1) + [tokens - (tokens // docs) * (docs - 1)]
-    g = torch.Generator().manual_seed(seed)
-    w = torch.rand(docs, generator=g) + 0.2
-    lens = (w / w.sum() * tokens).long().clamp(min=1).tolist()
-    lens[-1] += tokens - sum(lens)
-    return lens
 
 
 def packed_inputs(lens: list[int]):
@@ -79,25 +71,8 @@ class _HFModule(torch.nn.Module):
     training = True
 
 
-def _size(tokens: int) -> str:
-    return f"{tokens // 1024}K" if tokens % 1024 == 0 else str(tokens)
 
 
-def timed_rows(rows: dict, reps: int) -> dict[str, float]:
-    """Best of `reps` seconds per row, the rows run in turn each round.
-
-    Interleaving spreads any load from other processes over all rows, and the minimum is the
-    least disturbed run (as `timeit` reports); the first call of each row is a warm-up.
-    """
-    for fn in rows.values():
-        fn()
-    best = dict.fromkeys(rows, float("inf"))
-    for _ in range(reps):
-        for name, fn in rows.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best
 
 
 def run_setting(tokens: int, docs: int, args) -> dict:
@@ -161,7 +136,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     results = [run_setting(t, d, args) for t, d in settings]
     names = list(results[0]["seconds"])
-    header = "| attention fwd+bwd | " + " | ".join(f"{_size(r['tokens'])} / {r['documents']} docs" for r in results)
+    header = "| attention fwd+bwd | " + " | ".join(f"{size_label(r['tokens'])} / {r['documents']} docs" for r in results)
     print(header + " |")
     print("|---|" + "---:|" * len(results))
     for name in names:
@@ -175,7 +150,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     last = results[-1]
     speedup = last["seconds"]["ours full"] / last["seconds"]["ours anchor"]
     print(
-        f"anchor vs full causal at {_size(last['tokens'])} / {last['documents']} docs: {speedup:.1f}x "
+        f"anchor vs full causal at {size_label(last['tokens'])} / {last['documents']} docs: {speedup:.1f}x "
         f"(target >= 8x: {'met' if speedup >= 8 else 'NOT met'})"
     )
     env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}

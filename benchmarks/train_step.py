@@ -22,27 +22,18 @@ import argparse
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import document_lengths, size_label, timed_rows  # noqa: E402
 
 from longcpt.model.config import ModelArgs  # noqa: E402
 from longcpt.model.hf_io import build_model  # noqa: E402
-
-
-def document_lengths(tokens: int, docs: int, seed: int, equal: bool) -> list[int]:
-    """`docs` lengths summing to `tokens`: equal, or random within about 0.2x..2.5x of the mean."""
-    if equal:
-        return [tokens // docs] * (docs - 1) + [tokens - (tokens // docs) * (docs - 1)]
-    g = torch.Generator().manual_seed(seed)
-    w = torch.rand(docs, generator=g) + 0.2
-    lens = (w / w.sum() * tokens).long().clamp(min=1).tolist()
-    lens[-1] += tokens - sum(lens)
-    return lens
 
 
 def packed_batch(lens: list[int], vocab: int, bos: int = 1) -> dict[str, torch.Tensor]:
@@ -76,25 +67,8 @@ def hf_labels(labels: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _size(tokens: int) -> str:
-    return f"{tokens // 1024}K" if tokens % 1024 == 0 else str(tokens)
 
 
-def timed_rows(rows: dict, reps: int) -> dict[str, float]:
-    """Best of `reps` seconds per row, the rows run in turn each round.
-
-    Interleaving spreads any load from other processes over all rows, and the minimum is the
-    least disturbed run (as `timeit` reports); the first call of each row is a warm-up.
-    """
-    for fn in rows.values():
-        fn()
-    best = dict.fromkeys(rows, float("inf"))
-    for _ in range(reps):
-        for name, fn in rows.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best
 
 
 def build(tokens: int) -> tuple[transformers.LlamaForCausalLM, dict]:
@@ -166,7 +140,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     results = [run_setting(t, d, args) for t, d in settings]
     names = list(dict.fromkeys(n for r in results for n in r["seconds"]))
-    print("| train step fwd+bwd | " + " | ".join(f"{_size(r['tokens'])} / {r['documents']} docs" for r in results) + " |")
+    print("| train step fwd+bwd | " + " | ".join(f"{size_label(r['tokens'])} / {r['documents']} docs" for r in results) + " |")
     print("|---|" + "---:|" * len(results))
     for name in names:
         cells = []
@@ -182,13 +156,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if "transformers full causal" in sec and "ours full" in sec:
             ratio = sec["transformers full causal"] / sec["ours full"]
             verdict[f"full_{r['tokens']}"] = ratio
-            print(f"{_size(r['tokens'])} ours full vs transformers: {ratio:.2f}x (target >= 1: "
+            print(f"{size_label(r['tokens'])} ours full vs transformers: {ratio:.2f}x (target >= 1: "
                   f"{'met' if ratio >= 1 else 'NOT met'}); loss difference {r['loss_diff_full']:.2e}")
     last = results[-1]["seconds"]
     if "transformers full causal" in last and "ours anchor" in last:
         ratio = last["transformers full causal"] / last["ours anchor"]
         verdict["anchor_vs_transformers_full"] = ratio
-        print(f"anchor step vs transformers full-causal step at {_size(results[-1]['tokens'])} / "
+        print(f"anchor step vs transformers full-causal step at {size_label(results[-1]['tokens'])} / "
               f"{results[-1]['documents']} docs: {ratio:.2f}x (target >= 2.5x: {'met' if ratio >= 2.5 else 'NOT met'})")
     env = {"torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
            "cpu": platform.processor() or platform.machine()}

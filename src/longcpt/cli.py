@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--data", required=True, help="prepared corpus (data_prep/prepare_corpus.py) of long documents")
     ppl.add_argument("--seq-len", type=_positive_int, required=True)
     ppl.add_argument("--output", required=True)
-    ppl.add_argument("--bucket", type=_positive_int, default=None, help="bucket width in tokens (default: seq_len/8)")
+    ppl.add_argument("--bucket", type=_positive_int, default=None, help="bucket width in tokens (default: seq_len/8, rounded up)")
     ppl.add_argument("--max-docs", type=_positive_int, default=32)
     ppl.add_argument("--chunk", type=_positive_int, default=4096, help="tokens per model call (state carried across)")
     ppl.set_defaults(command_name="eval ppl")

@@ -64,6 +64,7 @@ class DataConfig:
     micro_batch_size: int = 1
     num_workers: int = 2
     val_batches: int = 8  # validation windows evaluated each time
+    bfd_buffer: int = 1024  # packing=bfd: documents sorted and placed together (memory bound)
 
 
 @dataclass
@@ -254,6 +255,7 @@ def validate(cfg: Config, check_paths: bool = False) -> None:
     at_least("data.micro_batch_size", d.micro_batch_size, 1)
     at_least("data.num_workers", d.num_workers, 0)
     at_least("data.val_batches", d.val_batches, 1)
+    at_least("data.bfd_buffer", d.bfd_buffer, 1)
     if o.lr <= 0:
         p.append(f"optim.lr={o.lr}: must be > 0 (e.g. 2.0e-5)")
     if o.gate_lr <= 0:

@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 
+from longcpt.data import load_tokenizer
 from longcpt.data.passkey import make_passkey_examples
 from longcpt.errors import LongcptError
 from longcpt.fsio import atomic_write_text
@@ -44,20 +45,6 @@ def _csv(kind):
             raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
 
     return parse
-
-
-def load_tokenizer(path: str):
-    # The data package's loader once merged; transformers' AutoTokenizer reads the same folders.
-    try:
-        from longcpt.data import load_tokenizer as load
-    except ImportError:
-        from transformers import AutoTokenizer
-
-        load = AutoTokenizer.from_pretrained
-    try:
-        return load(path)
-    except (OSError, ValueError) as e:
-        raise LongcptError(f"--tokenizer {path}: cannot load a tokenizer ({e})") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ import torch
 from _task_helpers import task_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from longcpt.data.collate import collate_windows
 from longcpt.data.passkey import (
     FILLER_SENTENCES,
     NEEDLE,
@@ -23,7 +24,7 @@ from longcpt.data.passkey import (
     passkey_key,
     read_passkey_pairs,
 )
-from longcpt.data.task import answer_only_row, collate_task_rows
+from longcpt.data.task import answer_only_row
 from longcpt.errors import LongcptError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -128,7 +129,7 @@ def test_answer_only_loss_equals_transformers_masked_loss(tok):
     for key, depth in ((11111, 0.0), (54321, 1.0)):
         ex = builder.build(100, depth, key)
         rows.append(answer_only_row(ex.input_ids, ex.answer_ids + [tok.eos_token_id], 110, tok.pad_token_id))
-    batch = collate_task_rows(rows, "full")
+    batch = collate_windows(rows, "full")
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
@@ -147,15 +148,14 @@ def test_answer_only_loss_equals_transformers_masked_loss(tok):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_collate_positions_and_cu_seqlens():
+def test_rows_go_through_the_packed_data_collator():
     rows = [answer_only_row([1, 5, 6], [7, 2], 8, 0), answer_only_row([1, 5, 6, 9, 9, 9], [7, 2], 8, 0)]
-    full = collate_task_rows(rows, "full")
+    full = collate_windows(rows, "full")
     assert full["cu_seqlens"].tolist() == [0, 5, 8, 16]
-    assert full["cu_seqlens"].dtype == torch.int32
     assert full["position_ids"].tolist() == [list(range(8))] * 2
-    intra = collate_task_rows(rows, "intra_doc")
-    assert intra["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
     assert full["labels"][0].tolist() == [-100, -100, 7, 2, -100, -100, -100, -100]
+    anchor = collate_windows(rows, "anchor")
+    assert anchor["position_ids"][0, :5].tolist() == [0, 1, 2, 3, 4]  # the example is position-exact
 
 
 def test_read_pairs_checks_rows_and_lengths(tmp_path, tok):

@@ -35,6 +35,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from longcpt.data.datamodule import register_datamodule
+from longcpt.data.task import TaskDataModule
 from longcpt.errors import LongcptError
 from longcpt.fsio import atomic_dir
 
@@ -254,8 +256,7 @@ def read_booksum_pairs(path: str, seq_len: int, tokenizer) -> list[tuple[list[in
     return pairs
 
 
+@register_datamodule("booksum")
 def build_booksum_datamodule(cfg, tokenizer):
     """The fine-tuning DataModule for `data.task: booksum` (loss on the summary and EOS only)."""
-    from longcpt.data.task import TaskDataModule  # imports Lightning: only when training
-
     return TaskDataModule(cfg, tokenizer, functools.partial(read_booksum_pairs, tokenizer=tokenizer))

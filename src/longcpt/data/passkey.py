@@ -32,6 +32,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from longcpt.data.datamodule import register_datamodule
+from longcpt.data.task import TaskDataModule
 from longcpt.errors import LongcptError
 
 TASK = (
@@ -245,8 +247,7 @@ def read_passkey_pairs(path: str, seq_len: int, eos_id: int | None) -> list[tupl
     return pairs
 
 
+@register_datamodule("passkey")
 def build_passkey_datamodule(cfg, tokenizer):
     """The fine-tuning DataModule for `data.task: passkey` (loss on the answer and EOS only)."""
-    from longcpt.data.task import TaskDataModule  # imports Lightning: only when training
-
     return TaskDataModule(cfg, tokenizer, functools.partial(read_passkey_pairs, eos_id=tokenizer.eos_token_id))

@@ -1,33 +1,37 @@
-"""Fine-tuning on prompt -> answer tasks (passkey, BookSum): answer-only labels and batches.
+"""Fine-tuning on prompt -> answer tasks (passkey, BookSum): answer-only rows and their DataModule.
 
 A task example is a prompt and a target (the answer or summary, ending with EOS). One example
 fills one row of `seq_len` tokens, right-padded:
 
-    tokens    BOS  p1  p2  p3  a1  a2  EOS  PAD PAD
-    labels    -100 -100 -100 a1 a2 EOS -100 -100 -100     labels[t] = target of token t
-    doc_lens  [7, 2]                                      the padding is one last pseudo-document
+    tokens    BOS  p1   p2   p3   a1   a2   EOS  PAD  PAD
+    labels    -100 -100 -100 a1   a2   EOS  -100 -100 -100     labels[t] = target of token t
+    doc_lens  [7, 2]                                           the padding is one last pseudo-document
 
 so the loss falls on the target only (the model is not trained to reproduce the filler or the
-book). Position ids and `cu_seqlens` follow SPEC section 6; with one document per row plus
-trailing padding they are `arange(T)` for every attention kind except `intra_doc`, whose
-positions restart in the padding pseudo-document (which carries no label), and nothing in the
-padding can reach the example because attention is causal.
+book). Rows have the window format of `pack_documents`, so the packed-data collator
+(`longcpt.data.collate`) derives position ids and `cu_seqlens` per attention kind exactly as for
+pretraining; nothing in the padding can reach the example (it comes after it, attention is
+causal, and it is a document of its own).
 
-The concrete tasks (`data/passkey.py`, `data/booksum.py`) turn their files into (prompt, target)
-pairs and use `TaskDataModule`.
+The concrete tasks (`data/passkey.py`, `data/booksum.py`) read their files into (prompt, target)
+pairs and register a `TaskDataModule` for `data.task`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
-import lightning.pytorch as pl
-import torch
-from torch.utils.data import DataLoader, Dataset
+import lightning as L
+import numpy as np
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from longcpt.data.collate import Collator
 from longcpt.errors import LongcptError
 
 IGNORE_INDEX = -100
+Pairs = list[tuple[list[int], list[int]]]
 
 
 def answer_only_row(prompt_ids: Sequence[int], target_ids: Sequence[int], seq_len: int, pad_id: int) -> dict:
@@ -40,7 +44,8 @@ def answer_only_row(prompt_ids: Sequence[int], target_ids: Sequence[int], seq_le
         pad_id: padding token.
 
     Returns:
-        {"input_ids": list, "labels": list, "doc_lens": list} of `seq_len` tokens.
+        {"input_ids": list, "labels": list, "doc_lens": list}: `seq_len` tokens, the window
+        format of `pack_documents`.
 
     Raises:
         ValueError: prompt + target longer than `seq_len` (callers truncate first), or empty.
@@ -58,109 +63,122 @@ def answer_only_row(prompt_ids: Sequence[int], target_ids: Sequence[int], seq_le
     }
 
 
-def row_positions(doc_lens: Sequence[int], kind: str) -> torch.Tensor:
-    """Position ids (T,) of one row per SPEC section 6, for rows whose first document is the example.
+def task_order(n: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0) -> Iterator[int]:
+    """This rank's endless example order from its `start`-th example.
 
-    `intra_doc` restarts at 0 in every document; the others use `arange(T)` (for `anchor` the
-    example's BOS is at position 0 already).
+    Epoch e is a permutation of range(n) seeded by (seed, e), dealt round-robin to the ranks, so
+    ranks read disjoint examples and a resumed run continues with exactly the next one.
+
+    Raises:
+        LongcptError: fewer examples than ranks (some rank would wait forever).
     """
-    if kind == "intra_doc":
-        return torch.cat([torch.arange(n) for n in doc_lens])
-    return torch.arange(sum(doc_lens))
+    if n < world_size:
+        raise LongcptError(f"{n} fine-tuning example(s) for {world_size} processes: need at least one per process")
+
+    def endless() -> Iterator[int]:
+        for epoch in itertools.count():
+            yield from np.random.default_rng([seed, epoch]).permutation(n)[rank::world_size].tolist()
+
+    return itertools.islice(endless(), start, None)
 
 
-def collate_task_rows(rows: Sequence[dict], kind: str) -> dict[str, torch.Tensor]:
-    """Stack rows of `answer_only_row` into a batch with position ids and `cu_seqlens`.
+class _TaskRows(IterableDataset):
+    """Rows of one rank in `order()`, split between DataLoader workers by batch (as pretraining)."""
 
-    Returns:
-        {"input_ids", "labels", "position_ids"} as (B, T) int64 and "cu_seqlens" (N+1,) int32
-        over the flattened B*T tokens.
-    """
-    t = len(rows[0]["input_ids"])
-    starts = [0]
-    for i, row in enumerate(rows):
-        for n in row["doc_lens"]:
-            starts.append(starts[-1] + n)
-        assert starts[-1] == (i + 1) * t, "doc_lens must sum to the row length"
-    return {
-        "input_ids": torch.tensor([r["input_ids"] for r in rows], dtype=torch.long),
-        "labels": torch.tensor([r["labels"] for r in rows], dtype=torch.long),
-        "position_ids": torch.stack([row_positions(r["doc_lens"], kind) for r in rows]),
-        "cu_seqlens": torch.tensor(starts, dtype=torch.int32),
-    }
+    def __init__(self, pairs: Pairs, order: Callable[[], Iterator[int]], batch_size: int, seq_len: int, pad_id: int):
+        self.pairs, self.order, self.batch_size, self.seq_len, self.pad_id = pairs, order, batch_size, seq_len, pad_id
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for i, example in enumerate(self.order()):
+            if (i // self.batch_size) % workers == worker:
+                prompt, target = self.pairs[example]
+                yield answer_only_row(prompt, target, self.seq_len, self.pad_id)
 
 
-class TaskDataset(Dataset):
-    """(prompt, target) pairs made into answer-only rows on access."""
-
-    def __init__(self, pairs: Sequence[tuple[list[int], list[int]]], seq_len: int, pad_id: int):
-        self.pairs, self.seq_len, self.pad_id = pairs, seq_len, pad_id
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, i: int) -> dict:
-        prompt, target = self.pairs[i]
-        return answer_only_row(prompt, target, self.seq_len, self.pad_id)
-
-
-class _Collate:
-    """Picklable collate function (DataLoader workers pickle it)."""
-
-    def __init__(self, kind: str):
-        self.kind = kind
-
-    def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
-        return collate_task_rows(rows, self.kind)
-
-
-class TaskDataModule(pl.LightningDataModule):
-    """DataModule over (prompt, target) pairs read by `load_pairs(path)` for train and val.
+class TaskDataModule(L.LightningDataModule):
+    """DataModule over (prompt, target) pairs: seeded order, sharded by rank, exactly resumable.
 
     Args:
         cfg: the recipe (`longcpt.config.Config`); uses data.train/val/seq_len/micro_batch_size/
-            num_workers, attention.kind and trainer.seed.
-        tokenizer: a transformers tokenizer (its pad id pads rows; EOS id when pad is unset).
-        load_pairs: `load_pairs(path, seq_len)` reads a data path into a list of
-            (prompt_ids, target_ids) that fit `seq_len` (truncating or failing as the task decides).
+            num_workers/val_batches, attention.kind and trainer.seed.
+        tokenizer: from `longcpt.data.load_tokenizer` (its pad id pads rows).
+        load_pairs: `load_pairs(path, seq_len)` reads a data path into (prompt_ids, target_ids)
+            pairs that fit `seq_len` (truncating or failing as the task decides).
 
-    The training order is a seeded shuffle per epoch; under DDP Lightning swaps in its
-    DistributedSampler (also seeded), so every rank reads a disjoint part.
+    Resume follows `PretrainDataModule`: the state holds the examples this rank consumed, counted
+    from completed optimizer steps (workers prefetch, so fetched batches would overcount).
     """
 
-    def __init__(self, cfg, tokenizer, load_pairs: Callable[[str, int], list[tuple[list[int], list[int]]]]):
+    def __init__(self, cfg, tokenizer, load_pairs: Callable[[str, int], Pairs]):
         super().__init__()
-        self.cfg, self.tokenizer, self.load_pairs = cfg, tokenizer, load_pairs
+        d = cfg.data
+        if d.train is None:
+            raise LongcptError(f"data.train=null: data.task={d.task} needs its examples file or folder")
+        self.cfg, self.load_pairs = cfg, load_pairs
+        self.seq_len, self.micro_batch_size, self.seed = d.seq_len, d.micro_batch_size, cfg.trainer.seed
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
             raise LongcptError("tokenizer has neither a pad nor an EOS token; task fine-tuning needs one to pad rows")
         self.pad_id = pad
-        self.train_set: TaskDataset | None = None
-        self.val_set: TaskDataset | None = None
+        self.collator = Collator(cfg.attention.kind)
+        self.rank, self.world_size = 0, 1
+        self._resumed_at = (0, 0)  # (examples consumed, global step) at the last load_state_dict
+        self.train_pairs: Pairs | None = None
+        self.val_pairs: Pairs | None = None
 
     def setup(self, stage: str | None = None) -> None:
+        if self.trainer is not None:
+            self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
         d = self.cfg.data
-        if self.train_set is None:
-            self.train_set = TaskDataset(self.load_pairs(d.train, d.seq_len), d.seq_len, self.pad_id)
-        if self.val_set is None and d.val:
-            self.val_set = TaskDataset(self.load_pairs(d.val, d.seq_len), d.seq_len, self.pad_id)
+        if self.train_pairs is None:
+            self.train_pairs = self.load_pairs(d.train, d.seq_len)
+        if self.val_pairs is None and d.val:
+            self.val_pairs = self.load_pairs(d.val, d.seq_len)
 
-    def _loader(self, dataset: TaskDataset, shuffle: bool) -> DataLoader:
-        d = self.cfg.data
-        return DataLoader(
-            dataset,
-            batch_size=d.micro_batch_size,
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(self.cfg.trainer.seed) if shuffle else None,
-            collate_fn=_Collate(self.cfg.attention.kind),
-            num_workers=d.num_workers,
-            drop_last=shuffle,
-        )
+    def consumed_samples(self) -> int:
+        consumed, step = self._resumed_at
+        if self.trainer is None:
+            return consumed
+        per_step = self.trainer.accumulate_grad_batches * self.micro_batch_size
+        return consumed + (self.trainer.global_step - step) * per_step
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "consumed_samples": self.consumed_samples(),
+            "global_step": self.trainer.global_step if self.trainer is not None else self._resumed_at[1],
+            "seed": self.seed,
+            "world_size": self.world_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resumed_at = (int(state["consumed_samples"]), int(state["global_step"]))
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
-        return self._loader(self.train_set, shuffle=True)
+        n, seed, rank, world, start = len(self.train_pairs), self.seed, self.rank, self.world_size, self.consumed_samples()
+        task_order(n, seed, rank, world)  # fails early when there are fewer examples than ranks
+        rows = _TaskRows(self.train_pairs, _Order(n, seed, rank, world, start), self.micro_batch_size,
+                         self.seq_len, self.pad_id)
+        return DataLoader(rows, batch_size=self.micro_batch_size, collate_fn=self.collator,
+                          num_workers=self.cfg.data.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup("fit")
-        return self._loader(self.val_set, shuffle=False) if self.val_set is not None else []
+        if not self.val_pairs:
+            return []
+        count = self.cfg.data.val_batches * self.micro_batch_size
+        mine = self.val_pairs[self.rank :: self.world_size][:count]
+        rows = [answer_only_row(p, t, self.seq_len, self.pad_id) for p, t in mine]
+        return DataLoader(rows, batch_size=self.micro_batch_size, collate_fn=self.collator)
+
+
+class _Order:
+    """Picklable `task_order` with fixed arguments (DataLoader workers pickle the dataset)."""
+
+    def __init__(self, n: int, seed: int, rank: int, world_size: int, start: int):
+        self.args = (n, seed, rank, world_size, start)
+
+    def __call__(self) -> Iterator[int]:
+        return task_order(*self.args)

@@ -22,17 +22,13 @@ def load_tokenizer(path: str | Path):
     path = Path(path)
     if not path.is_dir():
         raise LongcptError(f"--model {path}: not a folder (pass an exported model folder: longcpt export ... --output DIR)")
-    try:
-        from longcpt.data import load_tokenizer as load  # the data package's loader, once merged
-    except ImportError:
-        from transformers import AutoTokenizer
+    from longcpt.data import load_tokenizer as load
 
-        load = AutoTokenizer.from_pretrained
     try:
         return load(str(path))
-    except (OSError, ValueError, TypeError) as e:
+    except LongcptError as e:
         raise LongcptError(
-            f"--model {path}: no usable tokenizer in the folder ({type(e).__name__}: {e}); "
+            f"--model {path}: no usable tokenizer in the folder ({e}); "
             "export with the tokenizer (longcpt export ... --tokenizer DIR) or copy tokenizer.json there"
         ) from None
 

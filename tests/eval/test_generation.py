@@ -96,3 +96,27 @@ def test_sampling_is_reproducible_from_the_generator(pair):
     greedy = generate(ours, ids, 15)
     assert torch.equal(a, b)
     assert not torch.equal(a, greedy)
+
+
+def _infini_available() -> bool:
+    from longcpt.model.attention import ATTENTION_KINDS
+
+    return "infini" in ATTENTION_KINDS
+
+
+@pytest.mark.skipif(not _infini_available(), reason="the infini attention kind is not in this build")
+def test_infini_streams_through_the_same_calls(tmp_path):
+    """Infini: chunked streaming equals one forward, and cached greedy equals re-running the prefix."""
+    hf = tiny_llama(vocab_size=97, seed=1)
+    hf.save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path, attention="infini", segment_len=16).eval()
+    ids = torch.randint(0, 97, (2, 70), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model.hidden_states(ids)  # one call: segments handled inside the core
+        for chunk in (5, 16, 33):  # chunk edges inside and across segments
+            got = torch.cat([h for _, h in forward_chunks(model, ids, {}, chunk_size=chunk)], dim=1)
+            torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
+        seq = ids
+        for _ in range(12):  # no state: the whole sequence again at every step
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generate(model, ids, 12, prefill_chunk=20), seq[:, 70:])

@@ -157,6 +157,12 @@ def test_validation_windows_are_fixed_and_limited(tmp_path, make_dataset, prepar
     assert [r.tolist() for b in batches for r in b["input_ids"]] == [w["input_ids"].tolist() for w in reference]
     assert same(batches, list(dm.val_dataloader()))
     assert datamodule(path).val_dataloader() == []
+    # more ranks than validation documents: every rank evaluates the whole (small) set
+    make_dataset(tmp_path / "tiny_val", [30] * 3, seed=9)
+    ranked = datamodule(path, val=tmp_path / "tiny_val", val_batches=1, seq_len=16)
+    ranked.trainer = SimpleNamespace(global_rank=3, world_size=4, global_step=0, accumulate_grad_batches=1)
+    ranked.setup("fit")
+    assert len(list(ranked.val_dataloader())) == 1
 
 
 def test_bad_data_paths_name_the_problem(tmp_path, prepared):

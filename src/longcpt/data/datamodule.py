@@ -210,8 +210,11 @@ class PretrainDataModule(L.LightningDataModule):
             return []
         if self._val_windows is None:
             store = TokenStore(self.val_path)
-            stream = WindowStream(store.lengths, self.seq_len, self.packing, shuffle=False, rank=self.rank,
-                                  world_size=self.world_size, buffer_size=self.bfd_buffer)
+            # Each rank evaluates its own shard; a validation set smaller than the world is used
+            # whole by every rank instead (a few long documents are a common validation set).
+            rank, world = (self.rank, self.world_size) if len(store) >= self.world_size else (0, 1)
+            stream = WindowStream(store.lengths, self.seq_len, self.packing, shuffle=False, rank=rank,
+                                  world_size=world, buffer_size=self.bfd_buffer)
             windows = stream.windows(store, epochs=1, **self.ids)
             self._val_windows = [w for _, w in zip(range(self.val_batches * self.micro_batch_size), windows)]
         return DataLoader(self._val_windows, batch_size=self.micro_batch_size, collate_fn=self.collator)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import random
 import sys
 import sysconfig
@@ -27,7 +28,10 @@ MIN_DOCSTRING_CHARS = 80  # shorter docstrings ("Return x.") teach little and mo
 
 
 def _stdlib_files(stdlib: Path) -> list[Path]:
-    files = [p for p in stdlib.rglob("*.py") if not SKIP_DIRS.intersection(p.relative_to(stdlib).parts[:-1])]
+    files = []
+    for folder, dirs, names in os.walk(stdlib):
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS]  # prune: never enter tests or site-packages
+        files += [Path(folder) / n for n in names if n.endswith(".py")]
     files.sort(key=lambda p: p.relative_to(stdlib).as_posix())
     random.Random(0).shuffle(files)  # fixed order that spreads over the whole library
     return files
@@ -44,12 +48,22 @@ def _documents(path: Path, name: str, max_doc_chars: int) -> Iterator[dict]:
         if len(source) > max_doc_chars:
             cut = cut[: cut.rfind("\n") + 1] or cut  # end at a line boundary
         yield {"source": name, "kind": "module", "text": cut}
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            doc = ast.get_docstring(node)
-            if doc and len(doc) >= MIN_DOCSTRING_CHARS:
-                title = name if isinstance(node, ast.Module) else f"{name}.{node.name}"
-                yield {"source": title, "kind": "docstring", "text": doc}
+    for node in _definitions(tree):
+        doc = ast.get_docstring(node)
+        if doc and len(doc) >= MIN_DOCSTRING_CHARS:
+            title = name if isinstance(node, ast.Module) else f"{name}.{node.name}"
+            yield {"source": title, "kind": "docstring", "text": doc}
+
+
+def _definitions(node: ast.AST) -> Iterator[ast.AST]:
+    """The module, classes and functions in source order, visiting statements only (docstrings
+    live nowhere else; skipping expressions makes this several times faster than `ast.walk`)."""
+    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+        yield node
+    for field in ("body", "orelse", "finalbody", "handlers"):
+        for child in getattr(node, field, ()):
+            if isinstance(child, (ast.stmt, ast.excepthandler)):
+                yield from _definitions(child)
 
 
 def build_demo_corpus(

@@ -12,7 +12,7 @@ So, for sources i with weights w_i:
     u_d       = factor of the largest threshold <= len(d)       e.g. 4096:2 16384:4 (1 below all)
     A_i       = sum_d u_d * len(d)                              tokens of one upsampled pass
     T         = total_tokens, or min_i A_i / share_i            (default: no source repeats)
-    copies_d  = stochastic rounding of (share_i * T / A_i) * u_d    seeded, so E[tokens_i] = share_i * T
+    copies_d  = stochastic rounding of (share_i * T / A_i) * u_d    seeded, E[tokens_i] = share_i * T
 
 Shares are counted in document tokens (without BOS/EOS). The result is a data set like
 `prepare_corpus` writes (column `input_ids`, documents in a seeded random order) plus
@@ -66,6 +66,27 @@ def length_factors(lengths: np.ndarray, upsample_long: Sequence[tuple[int, float
     return factors
 
 
+def stochastic_round(rate: np.ndarray, lengths: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Integer copies per document with E[copies_d] = rate_d, and tokens close to their expectation.
+
+    The fractional parts are drawn by systematic sampling over the documents sorted by length
+    (random order among equal lengths): document d is drawn when an integer + u (u uniform in
+    [0, 1)) falls in its slice of the running sum of fractions, which happens with probability
+    exactly frac_d. Unlike independent coin flips, draws then spread evenly over the lengths, so a
+    few long documents cannot swing a source's share.
+    """
+    base = np.floor(rate)
+    frac = rate - base
+    shuffled = rng.permutation(len(rate))
+    order = shuffled[np.argsort(lengths[shuffled], kind="stable")]
+    cum = np.cumsum(frac[order])
+    u = rng.random()
+    hits = np.floor(cum + u) - np.floor(np.concatenate([[0.0], cum[:-1]]) + u)  # 0 or 1 each
+    extra = np.zeros(len(rate))
+    extra[order] = hits
+    return (base + extra).astype(np.int64)
+
+
 def mix_datasets(
     sources: Sequence[tuple[str | Path, float]],
     output: str | Path,
@@ -117,8 +138,7 @@ def mix_datasets(
     picked = []
     for i, (store, f) in enumerate(zip(stores, factors)):
         rate = shares[i] * total / passes[i] * f  # expected copies of each document
-        rng = np.random.default_rng([seed, i])
-        copies = np.floor(rate).astype(np.int64) + (rng.random(len(rate)) < rate - np.floor(rate))
+        copies = stochastic_round(rate, store.lengths, np.random.default_rng([seed, i]))
         picked.append(np.repeat(np.arange(len(store)), copies))
     parts = [s.dataset.select(idx) for s, idx in zip(stores, picked)]
     mixed = concatenate_datasets(parts)

@@ -83,14 +83,21 @@ def prepare_corpus(
     try:
         with _scratch(output) as scratch, atomic_dir(output) as tmp:
             rejected_path = tmp / "rejected.jsonl"
-            raw = Dataset.from_generator(
-                _records,
-                features=Features({"text": Value("large_string"), "file": Value("int32"), "line": Value("int64")}),
-                gen_kwargs={"files": [str(f) for f in files], "text_field": text_field,
-                            "rejected_path": str(rejected_path)},
-                cache_dir=str(scratch / "cache"),
-                writer_batch_size=batch_size,
-            )
+            try:
+                raw = Dataset.from_generator(
+                    _records,
+                    features=Features({"text": Value("large_string"), "file": Value("int32"),
+                                       "line": Value("int64")}),
+                    # a tuple, not a list: datasets would shard a list and call the generator per file
+                    gen_kwargs={"files": tuple(str(f) for f in files), "text_field": text_field,
+                                "rejected_path": str(rejected_path)},
+                    cache_dir=str(scratch / "cache"),
+                    writer_batch_size=batch_size,
+                )
+            except ValueError as e:
+                if "no data" not in str(e):  # datasets' complaint when the generator yields nothing
+                    raise
+                raise LongcptError(_nothing_kept(files, _summarize_rejections(rejected_path))) from None
             with _tokenizer_threads(num_proc):
                 docs = raw.map(
                     _encode,
@@ -130,7 +137,7 @@ def prepare_corpus(
     return report
 
 
-def _records(files: list[str], text_field: str, rejected_path: str):
+def _records(files: tuple[str, ...], text_field: str, rejected_path: str):
     """Generator for `Dataset.from_generator`: good records as rows, bad ones to a jsonl file
     (a file rather than a list, so it works whichever process runs the generator)."""
     with open(rejected_path, "w") as out:
@@ -142,7 +149,10 @@ def _records(files: list[str], text_field: str, rejected_path: str):
 
 
 def _encode(batch: dict, tokenizer) -> dict:
-    # No special tokens: packing adds BOS/EOS (SPEC section 6). encode_batch_fast skips offsets.
+    # No special tokens: packing adds BOS/EOS (SPEC section 6). Text that spells a special token
+    # ("</s>" in an HTML page) is encoded as plain text, so no stray BOS/EOS splits a document.
+    # Set here, per call, because the flag does not survive pickling to `num_proc` workers.
+    tokenizer.encode_special_tokens = True
     encodings = tokenizer.encode_batch_fast(batch["text"], add_special_tokens=False)
     return {"input_ids": [e.ids for e in encodings], "file": batch["file"], "line": batch["line"]}
 

@@ -84,6 +84,20 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class LMHead(nn.Linear):
+    """Output projection; with `labels` it returns the chunked cross-entropy instead of logits.
+
+    The loss is computed inside this module's own forward so that hooks that materialise the
+    weight for a module's forward (DeepSpeed ZeRO-3 gathers partitioned parameters that way) also
+    cover the loss path.
+    """
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None, **loss_kwargs) -> torch.Tensor:
+        if labels is None:
+            return super().forward(hidden)
+        return chunked_cross_entropy(hidden, self.weight, labels, **loss_kwargs)
+
+
 class Decoder(nn.Module):
     """Embedding, blocks and final norm: transformers' `model.*` submodule."""
 
@@ -111,7 +125,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.args = args
         self.model = Decoder(args)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = LMHead(args.hidden_size, args.vocab_size, bias=False)
         self.tie_weights()
         self.activation_checkpointing = False
         self.apply(self._init_weights)
@@ -183,4 +197,4 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         """Next-token loss with `labels` already aligned to `input_ids` (labels[t] = target of t)."""
         hidden = self.hidden_states(input_ids, position_ids, cu_seqlens, state)
-        return chunked_cross_entropy(hidden, self.lm_head.weight, labels, chunk_size, reduction)
+        return self.lm_head(hidden, labels, chunk_size=chunk_size, reduction=reduction)

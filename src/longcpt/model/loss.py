@@ -1,24 +1,67 @@
 """Memory-lean causal-LM loss: logits are never materialised for the whole sequence at once.
 
-For T tokens and vocabulary V the plain loss stores a (T, V) float32 logits tensor plus its
-gradient (16K tokens x 128K vocab = 8 GiB each). Here the hidden states are cut into chunks; each
-chunk's logits and cross-entropy are computed under activation checkpointing, so only one chunk's
-logits exist at a time, in the forward and in the backward (litgpt's `chunked_cross_entropy`,
-ProLong's `LOGIT_BLOCK_SIZE` do the same).
+For N tokens and vocabulary V the plain loss keeps an (N, V) float32 logits tensor and its
+gradient (16K tokens x 128K vocab = 8 GiB each). Here the hidden states are cut into chunks and,
+while the forward visits a chunk, it also computes that chunk's gradients with respect to the
+hidden states and the output projection (the softmax minus the one-hot target, times the
+projection). The backward then only scales the stored gradients by the incoming gradient.
+
+Compared with recomputing each chunk's logits in the backward (activation checkpointing), this
+does the same three matmuls as the plain loss (logits, grad_hidden, grad_weight) and no more, and
+keeps only one chunk's logits alive at any time. Liger-Kernel's fused linear cross-entropy and
+litgpt's chunked loss follow the same idea.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
 
-def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(hidden, weight).float()  # (n, V) in float32 for a stable log-softmax
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+def _chunk_log_probs(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor):
+    """Log-probabilities (n, V) in float32, the kept-row mask (n,) and the summed loss of one chunk."""
+    logp = F.linear(h, weight).float().log_softmax(dim=-1)  # fp32 for a stable log-softmax
+    keep = y != IGNORE_INDEX
+    loss = -logp[keep, y[keep]].sum()
+    return logp, keep, loss
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_t CE(hidden_t @ weight.T, label_t) with gradients computed chunk by chunk in the forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size: int):
+        # hidden (N, D), weight (V, D), labels (N,)
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if want_h else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            h, y = hidden[start : start + chunk_size], labels[start : start + chunk_size]
+            logp, keep, loss = _chunk_log_probs(h, weight, y)
+            total += loss
+            if not (want_h or want_w):
+                continue
+            # d(sum CE)/d(logits) = softmax - onehot, zero on ignored rows (in place on logp)
+            d_logits = logp.exp_()  # (n, V)
+            d_logits[keep, y[keep]] -= 1.0
+            d_logits[~keep] = 0.0
+            d_logits = d_logits.to(h.dtype)
+            if want_h:
+                grad_hidden[start : start + chunk_size] = d_logits @ weight.to(h.dtype)
+            if want_w:
+                grad_weight += (d_logits.T @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        gh = grad_hidden * grad_out.to(grad_hidden.dtype) if grad_hidden is not None else None
+        gw = grad_weight * grad_out if grad_weight is not None else None
+        return gh, gw, None, None
 
 
 def chunked_cross_entropy(
@@ -28,28 +71,27 @@ def chunked_cross_entropy(
     chunk_size: int = 4096,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Cross-entropy of `hidden @ weight.T` against `labels`, chunk by chunk.
+    """Cross-entropy of `hidden @ weight.T` against `labels`, never holding all logits.
 
     Args:
         hidden: (..., D) final hidden states (after the last norm).
         weight: (V, D) output projection.
         labels: (...) targets aligned with `hidden` (already shifted); -100 is ignored.
-        chunk_size: tokens per chunk.
+        chunk_size: tokens per chunk (peak extra memory is chunk_size x V floats).
         reduction: "mean" over non-ignored tokens, or "sum".
 
     Returns:
-        Scalar loss (0 when every label is ignored, keeping the graph connected).
+        Scalar float32 loss (0 when every label is ignored, still connected to the graph).
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, D)
     labels = labels.reshape(-1)  # (N,)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk_size):
-        h, y = hidden[start : start + chunk_size], labels[start : start + chunk_size]
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            total = total + checkpoint(_chunk_loss_sum, h, weight, y, use_reentrant=False)
-        else:
-            total = total + _chunk_loss_sum(h, weight, y)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        total = _LinearCrossEntropy.apply(hidden, weight, labels, chunk_size)
+    else:  # evaluation: the same chunks, no gradients kept
+        total = sum(
+            _chunk_log_probs(hidden[i : i + chunk_size], weight, labels[i : i + chunk_size])[2]
+            for i in range(0, hidden.shape[0], chunk_size)
+        )
     if reduction == "sum":
         return total
-    count = (labels != IGNORE_INDEX).sum().clamp(min=1)
-    return total / count
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)

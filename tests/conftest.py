@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny Hugging Face checkpoints written by transformers itself."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for a subprocess that must import this checkout's `longcpt`."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(name="subprocess_env")
+def _subprocess_env_fixture():
+    """The `subprocess_env` function, for tests that start `python -m longcpt ...`."""
+    return subprocess_env
+
+
+@pytest.fixture
+def python() -> str:
+    return sys.executable
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,133 @@
+"""Reading every HF weight layout, failing clearly on mismatches, writing atomically."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hf_tiny import tiny_hf_model
+from safetensors.torch import load_file, save_file
+
+import longcpt
+from longcpt.errors import LongcptError
+from longcpt.model.hf_io import load_state_dict
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        out = model(ids)
+        return out.logits if hasattr(out, "logits") else out
+
+
+@pytest.fixture
+def hf(tmp_path):
+    model = tiny_hf_model("llama")
+    model.save_pretrained(tmp_path / "hf")
+    return model, tmp_path / "hf"
+
+
+def test_sharded_safetensors_and_bin_layouts(tmp_path, hf):
+    model, path = hf
+    ids = torch.randint(0, 128, (1, 20))
+    want = _logits(model, ids)
+    # sharded safetensors written by transformers itself
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    torch.testing.assert_close(_logits(longcpt.from_pretrained(tmp_path / "sharded"), ids), want)
+    # a legacy pytorch_model.bin (loaded with weights_only=True)
+    legacy = tmp_path / "bin"
+    legacy.mkdir()
+    (legacy / "config.json").write_text((path / "config.json").read_text())
+    torch.save(model.state_dict(), legacy / "pytorch_model.bin")
+    torch.testing.assert_close(_logits(longcpt.from_pretrained(legacy), ids), want)
+
+
+def test_our_sharded_export_round_trips(tmp_path, hf):
+    _, path = hf
+    ours = longcpt.from_pretrained(path)
+    longcpt.save_pretrained(ours, tmp_path / "out", max_shard_bytes=50_000)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    back = longcpt.from_pretrained(tmp_path / "out")
+    ids = torch.randint(0, 128, (1, 20))
+    assert torch.equal(_logits(back, ids), _logits(ours, ids))
+
+
+def test_export_dtype_and_files(tmp_path, hf):
+    _, path = hf
+    longcpt.save_pretrained(longcpt.from_pretrained(path), tmp_path / "out", dtype="bf16")
+    tensors = load_file(tmp_path / "out" / "model.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["torch_dtype"] == cfg["dtype"] == "bfloat16"
+    gen = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert gen["bos_token_id"] == 1 and gen["eos_token_id"] == 2
+
+
+def test_unknown_and_missing_keys_are_named(tmp_path, hf):
+    _, path = hf
+    state = load_state_dict(path)
+    state["model.layers.0.self_attn.extra.weight"] = torch.zeros(2)
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, path / "model.safetensors")
+    with pytest.raises(LongcptError) as e:
+        longcpt.from_pretrained(path)
+    assert "model.layers.0.self_attn.extra.weight" in str(e.value)
+    assert "model.layers.1.mlp.up_proj.weight" in str(e.value)
+
+
+def test_unsupported_architecture_and_missing_files(tmp_path, hf):
+    _, path = hf
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["model_type"], cfg["architectures"] = "gpt2", ["GPT2LMHeadModel"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LongcptError, match="gpt2"):
+        longcpt.from_pretrained(path)
+    with pytest.raises(LongcptError, match="no config.json"):
+        longcpt.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text((path / "config.json").read_text().replace("gpt2", "llama"))
+    with pytest.raises(LongcptError, match="no weights found"):
+        longcpt.from_pretrained(tmp_path / "empty")
+
+
+def test_failed_export_leaves_previous_folder_intact(tmp_path, hf, monkeypatch):
+    _, path = hf
+    model = longcpt.from_pretrained(path)
+    out = tmp_path / "out"
+    longcpt.save_pretrained(model, out)
+    before = sorted(p.name for p in out.iterdir())
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("longcpt.model.hf_io._write_weights", boom)
+    with pytest.raises(RuntimeError):
+        longcpt.save_pretrained(model, out)
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_tokenizer_larger_than_vocab_is_refused(tmp_path, hf):
+    from tokenizers import Tokenizer, models
+
+    _, path = hf
+    vocab = {f"t{i}": i for i in range(200)}  # 200 tokens > vocab_size 128
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    with pytest.raises(LongcptError, match="200 tokens"):
+        longcpt.save_pretrained(longcpt.from_pretrained(path), tmp_path / "out", tokenizer=tmp_path / "tok")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bf16_cast_keeps_rope_tables_fp32(hf):
+    _, path = hf
+    model = longcpt.from_pretrained(path, dtype=torch.bfloat16)
+    rope = model.model.rotary_emb
+    assert rope.inv_freq.dtype == torch.float32
+    model.to(torch.float16).to(torch.bfloat16)
+    assert rope.inv_freq.dtype == torch.float32
+    cos, _ = rope(torch.arange(70000).unsqueeze(0))
+    assert cos.dtype == torch.float32

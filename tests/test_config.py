@@ -1,0 +1,72 @@
+"""Recipe loading: every problem reported at once, with key, value and fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from longcpt.config import Config, load_config, save_config
+from longcpt.errors import ConfigError, LongcptError
+
+
+def _recipe(tmp_path, text: str):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+BASE = "model:\n  config: {model_type: llama, hidden_size: 64}\n  tokenizer: tok\n"
+
+
+def test_overrides_beat_recipe_beat_defaults(tmp_path):
+    path = _recipe(tmp_path, BASE + "trainer:\n  max_steps: 7\n  seed: 3\n")
+    cfg = load_config(path, ["trainer.max_steps=9", "optim.betas=[0.8,0.9]", "strategy.deepspeed.foo=1"])
+    assert isinstance(cfg, Config)
+    assert (cfg.trainer.max_steps, cfg.trainer.seed, cfg.optim.betas) == (9, 3, [0.8, 0.9])
+    assert cfg.data.seq_len == 4096  # schema default
+    assert cfg.strategy.deepspeed == {"foo": 1}  # free-form dicts pass through
+    assert cfg.model.config == {"model_type": "llama", "hidden_size": 64}
+
+
+def test_every_problem_is_listed_with_a_fix(tmp_path):
+    path = _recipe(tmp_path, BASE + "traner:\n  max_steps: 3\ndata:\n  seq_len: many\n  pakcing: bfd\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["optim.lr=-1", "attention.kind=ancor", "nonsense"])
+    msg = str(e.value)
+    assert len(e.value.problems) == 6, msg
+    assert "did you mean trainer?" in msg
+    assert "did you mean data.packing?" in msg
+    assert "data.seq_len='many'" in msg and "expected int" in msg
+    assert "optim.lr=-1.0: must be > 0" in msg
+    assert "attention.kind='ancor'" in msg and "did you mean anchor?" in msg
+    assert "'nonsense': expected key=value" in msg
+
+
+def test_cross_field_checks(tmp_path):
+    path = _recipe(tmp_path, "strategy:\n  name: ddp\n  stage: 2\n  offload_parameters: true\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert "model.pretrained=null and model.config={}" in msg
+    assert "offload needs strategy.name=deepspeed" in msg
+    assert "parameter offload needs stage 3" in msg
+
+
+def test_paths_checked_only_when_asked(tmp_path):
+    path = _recipe(tmp_path, BASE + "data:\n  train: /no/such/data\n")
+    load_config(path)  # structure and values are fine
+    with pytest.raises(ConfigError, match="data.train='/no/such/data': path does not exist"):
+        load_config(path, check_paths=True)
+
+
+def test_bad_files_name_the_file_and_line(tmp_path):
+    with pytest.raises(LongcptError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = _recipe(tmp_path, "model:\n  config: {a: 1\n")
+    with pytest.raises(LongcptError, match=r"r.yaml:\d+: invalid YAML"):
+        load_config(bad)
+
+
+def test_saved_config_reloads_identically(tmp_path):
+    cfg = load_config(_recipe(tmp_path, BASE), ["trainer.max_steps=11"])
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    assert load_config(tmp_path / "run" / "config.yaml") == cfg

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -124,10 +123,10 @@ def test_pairs_fit_seq_len_with_loss_on_the_summary_only(tmp_path):
     assert labelled == target
 
 
-def test_prepare_booksum_script(tmp_path):
+def test_prepare_booksum_script(tmp_path, subprocess_env):
     (tmp_path / "x1.jsonl").write_text(json.dumps(CHAPTERS[0]) + "\n")
     (tmp_path / "x2.jsonl").write_text(json.dumps(CHAPTERS[1]) + "\nnot json\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    env = subprocess_env()
     res = subprocess.run([sys.executable, str(REPO / "data_prep/prepare_booksum.py"), "--input",
                           str(tmp_path / "x*.jsonl"), "--output", str(tmp_path / "o")],
                          env=env, capture_output=True, text=True)

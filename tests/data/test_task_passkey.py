@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -170,10 +169,10 @@ def test_read_pairs_checks_rows_and_lengths(tmp_path, tok):
         read_passkey_pairs(str(f), 4, eos_id=2)
 
 
-def test_make_passkey_script(tmp_path, tok):
+def test_make_passkey_script(tmp_path, tok, subprocess_env):
     tok.save_pretrained(tmp_path / "tok")
     out = tmp_path / "pk.jsonl"
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    env = subprocess_env()
     cmd = [sys.executable, str(REPO / "data_prep/make_passkey.py"), "--tokenizer", str(tmp_path / "tok"),
            "--lengths", "200,300", "--depths", "0,0.5,random", "--n", "2", "--output", str(out)]
     subprocess.run(cmd, check=True, env=env, capture_output=True)

@@ -7,7 +7,8 @@ identity; keys we do not know, or keys we need and do not find, fail with their 
 
 Export writes a folder atomically (temporary sibling, then rename): `config.json`,
 `model.safetensors` (sharded with an index above `max_shard_bytes`), `generation_config.json` and
-the tokenizer files. `full`, `intra_doc` and `anchor` models export as their source architecture.
+the tokenizer files. `full`, `intra_doc` and `anchor` models export as their source architecture;
+`infini` models with their own model type and modeling code (`longcpt.export.infini_hf`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from longcpt.errors import LongcptError
+from longcpt.export import infini_hf
 from longcpt.fsio import atomic_dir
 from longcpt.model.config import ModelArgs
 from longcpt.model.llama import CausalLM
@@ -132,7 +134,7 @@ def _few(keys: list[str], n: int = 8) -> str:
 
 def from_pretrained(
     path: str | os.PathLike,
-    attention: str = "full",
+    attention: str | None = None,
     dtype: torch.dtype | str | None = None,
     rope_precision: str = "fp32",
     rope_theta: float | None = None,
@@ -143,7 +145,8 @@ def from_pretrained(
 
     Args:
         path: folder with `config.json` and weights.
-        attention: attention kind (`full`, `intra_doc`, `anchor`, `infini`).
+        attention: attention kind (`full`, `intra_doc`, `anchor`, `infini`); default: `infini`
+            with its stored options for an exported Infini folder, else `full`.
         dtype: parameter dtype (torch dtype or "fp32"/"bf16"/"fp16"); default: as stored.
         rope_precision: "fp32" (the BF16 RoPE fix) or "model" (transformers' path).
         rope_theta, rope_scaling: context-extension overrides (ABF / HF rope_scaling dict).
@@ -154,13 +157,20 @@ def from_pretrained(
         LongcptError: missing files, unsupported architecture, mismatching weights.
     """
     path = Path(path)
-    args = ModelArgs.from_hf_config(read_config(path), source=str(path / "config.json"))
+    config, infini_options = infini_hf.split_config(read_config(path), source=str(path / "config.json"))
+    args = ModelArgs.from_hf_config(config, source=str(path / "config.json"))
+    attention = attention or ("infini" if infini_options is not None else "full")
+    if attention == "infini":
+        attention_options = {**(infini_options or {}), **attention_options}
     args.attention, args.attention_options, args.rope_precision = attention, dict(attention_options), rope_precision
     if rope_theta is not None:
         args.rope_theta = float(rope_theta)
     if rope_scaling is not None:
         args.rope_scaling = dict(rope_scaling) or None
-    model = build_model(args, load_state_dict(path), source=str(path))
+    state = load_state_dict(path)
+    if infini_options is not None and attention != "infini":  # e.g. an ablation without memory
+        state = {k: v for k, v in state.items() if not k.endswith(".core.gate")}
+    model = build_model(args, state, source=str(path))
     stored = args.hf_config.get("dtype") or args.hf_config.get("torch_dtype")
     target = _as_dtype(dtype) if dtype is not None else _as_dtype(stored) if stored else None
     return model.to(target) if target is not None else model
@@ -205,6 +215,9 @@ def save_pretrained(
     with atomic_dir(path) as tmp:
         _write_weights(state, tmp, max_shard_bytes)
         config = model.args.to_hf_config(dtype=DTYPE_NAMES[target])
+        if model.args.attention == "infini":  # no transformers class: own model type + code
+            config = infini_hf.infini_config(config, model.args)
+            infini_hf.write_remote_code(tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         generation = {
             k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None

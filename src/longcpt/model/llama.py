@@ -195,6 +195,13 @@ class CausalLM(nn.Module):
         reduction: str = "mean",
         chunk_size: int = 4096,
     ) -> torch.Tensor:
-        """Next-token loss with `labels` already aligned to `input_ids` (labels[t] = target of t)."""
+        """Next-token loss with `labels` already aligned to `input_ids` (labels[t] = target of t).
+
+        An attention kind with its own training schedule (`model_loss`, see `attention/__init__.py`)
+        computes it instead when no `state` is passed.
+        """
+        kind_loss = getattr(type(self.model.layers[0].self_attn.core), "model_loss", None)
+        if kind_loss is not None and state is None:
+            return kind_loss(self, input_ids, labels, position_ids, cu_seqlens, reduction, chunk_size)
         hidden = self.hidden_states(input_ids, position_ids, cu_seqlens, state)
         return self.lm_head(hidden, labels, chunk_size=chunk_size, reduction=reduction)

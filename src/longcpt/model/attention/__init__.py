@@ -7,6 +7,10 @@ projections and the per-forward `AttentionContext`, and returns the attention ou
 
 Rotation happens inside the core (through `ctx.rotate`), so a kind may use q/k before RoPE
 (Infini-attention's memory does) or with its own positions.
+
+A kind whose training must not run layer by layer over the whole window may define a static
+`model_loss(model, input_ids, labels, position_ids, cu_seqlens, reduction, chunk_size)`;
+`CausalLM.loss` then delegates to it (Infini-attention trains segment by segment).
 """
 
 from __future__ import annotations
@@ -66,4 +70,4 @@ class AttentionContext:
 
 
 # Register the built-in kinds.
-from longcpt.model.attention import full  # noqa: E402,F401
+from longcpt.model.attention import full, infini  # noqa: E402,F401

@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--trials", type=_positive_int, default=5, help="prompts per (length, depth)")
     pk.add_argument("--output", required=True, help="output folder")
     pk.add_argument("--seed", type=int, default=0)
+    pk.add_argument("--prefill-chunk", type=_positive_int, default=4096, help="prompt tokens per model call")
     pk.set_defaults(command_name="eval passkey")
 
     bs = evsub.add_parser("booksum", help="summarise BookSum inputs -> predictions.jsonl + rouge.json")
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--top-p", type=float, default=1.0)
     bs.add_argument("--limit", type=_positive_int, default=None, help="evaluate the first N examples only")
     bs.add_argument("--seed", type=int, default=0)
+    bs.add_argument("--prefill-chunk", type=_positive_int, default=4096, help="prompt tokens per model call")
     bs.set_defaults(command_name="eval booksum")
 
     ppl = evsub.add_parser("ppl", help="perplexity by position bucket -> ppl.json + ppl.png")
@@ -91,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--data", required=True, help="prepared corpus (data_prep/prepare_corpus.py) of long documents")
     ppl.add_argument("--seq-len", type=_positive_int, required=True)
     ppl.add_argument("--output", required=True)
-    ppl.add_argument("--bucket", type=_positive_int, default=None, help="bucket width in tokens (default: seq_len/8)")
+    ppl.add_argument("--bucket", type=_positive_int, default=None, help="bucket width in tokens (default: seq_len/8, rounded up)")
     ppl.add_argument("--max-docs", type=_positive_int, default=32)
+    ppl.add_argument("--chunk", type=_positive_int, default=4096, help="tokens per model call (state carried across)")
     ppl.set_defaults(command_name="eval ppl")
     return parser
 

@@ -1,0 +1,74 @@
+"""Write passkey retrieval examples (Landmark format) as JSONL, exact in tokens of a tokenizer.
+
+    python data_prep/make_passkey.py --tokenizer demo/tokenizer --lengths 1024 --depths random \
+        --n 2000 --output data/passkey_train.jsonl          # fine-tuning data, needle anywhere
+    python data_prep/make_passkey.py --tokenizer DIR --lengths 1024,4096 --depths 0,0.5,1 --n 5 \
+        --output passkey_test.jsonl                          # a fixed sweep
+
+One row per example: id, length, depth, needle_depth, key, input_ids (the prompt, exactly
+`length` tokens), answer_ids, prompt and answer text. The file appears only when complete.
+A thin front over `longcpt.data.passkey` (see its docstring for the format).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from longcpt.data import load_tokenizer
+from longcpt.data.passkey import make_passkey_examples
+from longcpt.errors import LongcptError
+from longcpt.fsio import atomic_write_text
+
+
+def _depth(text: str) -> float | str:
+    if text == "random":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"depth {text!r}: expected a number in [0, 1] or 'random'") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"depth {value}: must be in [0, 1] (0 = start, 1 = end)")
+    return value
+
+
+def _csv(kind):
+    def parse(text: str) -> list:
+        items = [x for x in text.split(",") if x.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("expected a comma-separated list")
+        try:
+            return [kind(x.strip()) for x in items]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
+
+    return parse
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokenizer", required=True, help="tokenizer folder (or an exported model folder)")
+    parser.add_argument("--lengths", type=_csv(int), required=True, help="prompt lengths in tokens, e.g. 1024,4096")
+    parser.add_argument("--depths", type=_csv(_depth), required=True, help="needle depths in [0, 1] or 'random'")
+    parser.add_argument("--n", type=int, required=True, help="examples per (length, depth)")
+    parser.add_argument("--output", required=True, help="output .jsonl file")
+    parser.add_argument("--seed", type=int, default=0, help="fixes the keys (and random depths)")
+    args = parser.parse_args(argv)
+    if args.n < 1:
+        parser.error(f"--n {args.n}: must be >= 1")
+    try:
+        tokenizer = load_tokenizer(args.tokenizer)
+        rows = make_passkey_examples(tokenizer, args.lengths, args.depths, args.n, args.seed)
+        lines = [json.dumps(row) for row in rows]
+        atomic_write_text(args.output, "\n".join(lines) + "\n")
+    except LongcptError as e:
+        print(f"make_passkey: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(lines)} examples to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The evaluation figures: passkey heatmap (x length, y depth) and perplexity by position.
+
+Figures are written atomically (temporary file in the same folder, then `os.replace`), like every
+other output. matplotlib runs with the non-interactive Agg backend.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Save a matplotlib figure to `path` atomically and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        _pyplot().close(fig)
+    return path
+
+
+def _length_label(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def passkey_heatmap(
+    lengths: Sequence[int], depths: Sequence[float], accuracy: Sequence[Sequence[float]], title: str, path
+) -> Path:
+    """Accuracy heatmap: x = prompt length (tokens), y = needle depth, colour and text = accuracy.
+
+    Args:
+        lengths: column values.
+        depths: row values.
+        accuracy: accuracy[i][j] for depths[i] and lengths[j], in [0, 1].
+        title: figure title.
+        path: output PNG.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(lengths), 1.2 + 0.5 * len(depths)))
+    image = ax.imshow(accuracy, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto", origin="upper")
+    ax.set_xticks(range(len(lengths)), [_length_label(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("needle depth")
+    for i, row in enumerate(accuracy):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(image, ax=ax, label="accuracy")
+    ax.set_title(title, fontsize=9)
+    return save_figure(fig, path)
+
+
+def ppl_plot(buckets: Sequence[dict], title: str, path) -> Path:
+    """Perplexity per position bucket, drawn as steps over token positions (log y-axis)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    starts = [b["start"] for b in buckets] + [buckets[-1]["end"]]
+    values = [b["ppl"] for b in buckets]
+    ax.stairs(values, starts, linewidth=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("token position")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    return save_figure(fig, path)

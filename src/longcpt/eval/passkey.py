@@ -1,0 +1,160 @@
+"""`longcpt eval passkey`: passkey retrieval swept over lengths x depths x trials.
+
+    longcpt eval passkey --model DIR --lengths 1024,4096 --depths 0,0.5,1 --trials 5 --output OUT
+
+For every (length, depth) cell, `trials` prompts with random keys (`longcpt.data.passkey`) are
+decoded greedily; a trial is correct when the first integer of the generated text equals the key
+(exact match, as Landmark Attention scores it). Prompts of a cell share their length, so they run
+as one batch (up to `batch_tokens` tokens). Long prompts are fed in chunks through the model's
+state (`longcpt.model.generation`): a KV cache for `full`, bounded memory for Infini-attention.
+
+Outputs (SPEC section 2): `OUT/passkey.json` = {"results": [{"length", "depth", "accuracy",
+"trials"}, ...], "samples": [...], ...} and the heatmap `OUT/passkey.png` (x length, y depth).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from longcpt.data.passkey import PasskeyPromptBuilder, passkey_key
+from longcpt.errors import LongcptError
+from longcpt.fsio import atomic_write_json
+from longcpt.model.generation import DEFAULT_PREFILL_CHUNK, generate
+
+_INTEGER = re.compile(r"\d+")
+
+
+def first_integer(text: str) -> int | None:
+    """The first run of digits in `text` as an int, or None (how an answer is read)."""
+    match = _INTEGER.search(text)
+    return int(match.group()) if match else None
+
+
+def check_sweep(lengths: list[int], depths: list[float], min_length: int) -> None:
+    """Raise one LongcptError naming every bad length or depth and the fix."""
+    problems = []
+    short = [n for n in lengths if n < min_length]
+    if short:
+        problems.append(f"--lengths {','.join(map(str, short))}: too short for this tokenizer (use >= {min_length})")
+    bad = [d for d in depths if not 0.0 <= d <= 1.0]
+    if bad:
+        problems.append(f"--depths {','.join(map(str, bad))}: depths must be in [0, 1] (0 = start, 1 = end)")
+    if not lengths:
+        problems.append("--lengths: empty (e.g. --lengths 1024,4096)")
+    if not depths:
+        problems.append("--depths: empty (e.g. --depths 0,0.5,1)")
+    if problems:
+        raise LongcptError("; ".join(problems))
+
+
+def evaluate_passkey(
+    model,
+    tokenizer,
+    lengths: list[int],
+    depths: list[float],
+    trials: int,
+    seed: int = 0,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    batch_tokens: int = 32768,
+    progress=None,
+) -> dict:
+    """Run the sweep and return the `passkey.json` content.
+
+    Args:
+        model: a longcpt `CausalLM` in eval mode.
+        tokenizer: its transformers tokenizer.
+        lengths: prompt lengths in tokens.
+        depths: needle depths in [0, 1].
+        trials: prompts per (length, depth).
+        seed: fixes the keys.
+        prefill_chunk: prompt tokens per model call.
+        batch_tokens: prompts of one cell are batched up to this many tokens.
+        progress: an optional Rich `Progress` (see `longcpt.eval.progress`).
+
+    Returns:
+        {"results": [{"length", "depth", "accuracy", "trials"}], "samples": [...],
+        "by_length": {length: accuracy}, "seconds", "tokens_per_second", ...}.
+
+    Raises:
+        LongcptError: a length too short for the tokenizer or a depth outside [0, 1].
+    """
+    builder = PasskeyPromptBuilder(tokenizer)
+    check_sweep(lengths, depths, builder.min_length)
+    eos = tokenizer.eos_token_id
+    task = progress.add_task("passkey", total=sum(lengths) * len(depths) * trials) if progress else None
+    results, samples = [], []
+    start, tokens = time.perf_counter(), 0
+    for length in lengths:
+        per_batch = max(1, batch_tokens // length)
+        for depth in depths:
+            examples = [builder.build(length, depth, passkey_key(seed, length, depth, t)) for t in range(trials)]
+            correct = 0
+            for first in range(0, trials, per_batch):
+                group = examples[first : first + per_batch]
+                ids = torch.tensor([ex.input_ids for ex in group])  # (B, length)
+                new_tokens = max(len(ex.answer_ids) for ex in group) + 3
+                out = generate(model, ids, new_tokens, eos_id=eos, prefill_chunk=prefill_chunk)  # (B, N)
+                for trial, (ex, row) in enumerate(zip(group, out.tolist()), first):
+                    text = tokenizer.decode(row, skip_special_tokens=True)
+                    ok = first_integer(text) == ex.key
+                    correct += ok
+                    samples.append({"length": length, "depth": depth, "trial": trial, "key": ex.key,
+                                    "needle_depth": round(ex.needle_depth, 4), "generated": text, "correct": ok})
+                tokens += length * len(group)
+                if progress:
+                    progress.advance(task, length * len(group))
+            results.append({"length": length, "depth": depth, "accuracy": correct / trials, "trials": trials})
+    seconds = time.perf_counter() - start
+    by_length = {
+        str(n): sum(r["accuracy"] for r in results if r["length"] == n) / len(depths) for n in lengths
+    }
+    return {
+        "results": results,
+        "by_length": by_length,
+        "accuracy": sum(r["accuracy"] for r in results) / len(results),
+        "lengths": lengths,
+        "depths": depths,
+        "trials": trials,
+        "seed": seed,
+        "seconds": round(seconds, 2),
+        "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
+        "samples": samples,
+    }
+
+
+def write_passkey_outputs(report: dict, output: str | Path, title: str) -> tuple[Path, Path]:
+    """Write `passkey.json` and the heatmap `passkey.png` into `output` (each atomically)."""
+    from longcpt.eval.figures import passkey_heatmap
+
+    output = Path(output)
+    lengths, depths = report["lengths"], report["depths"]
+    cell = {(r["length"], r["depth"]): r["accuracy"] for r in report["results"]}
+    grid = [[cell[(n, d)] for n in lengths] for d in depths]
+    json_path = atomic_write_json(output / "passkey.json", report)
+    png_path = passkey_heatmap(lengths, depths, grid, title, output / "passkey.png")
+    return json_path, png_path
+
+
+def run(args) -> int:
+    """The `longcpt eval passkey` command."""
+    from longcpt.eval.loading import load_model_and_tokenizer
+    from longcpt.eval.progress import token_progress
+
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    check_sweep(args.lengths, args.depths, PasskeyPromptBuilder(tokenizer).min_length)
+    with token_progress() as progress:
+        report = evaluate_passkey(
+            model, tokenizer, args.lengths, args.depths, args.trials, seed=args.seed,
+            prefill_chunk=args.prefill_chunk, progress=progress,
+        )
+    report["model"] = str(args.model)
+    title = f"passkey: {Path(args.model).name}, {args.trials} trials per cell, mean {report['accuracy']:.0%}"
+    json_path, png_path = write_passkey_outputs(report, args.output, title)
+    for n, acc in report["by_length"].items():
+        print(f"length {n:>8}: accuracy {acc:.1%}")
+    print(f"wrote {json_path} and {png_path} ({report['tokens_per_second']} tok/s)")
+    return 0

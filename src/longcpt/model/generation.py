@@ -1,0 +1,135 @@
+"""Autoregressive generation and chunked (streaming) forward passes with a caller-owned state.
+
+Every model call here is `model.hidden_states(chunk, position_ids=<absolute positions>,
+state=state)` (the body of `model(...)` without the LM head, so that a long prompt never
+materialises (T, V) logits): the attention cores keep what they need across calls in `state`,
+under their layer index. `full` keeps a KV cache (`attention/full.py`); Infini-attention keeps its
+compressive memory, so its memory stays bounded however long the input.
+
+A prompt is fed in chunks of `prefill_chunk` tokens (bounded activation memory, and the natural
+unit of streaming), then one token per step. Greedy decoding equals transformers' `generate`
+with `do_sample=False` on the same weights (tests/eval/test_generation.py).
+
+Shapes: B batch, T tokens, C hidden size, V vocab.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+DEFAULT_PREFILL_CHUNK = 4096
+
+
+def forward_chunks(
+    model,
+    input_ids: torch.Tensor,
+    state: dict,
+    chunk_size: int = DEFAULT_PREFILL_CHUNK,
+    start: int = 0,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Run `input_ids` (B, T) through `model` in chunks, carrying `state` from chunk to chunk.
+
+    Args:
+        model: a longcpt `CausalLM` (any attention kind that supports `state`).
+        input_ids: (B, T) tokens; rows share positions (no padding).
+        state: dict the attention cores fill and read; pass the same one to continue a sequence.
+        chunk_size: tokens per model call.
+        start: absolute position of `input_ids[:, 0]` (the tokens already in `state`).
+
+    Yields:
+        (offset, hidden): the chunk's first index in `input_ids` and its final hidden states
+        (B, t, C), before the LM head.
+    """
+    b, t = input_ids.shape
+    for offset in range(0, t, chunk_size):
+        chunk = input_ids[:, offset : offset + chunk_size]  # (B, t_c)
+        positions = torch.arange(start + offset, start + offset + chunk.shape[1], device=chunk.device)
+        hidden = model.hidden_states(chunk, position_ids=positions.expand(b, -1), state=state)  # (B, t_c, C)
+        yield offset, hidden
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick the next token from `logits` (B, V): argmax when `temperature` is 0, else sample.
+
+    Sampling divides by `temperature`, then keeps the smallest set of most likely tokens whose
+    probability reaches `top_p` (nucleus sampling, Holtzman et al. 2019; the most likely token is
+    always kept), and draws from the renormalised distribution with `generator`.
+
+    Returns:
+        (B,) token ids.
+    """
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V)
+        # Mass strictly before each token: a token is kept while that mass is below top_p.
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    eos_id: int | list[int] | None = None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    generator: torch.Generator | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Continue `input_ids` (B, T) by up to `max_new_tokens` tokens.
+
+    Args:
+        model: a longcpt `CausalLM`; put in eval mode by the caller.
+        input_ids: (B, T) prompt tokens; all rows the same length (no padding).
+        max_new_tokens: upper bound on generated tokens.
+        temperature: 0 = greedy; > 0 samples (see `sample_next`).
+        top_p: nucleus sampling threshold (used when sampling).
+        eos_id: token id(s) that end a row; finished rows are filled with the first of them, and
+            generation stops once every row has finished.
+        prefill_chunk: prompt tokens per model call.
+        generator: random generator for sampling (seed it for reproducible samples).
+        progress: called with the number of tokens processed after every model call.
+
+    Returns:
+        (B, N) generated tokens, N <= max_new_tokens (the prompt is not included).
+    """
+    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be a non-empty (B, T) tensor, got shape {tuple(input_ids.shape)}")
+    eos = [eos_id] if isinstance(eos_id, int) else list(eos_id or [])
+    state: dict = {}
+    hidden = None
+    for _, hidden in forward_chunks(model, input_ids, state, prefill_chunk):
+        if progress is not None:
+            progress(hidden.shape[1])
+    position = input_ids.shape[1]
+    b = input_ids.shape[0]
+    finished = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+    out: list[torch.Tensor] = []
+    for step in range(max_new_tokens):
+        logits = model.lm_head(hidden[:, -1])  # (B, V)
+        token = sample_next(logits, temperature, top_p, generator)  # (B,)
+        if eos:
+            token = torch.where(finished, torch.full_like(token, eos[0]), token)
+            finished |= torch.isin(token, torch.tensor(eos, device=token.device))
+        out.append(token)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        positions = torch.full((b, 1), position, device=input_ids.device)
+        hidden = model.hidden_states(token[:, None], position_ids=positions, state=state)  # (B, 1, C)
+        position += 1
+        if progress is not None:
+            progress(1)
+    return torch.stack(out, dim=1) if out else input_ids.new_zeros(b, 0)

@@ -1,0 +1,184 @@
+"""Passkey prompts: exact token lengths, needle depth, keys, answer-only labels (vs transformers' loss)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _task_helpers import task_tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from longcpt.data.collate import collate_windows
+from longcpt.data.passkey import (
+    FILLER_SENTENCES,
+    NEEDLE,
+    QUESTION,
+    TASK,
+    PasskeyPromptBuilder,
+    make_passkey_examples,
+    passkey_key,
+    read_passkey_pairs,
+)
+from longcpt.data.task import answer_only_row
+from longcpt.errors import LongcptError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return task_tokenizer()
+
+
+@pytest.mark.parametrize("extra", [1, 37, 700, 3001])
+@pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.9, 1.0])
+def test_prompt_has_exact_length_and_needle_at_depth(tok, extra, depth):
+    builder = PasskeyPromptBuilder(tok)
+    length = builder.min_length + extra
+    ex = builder.build(length, depth, key=48213)
+    assert len(ex.input_ids) == length
+    assert ex.input_ids[0] == tok.bos_token_id
+    # The needle's tokens sit at needle_start, and decode to the needle sentence.
+    needle = tok.encode("\n" + NEEDLE.format(key=48213) + "\n", add_special_tokens=False)
+    assert ex.input_ids[ex.needle_start : ex.needle_start + len(needle)] == needle
+    # Depth measured independently: filler tokens before the needle over all filler tokens.
+    head = len(tok.encode(TASK + "\n", add_special_tokens=False)) + 1
+    tail = len(tok.encode("\n" + QUESTION, add_special_tokens=False))
+    n_filler = length - head - len(needle) - tail
+    before = ex.needle_start - head
+    longest_sentence = max(len(tok.encode(" " + s, add_special_tokens=False)) for s in FILLER_SENTENCES)
+    assert 0 <= depth * n_filler - before < longest_sentence + 1e-6
+    if depth == 0.0:
+        assert ex.needle_start == head  # right after the instruction
+    if depth == 1.0:
+        assert ex.needle_start + len(needle) == length - tail  # right before the question
+
+
+def test_prompt_text_reads_like_landmark(tok):
+    ex = PasskeyPromptBuilder(tok).build(400, 0.5, key=31337)
+    text = tok.decode(ex.input_ids, skip_special_tokens=True)
+    assert text.startswith(TASK + "\n")
+    assert text.endswith("\n" + QUESTION)
+    assert text.count("31337") == 2
+    assert "The grass is green. The sky is blue." in text
+    # The needle sits in the middle of the text too (measured in characters).
+    middle = text.index("The pass key is 31337") / len(text)
+    assert 0.35 < middle < 0.65
+    assert tok.decode(ex.answer_ids) == " 31337"
+
+
+def test_too_short_length_names_the_minimum(tok):
+    builder = PasskeyPromptBuilder(tok)
+    for key in (12345, 99999, 40404):
+        need = builder.fixed_tokens(key)
+        assert need <= builder.min_length
+        assert len(builder.build(need, 0.5, key).input_ids) == need
+        with pytest.raises(LongcptError, match=r"use lengths >= \d+") as err:
+            builder.build(need - 1, 0.5, key)
+        assert int(str(err.value).rsplit(">= ", 1)[1].rstrip(")")) >= need
+
+
+def test_tokenizer_without_bos(tok):
+    no_bos = task_tokenizer(bos=False)
+    ex = PasskeyPromptBuilder(no_bos).build(300, 0.3, key=12345)
+    assert len(ex.input_ids) == 300 and no_bos.bos_token_id not in ex.input_ids
+
+
+def test_keys_are_random_per_trial_and_fixed_by_seed(tok):
+    rows = list(make_passkey_examples(tok, [200, 300], [0.0, 1.0], n=5, seed=7))
+    assert len(rows) == 20
+    keys = [r["key"] for r in rows]
+    assert len(set(keys)) >= 18  # 5-digit keys drawn independently
+    assert all(10000 <= k <= 99999 for k in keys)
+    again = list(make_passkey_examples(tok, [300], [1.0], n=5, seed=7))
+    assert [r["key"] for r in again] == keys[-5:]  # a smaller sweep keeps the same keys
+    other = list(make_passkey_examples(tok, [300], [1.0], n=5, seed=8))
+    assert [r["key"] for r in other] != keys[-5:]
+    assert passkey_key(7, 300, 1.0, 4) == keys[-1]
+
+
+def test_random_depths_spread_over_the_filler(tok):
+    rows = list(make_passkey_examples(tok, [500], ["random"], n=40, seed=0))
+    depths = [r["needle_depth"] for r in rows]
+    assert min(depths) < 0.2 and max(depths) > 0.8
+
+
+def test_labels_fall_on_the_answer_only(tok):
+    ex = PasskeyPromptBuilder(tok).build(150, 0.5, key=24680)
+    target = ex.answer_ids + [tok.eos_token_id]
+    row = answer_only_row(ex.input_ids, target, seq_len=170, pad_id=tok.pad_token_id)
+    tokens, labels = row["input_ids"], row["labels"]
+    supervised = [t for t, y in enumerate(labels) if y != -100]
+    assert supervised == list(range(149, 149 + len(target)))
+    assert [labels[t] for t in supervised] == target
+    assert all(labels[t] == tokens[t + 1] for t in supervised)
+    assert row["doc_lens"] == [150 + len(target), 170 - 150 - len(target)]
+
+
+def test_answer_only_loss_equals_transformers_masked_loss(tok):
+    """Our aligned labels + CausalLM.loss give transformers' loss with the prompt masked out."""
+    from longcpt.model import from_pretrained
+
+    builder = PasskeyPromptBuilder(tok)
+    rows = []
+    for key, depth in ((11111, 0.0), (54321, 1.0)):
+        ex = builder.build(100, depth, key)
+        rows.append(answer_only_row(ex.input_ids, ex.answer_ids + [tok.eos_token_id], 110, tok.pad_token_id))
+    batch = collate_windows(rows, "full")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    hf = LlamaForCausalLM(cfg).eval()
+    hf_labels = batch["input_ids"].clone()  # transformers shifts labels itself
+    hf_labels[:, :100] = -100  # the prompt (and the BOS) are not targets
+    hf_labels[batch["input_ids"] == tok.pad_token_id] = -100
+    with torch.no_grad():
+        expected = hf(batch["input_ids"], labels=hf_labels).loss
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            hf.save_pretrained(d)
+            ours = from_pretrained(d).eval()
+        got = ours.loss(batch["input_ids"], batch["labels"], batch["position_ids"], batch["cu_seqlens"])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_go_through_the_packed_data_collator():
+    rows = [answer_only_row([1, 5, 6], [7, 2], 8, 0), answer_only_row([1, 5, 6, 9, 9, 9], [7, 2], 8, 0)]
+    full = collate_windows(rows, "full")
+    assert full["cu_seqlens"].tolist() == [0, 5, 8, 16]
+    assert full["position_ids"].tolist() == [list(range(8))] * 2
+    assert full["labels"][0].tolist() == [-100, -100, 7, 2, -100, -100, -100, -100]
+    anchor = collate_windows(rows, "anchor")
+    assert anchor["position_ids"][0, :5].tolist() == [0, 1, 2, 3, 4]  # the example is position-exact
+
+
+def test_read_pairs_checks_rows_and_lengths(tmp_path, tok):
+    good = {"input_ids": [1, 4, 5], "answer_ids": [6]}
+    f = tmp_path / "pk.jsonl"
+    f.write_text(json.dumps(good) + "\n" + "{not json\n")
+    with pytest.raises(LongcptError, match=r"pk.jsonl:2: not a passkey row"):
+        read_passkey_pairs(str(f), 16, eos_id=2)
+    f.write_text(json.dumps(good) + "\n")
+    assert read_passkey_pairs(str(f), 16, eos_id=2) == [([1, 4, 5], [6, 2])]
+    with pytest.raises(LongcptError, match=r"pk.jsonl:1: example of 5 tokens .* data.seq_len=4"):
+        read_passkey_pairs(str(f), 4, eos_id=2)
+
+
+def test_make_passkey_script(tmp_path, tok, subprocess_env):
+    tok.save_pretrained(tmp_path / "tok")
+    out = tmp_path / "pk.jsonl"
+    env = subprocess_env()
+    cmd = [sys.executable, str(REPO / "data_prep/make_passkey.py"), "--tokenizer", str(tmp_path / "tok"),
+           "--lengths", "200,300", "--depths", "0,0.5,random", "--n", "2", "--output", str(out)]
+    subprocess.run(cmd, check=True, env=env, capture_output=True)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 12
+    assert sorted({len(r["input_ids"]) for r in rows}) == [200, 300]
+    bad = subprocess.run(cmd[:-4] + ["--depths", "1.5", "--n", "2", "--output", str(out)], env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "depth 1.5: must be in [0, 1]" in bad.stderr

@@ -1,0 +1,94 @@
+"""`longcpt eval passkey`: scoring, the output files of SPEC section 2, errors."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+import longcpt.eval.passkey as passkey_eval
+from longcpt.cli import main
+from longcpt.data.passkey import NEEDLE, PasskeyPromptBuilder
+from longcpt.eval.passkey import evaluate_passkey, first_integer
+
+
+def test_first_integer():
+    assert first_integer(" 12345. Remember") == 12345
+    assert first_integer("is 0042 and 7") == 42
+    assert first_integer("no digits") is None
+
+
+def _window_oracle(tokenizer, window: int):
+    """A stand-in for `generate` that answers with the key iff the needle lies in the last `window` tokens."""
+
+    def fake_generate(model, ids, max_new_tokens, **kwargs):
+        rows = []
+        for row in ids.tolist():
+            text = tokenizer.decode(row[-window:])
+            key = next((k for k in text.split() if k.isdigit() and NEEDLE.format(key=k) in text), "99")
+            rows.append(tokenizer.encode(f" {key}.", add_special_tokens=False)[:max_new_tokens])
+        width = max(map(len, rows))
+        return torch.tensor([r + [tokenizer.eos_token_id] * (width - len(r)) for r in rows])
+
+    return fake_generate
+
+
+def test_scores_land_in_the_right_cells(monkeypatch, tokenizer):
+    """An oracle that sees only the end of the prompt: right at depth 1, wrong at depth 0 when long."""
+    monkeypatch.setattr(passkey_eval, "generate", _window_oracle(tokenizer, window=150))
+    lo = PasskeyPromptBuilder(tokenizer).min_length + 10
+    lengths, depths = [lo, lo + 600], [0.0, 1.0]
+    report = evaluate_passkey(None, tokenizer, lengths, depths, trials=3, seed=1)
+    acc = {(r["length"], r["depth"]): r["accuracy"] for r in report["results"]}
+    assert acc == {(lo, 0.0): 1.0, (lo, 1.0): 1.0, (lo + 600, 0.0): 0.0, (lo + 600, 1.0): 1.0}
+    assert all(r["trials"] == 3 for r in report["results"])
+    assert report["by_length"] == {str(lo): 1.0, str(lo + 600): 0.5}
+    assert len(report["samples"]) == 12 and len({s["key"] for s in report["samples"]}) >= 10
+
+
+def test_cli_writes_spec_outputs(model_dir, tokenizer, tmp_path, capsys):
+    lo = PasskeyPromptBuilder(tokenizer).min_length + 5
+    out = tmp_path / "pk"
+    code = main(["eval", "passkey", "--model", str(model_dir), "--lengths", f"{lo},{2 * lo}",
+                 "--depths", "0,0.5,1", "--trials", "2", "--output", str(out), "--prefill-chunk", "64"])
+    assert code == 0
+    report = json.loads((out / "passkey.json").read_text())
+    assert [(r["length"], r["depth"]) for r in report["results"]] == [
+        (n, d) for n in (lo, 2 * lo) for d in (0.0, 0.5, 1.0)
+    ]
+    for r in report["results"]:
+        assert set(r) == {"length", "depth", "accuracy", "trials"} and 0.0 <= r["accuracy"] <= 1.0
+    png = (out / "passkey.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_greedy_answers_match_transformers(model_dir, tokenizer):
+    """The answer the evaluation reads equals transformers' greedy continuation of the same prompt."""
+    from transformers import AutoModelForCausalLM
+
+    from longcpt.model import from_pretrained
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ours = from_pretrained(model_dir).eval()
+    lo = PasskeyPromptBuilder(tokenizer).min_length + 40
+    report = evaluate_passkey(ours, tokenizer, [lo], [0.5], trials=2, seed=3, prefill_chunk=32)
+    ex = PasskeyPromptBuilder(tokenizer).build(lo, 0.5, report["samples"][0]["key"])
+    ids = torch.tensor([ex.input_ids])
+    expected = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                           max_new_tokens=len(ex.answer_ids) + 3, pad_token_id=0)[0, lo:]
+    assert report["samples"][0]["generated"] == tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_bad_sweep_is_one_message(model_dir, tmp_path, capsys):
+    code = main(["eval", "passkey", "--model", str(model_dir), "--lengths", "5,100000", "--depths", "0,1.5",
+                 "--output", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--lengths 5: too short" in err and "--depths 1.5" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_model_folder(tmp_path, capsys):
+    assert main(["eval", "passkey", "--model", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]) == 2
+    assert "nope: not a folder" in capsys.readouterr().err

@@ -91,4 +91,4 @@ def test_bad_sweep_is_one_message(model_dir, tmp_path, capsys):
 
 def test_missing_model_folder(tmp_path, capsys):
     assert main(["eval", "passkey", "--model", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]) == 2
-    assert "nope: not a folder" in capsys.readouterr().err
+    assert "nope: does not exist" in capsys.readouterr().err

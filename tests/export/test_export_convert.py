@@ -129,3 +129,18 @@ def test_infini_checkpoint_exports_through_the_same_path(tmp_path, tokenizer_dir
     ids = torch.randint(3, 96, (1, 24), generator=torch.Generator().manual_seed(2))  # three segments
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, trained_logits(keep, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_evaluation_accepts_the_training_checkpoint(trained):
+    """`--model RUN_DIR` (no export): same logits as the export; anchor/intra_doc run as full."""
+    from longcpt.eval.loading import load_model_and_tokenizer
+
+    result, _ = trained
+    model, tokenizer = load_model_and_tokenizer(result.out_dir)
+    assert model.args.attention in ("full", "infini")
+    assert tokenizer.vocab_size <= model.args.vocab_size
+    ids = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf_logits(result.hf_dir, ids), rtol=1e-5, atol=1e-5)
+    with pytest.raises(LongcptError, match="does not exist"):
+        load_model_and_tokenizer(result.out_dir / "nowhere")

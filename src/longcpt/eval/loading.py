@@ -1,6 +1,9 @@
-"""Load what an evaluation needs from an exported Hugging Face folder: the model and its tokenizer.
+"""Load what an evaluation needs: the model and its tokenizer.
 
-`longcpt export` writes the tokenizer files next to the weights, so one folder is enough.
+`--model` is an exported Hugging Face folder (`longcpt export` writes the tokenizer files next to
+the weights, so one folder is enough) or, without exporting first, a training checkpoint: a
+`.ckpt` file, a DeepSpeed checkpoint folder or a run folder (its `checkpoints/last`), whose
+tokenizer is the one recorded at training time.
 Exported `full`, `intra_doc` and `anchor` models are plain `LlamaForCausalLM`-style folders and
 run as `full` (the same function for one document); Infini-attention exports load through the
 same `longcpt.from_pretrained`.
@@ -34,13 +37,24 @@ def load_tokenizer(path: str | Path):
 
 
 def load_model_and_tokenizer(path: str | Path):
-    """`(model, tokenizer)` from an exported folder; the model in eval mode on the CPU.
+    """`(model, tokenizer)` from an exported folder or a training checkpoint; eval mode, CPU.
 
     Raises:
         LongcptError: missing folder, config, weights or tokenizer.
     """
     from longcpt.model import from_pretrained
 
-    tokenizer = load_tokenizer(path)
-    model = from_pretrained(path).eval()
-    return model, tokenizer
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return from_pretrained(path).eval(), load_tokenizer(path)
+    if not path.exists():
+        raise LongcptError(f"--model {path}: does not exist (pass an exported model folder or a training checkpoint)")
+    from longcpt.export.convert import find_tokenizer, load_model, resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(path)
+    model, meta = load_model(checkpoint, for_inference=True)
+    tok_dir = find_tokenizer(checkpoint, meta)
+    if tok_dir is None:
+        raise LongcptError(f"--model {path}: no tokenizer recorded with the checkpoint; export it with "
+                           "`longcpt export ... --tokenizer DIR` and evaluate the folder")
+    return model, load_tokenizer(tok_dir)

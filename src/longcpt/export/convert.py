@@ -107,10 +107,15 @@ def _read_deepspeed(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     return state, client
 
 
-def load_model(checkpoint: str | os.PathLike):
+def load_model(checkpoint: str | os.PathLike, for_inference: bool = False):
     """A longcpt `CausalLM` (float32, CPU) from a training checkpoint, plus the checkpoint metadata.
 
     Evaluation uses this to accept checkpoints where an HF folder is expected.
+
+    Args:
+        checkpoint: a .ckpt file, DeepSpeed folder or run folder (`resolve_checkpoint`).
+        for_inference: run `anchor`/`intra_doc` models as `full` (the same function on one
+            document, and the kind with a KV cache for generation), as their HF exports do.
     """
     from longcpt.model.config import ModelArgs
     from longcpt.model.hf_io import build_model
@@ -118,11 +123,13 @@ def load_model(checkpoint: str | os.PathLike):
     path = resolve_checkpoint(checkpoint)
     state, meta = read_checkpoint(path)
     args = ModelArgs(**meta["model_args"])
+    if for_inference and args.attention in ("anchor", "intra_doc"):
+        args.attention, args.attention_options = "full", {}
     model = build_model(args, {k: v.float() for k, v in state.items()}, source=str(path))
     return model.eval(), meta
 
 
-def _find_tokenizer(path: Path, meta: dict[str, Any]) -> Path | None:
+def find_tokenizer(path: Path, meta: dict[str, Any]) -> Path | None:
     """The tokenizer recorded at training time, else the run folder's copy (the run may have moved)."""
     for c in (meta.get("tokenizer"), path.parent.parent / "tokenizer"):
         if c and any((Path(c) / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
@@ -159,7 +166,7 @@ def export_checkpoint(
 
     path = resolve_checkpoint(checkpoint)
     model, meta = load_model(path)
-    tok = Path(tokenizer) if tokenizer is not None else _find_tokenizer(path, meta)
+    tok = Path(tokenizer) if tokenizer is not None else find_tokenizer(path, meta)
     if tok is None:
         raise LongcptError(
             f"{path}: no tokenizer found (looked at {meta.get('tokenizer')} and the run's tokenizer/ folder); "

@@ -46,8 +46,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 continue
             # d(sum CE)/d(logits) = softmax - onehot, zero on ignored rows (in place on logp)
             d_logits = logp.exp_()  # (n, V)
-            d_logits[keep, y[keep]] -= 1.0
-            d_logits[~keep] = 0.0
+            rows = keep.nonzero().squeeze(1)
+            d_logits[rows, y[rows]] -= 1.0
+            if rows.numel() < keep.numel():
+                d_logits.mul_(keep.unsqueeze(1))  # ignored rows contribute nothing
             d_logits = d_logits.to(h.dtype)
             if want_h:
                 grad_hidden[start : start + chunk_size] = d_logits @ weight.to(h.dtype)

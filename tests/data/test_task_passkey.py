@@ -147,6 +147,13 @@ def test_answer_only_loss_equals_transformers_masked_loss(tok):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_train_on_input_labels_every_next_token_but_the_padding():
+    row = answer_only_row([1, 5, 6], [7, 2], 8, 0, train_on_input=True)
+    assert row["labels"] == [5, 6, 7, 2, -100, -100, -100, -100]
+    assert row["input_ids"] == [1, 5, 6, 7, 2, 0, 0, 0] and row["doc_lens"] == [5, 3]
+    assert answer_only_row([1, 5, 6], [7, 2], 8, 0)["labels"] == [-100, -100, 7, 2, -100, -100, -100, -100]
+
+
 def test_rows_go_through_the_packed_data_collator():
     rows = [answer_only_row([1, 5, 6], [7, 2], 8, 0), answer_only_row([1, 5, 6, 9, 9, 9], [7, 2], 8, 0)]
     full = collate_windows(rows, "full")

@@ -5,6 +5,9 @@
     python data_prep/make_passkey.py --tokenizer DIR --lengths 1024,4096 --depths 0,0.5,1 --n 5 \
         --output passkey_test.jsonl                          # a fixed sweep
 
+--split-digits writes the key one digit per token (see `longcpt.data.passkey`); a model fine-tuned
+on such data is evaluated with `longcpt eval passkey --split-digits`.
+
 One row per example: id, length, depth, needle_depth, key, input_ids (the prompt, exactly
 `length` tokens), answer_ids, prompt and answer text. The file appears only when complete.
 A thin front over `longcpt.data.passkey` (see its docstring for the format).
@@ -55,12 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, required=True, help="examples per (length, depth)")
     parser.add_argument("--output", required=True, help="output .jsonl file")
     parser.add_argument("--seed", type=int, default=0, help="fixes the keys (and random depths)")
+    parser.add_argument("--split-digits", action="store_true",
+                        help="write the key one digit per token (evaluate with `longcpt eval passkey --split-digits`)")
     args = parser.parse_args(argv)
     if args.n < 1:
         parser.error(f"--n {args.n}: must be >= 1")
     try:
         tokenizer = load_tokenizer(args.tokenizer)
-        rows = make_passkey_examples(tokenizer, args.lengths, args.depths, args.n, args.seed)
+        rows = make_passkey_examples(tokenizer, args.lengths, args.depths, args.n, args.seed, args.split_digits)
         lines = [json.dumps(row) for row in rows]
         atomic_write_text(args.output, "\n".join(lines) + "\n")
     except LongcptError as e:

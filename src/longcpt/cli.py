@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--output", required=True, help="output folder")
     pk.add_argument("--seed", type=int, default=0)
     pk.add_argument("--prefill-chunk", type=_positive_int, default=4096, help="prompt tokens per model call")
+    pk.add_argument("--split-digits", action="store_true",
+                    help="write the key one digit per token (for models fine-tuned on make_passkey.py --split-digits data)")
     pk.set_defaults(command_name="eval passkey")
 
     bs = evsub.add_parser("booksum", help="summarise BookSum inputs -> predictions.jsonl + rouge.json")

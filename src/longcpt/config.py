@@ -65,6 +65,7 @@ class DataConfig:
     num_workers: int = 2
     val_batches: int = 8  # validation windows evaluated each time
     bfd_buffer: int = 1024  # packing=bfd: documents sorted and placed together (memory bound)
+    train_on_input: bool = False  # task fine-tuning: loss on the prompt too, not only the answer
 
 
 @dataclass

@@ -147,6 +147,13 @@ def test_answer_only_loss_equals_transformers_masked_loss(tok):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_train_on_input_labels_every_next_token_but_the_padding():
+    row = answer_only_row([1, 5, 6], [7, 2], 8, 0, train_on_input=True)
+    assert row["labels"] == [5, 6, 7, 2, -100, -100, -100, -100]
+    assert row["input_ids"] == [1, 5, 6, 7, 2, 0, 0, 0] and row["doc_lens"] == [5, 3]
+    assert answer_only_row([1, 5, 6], [7, 2], 8, 0)["labels"] == [-100, -100, 7, 2, -100, -100, -100, -100]
+
+
 def test_rows_go_through_the_packed_data_collator():
     rows = [answer_only_row([1, 5, 6], [7, 2], 8, 0), answer_only_row([1, 5, 6, 9, 9, 9], [7, 2], 8, 0)]
     full = collate_windows(rows, "full")
@@ -182,3 +189,35 @@ def test_make_passkey_script(tmp_path, tok, subprocess_env):
     bad = subprocess.run(cmd[:-4] + ["--depths", "1.5", "--n", "2", "--output", str(out)], env=env,
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "depth 1.5: must be in [0, 1]" in bad.stderr
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_split_digits_writes_one_token_per_digit(tok, depth):
+    """--split-digits: needle and answer carry the key digit by digit; the prompt text is the same."""
+    split = PasskeyPromptBuilder(tok, split_digits=True)
+    key = 90817
+    ex = split.build(split.min_length + 200, depth, key)
+    assert len(ex.input_ids) == split.min_length + 200
+    digits = [tok.decode([t]) for t in ex.answer_ids]
+    assert digits == [" 9", "0", "8", "1", "7"] or digits == [" ", "9", "0", "8", "1", "7"]
+    assert tok.decode(ex.answer_ids) == " 90817"
+    needle_text = tok.decode(ex.input_ids[ex.needle_start :])
+    assert needle_text.startswith("\n" + NEEDLE.format(key=key) + "\n")
+    # The key's digit tokens appear twice in the needle and the answer is copyable from it.
+    n = len(ex.answer_ids)
+    hits = [i for i in range(len(ex.input_ids) - n + 1) if ex.input_ids[i : i + n] == ex.answer_ids]
+    assert len(hits) == 2 and all(ex.needle_start <= i < ex.needle_start + 40 for i in hits)
+    assert tok.decode(ex.input_ids).endswith("\n" + QUESTION)
+
+
+def test_split_digits_rows_and_script(tmp_path, tok, subprocess_env):
+    rows = list(make_passkey_examples(tok, [150], [0.5], n=3, seed=2, split_digits=True))
+    for r in rows:
+        assert len(r["input_ids"]) == 150 and r["answer"] == f" {r['key']}"
+        assert len(r["answer_ids"]) >= 5  # one token per digit (the first may carry its space)
+    tok.save_pretrained(tmp_path / "tok")
+    out = tmp_path / "pk.jsonl"
+    cmd = [sys.executable, str(REPO / "data_prep/make_passkey.py"), "--tokenizer", str(tmp_path / "tok"),
+           "--lengths", "150", "--depths", "0.5", "--n", "3", "--seed", "2", "--split-digits", "--output", str(out)]
+    subprocess.run(cmd, check=True, env=subprocess_env(), capture_output=True)
+    assert [json.loads(line)["answer_ids"] for line in out.read_text().splitlines()] == [r["answer_ids"] for r in rows]

@@ -92,3 +92,11 @@ def test_bad_sweep_is_one_message(model_dir, tmp_path, capsys):
 def test_missing_model_folder(tmp_path, capsys):
     assert main(["eval", "passkey", "--model", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]) == 2
     assert "nope: does not exist" in capsys.readouterr().err
+
+
+def test_split_digits_prompts_are_scored_on_the_number(monkeypatch, tokenizer):
+    """--split-digits: digit-by-digit answers decode to the number; the report records the setting."""
+    monkeypatch.setattr(passkey_eval, "generate", _window_oracle(tokenizer, window=10**6))
+    lo = PasskeyPromptBuilder(tokenizer, split_digits=True).min_length + 10
+    report = evaluate_passkey(None, tokenizer, [lo], [0.0, 1.0], trials=2, seed=1, split_digits=True)
+    assert report["split_digits"] is True and report["accuracy"] == 1.0

@@ -19,6 +19,15 @@ gkamradt/LLMTest_NeedleInAHaystack), so depth 0 puts it right after the instruct
 right before the question. Keys are random 5-digit numbers drawn per (length, depth, trial) from a
 seed, so adding a length to a sweep does not change the keys of the others.
 
+Digits of the key. By default the key is tokenized as text (" 12345" is whatever the tokenizer
+makes of it). With `split_digits=True` it is written one digit per token (" 1", "2", "3", ...),
+in the needle and in the answer alike, as Llama's tokenizer does for every number. That matters
+for byte-level BPE tokenizers trained on little text (the demo's): they cut 5-digit numbers into
+2-4 irregular pieces drawn from hundreds of rare number tokens, so a small model must learn to copy
+each of those rare tokens; one token per digit leaves it 20 well-trained tokens to copy.
+Fine-tuning data and evaluation must use the same setting (`make_passkey.py --split-digits`,
+`longcpt eval passkey --split-digits`).
+
 The tokenizer is a transformers tokenizer (`encode(text, add_special_tokens=False)`,
 `bos_token_id`, `eos_token_id`, `decode`), as `AutoTokenizer.from_pretrained(model_dir)` returns.
 """
@@ -81,28 +90,53 @@ class PasskeyPromptBuilder:
 
     Args:
         tokenizer: a transformers tokenizer.
+        split_digits: write the key one digit per token (module docstring).
 
     Attributes:
         min_length: a length that fits every key tried (no filler): the instruction, the longest of
             a sample of needles and the question. A key's own minimum is `fixed_tokens(key)`.
     """
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, split_digits: bool = False):
         self.tokenizer = tokenizer
+        self.split_digits = split_digits
         encode = self._encode
         self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         self.head = encode(TASK + "\n")
         # One unit per filler sentence, each with its leading space (the filler is space-joined).
         self.units = [encode(" " + s) for s in FILLER_SENTENCES]
         self.tail = encode("\n" + QUESTION)
+        if split_digits:
+            probe = 10 ** KEY_DIGITS - 1 - 12345
+            if tokenizer.decode(self._key_ids(probe)) != f" {probe}":
+                raise LongcptError(
+                    f"split_digits: this tokenizer does not decode digit tokens back to the number "
+                    f"({tokenizer.decode(self._key_ids(probe))!r} for {probe}); evaluate without --split-digits"
+                )
         sample = [10 ** (KEY_DIGITS - 1), 10**KEY_DIGITS - 1] + [passkey_key(0, 0, 0, i) for i in range(32)]
         self.min_length = max(self.fixed_tokens(k) for k in sample)
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
+    def _key_ids(self, key: int) -> list[int]:
+        """Tokens of " {key}": as the tokenizer cuts it, or one per digit with `split_digits`."""
+        if not self.split_digits:
+            return self._encode(f" {key}")
+        digits = str(key)
+        return self._encode(" " + digits[0]) + [t for d in digits[1:] for t in self._encode(d)]
+
     def _needle(self, key: int) -> list[int]:
-        return self._encode("\n" + NEEDLE.format(key=key) + "\n")
+        if not self.split_digits:
+            return self._encode("\n" + NEEDLE.format(key=key) + "\n")
+        # The text around the key is tokenized as in the whole sentence: a byte-level pre-tokenizer
+        # cuts before every " word" and ".", so only the key's tokens differ.
+        before, middle, after = NEEDLE.split("{key}")
+        key_ids = self._key_ids(key)
+        return (
+            self._encode("\n" + before.rstrip(" ")) + key_ids + self._encode(middle.rstrip(" ")) + key_ids
+            + self._encode(after + "\n")
+        )
 
     def fixed_tokens(self, key: int) -> int:
         """Prompt tokens besides the filler for `key`: the shortest prompt possible with it."""
@@ -110,7 +144,7 @@ class PasskeyPromptBuilder:
 
     def answer_ids(self, key: int) -> list[int]:
         """Tokens of the answer that follows the prompt (" 12345")."""
-        return self._encode(f" {key}")
+        return self._key_ids(key)
 
     def filler(self, n: int) -> tuple[list[int], list[int]]:
         """`n` filler tokens and the offsets where a sentence starts (0 and `n` included).
@@ -171,6 +205,7 @@ def make_passkey_examples(
     depths: Iterable[float | str],
     n: int,
     seed: int = 0,
+    split_digits: bool = False,
 ) -> Iterator[dict]:
     """The sweep lengths x depths x `n` trials as JSON-ready rows (what `make_passkey.py` writes).
 
@@ -181,6 +216,7 @@ def make_passkey_examples(
             (for fine-tuning data).
         n: examples per (length, depth).
         seed: fixes keys and random depths.
+        split_digits: write the key one digit per token (module docstring).
 
     Yields:
         {"id", "length", "depth", "needle_depth", "key", "input_ids", "answer_ids", "prompt",
@@ -189,7 +225,7 @@ def make_passkey_examples(
     Raises:
         LongcptError: a length too short or a depth outside [0, 1].
     """
-    builder = PasskeyPromptBuilder(tokenizer)
+    builder = PasskeyPromptBuilder(tokenizer, split_digits=split_digits)
     for length in lengths:
         for depth in depths:
             for trial in range(n):

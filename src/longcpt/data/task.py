@@ -8,7 +8,9 @@ fills one row of `seq_len` tokens, right-padded:
     doc_lens  [7, 2]                                           the padding is one last pseudo-document
 
 so the loss falls on the target only (the model is not trained to reproduce the filler or the
-book). Rows have the window format of `pack_documents`, so the packed-data collator
+book). With `data.train_on_input=true` (torchtune's `train_on_input`) the prompt is trained on too,
+labels[t] = tokens[t+1] everywhere but the padding: a warm-up stage for a small model that has not
+learned to copy yet (the passkey prompt repeats its filler and its key; see docs/passkey_demo.sh). Rows have the window format of `pack_documents`, so the packed-data collator
 (`longcpt.data.collate`) derives position ids and `cu_seqlens` per attention kind exactly as for
 pretraining; nothing in the padding can reach the example (it comes after it, attention is
 causal, and it is a document of its own).
@@ -19,6 +21,7 @@ pairs and register a `TaskDataModule` for `data.task`.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -34,14 +37,17 @@ IGNORE_INDEX = -100
 Pairs = list[tuple[list[int], list[int]]]
 
 
-def answer_only_row(prompt_ids: Sequence[int], target_ids: Sequence[int], seq_len: int, pad_id: int) -> dict:
-    """One right-padded row with labels on `target_ids` only.
+def answer_only_row(
+    prompt_ids: Sequence[int], target_ids: Sequence[int], seq_len: int, pad_id: int, train_on_input: bool = False
+) -> dict:
+    """One right-padded row with labels on `target_ids` only (on the prompt too with `train_on_input`).
 
     Args:
         prompt_ids: the prompt (BOS first when the tokenizer has one).
         target_ids: what the model must produce after the prompt (EOS included by the caller).
         seq_len: row length.
         pad_id: padding token.
+        train_on_input: label the prompt's tokens as well (all but its first, which nothing predicts).
 
     Returns:
         {"input_ids": list, "labels": list, "doc_lens": list}: `seq_len` tokens, the window
@@ -55,7 +61,8 @@ def answer_only_row(prompt_ids: Sequence[int], target_ids: Sequence[int], seq_le
     if n > seq_len or p == 0 or not target_ids:
         raise ValueError(f"prompt {p} + target {len(target_ids)} tokens: need both non-empty and <= {seq_len}")
     # labels[t] = tokens[t+1] for the positions whose next token is part of the target.
-    labels = [IGNORE_INDEX] * (p - 1) + tokens[p:] + [IGNORE_INDEX] * (seq_len - n + 1)
+    first = 1 if train_on_input else p
+    labels = [IGNORE_INDEX] * (first - 1) + tokens[first:] + [IGNORE_INDEX] * (seq_len - n + 1)
     return {
         "input_ids": tokens + [pad_id] * (seq_len - n),
         "labels": labels,
@@ -85,8 +92,8 @@ def task_order(n: int, seed: int, rank: int = 0, world_size: int = 1, start: int
 class _TaskRows(IterableDataset):
     """Rows of one rank in `order()`, split between DataLoader workers by batch (as pretraining)."""
 
-    def __init__(self, pairs: Pairs, order: Callable[[], Iterator[int]], batch_size: int, seq_len: int, pad_id: int):
-        self.pairs, self.order, self.batch_size, self.seq_len, self.pad_id = pairs, order, batch_size, seq_len, pad_id
+    def __init__(self, pairs: Pairs, order: Callable[[], Iterator[int]], batch_size: int, row: Callable[..., dict]):
+        self.pairs, self.order, self.batch_size, self.row = pairs, order, batch_size, row
 
     def __iter__(self):
         info = get_worker_info()
@@ -94,7 +101,7 @@ class _TaskRows(IterableDataset):
         for i, example in enumerate(self.order()):
             if (i // self.batch_size) % workers == worker:
                 prompt, target = self.pairs[example]
-                yield answer_only_row(prompt, target, self.seq_len, self.pad_id)
+                yield self.row(prompt, target)
 
 
 class TaskDataModule(L.LightningDataModule):
@@ -102,7 +109,7 @@ class TaskDataModule(L.LightningDataModule):
 
     Args:
         cfg: the recipe (`longcpt.config.Config`); uses data.train/val/seq_len/micro_batch_size/
-            num_workers/val_batches, attention.kind and trainer.seed.
+            num_workers/val_batches/train_on_input, attention.kind and trainer.seed.
         tokenizer: from `longcpt.data.load_tokenizer` (its pad id pads rows).
         load_pairs: `load_pairs(path, seq_len)` reads a data path into (prompt_ids, target_ids)
             pairs that fit `seq_len` (truncating or failing as the task decides).
@@ -122,6 +129,8 @@ class TaskDataModule(L.LightningDataModule):
         if pad is None:
             raise LongcptError("tokenizer has neither a pad nor an EOS token; task fine-tuning needs one to pad rows")
         self.pad_id = pad
+        # (prompt, target) -> row; a partial, so DataLoader workers can pickle it.
+        self._row = functools.partial(answer_only_row, seq_len=d.seq_len, pad_id=pad, train_on_input=d.train_on_input)
         self.collator = Collator(cfg.attention.kind)
         self.rank, self.world_size = 0, 1
         self._resumed_at = (0, 0)  # (examples consumed, global step) at the last load_state_dict
@@ -159,8 +168,7 @@ class TaskDataModule(L.LightningDataModule):
         self.setup("fit")
         n, seed, rank, world, start = len(self.train_pairs), self.seed, self.rank, self.world_size, self.consumed_samples()
         task_order(n, seed, rank, world)  # fails early when there are fewer examples than ranks
-        rows = _TaskRows(self.train_pairs, _Order(n, seed, rank, world, start), self.micro_batch_size,
-                         self.seq_len, self.pad_id)
+        rows = _TaskRows(self.train_pairs, _Order(n, seed, rank, world, start), self.micro_batch_size, self._row)
         return DataLoader(rows, batch_size=self.micro_batch_size, collate_fn=self.collator,
                           num_workers=self.cfg.data.num_workers)
 
@@ -170,7 +178,7 @@ class TaskDataModule(L.LightningDataModule):
             return []
         count = self.cfg.data.val_batches * self.micro_batch_size
         mine = self.val_pairs[self.rank :: self.world_size][:count]
-        rows = [answer_only_row(p, t, self.seq_len, self.pad_id) for p, t in mine]
+        rows = [self._row(p, t) for p, t in mine]
         return DataLoader(rows, batch_size=self.micro_batch_size, collate_fn=self.collator)
 
 

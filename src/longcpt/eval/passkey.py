@@ -61,6 +61,7 @@ def evaluate_passkey(
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     batch_tokens: int = 32768,
     progress=None,
+    split_digits: bool = False,
 ) -> dict:
     """Run the sweep and return the `passkey.json` content.
 
@@ -74,6 +75,8 @@ def evaluate_passkey(
         prefill_chunk: prompt tokens per model call.
         batch_tokens: prompts of one cell are batched up to this many tokens.
         progress: an optional Rich `Progress` (see `longcpt.eval.progress`).
+        split_digits: write the key one digit per token, as the fine-tuning data was
+            (`longcpt.data.passkey`).
 
     Returns:
         {"results": [{"length", "depth", "accuracy", "trials"}], "samples": [...],
@@ -82,7 +85,7 @@ def evaluate_passkey(
     Raises:
         LongcptError: a length too short for the tokenizer or a depth outside [0, 1].
     """
-    builder = PasskeyPromptBuilder(tokenizer)
+    builder = PasskeyPromptBuilder(tokenizer, split_digits=split_digits)
     check_sweep(lengths, depths, builder.min_length)
     eos = tokenizer.eos_token_id
     task = progress.add_task("passkey", total=sum(lengths) * len(depths) * trials) if progress else None
@@ -120,6 +123,7 @@ def evaluate_passkey(
         "depths": depths,
         "trials": trials,
         "seed": seed,
+        "split_digits": split_digits,
         "seconds": round(seconds, 2),
         "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
         "samples": samples,
@@ -145,11 +149,12 @@ def run(args) -> int:
     from longcpt.eval.progress import token_progress
 
     model, tokenizer = load_model_and_tokenizer(args.model)
-    check_sweep(args.lengths, args.depths, PasskeyPromptBuilder(tokenizer).min_length)
+    split = getattr(args, "split_digits", False)
+    check_sweep(args.lengths, args.depths, PasskeyPromptBuilder(tokenizer, split_digits=split).min_length)
     with token_progress() as progress:
         report = evaluate_passkey(
             model, tokenizer, args.lengths, args.depths, args.trials, seed=args.seed,
-            prefill_chunk=args.prefill_chunk, progress=progress,
+            prefill_chunk=args.prefill_chunk, progress=progress, split_digits=split,
         )
     report["model"] = str(args.model)
     title = f"passkey: {Path(args.model).name}, {args.trials} trials per cell, mean {report['accuracy']:.0%}"

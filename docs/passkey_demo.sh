@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The passkey demonstration of the README ("Passkey demonstration on a CPU"): fine-tune the
+# demo's tiny pretrained model (4 layers x 128, `make demo`) on passkey prompts of at most 1K
+# tokens, then evaluate it far beyond that length, as an AnchorAttention/full model and as an
+# Infini-attention model.
+#
+#   docs/passkey_demo.sh BASE_HF_DIR WORK_DIR [STAGE ...]
+#
+# BASE_HF_DIR  the tiny model `make demo` exported (with its tokenizer), e.g. demo/runs/tiny/hf
+# WORK_DIR     everything is written here; WORK_DIR/times.txt gets the wall time of every stage
+# STAGE        any of: data short anchor infini eval_anchor eval_infini (default: all, in order)
+#
+# Stages (the steps and lengths below are what the README reports; override with the variables):
+#   data         passkey prompts with the key one digit per token (--split-digits):
+#                short.jsonl 80..256 tokens, long.jsonl 640..1016 tokens, needle at random depths
+#   short        curriculum stage shared by both models: short prompts, full attention (anchor
+#                kind), ${SHORT_STEPS} steps -> WORK/ft_short/hf
+#   anchor       ft_short -> prompts up to 1K tokens, anchor kind, ${ANCHOR_STEPS} steps -> WORK/ft_anchor/hf
+#   infini       ft_short -> prompts up to 1K tokens, Infini-attention with ${SEGMENT}-token segments
+#                (4 per 1K prompt, backprop through all of them), ${INFINI_STEPS} steps -> WORK/ft_infini/hf
+#   eval_anchor  1K..32K (the export runs as full attention)      -> WORK/eval_anchor/passkey.{json,png}
+#   eval_infini  1K..128K, streamed segment by segment          -> WORK/eval_infini/passkey.{json,png}
+set -euo pipefail
+
+BASE=${1:?usage: docs/passkey_demo.sh BASE_HF_DIR WORK_DIR [STAGE ...]}
+WORK=${2:?usage: docs/passkey_demo.sh BASE_HF_DIR WORK_DIR [STAGE ...]}
+shift 2
+STAGES=("$@")
+[ ${#STAGES[@]} -gt 0 ] || STAGES=(data short anchor infini eval_anchor eval_infini)
+
+PY=${PYTHON:-python}
+SHORT_STEPS=${SHORT_STEPS:-600}
+ANCHOR_STEPS=${ANCHOR_STEPS:-300}
+INFINI_STEPS=${INFINI_STEPS:-300}
+SEGMENT=${SEGMENT:-256}
+TRIALS=${TRIALS:-5}
+DEPTHS=${DEPTHS:-0,0.25,0.5,0.75,1}
+ANCHOR_LENGTHS=${ANCHOR_LENGTHS:-1024,2048,4096,8192,16384,32768}
+INFINI_LENGTHS=${INFINI_LENGTHS:-1024,2048,4096,8192,16384,32768,65536,131072}
+mkdir -p "$WORK"
+
+timed() {  # timed NAME command...: run, then append "NAME seconds" to WORK/times.txt
+  local name=$1 start=$SECONDS
+  shift
+  "$@" 2>&1 | tee "$WORK/$name.log"
+  echo "$name $((SECONDS - start))" >> "$WORK/times.txt"
+}
+
+train() {  # train OUT_DIR key=value...: a passkey fine-tune on the CPU, fp32, exported at the end
+  local out=$1
+  shift
+  $PY -m longcpt train recipes/passkey_ft.yaml trainer.out_dir="$out" trainer.accelerator=cpu \
+      trainer.devices=1 trainer.precision=32-true trainer.export_hf=true trainer.log_every_n_steps=25 \
+      trainer.save_every_n_steps=100 strategy.name=auto data.num_workers=1 optim.weight_decay=0.0 "$@"
+}
+
+for stage in "${STAGES[@]}"; do
+  case $stage in
+    data)
+      timed data_short $PY data_prep/make_passkey.py --tokenizer "$BASE" --split-digits --depths random \
+          --lengths 80,96,112,128,144,160,176,192,208,224,240,256 --n 1000 --seed 1 --output "$WORK/short.jsonl"
+      timed data_long $PY data_prep/make_passkey.py --tokenizer "$BASE" --split-digits --depths random \
+          --lengths 640,768,896,1016 --n 1500 --seed 2 --output "$WORK/long.jsonl" ;;
+    short)
+      timed ft_short train "$WORK/ft_short" model.pretrained="$BASE" attention.kind=anchor \
+          data.train="$WORK/short.jsonl" data.seq_len=264 data.micro_batch_size=32 \
+          optim.lr=2.0e-3 optim.warmup_steps=30 trainer.max_steps="$SHORT_STEPS" ;;
+    anchor)
+      timed ft_anchor train "$WORK/ft_anchor" model.pretrained="$WORK/ft_short/hf" attention.kind=anchor \
+          data.train="$WORK/long.jsonl" data.seq_len=1024 data.micro_batch_size=8 \
+          optim.lr=1.0e-3 optim.warmup_steps=20 trainer.max_steps="$ANCHOR_STEPS" ;;
+    infini)
+      timed ft_infini train "$WORK/ft_infini" model.pretrained="$WORK/ft_short/hf" attention.kind=infini \
+          attention.segment_len="$SEGMENT" attention.bptt_segments=$((1024 / SEGMENT)) attention.memory_update=delta \
+          attention.gate_init=-2.5 optim.gate_lr=2.0e-2 \
+          data.train="$WORK/long.jsonl" data.seq_len=1024 data.micro_batch_size=8 \
+          optim.lr=1.0e-3 optim.warmup_steps=20 trainer.max_steps="$INFINI_STEPS" ;;
+    eval_anchor)
+      timed eval_anchor $PY -m longcpt eval passkey --model "$WORK/ft_anchor/hf" --split-digits \
+          --lengths "$ANCHOR_LENGTHS" --depths "$DEPTHS" --trials "$TRIALS" --output "$WORK/eval_anchor" ;;
+    eval_infini)
+      timed eval_infini $PY -m longcpt eval passkey --model "$WORK/ft_infini/hf" --split-digits \
+          --lengths "$INFINI_LENGTHS" --depths "$DEPTHS" --trials "$TRIALS" --output "$WORK/eval_infini" ;;
+    *)
+      echo "passkey_demo.sh: unknown stage '$stage' (data short anchor infini eval_anchor eval_infini)" >&2
+      exit 2 ;;
+  esac
+done

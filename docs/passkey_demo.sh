@@ -8,13 +8,15 @@
 #
 # BASE_HF_DIR  the tiny model `make demo` exported (with its tokenizer), e.g. demo/runs/tiny/hf
 # WORK_DIR     everything is written here; WORK_DIR/times.txt gets the wall time of every stage
-# STAGE        any of: data short anchor infini eval_anchor eval_infini (default: all, in order)
+# STAGE        any of: data warm short anchor infini eval_anchor eval_infini (default: all, in order)
 #
 # Stages (the steps and lengths below are what the README reports; override with the variables):
 #   data         passkey prompts with the key one digit per token (--split-digits):
-#                short.jsonl 80..256 tokens, long.jsonl 640..1016 tokens, needle at random depths
-#   short        curriculum stage shared by both models: short prompts, full attention (anchor
-#                kind), ${SHORT_STEPS} steps -> WORK/ft_short/hf
+#                short.jsonl 96..256 tokens, long.jsonl 384..1016 tokens, needle at random depths
+#   warm         short prompts with the loss on every token (data.train_on_input=true), ${WARM_STEPS}
+#                steps: the cyclic filler and the twice-written key teach the 200-step model to copy
+#                (induction), which answer-only loss alone does not reach in minutes -> WORK/warm/hf
+#   short        warm -> short prompts, loss on the answer only, ${SHORT_STEPS} steps -> WORK/ft_short/hf
 #   anchor       ft_short -> prompts up to 1K tokens, anchor kind, ${ANCHOR_STEPS} steps -> WORK/ft_anchor/hf
 #   infini       ft_short -> prompts up to 1K tokens, Infini-attention with ${SEGMENT}-token segments
 #                (4 per 1K prompt, backprop through all of them), ${INFINI_STEPS} steps -> WORK/ft_infini/hf
@@ -26,10 +28,11 @@ BASE=${1:?usage: docs/passkey_demo.sh BASE_HF_DIR WORK_DIR [STAGE ...]}
 WORK=${2:?usage: docs/passkey_demo.sh BASE_HF_DIR WORK_DIR [STAGE ...]}
 shift 2
 STAGES=("$@")
-[ ${#STAGES[@]} -gt 0 ] || STAGES=(data short anchor infini eval_anchor eval_infini)
+[ ${#STAGES[@]} -gt 0 ] || STAGES=(data warm short anchor infini eval_anchor eval_infini)
 
 PY=${PYTHON:-python}
-SHORT_STEPS=${SHORT_STEPS:-600}
+WARM_STEPS=${WARM_STEPS:-500}
+SHORT_STEPS=${SHORT_STEPS:-800}
 ANCHOR_STEPS=${ANCHOR_STEPS:-300}
 INFINI_STEPS=${INFINI_STEPS:-300}
 SEGMENT=${SEGMENT:-256}
@@ -58,11 +61,15 @@ for stage in "${STAGES[@]}"; do
   case $stage in
     data)
       timed data_short $PY data_prep/make_passkey.py --tokenizer "$BASE" --split-digits --depths random \
-          --lengths 80,96,112,128,144,160,176,192,208,224,240,256 --n 1000 --seed 1 --output "$WORK/short.jsonl"
+          --lengths 96,112,128,144,160,176,192,208,224,240,256 --n 1000 --seed 1 --output "$WORK/short.jsonl"
       timed data_long $PY data_prep/make_passkey.py --tokenizer "$BASE" --split-digits --depths random \
-          --lengths 640,768,896,1016 --n 1500 --seed 2 --output "$WORK/long.jsonl" ;;
+          --lengths 384,512,640,768,896,1016 --n 1000 --seed 2 --output "$WORK/long.jsonl" ;;
+    warm)
+      timed warm train "$WORK/warm" model.pretrained="$BASE" attention.kind=anchor data.train_on_input=true \
+          data.train="$WORK/short.jsonl" data.seq_len=264 data.micro_batch_size=16 \
+          optim.lr=2.0e-3 optim.warmup_steps=30 trainer.max_steps="$WARM_STEPS" ;;
     short)
-      timed ft_short train "$WORK/ft_short" model.pretrained="$BASE" attention.kind=anchor \
+      timed ft_short train "$WORK/ft_short" model.pretrained="$WORK/warm/hf" attention.kind=anchor \
           data.train="$WORK/short.jsonl" data.seq_len=264 data.micro_batch_size=32 \
           optim.lr=2.0e-3 optim.warmup_steps=30 trainer.max_steps="$SHORT_STEPS" ;;
     anchor)
@@ -82,7 +89,7 @@ for stage in "${STAGES[@]}"; do
       timed eval_infini $PY -m longcpt eval passkey --model "$WORK/ft_infini/hf" --split-digits \
           --lengths "$INFINI_LENGTHS" --depths "$DEPTHS" --trials "$TRIALS" --output "$WORK/eval_infini" ;;
     *)
-      echo "passkey_demo.sh: unknown stage '$stage' (data short anchor infini eval_anchor eval_infini)" >&2
+      echo "passkey_demo.sh: unknown stage '$stage' (data warm short anchor infini eval_anchor eval_infini)" >&2
       exit 2 ;;
   esac
 done

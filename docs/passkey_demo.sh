@@ -18,8 +18,10 @@
 #                (induction), which answer-only loss alone does not reach in minutes -> WORK/warm/hf
 #   short        warm -> short prompts, loss on the answer only, ${SHORT_STEPS} steps -> WORK/ft_short/hf
 #   anchor       ft_short -> prompts up to 1K tokens, anchor kind, ${ANCHOR_STEPS} steps -> WORK/ft_anchor/hf
-#   infini       ft_short -> prompts up to 1K tokens, Infini-attention with ${SEGMENT}-token segments
-#                (4 per 1K prompt, backprop through all of them), ${INFINI_STEPS} steps -> WORK/ft_infini/hf
+#   infini       ft_short -> the short prompts again, now as an Infini-attention model with
+#                ${SEGMENT}-token segments (up to 5 per prompt, backprop through all of them), so the
+#                needle mostly sits in an earlier segment and must come back through the memory;
+#                ${INFINI_STEPS} steps -> WORK/ft_infini/hf
 #   eval_anchor  1K..32K (the export runs as full attention)      -> WORK/eval_anchor/passkey.{json,png}
 #   eval_infini  1K..128K, streamed segment by segment          -> WORK/eval_infini/passkey.{json,png}
 set -euo pipefail
@@ -34,8 +36,8 @@ PY=${PYTHON:-python}
 WARM_STEPS=${WARM_STEPS:-500}
 SHORT_STEPS=${SHORT_STEPS:-800}
 ANCHOR_STEPS=${ANCHOR_STEPS:-300}
-INFINI_STEPS=${INFINI_STEPS:-300}
-SEGMENT=${SEGMENT:-256}
+INFINI_STEPS=${INFINI_STEPS:-800}
+SEGMENT=${SEGMENT:-64}
 TRIALS=${TRIALS:-5}
 DEPTHS=${DEPTHS:-0,0.25,0.5,0.75,1}
 ANCHOR_LENGTHS=${ANCHOR_LENGTHS:-1024,2048,4096,8192,16384,32768}
@@ -78,10 +80,10 @@ for stage in "${STAGES[@]}"; do
           optim.lr=1.0e-3 optim.warmup_steps=20 trainer.max_steps="$ANCHOR_STEPS" ;;
     infini)
       timed ft_infini train "$WORK/ft_infini" model.pretrained="$WORK/ft_short/hf" attention.kind=infini \
-          attention.segment_len="$SEGMENT" attention.bptt_segments=$((1024 / SEGMENT)) attention.memory_update=delta \
-          attention.gate_init=-2.5 optim.gate_lr=2.0e-2 \
-          data.train="$WORK/long.jsonl" data.seq_len=1024 data.micro_batch_size=8 \
-          optim.lr=1.0e-3 optim.warmup_steps=20 trainer.max_steps="$INFINI_STEPS" ;;
+          attention.segment_len="$SEGMENT" attention.bptt_segments=$(((264 + SEGMENT - 1) / SEGMENT)) \
+          attention.memory_update=delta attention.gate_init=-1.0 optim.gate_lr=5.0e-2 \
+          data.train="$WORK/short.jsonl" data.seq_len=264 data.micro_batch_size=32 \
+          optim.lr=2.0e-3 optim.warmup_steps=30 trainer.max_steps="$INFINI_STEPS" ;;
     eval_anchor)
       timed eval_anchor $PY -m longcpt eval passkey --model "$WORK/ft_anchor/hf" --split-digits \
           --lengths "$ANCHOR_LENGTHS" --depths "$DEPTHS" --trials "$TRIALS" --output "$WORK/eval_anchor" ;;

@@ -45,6 +45,23 @@ def test_run_folder_checkpoints_and_metrics(tmp_path, tokenizer_dir):
     assert set(m["val/loss"]) == {2, 5}  # after steps 3 and 6
 
 
+def test_infini_run_logs_the_memory_gates(tmp_path, tokenizer_dir, capsys):
+    cfg = load_config(None, tiny_overrides(tmp_path / "run", tokenizer_dir, attention__kind="infini",
+                                           attention__segment_len=8, optim__gate_lr=0.5, trainer__max_steps=4))
+    train(cfg, datamodule=SyntheticDataModule(cfg.data.seq_len, cfg.data.micro_batch_size, restart=True))
+    m = read_metrics(tmp_path / "run")
+    assert sorted(m["train/gate/mean"]) == list(range(4))
+    # Logged after each optimizer step: the last row is the saved gates (2 layers x 4 heads).
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last", weights_only=False)["state_dict"]
+    gates = torch.sigmoid(torch.stack([v for k, v in state.items() if k.endswith("core.gate")]).float())
+    assert gates.numel() == 8
+    for stat, value in (("mean", gates.mean()), ("min", gates.min()), ("max", gates.max()), ("std", gates.std())):
+        assert m[f"train/gate/{stat}"][3] == pytest.approx(float(value), rel=1e-5)
+    assert len(set(m["train/gate/mean"].values())) > 1  # the gates moved during the run
+    last_line = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step 4/4")][0]
+    assert f"gate {float(gates.mean()):.3f} [{float(gates.min()):.3f}, {float(gates.max()):.3f}]" in last_line
+
+
 def test_resume_false_starts_over_and_keeps_old_checkpoints(tmp_path, tokenizer_dir):
     run(tmp_path, tokenizer_dir, trainer__max_steps=2)
     result, _ = run(tmp_path, tokenizer_dir, trainer__max_steps=4)  # resumes: 2 more steps

@@ -33,6 +33,7 @@ from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from longcpt.lit.module import batch_stats
+from longcpt.model.infini import gate_stats
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)\.ckpt$")
 LAST = "last"
@@ -239,7 +240,9 @@ def request_requeue() -> bool:
 
 
 class TrainMetrics(Callback):
-    """Log tokens/s, padding fraction, learning rate(s) and gradient norm.
+    """Log tokens/s, padding fraction, learning rate(s), gradient norm and, for Infini models, the
+    distribution of the per-head memory gates sigmoid(gate) (`train/gate/mean`, `std`, `min`,
+    `max`, `memory_heads`: gates that never move are the classic failure, DESIGN.md section 4).
 
     Tokens/s counts every position of every micro-batch on every rank (input_ids.numel() times the
     world size: packed windows have the same shape on all ranks), over a sliding window of the
@@ -278,6 +281,8 @@ class TrainMetrics(Callback):
             pl_module.log("train/tokens_per_s", (n1 - n0) / (t1 - t0), prog_bar=True)
         pl_module.log("train/padding", padding)
         pl_module.log("train/tokens", float(self.tokens_total))
+        for key, value in gate_stats(pl_module.model).items():
+            pl_module.log(f"train/{key}", value)
         engine = getattr(trainer.strategy, "deepspeed_engine", None)
         if engine is not None and engine.get_global_grad_norm() is not None:
             pl_module.log("train/grad_norm", float(engine.get_global_grad_norm()))
@@ -330,9 +335,14 @@ class StepPrinter(Callback):
         elapsed = time.perf_counter() - self._start
         done = step - self._start_step
         eta = elapsed / done * (trainer.max_steps - step) if done else float("nan")
+        gates = (  # Infini models: the memory gates' range, the first thing to watch
+            f"  gate {m['train/gate/mean']:.3f} [{m['train/gate/min']:.3f}, {m['train/gate/max']:.3f}]"
+            if "train/gate/mean" in m
+            else ""
+        )
         print(
             f"step {step}/{trainer.max_steps}  loss {m.get('train/loss', float('nan')):.4f}  "
-            f"lr {m.get('train/lr', float('nan')):.2e}  tok/s {m.get('train/tokens_per_s', 0):,.0f}  "
+            f"lr {m.get('train/lr', float('nan')):.2e}  tok/s {m.get('train/tokens_per_s', 0):,.0f}{gates}  "
             f"elapsed {elapsed:.0f}s  eta {eta:.0f}s",
             file=sys.stdout,
             flush=True,

@@ -191,10 +191,11 @@ def gate_stats(model) -> dict[str, float]:
     memory weight exceeds 0.5 (gates that never move are the classic failure; DESIGN.md section 4).
 
     Returns:
-        {} when the model has no Infini layers.
+        {} when the model has no Infini layers, or when this rank holds none of the gates
+        (DeepSpeed ZeRO-3 partitions parameters).
     """
     values = gate_values(model)
-    if values is None:
+    if values is None or values.numel() == 0:
         return {}
     return {
         "gate/mean": float(values.mean()),

@@ -8,7 +8,7 @@
 #
 # BASE_HF_DIR  the tiny model `make demo` exported (with its tokenizer), e.g. demo/runs/tiny/hf
 # WORK_DIR     everything is written here; WORK_DIR/times.txt gets the wall time of every stage
-# STAGE        any of: data warm short anchor infini eval_anchor eval_infini (default: all, in order)
+# STAGE        any of: data warm short anchor infini infini_long eval_anchor eval_infini (default: all, in order)
 #
 # Stages (the steps and lengths below are what the README reports; override with the variables):
 #   data         passkey prompts with the key one digit per token (--split-digits):
@@ -22,6 +22,8 @@
 #                ${SEGMENT}-token segments (up to 5 per prompt, backprop through all of them), so the
 #                needle mostly sits in an earlier segment and must come back through the memory;
 #                ${INFINI_STEPS} steps -> WORK/ft_infini/hf
+#   infini_long  ft_infini -> prompts up to 1K tokens (16 segments, backprop through all of them),
+#                ${INFINI_LONG_STEPS} steps -> WORK/ft_infini_long/hf
 #   eval_anchor  1K..32K (the export runs as full attention)      -> WORK/eval_anchor/passkey.{json,png}
 #   eval_infini  1K..128K, streamed segment by segment          -> WORK/eval_infini/passkey.{json,png}
 set -euo pipefail
@@ -30,13 +32,14 @@ BASE=${1:?usage: docs/passkey_demo.sh BASE_HF_DIR WORK_DIR [STAGE ...]}
 WORK=${2:?usage: docs/passkey_demo.sh BASE_HF_DIR WORK_DIR [STAGE ...]}
 shift 2
 STAGES=("$@")
-[ ${#STAGES[@]} -gt 0 ] || STAGES=(data warm short anchor infini eval_anchor eval_infini)
+[ ${#STAGES[@]} -gt 0 ] || STAGES=(data warm short anchor infini infini_long eval_anchor eval_infini)
 
 PY=${PYTHON:-python}
 WARM_STEPS=${WARM_STEPS:-500}
 SHORT_STEPS=${SHORT_STEPS:-800}
 ANCHOR_STEPS=${ANCHOR_STEPS:-300}
 INFINI_STEPS=${INFINI_STEPS:-800}
+INFINI_LONG_STEPS=${INFINI_LONG_STEPS:-300}
 SEGMENT=${SEGMENT:-64}
 TRIALS=${TRIALS:-5}
 DEPTHS=${DEPTHS:-0,0.25,0.5,0.75,1}
@@ -84,14 +87,20 @@ for stage in "${STAGES[@]}"; do
           attention.memory_update=delta attention.gate_init=-1.0 optim.gate_lr=5.0e-2 \
           data.train="$WORK/short.jsonl" data.seq_len=264 data.micro_batch_size=32 \
           optim.lr=2.0e-3 optim.warmup_steps=30 trainer.max_steps="$INFINI_STEPS" ;;
+    infini_long)
+      timed ft_infini_long train "$WORK/ft_infini_long" model.pretrained="$WORK/ft_infini/hf" attention.kind=infini \
+          attention.segment_len="$SEGMENT" attention.bptt_segments=$((1024 / SEGMENT)) \
+          attention.memory_update=delta optim.gate_lr=2.0e-2 \
+          data.train="$WORK/long.jsonl" data.seq_len=1024 data.micro_batch_size=8 \
+          optim.lr=1.0e-3 optim.warmup_steps=20 trainer.max_steps="$INFINI_LONG_STEPS" ;;
     eval_anchor)
       timed eval_anchor $PY -m longcpt eval passkey --model "$WORK/ft_anchor/hf" --split-digits \
           --lengths "$ANCHOR_LENGTHS" --depths "$DEPTHS" --trials "$TRIALS" --output "$WORK/eval_anchor" ;;
     eval_infini)
-      timed eval_infini $PY -m longcpt eval passkey --model "$WORK/ft_infini/hf" --split-digits \
+      timed eval_infini $PY -m longcpt eval passkey --model "$WORK/ft_infini_long/hf" --split-digits \
           --lengths "$INFINI_LENGTHS" --depths "$DEPTHS" --trials "$TRIALS" --output "$WORK/eval_infini" ;;
     *)
-      echo "passkey_demo.sh: unknown stage '$stage' (data warm short anchor infini eval_anchor eval_infini)" >&2
+      echo "passkey_demo.sh: unknown stage '$stage' (data warm short anchor infini infini_long eval_anchor eval_infini)" >&2
       exit 2 ;;
   esac
 done

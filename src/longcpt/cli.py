@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 
 from longcpt.errors import LongcptError
@@ -31,6 +32,16 @@ def _csv(kind):
             raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
 
     return parse
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"rope_type\": \"dynamic\", \"factor\": 1.0}}', got {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -99,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--max-docs", type=_positive_int, default=32)
     ppl.add_argument("--chunk", type=_positive_int, default=4096, help="tokens per model call (state carried across)")
     ppl.set_defaults(command_name="eval ppl")
+    for task in (pk, bs, ppl):
+        task.add_argument("--rope-scaling", type=_json_object, default=None, metavar="JSON",
+                          help="replace the model's RoPE scaling at evaluation (training-free context extension), "
+                          "e.g. '{\"rope_type\": \"dynamic\", \"factor\": 1.0}'; an exported folder only")
     return parser
 
 

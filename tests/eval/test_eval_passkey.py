@@ -58,6 +58,7 @@ def test_cli_writes_spec_outputs(model_dir, tokenizer, tmp_path, capsys):
     ]
     for r in report["results"]:
         assert set(r) == {"length", "depth", "accuracy", "trials"} and 0.0 <= r["accuracy"] <= 1.0
+    assert report["model"] == str(model_dir) and report["rope_scaling"] is None
     png = (out / "passkey.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
@@ -100,3 +101,37 @@ def test_split_digits_prompts_are_scored_on_the_number(monkeypatch, tokenizer):
     lo = PasskeyPromptBuilder(tokenizer, split_digits=True).min_length + 10
     report = evaluate_passkey(None, tokenizer, [lo], [0.0, 1.0], trials=2, seed=1, split_digits=True)
     assert report["split_digits"] is True and report["accuracy"] == 1.0
+
+
+def test_rope_scaling_override_is_what_transformers_computes_with_it(model_dir, tmp_path):
+    """`--rope-scaling` evaluates the folder as if its config.json carried that scaling."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from longcpt.eval.loading import load_model_and_tokenizer
+
+    scaling = {"rope_type": "linear", "factor": 4.0}
+    scaled, _ = load_model_and_tokenizer(model_dir, rope_scaling=scaling)
+    plain, _ = load_model_and_tokenizer(model_dir)
+    edited = tmp_path / "edited"
+    shutil.copytree(model_dir, edited)
+    config = json.loads((edited / "config.json").read_text())
+    theta = (config.get("rope_parameters") or {}).get("rope_theta") or config.get("rope_theta", 10000.0)
+    config["rope_parameters"] = {"rope_theta": theta, **scaling}
+    config["rope_scaling"] = dict(scaling)
+    (edited / "config.json").write_text(json.dumps(config))
+    hf = AutoModelForCausalLM.from_pretrained(edited).eval()
+
+    ids = torch.randint(3, 60, (1, 96), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got, before = hf(ids).logits, scaled(ids), plain(ids)
+    assert (got - expected).abs().max() <= 1e-5
+    assert (before - expected).abs().max() > 1e-3  # the override changed the model
+
+
+def test_bad_rope_scaling_is_one_message(model_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["eval", "passkey", "--model", str(model_dir), "--output", str(out),
+                 "--rope-scaling", '{"rope_type": "yarn"}']) == 2
+    assert "rope type 'yarn' needs factor" in capsys.readouterr().err and not out.exists()

@@ -224,11 +224,12 @@ def run(args) -> int:
     if problems:
         raise LongcptError("; ".join(problems))
     dataset = load_booksum(args.data)
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.rope_scaling)
     settings = {
         "model": str(Path(args.model).resolve()), "data": str(Path(args.data).resolve()),
         "max_input_tokens": args.max_input_tokens, "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed, "limit": args.limit,
+        "rope_scaling": args.rope_scaling,
     }
     with token_progress() as progress:
         result = evaluate_booksum(model, tokenizer, dataset, args.output, settings, args.prefill_chunk, progress)

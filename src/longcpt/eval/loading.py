@@ -36,19 +36,27 @@ def load_tokenizer(path: str | Path):
         ) from None
 
 
-def load_model_and_tokenizer(path: str | Path):
+def load_model_and_tokenizer(path: str | Path, rope_scaling: dict | None = None):
     """`(model, tokenizer)` from an exported folder or a training checkpoint; eval mode, CPU.
 
+    Args:
+        path: the `--model` argument.
+        rope_scaling: `--rope-scaling`, an HF rope_scaling dict replacing the folder's (training-free
+            context extension, e.g. {"rope_type": "dynamic", "factor": 1.0}); exported folders only.
+
     Raises:
-        LongcptError: missing folder, config, weights or tokenizer.
+        LongcptError: missing folder, config, weights or tokenizer; a bad rope_scaling.
     """
     from longcpt.model import from_pretrained
 
     path = Path(path)
     if path.is_dir() and (path / "config.json").is_file():
-        return from_pretrained(path).eval(), load_tokenizer(path)
+        return from_pretrained(path, rope_scaling=rope_scaling).eval(), load_tokenizer(path)
     if not path.exists():
         raise LongcptError(f"--model {path}: does not exist (pass an exported model folder or a training checkpoint)")
+    if rope_scaling is not None:
+        raise LongcptError(f"--rope-scaling applies to exported folders: export {path} first "
+                           "(longcpt export CHECKPOINT --output DIR) and evaluate DIR")
     from longcpt.export.convert import find_tokenizer, load_model, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(path)

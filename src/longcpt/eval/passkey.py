@@ -148,7 +148,7 @@ def run(args) -> int:
     from longcpt.eval.loading import load_model_and_tokenizer
     from longcpt.eval.progress import token_progress
 
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.rope_scaling)
     split = getattr(args, "split_digits", False)
     check_sweep(args.lengths, args.depths, PasskeyPromptBuilder(tokenizer, split_digits=split).min_length)
     with token_progress() as progress:
@@ -156,7 +156,7 @@ def run(args) -> int:
             model, tokenizer, args.lengths, args.depths, args.trials, seed=args.seed,
             prefill_chunk=args.prefill_chunk, progress=progress, split_digits=split,
         )
-    report["model"] = str(args.model)
+    report.update(model=str(args.model), rope_scaling=args.rope_scaling)
     title = f"passkey: {Path(args.model).name}, {args.trials} trials per cell, mean {report['accuracy']:.0%}"
     json_path, png_path = write_passkey_outputs(report, args.output, title)
     for n, acc in report["by_length"].items():

@@ -162,12 +162,12 @@ def run(args) -> int:
     if args.seq_len < 2:
         raise LongcptError(f"--seq-len {args.seq_len}: must be >= 2")
     width = args.bucket or -(-args.seq_len // 8)  # 8 buckets by default
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.rope_scaling)
     bos = 1 if tokenizer.bos_token_id is not None else 0
     docs, _ = load_documents(args.data, tokenizer, args.seq_len - bos, args.max_docs)
     with token_progress() as progress:
         report = evaluate_ppl(model, tokenizer, docs, args.seq_len, width, args.chunk, progress)
-    report.update(model=str(args.model), data=str(args.data))
+    report.update(model=str(args.model), data=str(args.data), rope_scaling=args.rope_scaling)
     output = Path(args.output)
     json_path = atomic_write_json(output / "ppl.json", report)
     title = f"{Path(args.model).name}: perplexity by position ({report['n_docs']} docs of {args.seq_len} tokens)"

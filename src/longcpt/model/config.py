@@ -177,6 +177,20 @@ class ModelArgs:
 _DERIVED_KEYS = {"rope_scaling", "rope_parameters", "rope_theta", "torch_dtype", "dtype", "transformers_version"}
 
 
+def normalise_rope_scaling(
+    scaling: dict[str, Any], max_position_embeddings: int, source: str
+) -> dict[str, Any] | None:
+    """A user's `rope_scaling` override checked and completed as if read from a config.json.
+
+    Example: {"type": "yarn", "factor": 4} with max_position_embeddings 4096 ->
+    {"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 4096}; {} -> None.
+
+    Raises:
+        LongcptError: an unsupported rope type or a missing parameter, naming `source`.
+    """
+    return _read_rope({"rope_scaling": dict(scaling), "max_position_embeddings": max_position_embeddings}, source)[1]
+
+
 def _read_rope(cfg: dict[str, Any], source: str) -> tuple[float, dict[str, Any] | None]:
     """Normalise v4 (`rope_theta`, `rope_scaling`) and v5 (`rope_parameters`) RoPE settings."""
     params = cfg.get("rope_parameters")

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from longcpt.errors import LongcptError
 from longcpt.export import infini_hf
 from longcpt.fsio import atomic_dir
-from longcpt.model.config import ModelArgs
+from longcpt.model.config import ModelArgs, normalise_rope_scaling
 from longcpt.model.llama import CausalLM
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -149,7 +149,8 @@ def from_pretrained(
             with its stored options for an exported Infini folder, else `full`.
         dtype: parameter dtype (torch dtype or "fp32"/"bf16"/"fp16"); default: as stored.
         rope_precision: "fp32" (the BF16 RoPE fix) or "model" (transformers' path).
-        rope_theta, rope_scaling: context-extension overrides (ABF / HF rope_scaling dict).
+        rope_theta, rope_scaling: context-extension overrides (ABF / an HF rope_scaling dict,
+            checked like config.json's: e.g. {"rope_type": "dynamic", "factor": 2.0}).
         **attention_options: options of the attention kind by their recipe names
             (e.g. segment_len=2048, memory_update="delta").
 
@@ -166,7 +167,7 @@ def from_pretrained(
     if rope_theta is not None:
         args.rope_theta = float(rope_theta)
     if rope_scaling is not None:
-        args.rope_scaling = dict(rope_scaling) or None
+        args.rope_scaling = normalise_rope_scaling(rope_scaling, args.max_position_embeddings, "rope_scaling override")
     state = load_state_dict(path)
     if infini_options is not None and attention != "infini":  # e.g. an ablation without memory
         state = {k: v for k, v in state.items() if not k.endswith(".core.gate")}

@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # The passkey demonstration of the README ("Passkey demonstration on a CPU"): fine-tune the
 # demo's tiny pretrained model (4 layers x 128, `make demo`) on passkey prompts of at most 1K
-# tokens, then evaluate it far beyond that length, as an AnchorAttention/full model and as an
-# Infini-attention model.
+# tokens (Infini: then 2K-4K), and evaluate it far beyond, as an AnchorAttention/full model and as
+# an Infini-attention model. The README's run had the anchor and Infini branches side by side,
+# one thread each (OMP_NUM_THREADS=1) after `data warm short` on both cores.
 #
 #   docs/passkey_demo.sh BASE_HF_DIR WORK_DIR [STAGE ...]
 #
-# BASE_HF_DIR  the tiny model `make demo` exported (with its tokenizer), e.g. demo/runs/tiny/hf
+# BASE_HF_DIR  the tiny model `make demo` exported (with its tokenizer), e.g. demo/run/hf
 # WORK_DIR     everything is written here; WORK_DIR/times.txt gets the wall time of every stage
-# STAGE        any of: data warm short anchor infini infini_long eval_anchor eval_infini (default: all, in order)
+# STAGE        any of: data warm short anchor infini infini_4k eval_anchor eval_anchor_ntk eval_infini eval_infini_short (default: all, in order)
 #
 # Stages (the steps and lengths below are what the README reports; override with the variables):
 #   data         passkey prompts with the key one digit per token (--split-digits):
-#                short.jsonl 96..256 tokens, long.jsonl 384..1016 tokens, needle at random depths
+#                short.jsonl 96..256 tokens, long.jsonl 384..1016 tokens, xlong.jsonl 2048..4080
+#                tokens, needle at random depths
 #   warm         short prompts with the loss on every token (data.train_on_input=true), ${WARM_STEPS}
 #                steps: the cyclic filler and the twice-written key teach the 200-step model to copy
 #                (induction), which answer-only loss alone does not reach in minutes -> WORK/warm/hf
@@ -22,26 +24,30 @@
 #                ${SEGMENT}-token segments (up to 5 per prompt, backprop through all of them), so the
 #                needle mostly sits in an earlier segment and must come back through the memory;
 #                ${INFINI_STEPS} steps -> WORK/ft_infini/hf
-#   infini_long  ft_infini -> prompts up to 1K tokens (16 segments, backprop through all of them),
-#                ${INFINI_LONG_STEPS} steps -> WORK/ft_infini_long/hf
+#   infini_4k    ft_infini -> prompts of 2K..4K tokens (up to 64 segments, backprop through all of
+#                them), ${INFINI_4K_STEPS} steps -> WORK/ft_infini_4k/hf (the README's run was
+#                scheduled for 300 steps and stopped at step 100, exported from step-00000100.ckpt)
 #   eval_anchor  1K..32K (the export runs as full attention)      -> WORK/eval_anchor/passkey.{json,png}
-#   eval_infini  1K..128K, streamed segment by segment          -> WORK/eval_infini/passkey.{json,png}
+#   eval_anchor_ntk    the same with dynamic-NTK RoPE (training-free; one call per prompt, so every
+#                key is rotated with the base of the whole prompt) -> WORK/eval_anchor_ntk/passkey.{json,png}
+#   eval_infini  ft_infini_4k at 1K..128K, streamed segment by segment -> WORK/eval_infini/passkey.{json,png}
+#   eval_infini_short  ft_infini at 256..16K                    -> WORK/eval_infini_short/passkey.{json,png}
 set -euo pipefail
 
 BASE=${1:?usage: docs/passkey_demo.sh BASE_HF_DIR WORK_DIR [STAGE ...]}
 WORK=${2:?usage: docs/passkey_demo.sh BASE_HF_DIR WORK_DIR [STAGE ...]}
 shift 2
 STAGES=("$@")
-[ ${#STAGES[@]} -gt 0 ] || STAGES=(data warm short anchor infini infini_long eval_anchor eval_infini)
+[ ${#STAGES[@]} -gt 0 ] || STAGES=(data warm short anchor infini infini_4k eval_anchor eval_anchor_ntk eval_infini eval_infini_short)
 
 PY=${PYTHON:-python}
 WARM_STEPS=${WARM_STEPS:-500}
 SHORT_STEPS=${SHORT_STEPS:-800}
 ANCHOR_STEPS=${ANCHOR_STEPS:-300}
 INFINI_STEPS=${INFINI_STEPS:-800}
-INFINI_LONG_STEPS=${INFINI_LONG_STEPS:-300}
+INFINI_4K_STEPS=${INFINI_4K_STEPS:-300}
 SEGMENT=${SEGMENT:-64}
-TRIALS=${TRIALS:-5}
+TRIALS=${TRIALS:-3}
 DEPTHS=${DEPTHS:-0,0.25,0.5,0.75,1}
 ANCHOR_LENGTHS=${ANCHOR_LENGTHS:-1024,2048,4096,8192,16384,32768}
 INFINI_LENGTHS=${INFINI_LENGTHS:-1024,2048,4096,8192,16384,32768,65536,131072}
@@ -68,7 +74,9 @@ for stage in "${STAGES[@]}"; do
       timed data_short $PY data_prep/make_passkey.py --tokenizer "$BASE" --split-digits --depths random \
           --lengths 96,112,128,144,160,176,192,208,224,240,256 --n 1000 --seed 1 --output "$WORK/short.jsonl"
       timed data_long $PY data_prep/make_passkey.py --tokenizer "$BASE" --split-digits --depths random \
-          --lengths 384,512,640,768,896,1016 --n 1000 --seed 2 --output "$WORK/long.jsonl" ;;
+          --lengths 384,512,640,768,896,1016 --n 1000 --seed 2 --output "$WORK/long.jsonl"
+      timed data_xlong $PY data_prep/make_passkey.py --tokenizer "$BASE" --split-digits --depths random \
+          --lengths 2048,2560,3072,3584,4080 --n 600 --seed 3 --output "$WORK/xlong.jsonl" ;;
     warm)
       timed warm train "$WORK/warm" model.pretrained="$BASE" attention.kind=anchor data.train_on_input=true \
           data.train="$WORK/short.jsonl" data.seq_len=264 data.micro_batch_size=16 \
@@ -87,20 +95,28 @@ for stage in "${STAGES[@]}"; do
           attention.memory_update=delta attention.gate_init=-1.0 optim.gate_lr=5.0e-2 \
           data.train="$WORK/short.jsonl" data.seq_len=264 data.micro_batch_size=32 \
           optim.lr=2.0e-3 optim.warmup_steps=30 trainer.max_steps="$INFINI_STEPS" ;;
-    infini_long)
-      timed ft_infini_long train "$WORK/ft_infini_long" model.pretrained="$WORK/ft_infini/hf" attention.kind=infini \
-          attention.segment_len="$SEGMENT" attention.bptt_segments=$((1024 / SEGMENT)) \
-          attention.memory_update=delta optim.gate_lr=2.0e-2 \
-          data.train="$WORK/long.jsonl" data.seq_len=1024 data.micro_batch_size=8 \
-          optim.lr=1.0e-3 optim.warmup_steps=20 trainer.max_steps="$INFINI_LONG_STEPS" ;;
+    infini_4k)
+      timed ft_infini_4k train "$WORK/ft_infini_4k" model.pretrained="$WORK/ft_infini/hf" attention.kind=infini \
+          attention.segment_len="$SEGMENT" attention.bptt_segments=$((4096 / SEGMENT)) \
+          attention.memory_update=delta optim.gate_lr=2.0e-2 trainer.save_every_n_steps=50 \
+          data.train="$WORK/xlong.jsonl" data.seq_len=4096 data.micro_batch_size=2 \
+          optim.lr=1.0e-3 optim.warmup_steps=20 trainer.max_steps="$INFINI_4K_STEPS" ;;
     eval_anchor)
       timed eval_anchor $PY -m longcpt eval passkey --model "$WORK/ft_anchor/hf" --split-digits \
           --lengths "$ANCHOR_LENGTHS" --depths "$DEPTHS" --trials "$TRIALS" --output "$WORK/eval_anchor" ;;
+    eval_anchor_ntk)
+      timed eval_anchor_ntk $PY -m longcpt eval passkey --model "$WORK/ft_anchor/hf" --split-digits \
+          --rope-scaling '{"rope_type": "dynamic", "factor": 1.0}' --prefill-chunk 32768 \
+          --lengths "$ANCHOR_LENGTHS" --depths "$DEPTHS" --trials "$TRIALS" --output "$WORK/eval_anchor_ntk" ;;
     eval_infini)
-      timed eval_infini $PY -m longcpt eval passkey --model "$WORK/ft_infini_long/hf" --split-digits \
+      timed eval_infini $PY -m longcpt eval passkey --model "$WORK/ft_infini_4k/hf" --split-digits \
           --lengths "$INFINI_LENGTHS" --depths "$DEPTHS" --trials "$TRIALS" --output "$WORK/eval_infini" ;;
+    eval_infini_short)
+      timed eval_infini_short $PY -m longcpt eval passkey --model "$WORK/ft_infini/hf" --split-digits \
+          --lengths 256,512,1024,2048,4096,8192,16384 --depths "$DEPTHS" --trials "$TRIALS" \
+          --output "$WORK/eval_infini_short" ;;
     *)
-      echo "passkey_demo.sh: unknown stage '$stage' (data warm short anchor infini infini_long eval_anchor eval_infini)" >&2
+      echo "passkey_demo.sh: unknown stage '$stage' (data warm short anchor infini infini_4k eval_anchor eval_anchor_ntk eval_infini eval_infini_short)" >&2
       exit 2 ;;
   esac
 done

@@ -51,6 +51,19 @@ def test_cross_field_checks(tmp_path):
     assert "parameter offload needs stage 3" in msg
 
 
+def test_rope_scaling_is_checked_like_a_config_json(tmp_path):
+    path = _recipe(tmp_path, BASE)
+    cfg = load_config(path, ["model.rope_scaling={rope_type: yarn, factor: 8.0}"])
+    assert cfg.model.rope_scaling == {"rope_type": "yarn", "factor": 8.0}
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["model.rope_scaling={rope_type: llama3, factor: 8.0}", "model.rope_theta=0"])
+    msg = str(e.value)
+    assert "model.rope_scaling: rope type 'llama3' needs low_freq_factor, high_freq_factor" in msg
+    assert "model.rope_theta=0.0: must be > 0" in msg
+    with pytest.raises(ConfigError, match="model.rope_scaling: rope type 'ntk' is not supported"):
+        load_config(path, ["model.rope_scaling={rope_type: ntk, factor: 2}"])
+
+
 def test_paths_checked_only_when_asked(tmp_path):
     path = _recipe(tmp_path, BASE + "data:\n  train: /no/such/data\n")
     load_config(path)  # structure and values are fine

@@ -245,6 +245,13 @@ def validate(cfg: Config, check_paths: bool = False) -> None:
         p.append("model.tokenizer=null: a model built from model.config needs a tokenizer folder")
     if m.rope_theta is not None and m.rope_theta <= 0:
         p.append(f"model.rope_theta={m.rope_theta}: must be > 0 (e.g. 500000 for ABF context extension)")
+    if m.rope_scaling is not None:
+        from longcpt.model.config import normalise_rope_scaling
+
+        try:  # the same check as a config.json's (any length completes yarn/llama3 here)
+            normalise_rope_scaling(m.rope_scaling, 4096, "model.rope_scaling")
+        except LongcptError as e:
+            p.append(str(e))
     choice("attention.kind", a.kind, ATTENTION_KINDS)
     choice("attention.memory_update", a.memory_update, ("linear", "delta"))
     at_least("attention.segment_len", a.segment_len, 1)

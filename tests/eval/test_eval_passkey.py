@@ -135,3 +135,10 @@ def test_bad_rope_scaling_is_one_message(model_dir, tmp_path, capsys):
     assert main(["eval", "passkey", "--model", str(model_dir), "--output", str(out),
                  "--rope-scaling", '{"rope_type": "yarn"}']) == 2
     assert "rope type 'yarn' needs factor" in capsys.readouterr().err and not out.exists()
+
+
+def test_model_label_names_the_run_and_the_rope_override():
+    from longcpt.eval.loading import model_label
+
+    assert model_label("runs/passkey_ft/hf") == "passkey_ft/hf"
+    assert model_label("runs/a/hf", {"rope_type": "dynamic", "factor": 1.0}) == "a/hf, rope dynamic x1.0"

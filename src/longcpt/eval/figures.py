@@ -7,9 +7,10 @@ other output. matplotlib runs with the non-interactive Agg backend.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+
+from longcpt.fsio import atomic_file
 
 
 def _pyplot():
@@ -23,19 +24,12 @@ def _pyplot():
 
 def save_figure(fig, path: str | os.PathLike) -> Path:
     """Save a matplotlib figure to `path` atomically and close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=120, bbox_inches="tight")
     finally:
         _pyplot().close(fig)
-    return path
+    return Path(path)
 
 
 def _length_label(n: int) -> str:

@@ -16,6 +16,17 @@ from pathlib import Path
 from longcpt.errors import LongcptError
 
 
+def model_label(path: str | Path, rope_scaling: dict | None = None) -> str:
+    """A short name for figure titles: the folder and its parent, since exports are mostly `.../hf`.
+
+    Example: ("runs/passkey_ft/hf", {"rope_type": "dynamic", "factor": 1.0}) -> "passkey_ft/hf, rope dynamic x1.0".
+    """
+    label = "/".join(Path(path).parts[-2:])
+    if rope_scaling:
+        label += f", rope {rope_scaling.get('rope_type', rope_scaling.get('type', '?'))} x{rope_scaling.get('factor', '?')}"
+    return label
+
+
 def load_tokenizer(path: str | Path):
     """The tokenizer stored in a model (or tokenizer) folder.
 

@@ -145,7 +145,7 @@ def write_passkey_outputs(report: dict, output: str | Path, title: str) -> tuple
 
 def run(args) -> int:
     """The `longcpt eval passkey` command."""
-    from longcpt.eval.loading import load_model_and_tokenizer
+    from longcpt.eval.loading import load_model_and_tokenizer, model_label
     from longcpt.eval.progress import token_progress
 
     model, tokenizer = load_model_and_tokenizer(args.model, args.rope_scaling)
@@ -157,7 +157,8 @@ def run(args) -> int:
             prefill_chunk=args.prefill_chunk, progress=progress, split_digits=split,
         )
     report.update(model=str(args.model), rope_scaling=args.rope_scaling)
-    title = f"passkey: {Path(args.model).name}, {args.trials} trials per cell, mean {report['accuracy']:.0%}"
+    label = model_label(args.model, args.rope_scaling)
+    title = f"passkey: {label}, {args.trials} trials per cell, mean {report['accuracy']:.0%}"
     json_path, png_path = write_passkey_outputs(report, args.output, title)
     for n, acc in report["by_length"].items():
         print(f"length {n:>8}: accuracy {acc:.1%}")

@@ -156,7 +156,7 @@ def evaluate_ppl(model, tokenizer, docs: list[list[int]], seq_len: int, width: i
 def run(args) -> int:
     """The `longcpt eval ppl` command."""
     from longcpt.eval.figures import ppl_plot
-    from longcpt.eval.loading import load_model_and_tokenizer
+    from longcpt.eval.loading import load_model_and_tokenizer, model_label
     from longcpt.eval.progress import token_progress
 
     if args.seq_len < 2:
@@ -170,7 +170,7 @@ def run(args) -> int:
     report.update(model=str(args.model), data=str(args.data), rope_scaling=args.rope_scaling)
     output = Path(args.output)
     json_path = atomic_write_json(output / "ppl.json", report)
-    title = f"{Path(args.model).name}: perplexity by position ({report['n_docs']} docs of {args.seq_len} tokens)"
+    title = f"{model_label(args.model, args.rope_scaling)}: perplexity by position ({report['n_docs']} docs of {args.seq_len} tokens)"
     png_path = ppl_plot(report["buckets"], title, output / "ppl.png")
     for b in report["buckets"]:
         print(f"tokens {b['start']:>8} - {b['end']:<8} ppl {b['ppl']:.3f}")

@@ -78,10 +78,22 @@ PLAIN_TRANSFORMERS = textwrap.dedent(
         ids = torch.load(f"{root}/ids.pt")
         with torch.no_grad():
             logits = model(ids).logits
+            # Streaming: the same sequences in chunks of 5, 11 and the rest, one state carried along.
+            state, chunked = None, []
+            for lo, hi in ((0, 5), (5, 16), (16, ids.shape[1])):
+                out = model(ids[:, lo:hi], infini_state=state, use_cache=True)
+                state = out.infini_state
+                chunked.append(out.logits)
         model.generation_config.eos_token_id = None  # compare 5 tokens, whatever they are
+        calls = []  # tokens per forward: the cache means the prompt once, then one token a step
+        hook = model.model.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[1]))
         generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
                                    pad_token_id=0)
-        torch.save({"logits": logits, "generated": generated, "class": type(model).__name__},
+        hook.remove()
+        uncached = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                                  pad_token_id=0, use_cache=False)
+        torch.save({"logits": logits, "chunked": torch.cat(chunked, dim=1), "generated": generated,
+                    "uncached": uncached, "calls": calls, "class": type(model).__name__},
                    f"{root}/{family}.out.pt")
     """
 )
@@ -120,8 +132,18 @@ def test_plain_transformers_gives_our_logits_over_several_segments(exported, fam
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_plain_transformers_generate_equals_our_streaming_greedy(exported, family):
-    _, _, ours, theirs = exported
+    _, ids, ours, theirs = exported
     assert torch.equal(theirs[family]["generated"], ours[family]["generated"])
+    # generate streams through its state: the prompt once, then one token per step ...
+    assert theirs[family]["calls"] == [ids.shape[1]] + [1] * 4
+    # ... and answers as re-reading the whole sequence at every step does.
+    assert torch.equal(theirs[family]["uncached"], theirs[family]["generated"])
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_plain_transformers_streams_in_any_chunks(exported, family):
+    _, _, ours, theirs = exported
+    torch.testing.assert_close(theirs[family]["chunked"], ours[family]["logits"], rtol=1e-5, atol=1e-5)
 
 
 def test_folder_layout_and_config(exported):
@@ -143,7 +165,7 @@ def test_folder_layout_and_config(exported):
 
 
 def test_shipped_files_import_only_torch_and_transformers():
-    allowed = {"torch", "transformers", "math"}  # math: the standard library
+    allowed = {"torch", "transformers"} | set(sys.stdlib_module_names)  # nothing else from outside
     for name in infini_hf.REMOTE_FILES:
         tree = ast.parse((infini_hf.REMOTE_DIR / name).read_text())
         for node in ast.walk(tree):

@@ -14,13 +14,17 @@ transformers. Parameter names are transformers' Llama names plus one gate per la
         linear: M += sk^T v      delta: M += sk^T (v - (sk @ M) / (sk @ z))      z += sum sk
 
 Each row of `input_ids` is one sequence starting at position 0 (no padding: an attention mask
-with zeros is refused). `generate` works, re-reading the whole sequence at every step; longcpt's
-own generation streams with a bounded state instead.
+with zeros is refused). Streaming: `model(ids, use_cache=True)` returns `infini_state`, and
+`model(more_ids, infini_state=state)` continues the same sequences (any chunk lengths; the state
+holds M, z and the un-rotated keys/values of the unfinished segment per layer, so it stays
+bounded however long the input). `generate` uses it (greedy and sampling; beam search, which
+would have to reorder the state, is not supported).
 
 Shapes: B batch, T tokens, Hq / Hk query / KV heads, D head dim, L tokens of the current segment.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -164,28 +168,43 @@ class InfiniAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * d, c, bias=config.infini_o_bias)
         self.core = InfiniGate(config)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, cache):
+        """x (B, T, C) continues the sequences `cache` describes; cos/sin (N, D); `cache` (one
+        layer's part of an InfiniState: memory, norm, and the open segment's keys/values) is
+        updated in place."""
         b, t, _ = x.shape
-        groups = self.n_heads // self.n_kv_heads
+        n, groups = self.segment_len, self.n_heads // self.n_kv_heads
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hk, T, D)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hk, T, D)
+        if cache["keys"] is not None:  # the open segment's earlier tokens, un-rotated
+            k, v = torch.cat([cache["keys"], k], dim=2), torch.cat([cache["values"], v], dim=2)
+        offset = k.shape[2] - t  # where the new tokens start inside the open segment
+        total = k.shape[2]
         gate = torch.sigmoid(self.core.gate.float()).view(1, -1, 1, 1)  # (1, Hq, 1, 1)
-        memory = norm = None  # (B, Hk, D, D), (B, Hk, D) float32 once written
+        memory, norm = cache["memory"], cache["norm"]  # (B, Hk, D, D), (B, Hk, D) float32 once written
         outputs = []
-        for start in range(0, t, self.segment_len):
-            qs, ks, vs = (x_[:, :, start : start + self.segment_len] for x_ in (q, k, v))  # (B, H, L, D)
-            length = qs.shape[2]
-            qr, kr = rotate(qs, cos[:length], sin[:length]), rotate(ks, cos[:length], sin[:length])
-            a_dot = F.scaled_dot_product_attention(qr, repeat_kv(kr, groups), repeat_kv(vs, groups), is_causal=True)
+        for start in range(0, total, n):
+            end = min(start + n, total)
+            first = max(start, offset)  # first new token of this segment
+            qs = q[:, :, first - offset : end - offset]  # (B, Hq, Lq, D)
+            ks, vs = k[:, :, start:end], v[:, :, start:end]  # (B, Hk, L, D)
+            length, new = end - start, end - first
+            qr = rotate(qs, cos[first - start : length], sin[first - start : length])
+            kr = rotate(ks, cos[:length], sin[:length])
+            # Causal with the new tokens at the end of the segment (bottom-right aligned).
+            mask = None if new == length else torch.ones(new, length, dtype=torch.bool, device=x.device).tril(length - new)
+            a_dot = F.scaled_dot_product_attention(
+                qr, repeat_kv(kr, groups), repeat_kv(vs, groups), attn_mask=mask, is_causal=mask is None
+            )
             with torch.autocast(device_type=x.device.type, enabled=False):
                 y = (1 - gate) * a_dot.float()
                 if memory is not None:
-                    sq = feature_map(qs)  # (B, Hq, L, D)
-                    numerator = sq @ repeat_kv(memory, groups)  # (B, Hq, L, D)
-                    denominator = sq @ repeat_kv(norm[..., None], groups)  # (B, Hq, L, 1)
+                    sq = feature_map(qs)  # (B, Hq, Lq, D)
+                    numerator = sq @ repeat_kv(memory, groups)  # (B, Hq, Lq, D)
+                    denominator = sq @ repeat_kv(norm[..., None], groups)  # (B, Hq, Lq, 1)
                     y = y + gate * numerator / denominator.clamp(min=DENOMINATOR_EPS)
-                if length == self.segment_len and start + length < t:  # a later segment will read
+                if length == n:  # a complete segment: write it for the segments after it
                     sk, vf = feature_map(ks), vs.float()
                     if memory is None:
                         memory, norm = sk.transpose(-1, -2) @ vf, sk.sum(dim=2)
@@ -194,6 +213,9 @@ class InfiniAttention(nn.Module):
                             vf = vf - (sk @ memory) / (sk @ norm[..., None]).clamp(min=DENOMINATOR_EPS)
                         memory, norm = memory + sk.transpose(-1, -2) @ vf, norm + sk.sum(dim=2)
             outputs.append(y.to(x.dtype))
+        rest = total - total % n  # the unfinished segment's tokens wait in the cache
+        cache.update(memory=memory, norm=norm, keys=k[:, :, rest:] if rest < total else None,
+                     values=v[:, :, rest:] if rest < total else None)
         y = torch.cat(outputs, dim=2).transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # (B, T, Hq*D)
         return self.o_proj(y)
 
@@ -206,8 +228,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x, cos, sin, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -238,22 +260,39 @@ class LongcptInfiniModel(LongcptInfiniPreTrainedModel):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
 
-    def local_rope(self, length, device):
-        """cos, sin (length, D) float32 for local positions 0 .. length-1 (tables of N positions)."""
+    def local_rope(self, device):
+        """cos, sin (N, D) float32 for the local positions 0 .. N-1 of a segment."""
         config = self.config
         n = config.infini_segment_len
         inv_freq, scale = rope_frequencies(config.head_dim, config.longcpt_rope, config.max_position_embeddings, n)
-        positions = torch.arange(min(length, n), device=device).float()
-        freqs = positions[:, None] * inv_freq.to(device)[None]  # (L, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (L, D)
+        positions = torch.arange(n, device=device).float()
+        freqs = positions[:, None] * inv_freq.to(device)[None]  # (N, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (N, D)
         return emb.cos() * scale, emb.sin() * scale
 
-    def forward(self, input_ids):
+    def forward(self, input_ids, state=None):
+        """Hidden states (B, T, C); `state` (an InfiniState, updated in place) continues earlier calls."""
+        state = state if state is not None else InfiniState(self.config.num_hidden_layers)
         x = self.embed_tokens(input_ids)  # (B, T, C)
-        cos, sin = self.local_rope(input_ids.shape[1], input_ids.device)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
+        cos, sin = self.local_rope(input_ids.device)
+        for layer, cache in zip(self.layers, state.layers):
+            x = layer(x, cos, sin, cache)
+        state.seen += input_ids.shape[1]
         return self.norm(x)
+
+
+class InfiniState:
+    """Where a batch of sequences stands: per layer, the memory M, the normalizer z and the
+    un-rotated keys/values of the unfinished segment (fewer than N tokens); `seen` tokens so far."""
+
+    def __init__(self, num_layers):
+        self.layers = [dict(memory=None, norm=None, keys=None, values=None) for _ in range(num_layers)]
+        self.seen = 0
+
+
+@dataclass
+class InfiniCausalLMOutput(CausalLMOutputWithPast):
+    infini_state: InfiniState | None = None
 
 
 class LongcptInfiniForCausalLM(LongcptInfiniPreTrainedModel, GenerationMixin):
@@ -271,15 +310,25 @@ class LongcptInfiniForCausalLM(LongcptInfiniPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, labels=None, infini_state=None, use_cache=None, **kwargs):
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("Infini-attention rows start at position 0: padding (attention_mask zeros) is not supported")
-        logits = self.lm_head(self.model(input_ids))  # (B, T, V)
+        state = infini_state if infini_state is not None else InfiniState(self.config.num_hidden_layers)
+        logits = self.lm_head(self.model(input_ids, state))  # (B, T, V)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        keep = use_cache or infini_state is not None
+        return InfiniCausalLMOutput(loss=loss, logits=logits, infini_state=state if keep else None)
 
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
-        # No KV cache: the memory state is rebuilt from the whole sequence at every step.
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, infini_state=None, use_cache=None, **kwargs):
+        # With a state, only the tokens it has not seen yet go in (one per step after the prompt).
+        if infini_state is not None:
+            input_ids = input_ids[:, infini_state.seen :]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "infini_state": infini_state,
+                "use_cache": use_cache}
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        model_kwargs["infini_state"] = getattr(outputs, "infini_state", None)
+        return model_kwargs

@@ -209,3 +209,27 @@ def test_plain_llama_continued_with_infini_exports_fresh_gates(tmp_path):
     back = from_pretrained(tmp_path / "infini")
     assert next(back.parameters()).dtype == torch.bfloat16
     assert back.args.attention_options == {"segment_len": 16, "memory_update": "delta", "bptt_segments": 2, "gate_init": -3.0}
+
+
+def test_evaluation_loads_an_infini_export_without_asking_to_run_its_code(exported, tokenizer_dir, tmp_path,
+                                                                           monkeypatch):
+    """transformers asks "Do you wish to run the custom code? [y/N]" when a folder with an auto_map
+    is loaded without trust_remote_code: `longcpt eval` must neither ask nor run it."""
+    import builtins
+    import shutil
+
+    from longcpt.eval.loading import load_model_and_tokenizer
+
+    root, ids, ours, _ = exported
+    folder = tmp_path / "infini"
+    shutil.copytree(root / "mistral", folder)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, folder / f.name)
+
+    asked = []
+    monkeypatch.setattr(builtins, "input", lambda *args: asked.append(args) or "n")
+    model, tok = load_model_and_tokenizer(folder)
+    assert asked == []
+    assert tok.bos_token == "<s>" and model.args.attention == "infini"
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), ours["mistral"]["logits"], rtol=1e-5, atol=1e-5)

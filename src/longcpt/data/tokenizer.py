@@ -127,7 +127,9 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(path))
+        # Never run (or ask to run) a folder's own code: an exported Infini folder's config.json
+        # has an auto_map, and a tokenizer needs none of it.
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError, TypeError) as e:
         raise LongcptError(f"tokenizer folder {str(path)!r} cannot be loaded: {e}") from None
     if not getattr(tok, "is_fast", False):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The passkey demonstration of the README ("Passkey demonstration on a CPU"): fine-tune the
 # demo's tiny pretrained model (4 layers x 128, `make demo`) on passkey prompts of at most 1K
-# tokens (Infini: then 2K-4K), and evaluate it far beyond, as an AnchorAttention/full model and as
+# tokens (Infini: then 2K-4K, then 8K-16K), and evaluate it far beyond, as an AnchorAttention/full model and as
 # an Infini-attention model. The README's run had the anchor and Infini branches side by side,
 # one thread each (OMP_NUM_THREADS=1) after `data warm short` on both cores.
 #
@@ -9,12 +9,12 @@
 #
 # BASE_HF_DIR  the tiny model `make demo` exported (with its tokenizer), e.g. demo/run/hf
 # WORK_DIR     everything is written here; WORK_DIR/times.txt gets the wall time of every stage
-# STAGE        any of: data warm short anchor infini infini_4k eval_anchor eval_anchor_ntk eval_infini eval_infini_short (default: all, in order)
+# STAGE        any of: data warm short anchor infini infini_4k infini_16k eval_anchor eval_anchor_ntk eval_infini eval_infini_short eval_infini_16k (default: all, in order)
 #
 # Stages (the steps and lengths below are what the README reports; override with the variables):
 #   data         passkey prompts with the key one digit per token (--split-digits):
 #                short.jsonl 96..256 tokens, long.jsonl 384..1016 tokens, xlong.jsonl 2048..4080
-#                tokens, needle at random depths
+#                tokens, x16k.jsonl 8192..16368 tokens, needle at random depths
 #   warm         short prompts with the loss on every token (data.train_on_input=true), ${WARM_STEPS}
 #                steps: the cyclic filler and the twice-written key teach the 200-step model to copy
 #                (induction), which answer-only loss alone does not reach in minutes -> WORK/warm/hf
@@ -27,18 +27,21 @@
 #   infini_4k    ft_infini -> prompts of 2K..4K tokens (up to 64 segments, backprop through all of
 #                them), ${INFINI_4K_STEPS} steps -> WORK/ft_infini_4k/hf (the README's run was
 #                scheduled for 300 steps and stopped at step 100, exported from step-00000100.ckpt)
+#   infini_16k   ft_infini_4k -> prompts of 8K..16K tokens (256 segments), ${INFINI_16K_STEPS} steps at
+#                lr 5e-4 -> WORK/ft_infini_16k/hf
 #   eval_anchor  1K..32K (the export runs as full attention)      -> WORK/eval_anchor/passkey.{json,png}
 #   eval_anchor_ntk    the same with dynamic-NTK RoPE (training-free; one call per prompt, so every
 #                key is rotated with the base of the whole prompt) -> WORK/eval_anchor_ntk/passkey.{json,png}
 #   eval_infini  ft_infini_4k at 1K..128K, streamed segment by segment -> WORK/eval_infini/passkey.{json,png}
 #   eval_infini_short  ft_infini at 256..16K                    -> WORK/eval_infini_short/passkey.{json,png}
+#   eval_infini_16k    ft_infini_16k at 4K..256K                -> WORK/eval_infini_16k/passkey.{json,png}
 set -euo pipefail
 
 BASE=${1:?usage: docs/passkey_demo.sh BASE_HF_DIR WORK_DIR [STAGE ...]}
 WORK=${2:?usage: docs/passkey_demo.sh BASE_HF_DIR WORK_DIR [STAGE ...]}
 shift 2
 STAGES=("$@")
-[ ${#STAGES[@]} -gt 0 ] || STAGES=(data warm short anchor infini infini_4k eval_anchor eval_anchor_ntk eval_infini eval_infini_short)
+[ ${#STAGES[@]} -gt 0 ] || STAGES=(data warm short anchor infini infini_4k infini_16k eval_anchor eval_anchor_ntk eval_infini eval_infini_short eval_infini_16k)
 
 PY=${PYTHON:-python}
 WARM_STEPS=${WARM_STEPS:-500}
@@ -46,6 +49,7 @@ SHORT_STEPS=${SHORT_STEPS:-800}
 ANCHOR_STEPS=${ANCHOR_STEPS:-300}
 INFINI_STEPS=${INFINI_STEPS:-800}
 INFINI_4K_STEPS=${INFINI_4K_STEPS:-300}
+INFINI_16K_STEPS=${INFINI_16K_STEPS:-80}
 SEGMENT=${SEGMENT:-64}
 TRIALS=${TRIALS:-3}
 DEPTHS=${DEPTHS:-0,0.25,0.5,0.75,1}
@@ -76,7 +80,9 @@ for stage in "${STAGES[@]}"; do
       timed data_long $PY data_prep/make_passkey.py --tokenizer "$BASE" --split-digits --depths random \
           --lengths 384,512,640,768,896,1016 --n 1000 --seed 2 --output "$WORK/long.jsonl"
       timed data_xlong $PY data_prep/make_passkey.py --tokenizer "$BASE" --split-digits --depths random \
-          --lengths 2048,2560,3072,3584,4080 --n 600 --seed 3 --output "$WORK/xlong.jsonl" ;;
+          --lengths 2048,2560,3072,3584,4080 --n 600 --seed 3 --output "$WORK/xlong.jsonl"
+      timed data_x16k $PY data_prep/make_passkey.py --tokenizer "$BASE" --split-digits --depths random \
+          --lengths 8192,10240,12288,14336,16368 --n 60 --seed 4 --output "$WORK/x16k.jsonl" ;;
     warm)
       timed warm train "$WORK/warm" model.pretrained="$BASE" attention.kind=anchor data.train_on_input=true \
           data.train="$WORK/short.jsonl" data.seq_len=264 data.micro_batch_size=16 \
@@ -101,6 +107,12 @@ for stage in "${STAGES[@]}"; do
           attention.memory_update=delta optim.gate_lr=2.0e-2 trainer.save_every_n_steps=50 \
           data.train="$WORK/xlong.jsonl" data.seq_len=4096 data.micro_batch_size=2 \
           optim.lr=1.0e-3 optim.warmup_steps=20 trainer.max_steps="$INFINI_4K_STEPS" ;;
+    infini_16k)
+      timed ft_infini_16k train "$WORK/ft_infini_16k" model.pretrained="$WORK/ft_infini_4k/hf" attention.kind=infini \
+          attention.segment_len="$SEGMENT" attention.bptt_segments=$((16384 / SEGMENT)) \
+          attention.memory_update=delta optim.gate_lr=2.0e-2 trainer.save_every_n_steps=20 \
+          trainer.log_every_n_steps=10 data.train="$WORK/x16k.jsonl" data.seq_len=16384 \
+          data.micro_batch_size=1 optim.lr=5.0e-4 optim.warmup_steps=10 trainer.max_steps="$INFINI_16K_STEPS" ;;
     eval_anchor)
       timed eval_anchor $PY -m longcpt eval passkey --model "$WORK/ft_anchor/hf" --split-digits \
           --lengths "$ANCHOR_LENGTHS" --depths "$DEPTHS" --trials "$TRIALS" --output "$WORK/eval_anchor" ;;
@@ -111,12 +123,16 @@ for stage in "${STAGES[@]}"; do
     eval_infini)
       timed eval_infini $PY -m longcpt eval passkey --model "$WORK/ft_infini_4k/hf" --split-digits \
           --lengths "$INFINI_LENGTHS" --depths "$DEPTHS" --trials "$TRIALS" --output "$WORK/eval_infini" ;;
+    eval_infini_16k)
+      timed eval_infini_16k $PY -m longcpt eval passkey --model "$WORK/ft_infini_16k/hf" --split-digits \
+          --lengths 4096,16384,65536,131072,262144 --depths "$DEPTHS" --trials "$TRIALS" \
+          --output "$WORK/eval_infini_16k" ;;
     eval_infini_short)
       timed eval_infini_short $PY -m longcpt eval passkey --model "$WORK/ft_infini/hf" --split-digits \
           --lengths 256,512,1024,2048,4096,8192,16384 --depths "$DEPTHS" --trials "$TRIALS" \
           --output "$WORK/eval_infini_short" ;;
     *)
-      echo "passkey_demo.sh: unknown stage '$stage' (data warm short anchor infini infini_4k eval_anchor eval_anchor_ntk eval_infini eval_infini_short)" >&2
+      echo "passkey_demo.sh: unknown stage '$stage' (data warm short anchor infini infini_4k infini_16k eval_anchor eval_anchor_ntk eval_infini eval_infini_short eval_infini_16k)" >&2
       exit 2 ;;
   esac
 done

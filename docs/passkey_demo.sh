@@ -72,6 +72,22 @@ train() {  # train OUT_DIR key=value...: a passkey fine-tune on the CPU, fp32, e
       trainer.save_every_n_steps=100 strategy.name=auto data.num_workers=1 optim.weight_decay=0.0 "$@"
 }
 
+infini_longer() {  # infini_longer NAME FROM DATA SEQ_LEN BATCH LR WARMUP STEPS [key=value ...]
+  local name=$1 from=$2 data=$3 seq=$4 batch=$5 lr=$6 warmup=$7 steps=$8
+  shift 8
+  timed "$name" train "$WORK/$name" model.pretrained="$from" attention.kind=infini \
+      attention.segment_len="$SEGMENT" attention.bptt_segments=$((seq / SEGMENT)) attention.memory_update=delta \
+      optim.gate_lr=2.0e-2 data.train="$data" data.seq_len="$seq" data.micro_batch_size="$batch" \
+      optim.lr="$lr" optim.warmup_steps="$warmup" trainer.max_steps="$steps" "$@"
+}
+
+evaluate() {  # evaluate NAME MODEL LENGTHS [flag ...]: a passkey sweep -> WORK/NAME/passkey.{json,png}
+  local name=$1 model=$2 lengths=$3
+  shift 3
+  timed "$name" $PY -m longcpt eval passkey --model "$model" --split-digits --lengths "$lengths" \
+      --depths "$DEPTHS" --trials "$TRIALS" --output "$WORK/$name" "$@"
+}
+
 for stage in "${STAGES[@]}"; do
   case $stage in
     data)
@@ -102,35 +118,22 @@ for stage in "${STAGES[@]}"; do
           data.train="$WORK/short.jsonl" data.seq_len=264 data.micro_batch_size=32 \
           optim.lr=2.0e-3 optim.warmup_steps=30 trainer.max_steps="$INFINI_STEPS" ;;
     infini_4k)
-      timed ft_infini_4k train "$WORK/ft_infini_4k" model.pretrained="$WORK/ft_infini/hf" attention.kind=infini \
-          attention.segment_len="$SEGMENT" attention.bptt_segments=$((4096 / SEGMENT)) \
-          attention.memory_update=delta optim.gate_lr=2.0e-2 trainer.save_every_n_steps=50 \
-          data.train="$WORK/xlong.jsonl" data.seq_len=4096 data.micro_batch_size=2 \
-          optim.lr=1.0e-3 optim.warmup_steps=20 trainer.max_steps="$INFINI_4K_STEPS" ;;
+      infini_longer ft_infini_4k "$WORK/ft_infini/hf" "$WORK/xlong.jsonl" 4096 2 1.0e-3 20 "$INFINI_4K_STEPS" \
+          trainer.save_every_n_steps=50 ;;
     infini_16k)
-      timed ft_infini_16k train "$WORK/ft_infini_16k" model.pretrained="$WORK/ft_infini_4k/hf" attention.kind=infini \
-          attention.segment_len="$SEGMENT" attention.bptt_segments=$((16384 / SEGMENT)) \
-          attention.memory_update=delta optim.gate_lr=2.0e-2 trainer.save_every_n_steps=20 \
-          trainer.log_every_n_steps=10 data.train="$WORK/x16k.jsonl" data.seq_len=16384 \
-          data.micro_batch_size=1 optim.lr=5.0e-4 optim.warmup_steps=10 trainer.max_steps="$INFINI_16K_STEPS" ;;
+      infini_longer ft_infini_16k "$WORK/ft_infini_4k/hf" "$WORK/x16k.jsonl" 16384 1 5.0e-4 10 "$INFINI_16K_STEPS" \
+          trainer.save_every_n_steps=20 trainer.log_every_n_steps=10 ;;
     eval_anchor)
-      timed eval_anchor $PY -m longcpt eval passkey --model "$WORK/ft_anchor/hf" --split-digits \
-          --lengths "$ANCHOR_LENGTHS" --depths "$DEPTHS" --trials "$TRIALS" --output "$WORK/eval_anchor" ;;
+      evaluate eval_anchor "$WORK/ft_anchor/hf" "$ANCHOR_LENGTHS" ;;
     eval_anchor_ntk)
-      timed eval_anchor_ntk $PY -m longcpt eval passkey --model "$WORK/ft_anchor/hf" --split-digits \
-          --rope-scaling '{"rope_type": "dynamic", "factor": 1.0}' --prefill-chunk 32768 \
-          --lengths "$ANCHOR_LENGTHS" --depths "$DEPTHS" --trials "$TRIALS" --output "$WORK/eval_anchor_ntk" ;;
+      evaluate eval_anchor_ntk "$WORK/ft_anchor/hf" "$ANCHOR_LENGTHS" --prefill-chunk 32768 \
+          --rope-scaling '{"rope_type": "dynamic", "factor": 1.0}' ;;
     eval_infini)
-      timed eval_infini $PY -m longcpt eval passkey --model "$WORK/ft_infini_4k/hf" --split-digits \
-          --lengths "$INFINI_LENGTHS" --depths "$DEPTHS" --trials "$TRIALS" --output "$WORK/eval_infini" ;;
-    eval_infini_16k)
-      timed eval_infini_16k $PY -m longcpt eval passkey --model "$WORK/ft_infini_16k/hf" --split-digits \
-          --lengths 4096,16384,65536,131072,262144 --depths "$DEPTHS" --trials "$TRIALS" \
-          --output "$WORK/eval_infini_16k" ;;
+      evaluate eval_infini "$WORK/ft_infini_4k/hf" "$INFINI_LENGTHS" ;;
     eval_infini_short)
-      timed eval_infini_short $PY -m longcpt eval passkey --model "$WORK/ft_infini/hf" --split-digits \
-          --lengths 256,512,1024,2048,4096,8192,16384 --depths "$DEPTHS" --trials "$TRIALS" \
-          --output "$WORK/eval_infini_short" ;;
+      evaluate eval_infini_short "$WORK/ft_infini/hf" 256,512,1024,2048,4096,8192,16384 ;;
+    eval_infini_16k)
+      evaluate eval_infini_16k "$WORK/ft_infini_16k/hf" 4096,16384,65536,131072,262144 ;;
     *)
       echo "passkey_demo.sh: unknown stage '$stage' (data warm short anchor infini infini_4k infini_16k eval_anchor eval_anchor_ntk eval_infini eval_infini_short eval_infini_16k)" >&2
       exit 2 ;;

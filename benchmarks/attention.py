@@ -34,7 +34,7 @@ from common import document_lengths, size_label, timed_rows  # noqa: E402
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noqa: E402
 
-from longcpt.model.attention import ATTENTION_KINDS, AttentionContext  # noqa: E402
+from longcpt.model.attention import KINDS, AttentionContext  # noqa: E402
 from longcpt.model.config import ModelArgs  # noqa: E402
 from longcpt.model.rope import RotaryEmbedding  # noqa: E402
 
@@ -90,7 +90,7 @@ def run_setting(tokens: int, docs: int, args) -> dict:
     hf_module = _HFModule()
 
     def ours(kind: str):
-        core = ATTENTION_KINDS[kind](model_args, 0)
+        core = KINDS[kind].cls(model_args, 0)
         pos = positions[kind][None]
         cos, sin = rope(pos)
 

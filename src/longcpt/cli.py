@@ -1,4 +1,4 @@
-"""`longcpt` command line (SPEC section 2): train, export, eval {passkey, booksum, ppl}.
+"""`longcpt` command line: train, export, eval {passkey, booksum, ppl} (docs/reference.md).
 
 Each command is implemented by a `run(args)` function in its own module, imported only when the
 command runs so that `--help` is instant. User errors (`LongcptError`) print one message and exit
@@ -111,10 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--chunk", type=_positive_int, default=4096, help="tokens per model call (state carried across)")
     ppl.set_defaults(command_name="eval ppl")
     for task in (pk, bs, ppl):
-        task.add_argument("--rope-scaling", type=_json_object, default=None, metavar="JSON",
-                          help="replace the model's RoPE scaling at evaluation (training-free context extension), "
-                          "e.g. '{\"rope_type\": \"dynamic\", \"factor\": 1.0}'; an exported folder only")
+        add_model_arguments(task)
     return parser
+
+
+def add_model_arguments(task: argparse.ArgumentParser) -> None:
+    """The flags every evaluation takes to decide how the model runs (recorded in its outputs)."""
+    task.add_argument("--rope-scaling", type=_json_object, default=None, metavar="JSON",
+                      help="replace the model's RoPE scaling at evaluation (training-free context extension), "
+                      "e.g. '{\"rope_type\": \"dynamic\", \"factor\": 1.0}'; an exported folder only")
+    task.add_argument("--attention", default=None, metavar="KIND",
+                      help="attention kind to run the model with (default: the model's own; e.g. infllm, namm, "
+                      "h2o, streaming for an inference-time memory on any softmax model)")
+    task.add_argument("--attention-options", type=_json_object, default=None, metavar="JSON",
+                      help="options of that kind by name, e.g. '{\"n_local\": 4096, \"topk\": 16}'")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,11 +23,8 @@ from omegaconf.errors import OmegaConfBaseException
 from longcpt.errors import ConfigError, LongcptError
 from longcpt.fsio import atomic_write_text
 
-ATTENTION_KINDS = ("full", "intra_doc", "anchor", "infini")
-PACKING = ("chunk", "bfd")
 TASKS = ("pretrain", "passkey", "booksum")
-PRECISIONS = ("bf16-mixed", "bf16-true", "32-true")
-STRATEGIES = ("auto", "ddp", "deepspeed")
+TRAINER_PRECISIONS = ("bf16-mixed", "bf16-true", "32-true")
 
 
 @dataclass
@@ -41,12 +38,16 @@ class ModelConfig:
 
 @dataclass
 class AttentionConfig:
-    kind: str = "anchor"  # full | intra_doc | anchor | infini
-    # Infini-attention (DESIGN.md section 4)
-    segment_len: int = 2048
-    memory_update: str = "delta"  # linear | delta
-    bptt_segments: int = 2  # segments kept in one truncated-backprop window
-    gate_init: float = -2.5  # sigmoid(-2.5) = 0.08: memory starts small but trainable
+    """`attention.kind` and that kind's options.
+
+    In a recipe the options sit next to `kind` (`attention.segment_len: 2048`); the kind declares
+    their names, defaults and constraints (`longcpt.model.attention`), and `validate` fills
+    `options` with the resolved values. Options of another registered kind are ignored, so one
+    recipe can switch kinds with `attention.kind=...` on the command line.
+    """
+
+    kind: str = "anchor"  # a registered attention kind: full | intra_doc | anchor | infini | ...
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -106,6 +107,7 @@ class StrategyConfig:
     offload_optimizer: bool = False
     offload_parameters: bool = False
     deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed settings, passed through
+    sequence_parallel: int = 1  # ranks sharing one window (DeepSpeed-Ulysses); 1 = off
 
 
 @dataclass
@@ -120,7 +122,7 @@ class Config:
 
 
 # Fields holding free-form dicts whose keys are not ours to check.
-_FREE_FORM = {"model.config", "model.rope_scaling", "strategy.deepspeed"}
+_FREE_FORM = {"model.config", "model.rope_scaling", "strategy.deepspeed", "attention.options"}
 
 
 def load_config(recipe: str | Path | None, overrides: list[str] = (), check_paths: bool = False) -> Config:
@@ -148,6 +150,7 @@ def load_config(recipe: str | Path | None, overrides: list[str] = (), check_path
     merged = OmegaConf.structured(Config)
     for origin, data in layers:
         for key, value in _leaves(data):
+            key = _attention_option_key(key)
             unknown = _unknown_key(key)
             if unknown:
                 problems.append(f"{key} ({origin}): unknown key{unknown}")
@@ -165,6 +168,14 @@ def load_config(recipe: str | Path | None, overrides: list[str] = (), check_path
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def _attention_option_key(key: str) -> str:
+    """`attention.<name>` -> `attention.options.<name>`: options sit next to `kind` in recipes."""
+    section, _, name = key.partition(".")
+    if section == "attention" and name and name.split(".")[0] not in ("kind", "options"):
+        return f"attention.options.{name}"
+    return key
 
 
 def _read_yaml(path: Path) -> dict:
@@ -224,87 +235,185 @@ def _field_type(key: str) -> str:
 
 
 def validate(cfg: Config, check_paths: bool = False) -> None:
-    """Check every value; raise one ConfigError listing all problems (key, value, fix)."""
-    p: list[str] = []
+    """Check every value; raise one ConfigError listing all problems (key, value, fix).
 
-    def choice(key: str, value: Any, options: tuple) -> None:
-        if value not in options:
-            close = difflib.get_close_matches(str(value), [str(o) for o in options], n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            p.append(f"{key}={value!r}: must be one of {', '.join(map(str, options))}{hint}")
+    Also completes `cfg.attention.options` with the kind's defaults (the kind declares them).
+    The attention kind and the strategy own their rules (`longcpt.model.attention`,
+    `longcpt.strategies`); this function asks them, so every problem is found here, before
+    anything is built.
 
-    def at_least(key: str, value: float, low: float) -> None:
-        if value < low:
-            p.append(f"{key}={value!r}: must be >= {low}")
+    Args:
+        cfg: the merged recipe.
+        check_paths: also require the data/model/tokenizer paths to exist.
+    """
+    from longcpt.strategies import strategy_problems
 
-    m, a, d, o, t, s = cfg.model, cfg.attention, cfg.data, cfg.optim, cfg.trainer, cfg.strategy
-    if m.pretrained is None and not m.config:
-        p.append("model.pretrained=null and model.config={}: set model.pretrained to an HF folder "
-                 "or model.config to HF-style fields (hidden_size, num_hidden_layers, ...)")
-    if m.pretrained is None and m.config and m.tokenizer is None:
-        p.append("model.tokenizer=null: a model built from model.config needs a tokenizer folder")
-    if m.rope_theta is not None and m.rope_theta <= 0:
-        p.append(f"model.rope_theta={m.rope_theta}: must be > 0 (e.g. 500000 for ABF context extension)")
-    if m.rope_scaling is not None:
+    problems = (
+        _model_problems(cfg.model)
+        + _attention_problems(cfg)
+        + _data_problems(cfg.data)
+        + _optim_problems(cfg.optim)
+        + _trainer_problems(cfg.trainer)
+        + strategy_problems(cfg)
+        + _vocabulary_problems(cfg.model)
+    )
+    if check_paths:
+        problems += _path_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+
+
+def _choice(key: str, value: Any, options: tuple) -> list[str]:
+    if value in options:
+        return []
+    close = difflib.get_close_matches(str(value), [str(o) for o in options], n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return [f"{key}={value!r}: must be one of {', '.join(map(str, options))}{hint}"]
+
+
+def _at_least(key: str, value: float, low: float) -> list[str]:
+    return [f"{key}={value!r}: must be >= {low}"] if value < low else []
+
+
+def _model_problems(model: ModelConfig) -> list[str]:
+    problems = []
+    if model.pretrained is None and not model.config:
+        problems.append("model.pretrained=null and model.config={}: set model.pretrained to an HF folder "
+                        "or model.config to HF-style fields (hidden_size, num_hidden_layers, ...)")
+    if model.pretrained is None and model.config and model.tokenizer is None:
+        problems.append("model.tokenizer=null: a model built from model.config needs a tokenizer folder")
+    if model.rope_theta is not None and model.rope_theta <= 0:
+        problems.append(f"model.rope_theta={model.rope_theta}: must be > 0 (e.g. 500000 for ABF context extension)")
+    if model.rope_scaling is not None:
         from longcpt.model.config import normalise_rope_scaling
 
         try:  # the same check as a config.json's (any length completes yarn/llama3 here)
-            normalise_rope_scaling(m.rope_scaling, 4096, "model.rope_scaling")
+            normalise_rope_scaling(model.rope_scaling, 4096, "model.rope_scaling")
         except LongcptError as e:
-            p.append(str(e))
-    choice("attention.kind", a.kind, ATTENTION_KINDS)
-    choice("attention.memory_update", a.memory_update, ("linear", "delta"))
-    at_least("attention.segment_len", a.segment_len, 1)
-    at_least("attention.bptt_segments", a.bptt_segments, 1)
-    choice("rope.precision", cfg.rope.precision, ("fp32", "model"))
-    choice("data.task", d.task, TASKS)
-    choice("data.packing", d.packing, PACKING)
-    at_least("data.seq_len", d.seq_len, 2)
-    at_least("data.micro_batch_size", d.micro_batch_size, 1)
-    at_least("data.num_workers", d.num_workers, 0)
-    at_least("data.val_batches", d.val_batches, 1)
-    at_least("data.bfd_buffer", d.bfd_buffer, 1)
-    if o.lr <= 0:
-        p.append(f"optim.lr={o.lr}: must be > 0 (e.g. 2.0e-5)")
-    if o.gate_lr <= 0:
-        p.append(f"optim.gate_lr={o.gate_lr}: must be > 0 (e.g. 1.0e-2)")
-    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
-        p.append(f"optim.betas={o.betas}: must be two numbers in [0, 1), e.g. [0.9, 0.95]")
-    at_least("optim.weight_decay", o.weight_decay, 0)
-    at_least("optim.warmup_steps", o.warmup_steps, 0)
-    if not 0 <= o.min_lr_ratio <= 1:
-        p.append(f"optim.min_lr_ratio={o.min_lr_ratio}: must be in [0, 1]")
-    at_least("optim.grad_clip", o.grad_clip, 0)
-    at_least("optim.accumulate_grad_batches", o.accumulate_grad_batches, 1)
-    at_least("trainer.max_steps", t.max_steps, 1)
-    choice("trainer.accelerator", t.accelerator, ("cpu", "gpu", "auto"))
-    if not (t.devices == "auto" or (isinstance(t.devices, int) and t.devices >= 1)):
-        p.append(f"trainer.devices={t.devices!r}: must be a positive integer or 'auto'")
-    at_least("trainer.num_nodes", t.num_nodes, 1)
-    choice("trainer.precision", t.precision, PRECISIONS)
-    at_least("trainer.save_every_n_steps", t.save_every_n_steps, 1)
-    at_least("trainer.keep_last_k", t.keep_last_k, 1)
-    at_least("trainer.log_every_n_steps", t.log_every_n_steps, 1)
-    at_least("trainer.val_every_n_steps", t.val_every_n_steps, 1)
-    choice("strategy.name", s.name, STRATEGIES)
-    choice("strategy.stage", s.stage, (2, 3))
-    if s.name != "deepspeed" and (s.offload_optimizer or s.offload_parameters):
-        p.append(f"strategy.offload_*=true with strategy.name={s.name!r}: offload needs strategy.name=deepspeed")
-    if s.offload_parameters and s.stage != 3:
-        p.append(f"strategy.offload_parameters=true with strategy.stage={s.stage}: parameter offload needs stage 3")
-    if check_paths:
-        if d.train is None:
-            p.append("data.train=null: set it to a prepared data set (python data_prep/prepare_corpus.py ...)")
-        for key, value in (("data.train", d.train), ("data.val", d.val), ("model.pretrained", m.pretrained),
-                           ("model.tokenizer", m.tokenizer)):
-            if value is not None and not Path(value).exists():
-                p.append(f"{key}={value!r}: path does not exist")
-    if p:
-        raise ConfigError(p)
+            problems.append(str(e))
+    return problems
+
+
+def _attention_problems(cfg: Config) -> list[str]:
+    """The kind exists and may be trained; its options are known and valid (and get resolved)."""
+    from longcpt.model.attention import KINDS
+    from longcpt.model.rope import ROPE_PRECISIONS
+
+    attention = cfg.attention
+    problems = _choice("rope.precision", cfg.rope.precision, ROPE_PRECISIONS)
+    trainable = tuple(name for name, spec in KINDS.items() if spec.trainable)
+    if attention.kind not in KINDS:
+        return problems + _choice("attention.kind", attention.kind, trainable)
+    spec = KINDS[attention.kind]
+    if not spec.trainable:
+        problems.append(f"attention.kind={attention.kind!r}: an inference-time memory, not trainable; train with "
+                        f"one of {', '.join(trainable)} and evaluate with --attention {attention.kind}")
+    from longcpt.model.attention import option_problems
+
+    everyone = {name for other in KINDS.values() for name in other.options}
+    typos = [k for k in attention.options if k not in everyone]
+    for key in typos:
+        close = difflib.get_close_matches(key, sorted(everyone), n=1)
+        hint = f"; did you mean attention.{close[0]}?" if close else ""
+        problems.append(f"attention.{key}: not an option of any attention kind (options of {attention.kind!r}: "
+                        f"{', '.join(spec.options) or 'none'}){hint}")
+    mine = {k: v for k, v in attention.options.items() if k in spec.options}  # other kinds' options: ignored
+    resolved, option_errors = option_problems(attention.kind, mine, prefix="attention.")
+    attention.options = resolved
+    return problems + option_errors
+
+
+def _data_problems(data: DataConfig) -> list[str]:
+    from longcpt.data.packing import PACKING_STRATEGIES
+
+    return (
+        _choice("data.task", data.task, TASKS)
+        + _choice("data.packing", data.packing, PACKING_STRATEGIES)
+        + _at_least("data.seq_len", data.seq_len, 2)
+        + _at_least("data.micro_batch_size", data.micro_batch_size, 1)
+        + _at_least("data.num_workers", data.num_workers, 0)
+        + _at_least("data.val_batches", data.val_batches, 1)
+        + _at_least("data.bfd_buffer", data.bfd_buffer, 1)
+    )
+
+
+def _optim_problems(optim: OptimConfig) -> list[str]:
+    problems = []
+    if optim.lr <= 0:
+        problems.append(f"optim.lr={optim.lr}: must be > 0 (e.g. 2.0e-5)")
+    if optim.gate_lr <= 0:
+        problems.append(f"optim.gate_lr={optim.gate_lr}: must be > 0 (e.g. 1.0e-2)")
+    if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
+        problems.append(f"optim.betas={optim.betas}: must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+    if not 0 <= optim.min_lr_ratio <= 1:
+        problems.append(f"optim.min_lr_ratio={optim.min_lr_ratio}: must be in [0, 1]")
+    return (
+        problems
+        + _at_least("optim.weight_decay", optim.weight_decay, 0)
+        + _at_least("optim.warmup_steps", optim.warmup_steps, 0)
+        + _at_least("optim.grad_clip", optim.grad_clip, 0)
+        + _at_least("optim.accumulate_grad_batches", optim.accumulate_grad_batches, 1)
+    )
+
+
+def _trainer_problems(trainer: TrainerConfig) -> list[str]:
+    problems = []
+    if not (trainer.devices == "auto" or (isinstance(trainer.devices, int) and trainer.devices >= 1)):
+        problems.append(f"trainer.devices={trainer.devices!r}: must be a positive integer or 'auto'")
+    return (
+        problems
+        + _at_least("trainer.max_steps", trainer.max_steps, 1)
+        + _choice("trainer.accelerator", trainer.accelerator, ("cpu", "gpu", "auto"))
+        + _at_least("trainer.num_nodes", trainer.num_nodes, 1)
+        + _choice("trainer.precision", trainer.precision, TRAINER_PRECISIONS)
+        + _at_least("trainer.save_every_n_steps", trainer.save_every_n_steps, 1)
+        + _at_least("trainer.keep_last_k", trainer.keep_last_k, 1)
+        + _at_least("trainer.log_every_n_steps", trainer.log_every_n_steps, 1)
+        + _at_least("trainer.val_every_n_steps", trainer.val_every_n_steps, 1)
+    )
+
+
+def _path_problems(cfg: Config) -> list[str]:
+    """The data and model paths exist."""
+    data, model = cfg.data, cfg.model
+    problems = []
+    if data.train is None:
+        problems.append("data.train=null: set it to a prepared data set (python data_prep/prepare_corpus.py ...)")
+    paths = (("data.train", data.train), ("data.val", data.val), ("model.pretrained", model.pretrained),
+             ("model.tokenizer", model.tokenizer))
+    return problems + [f"{key}={value!r}: path does not exist" for key, value in paths
+                       if value is not None and not Path(value).exists()]
+
+
+def _vocabulary_problems(model: ModelConfig) -> list[str]:
+    """More tokens than embedding rows would give ids without embeddings (read from the files when
+    they exist; a missing folder is `_path_problems`'s to report)."""
+    import json
+
+    tokenizer = Path(model.tokenizer or model.pretrained or "") / "tokenizer.json"
+    vocab = model.config.get("vocab_size")
+    if model.pretrained is not None and (Path(model.pretrained) / "config.json").is_file():
+        try:
+            vocab = json.loads((Path(model.pretrained) / "config.json").read_text()).get("vocab_size", vocab)
+        except json.JSONDecodeError as e:
+            return [f"model.pretrained={model.pretrained!r}: config.json line {e.lineno}: invalid JSON ({e.msg})"]
+    if vocab is None or not tokenizer.is_file():
+        return []  # a model from model.config takes the tokenizer's size; loading reports the rest
+    from tokenizers import Tokenizer
+
+    n = Tokenizer.from_file(str(tokenizer)).get_vocab_size(with_added_tokens=True)
+    if n <= vocab:
+        return []
+    key = "model.tokenizer" if model.tokenizer else "model.pretrained"
+    return [f"{key}: the tokenizer has {n} tokens but the model's vocab_size is {vocab}: use the model's own "
+            "tokenizer (or a model.config.vocab_size at least that large)"]
 
 
 def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The recipe form of `cfg`: loadable again by `load_config` (attention options next to `kind`)."""
+    data = OmegaConf.to_container(OmegaConf.structured(cfg))
+    data["attention"] = {"kind": cfg.attention.kind, **cfg.attention.options}
+    return OmegaConf.to_yaml(OmegaConf.create(data))
 
 
 def save_config(cfg: Config, path: str | Path) -> Path:

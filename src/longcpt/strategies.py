@@ -1,8 +1,13 @@
 """Distribution strategies for `longcpt train`: `auto`, `ddp`, `deepspeed` (ZeRO-2/3, offload).
 
+    problems = strategy_problems(cfg)                   # what `config.validate` reports
     strategy = build_strategy(cfg, accelerator="gpu")   # what `lightning.Trainer(strategy=...)` takes
 
-DeepSpeed on CPU processes (DESIGN.md section 6). Lightning refuses DeepSpeed unless the accelerator
+This module owns the rules of the `strategy:` recipe section: which options each strategy takes,
+which DeepSpeed keys the recipe derives itself, and what `sequence_parallel` requires.
+Lightning is imported only when a strategy is built, so validating a recipe stays quick.
+
+DeepSpeed on CPU processes. Lightning refuses DeepSpeed unless the accelerator
 is CUDA, but DeepSpeed itself trains ZeRO-2/3 on CPU processes over gloo when `DS_ACCELERATOR=cpu`
 is set before it is imported. `CPUDeepSpeedStrategy` makes the three changes that needs, and is used
 only when the accelerator is the CPU: that is how CI trains, saves and converts real ZeRO
@@ -13,14 +18,16 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
+import json
 import os
+from pathlib import Path
 from typing import Any
 
-from lightning.fabric.utilities.seed import reset_seed
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
-
-from longcpt.config import Config
 from longcpt.errors import ConfigError
+
+STRATEGY_NAMES = ("auto", "ddp", "deepspeed")
+ZERO_STAGES = (2, 3)
 
 # Keys Lightning derives from the recipe; a copy under strategy.deepspeed would disagree with it.
 _DERIVED_DEEPSPEED_KEYS = {
@@ -34,22 +41,89 @@ _DERIVED_DEEPSPEED_KEYS = {
 }
 
 
-def deepspeed_config(cfg: Config) -> dict[str, Any]:
+def strategy_problems(cfg) -> list[str]:
+    """Every problem of the `strategy:` section, given the rest of the recipe (key, value, fix)."""
+    s = cfg.strategy
+    problems = []
+    if s.name not in STRATEGY_NAMES:
+        problems.append(f"strategy.name={s.name!r}: must be one of {', '.join(STRATEGY_NAMES)}")
+    if s.stage not in ZERO_STAGES:
+        problems.append(f"strategy.stage={s.stage!r}: must be one of {', '.join(map(str, ZERO_STAGES))}")
+    if s.name != "deepspeed" and (s.offload_optimizer or s.offload_parameters):
+        problems.append(f"strategy.offload_*=true with strategy.name={s.name!r}: offload needs strategy.name=deepspeed")
+    if s.offload_parameters and s.stage != 3:
+        problems.append(f"strategy.offload_parameters=true with strategy.stage={s.stage}: parameter offload needs stage 3")
+    problems += [
+        f"strategy.deepspeed.{key}: set by {owner}; remove it from strategy.deepspeed"
+        for key, owner in _DERIVED_DEEPSPEED_KEYS.items()
+        if key in s.deepspeed
+    ]
+    return problems + _sequence_parallel_problems(cfg)
+
+
+def _sequence_parallel_problems(cfg) -> list[str]:
+    """`strategy.sequence_parallel: N`: N ranks share a window, so N must divide what they split."""
+    n = cfg.strategy.sequence_parallel
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        return [f"strategy.sequence_parallel={n!r}: must be a positive integer (1 = off)"]
+    if n == 1:
+        return []
+    from longcpt.model.attention import KINDS
+
+    key = f"strategy.sequence_parallel={n}"
+    problems = []
+    spec = KINDS.get(cfg.attention.kind)
+    if spec is not None and not spec.sequence_parallel:
+        why = (" (its memory is already constant in the window length, so it does not need it)"
+               if cfg.attention.kind == "infini" else "")
+        supported = ", ".join(name for name, other in KINDS.items() if other.sequence_parallel)
+        problems.append(f"{key} with attention.kind={cfg.attention.kind!r}: not supported{why}; "
+                        f"sequence parallelism works with {supported}")
+    if cfg.strategy.name not in ("ddp", "deepspeed"):
+        problems.append(f"{key} with strategy.name={cfg.strategy.name!r}: set strategy.name=ddp or deepspeed")
+    t = cfg.trainer
+    if isinstance(t.devices, int):
+        world = t.devices * t.num_nodes
+        if world % n:
+            problems.append(f"{key}: must divide the world size trainer.devices x trainer.num_nodes = "
+                            f"{t.devices} x {t.num_nodes} = {world}")
+    if cfg.data.seq_len % n:
+        problems.append(f"{key}: must divide data.seq_len={cfg.data.seq_len} (each rank holds seq_len / N tokens)")
+    heads, kv_heads = _head_counts(cfg)
+    if heads is not None and heads % n:
+        problems.append(f"{key}: must divide num_attention_heads={heads} (each rank attends with heads / N of them)")
+    if kv_heads is not None and kv_heads % n and n % kv_heads:
+        problems.append(f"{key} and num_key_value_heads={kv_heads}: one must divide the other (KV heads are "
+                        "split across ranks, or repeated when there are fewer KV heads than ranks)")
+    return problems
+
+
+def _head_counts(cfg) -> tuple[int | None, int | None]:
+    """(query heads, KV heads) of the recipe's model when known without loading it."""
+    hf = dict(cfg.model.config)
+    if cfg.model.pretrained is not None:
+        file = Path(cfg.model.pretrained) / "config.json"
+        try:
+            hf = json.loads(file.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None, None  # reported by the path checks or when the model loads
+    heads = hf.get("num_attention_heads")
+    return heads, hf.get("num_key_value_heads") or heads
+
+
+def deepspeed_config(cfg) -> dict[str, Any]:
     """The DeepSpeed config dict for a recipe: ZeRO stage, offload, then `strategy.deepspeed` on top.
 
     Lightning fills in gradient accumulation, clipping and the bf16 section from the Trainer.
 
     Raises:
-        ConfigError: `strategy.deepspeed` sets a key that the recipe owns elsewhere.
+        ConfigError: the strategy section has problems (`strategy_problems`; `validate` reports
+            them before this runs).
     """
     s = cfg.strategy
-    clashes = [
-        f"strategy.deepspeed.{key}: set by {owner}; remove it from strategy.deepspeed"
-        for key, owner in _DERIVED_DEEPSPEED_KEYS.items()
-        if key in s.deepspeed
-    ]
-    if clashes:
-        raise ConfigError(clashes)
+    problems = strategy_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
     zero: dict[str, Any] = {
         "stage": s.stage,
         # Overlapping the gradient reduction with the backward is the usual choice on GPUs.
@@ -83,40 +157,55 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+@functools.cache
+def _cpu_deepspeed_class():
     """Lightning's DeepSpeed strategy on CPU processes (gloo), for tests and CPU-only machines.
 
-    The three changes of DESIGN.md section 6, nothing else:
+    Defined on first use so that importing this module (to validate a recipe) does not import
+    Lightning. Three changes, nothing else:
       1. `setup_environment` skips the CUDA-only check but keeps the DDP setup it would call;
       2. `setup_distributed` skips the device-index validation (CPU devices have no index);
       3. `deepspeed.initialize` gets the local rank as `device_rank` (not `root_device.index`,
          which is None on CPU).
     """
+    from lightning.fabric.utilities.seed import reset_seed
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
-    def setup_environment(self) -> None:
-        DDPStrategy.setup_environment(self)
+    class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+        """DeepSpeed over gloo on CPU processes (see `_cpu_deepspeed_class`)."""
 
-    def setup_distributed(self) -> None:
-        reset_seed()
-        self.set_world_ranks()
-        self._init_deepspeed_distributed()
+        def setup_environment(self) -> None:
+            DDPStrategy.setup_environment(self)
 
-    def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
-        import deepspeed
+        def setup_distributed(self) -> None:
+            reset_seed()
+            self.set_world_ranks()
+            self._init_deepspeed_distributed()
 
-        engine, ds_optimizer, _, _ = deepspeed.initialize(
-            args=argparse.Namespace(device_rank=self.local_rank),
-            config=self.config,
-            model=model,
-            model_parameters=[p for p in model.parameters() if p.requires_grad],
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            dist_init_required=False,
-        )
-        return engine, ds_optimizer
+        def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+            import deepspeed
 
-    def _get_process_group_backend(self) -> str:
-        return "gloo"
+            engine, ds_optimizer, _, _ = deepspeed.initialize(
+                args=argparse.Namespace(device_rank=self.local_rank),
+                config=self.config,
+                model=model,
+                model_parameters=[p for p in model.parameters() if p.requires_grad],
+                optimizer=optimizer,
+                lr_scheduler=lr_scheduler,
+                dist_init_required=False,
+            )
+            return engine, ds_optimizer
+
+        def _get_process_group_backend(self) -> str:
+            return "gloo"
+
+    return CPUDeepSpeedStrategy
+
+
+def __getattr__(name: str):
+    if name == "CPUDeepSpeedStrategy":
+        return _cpu_deepspeed_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def resolve_accelerator(accelerator: str) -> str:
@@ -128,7 +217,7 @@ def resolve_accelerator(accelerator: str) -> str:
     return "gpu" if torch.cuda.is_available() else "cpu"
 
 
-def prepare_environment(cfg: Config, accelerator: str) -> None:
+def prepare_environment(cfg, accelerator: str) -> None:
     """Environment DeepSpeed reads at import time; call before anything imports deepspeed.
 
     On CPU, `DS_ACCELERATOR=cpu` selects DeepSpeed's CPU accelerator (else it probes for CUDA).
@@ -137,12 +226,14 @@ def prepare_environment(cfg: Config, accelerator: str) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def build_strategy(cfg: Config, accelerator: str):
+def build_strategy(cfg, accelerator: str):
     """What `Trainer(strategy=...)` gets for `cfg.strategy` on `accelerator` ("cpu" or "gpu").
 
     Returns:
         "auto", a `DDPStrategy`, or a (CPU) `DeepSpeedStrategy`.
     """
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
     name = cfg.strategy.name
     if name == "auto":
         return "auto"
@@ -150,5 +241,5 @@ def build_strategy(cfg: Config, accelerator: str):
         # Every parameter gets a gradient every step, so DDP need not search for unused ones.
         return DDPStrategy(find_unused_parameters=False, gradient_as_bucket_view=True)
     config = deepspeed_config(cfg)
-    cls = CPUDeepSpeedStrategy if accelerator == "cpu" else DeepSpeedStrategy
+    cls = _cpu_deepspeed_class() if accelerator == "cpu" else DeepSpeedStrategy
     return cls(config=config)

@@ -4,14 +4,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from longcpt.data.collate import Collator, collate_windows, cu_seqlens_for, position_ids_for
+from longcpt.data.collate import Collator, collate_windows
 from longcpt.data.packing import pack_documents
-
-# One row: documents of 3 and 2 tokens (BOS included), then 3 pad slots (a pseudo-document).
-ROW = [3, 2, 3]
+from longcpt.errors import LongcptError
 
 
 @pytest.mark.parametrize(
@@ -23,26 +19,17 @@ ROW = [3, 2, 3]
         ("infini", [0, 1, 2, 0, 1, 0, 1, 2]),
     ],
 )
-def test_position_ids_literal(kind, expected):
-    pos = position_ids_for(ROW, kind)
-    assert pos.dtype == torch.int64 and pos.tolist() == expected
+def test_collator_applies_each_kinds_position_rule(kind, expected):
+    # One row: documents of 3 and 2 tokens (BOS included), then 3 pad slots (a pseudo-document).
+    window = {"input_ids": list(range(8)), "labels": list(range(8)), "doc_lens": [3, 2, 3]}
+    batch = Collator(kind)([window])
+    assert batch["position_ids"].dtype == torch.int64 and batch["position_ids"].tolist() == [expected]
+    assert batch["cu_seqlens"].tolist() == [0, 3, 5, 8]
 
 
-def test_cu_seqlens_literal_over_flattened_rows():
-    cu = cu_seqlens_for([[3, 2, 3], [8], [1, 7]])
-    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 5, 8, 16, 17, 24]
-
-
-@settings(max_examples=100, deadline=None)
-@given(st.lists(st.integers(min_value=1, max_value=9), min_size=1, max_size=8))
-def test_anchor_and_intra_doc_positions_follow_the_spec_formula(doc_lens):
-    # SPEC 6: document k at offset s_k gets [0, s_k+1, ..., s_k+len_k-1] (anchor), arange(len_k) (intra_doc)
-    anchor, intra = position_ids_for(doc_lens, "anchor").tolist(), position_ids_for(doc_lens, "intra_doc").tolist()
-    s = 0
-    for n in doc_lens:
-        assert anchor[s : s + n] == [0] + list(range(s + 1, s + n))
-        assert intra[s : s + n] == list(range(n))
-        s += n
+def test_unknown_kind_is_a_clear_error():
+    with pytest.raises(LongcptError, match="'ancor' is unknown; known kinds: .*anchor"):
+        Collator("ancor")
 
 
 def test_collated_batch_keys_shapes_and_dtypes():
@@ -67,11 +54,6 @@ def test_collated_windows_are_exactly_the_packed_ones():
     assert batch["labels"][0].tolist() == [5, 6, 7, 2, -100, -100]
     assert batch["position_ids"].tolist() == [
         [0, 1, 2, 3, 4, 0], [0, 1, 2, 3, 0, 1], [0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 0]]
-
-
-def test_unknown_kind_is_rejected():
-    with pytest.raises(ValueError, match="sliding"):
-        Collator("sliding")
 
 
 def test_aligned_labels_give_transformers_causal_lm_loss():

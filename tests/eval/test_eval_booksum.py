@@ -129,7 +129,8 @@ def test_cli_writes_spec_outputs(prepared, model_dir, tmp_path, capsys):
             "--max-input-tokens", "100", "--max-new-tokens", "5", "--limit", "3", "--prefill-chunk", "32"]
     assert main(args) == 0
     rouge = json.loads((out / "rouge.json").read_text())
-    assert set(rouge) == {"rouge1", "rouge2", "rougeL", "rougeLsum", "overall", "n"} and rouge["n"] == 3
+    assert {"rouge1", "rouge2", "rougeL", "rougeLsum", "overall", "n"} <= set(rouge) and rouge["n"] == 3
+    assert rouge["attention"] == "full" and rouge["attention_options"] == {} and rouge["kv_kept"] is None
     rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == ["ch0", "ch1", "ch2"]
     assert all({"id", "prediction", "reference"} <= set(r) for r in rows)

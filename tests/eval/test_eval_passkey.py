@@ -59,6 +59,7 @@ def test_cli_writes_spec_outputs(model_dir, tokenizer, tmp_path, capsys):
     for r in report["results"]:
         assert set(r) == {"length", "depth", "accuracy", "trials"} and 0.0 <= r["accuracy"] <= 1.0
     assert report["model"] == str(model_dir) and report["rope_scaling"] is None
+    assert report["attention"] == "full" and report["attention_options"] == {} and report["kv_kept"] is None
     png = (out / "passkey.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
@@ -141,4 +142,19 @@ def test_model_label_names_the_run_and_the_rope_override():
     from longcpt.eval.loading import model_label
 
     assert model_label("runs/passkey_ft/hf") == "passkey_ft/hf"
+    assert model_label("runs/a/hf", None, "infllm") == "a/hf (infllm)"
     assert model_label("runs/a/hf", {"rope_type": "dynamic", "factor": 1.0}) == "a/hf, rope dynamic x1.0"
+
+
+def test_attention_flags_are_checked_and_recorded(model_dir, tokenizer, tmp_path, capsys):
+    lo = PasskeyPromptBuilder(tokenizer).min_length + 5
+    base = ["eval", "passkey", "--model", str(model_dir), "--lengths", str(lo), "--depths", "0", "--trials", "1"]
+    out = tmp_path / "o"
+    assert main([*base, "--output", str(out), "--attention", "full", "--attention-options", '{"n_lcal": 4}']) == 2
+    err = capsys.readouterr().err
+    assert "--attention-options n_lcal: not an option of attention kind 'full'" in err and not out.exists()
+    assert main([*base, "--output", str(out), "--attention", "sliding"]) == 2
+    assert "attention kind 'sliding' is unknown; known kinds:" in capsys.readouterr().err
+    assert main([*base, "--output", str(out), "--attention", "anchor", "--attention-options", '{"backend": "sdpa"}']) == 0
+    report = json.loads((out / "passkey.json").read_text())
+    assert report["attention"] == "anchor" and report["attention_options"] == {"backend": "sdpa"}

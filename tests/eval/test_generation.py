@@ -99,9 +99,9 @@ def test_sampling_is_reproducible_from_the_generator(pair):
 
 
 def _infini_available() -> bool:
-    from longcpt.model.attention import ATTENTION_KINDS
+    from longcpt.model.attention import KINDS
 
-    return "infini" in ATTENTION_KINDS
+    return "infini" in KINDS
 
 
 @pytest.mark.skipif(not _infini_available(), reason="the infini attention kind is not in this build")

@@ -114,9 +114,9 @@ def test_cli_export_and_its_errors(trained, tmp_path):
 
 def test_infini_checkpoint_exports_through_the_same_path(tmp_path, tokenizer_dir):
     """No special case for Infini in export: the folder carries its own modeling code."""
-    from longcpt.model.attention import ATTENTION_KINDS
+    from longcpt.model.attention import KINDS
 
-    if "infini" not in ATTENTION_KINDS:
+    if "infini" not in KINDS:
         pytest.skip("Infini-attention is not in this build")
     overrides = tiny_overrides(tmp_path / "run", tokenizer_dir, trainer__max_steps=2, attention__kind="infini",
                                attention__segment_len=8)

@@ -17,8 +17,10 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from longcpt.export import infini_hf
-from longcpt.model import CausalLM, ModelArgs, from_pretrained, save_pretrained
+from longcpt.export.hf import save_pretrained
+from longcpt.model import CausalLM, ModelArgs, from_pretrained
 from longcpt.model.attention.infini import InfiniAttention
+from longcpt.model.infini_config import AUTO_MAP
 
 VOCAB = 61
 SEGMENT = 8
@@ -154,7 +156,7 @@ def test_folder_layout_and_config(exported):
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "longcpt_infini"
     assert config["architectures"] == ["LongcptInfiniForCausalLM"]
-    assert config["auto_map"] == infini_hf.AUTO_MAP
+    assert config["auto_map"] == AUTO_MAP
     assert config["infini_base_model_type"] == "qwen2" and config["infini_qkv_bias"] is True
     assert config["infini_segment_len"] == SEGMENT and config["infini_memory_update"] == "delta"
     assert config["longcpt_rope"]["rope_type"] == "yarn"

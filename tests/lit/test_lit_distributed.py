@@ -49,8 +49,11 @@ def test_deepspeed_weights_equal_ddp(runs, name):
     ref, meta = read_checkpoint(runs / "ddp")
     got, _ = read_checkpoint(runs / name)
     assert ref.keys() == got.keys()
+    # Four AdamW steps at lr 3e-3 move weights by about 1e-2; reduce-scatter (ZeRO-3) and
+    # all-reduce (DDP) sum gradients in different orders, which leaves float32 noise of a few 1e-6
+    # (4.4e-6 with DeepSpeed 0.19.8). A wrong update would differ by the size of a step (~1e-3).
     for k in ref:
-        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=2e-6, msg=k)
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=2e-5, msg=k)
     assert meta["model_args"]["hidden_size"] == 64
 
 

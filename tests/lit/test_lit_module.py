@@ -9,14 +9,15 @@ import torch
 from lit_helpers import SyntheticDataModule, collate, tiny_overrides, window
 
 from longcpt.config import load_config
+from longcpt.data import load_tokenizer
 from longcpt.lit.module import LitCausalLM, NonFiniteLossError, batch_stats
-from longcpt.lit.train import build_model, load_tokenizer, tokenizer_info
+from longcpt.lit.train import build_model
 
 
 def make_module(tmp_path: Path, tokenizer_dir: Path, **extra) -> LitCausalLM:
     cfg = load_config(None, tiny_overrides(tmp_path / "run", tokenizer_dir, **extra))
     torch.manual_seed(0)
-    model = build_model(cfg, tokenizer_info(load_tokenizer(str(tokenizer_dir))))
+    model = build_model(cfg, load_tokenizer(str(tokenizer_dir)))
     return LitCausalLM(model, cfg, tokenizer_dir=str(tokenizer_dir))
 
 

@@ -81,9 +81,9 @@ def test_build_optimizer_applies_schedule_per_group():
 
 
 def test_infini_gates_get_their_own_group():
-    from longcpt.model.attention import ATTENTION_KINDS
+    from longcpt.model.attention import KINDS
 
-    if "infini" not in ATTENTION_KINDS:
+    if "infini" not in KINDS:
         pytest.skip("Infini-attention is not in this build")
     args = tiny_model().args
     args.attention = "infini"

@@ -27,10 +27,16 @@ def test_stage3_offload_and_pass_through_settings():
 
 
 def test_keys_owned_by_the_recipe_are_refused_with_the_key_to_use():
-    c = cfg("strategy.name=deepspeed", "strategy.deepspeed={gradient_accumulation_steps: 4, bf16: {enabled: true}}")
-    with pytest.raises(ConfigError) as err:
+    clash = "strategy.deepspeed={gradient_accumulation_steps: 4, bf16: {enabled: true}}"
+    with pytest.raises(ConfigError) as err:  # found by validation, before any Trainer exists
+        cfg("strategy.name=deepspeed", clash, "optim.lr=-1")
+    message = str(err.value)
+    assert "3 problem(s)" in message and "optim.lr=-1" in message  # in one message with the others
+    assert "optim.accumulate_grad_batches" in message and "trainer.precision" in message
+    c = cfg("strategy.name=deepspeed")
+    c.strategy.deepspeed = {"gradient_accumulation_steps": 4}  # a recipe edited in Python after loading
+    with pytest.raises(ConfigError, match="optim.accumulate_grad_batches"):
         deepspeed_config(c)
-    assert "optim.accumulate_grad_batches" in str(err.value) and "trainer.precision" in str(err.value)
 
 
 def test_strategy_per_name_and_accelerator():

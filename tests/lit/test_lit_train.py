@@ -1,5 +1,6 @@
 """`train` in process on synthetic data: run folder, checkpoints, logged metrics, resume switch."""
 
+import dataclasses
 import os
 
 import pytest
@@ -74,21 +75,22 @@ def test_resume_false_starts_over_and_keeps_old_checkpoints(tmp_path, tokenizer_
     assert os.readlink(tmp_path / "run" / "checkpoints" / "last") == "step-00000002.ckpt"
 
 
-def test_unavailable_attention_kind_is_a_clear_error(tmp_path, tokenizer_dir, monkeypatch):
-    from longcpt.model.attention import ATTENTION_KINDS
+def test_inference_only_attention_kind_is_refused_before_training(tmp_path, tokenizer_dir, monkeypatch):
+    from longcpt.model.attention import KINDS
 
-    monkeypatch.delitem(ATTENTION_KINDS, "full")  # as in a build without that kind
-    with pytest.raises(LongcptError, match="attention.kind='full' is not available"):
+    # As an inference-time memory would be: a kind that `longcpt train` must refuse.
+    monkeypatch.setitem(KINDS, "full", dataclasses.replace(KINDS["full"], trainable=False))
+    with pytest.raises(LongcptError, match="attention.kind='full': an inference-time memory, not trainable"):
         run(tmp_path, tokenizer_dir)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before anything was built
 
 
 def test_tokenizer_larger_than_vocab_is_rejected(tmp_path, tokenizer_dir):
     overrides = tiny_overrides(tmp_path / "run", tokenizer_dir)
     overrides = [o.replace("max_position_embeddings: 256", "max_position_embeddings: 256, vocab_size: 50")
                  for o in overrides]
-    cfg = load_config(None, overrides)
     with pytest.raises(LongcptError, match="tokenizer has 96 tokens but the model's vocab_size is 50"):
-        train(cfg, datamodule=SyntheticDataModule(32, 2))
+        load_config(None, overrides)  # found by validation, before anything is built
 
 
 def cli(*args, timeout=600):
@@ -104,9 +106,7 @@ def cli(*args, timeout=600):
 
 @pytest.mark.slow
 def test_cli_trains_the_tiny_cpu_recipe_on_real_data(tmp_path, corpus):
-    from longcpt.model.attention import ATTENTION_KINDS
-
-    kind = "anchor" if "anchor" in ATTENTION_KINDS else "full"
+    kind = "anchor"
     out = tmp_path / "run"
     result = cli("train", "recipes/tiny_cpu.yaml", f"model.tokenizer={corpus['tokenizer']}",
                  f"data.train={corpus['train']}", f"data.val={corpus['val']}", f"trainer.out_dir={out}",

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 import longcpt
 from longcpt.errors import LongcptError
 from longcpt.model import CausalLM, ModelArgs
-from longcpt.model.attention import register
+from longcpt.model.attention import KINDS, KindSpec
 from longcpt.model.attention.document import (
     available_backends,
     document_attention,
@@ -289,7 +289,6 @@ def dense_document_attention(q, k, v, cu_seqlens):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
 
 
-@register("_dense_document_reference")
 class DenseDocumentReference(torch.nn.Module):
     def __init__(self, args, layer_idx):
         super().__init__()
@@ -299,7 +298,9 @@ class DenseDocumentReference(torch.nn.Module):
         return dense_document_attention(q, k, v, ctx.cu_seqlens)
 
 
-def test_model_gradients_equal_the_dense_reference():
+def test_model_gradients_equal_the_dense_reference(monkeypatch):
+    reference = KindSpec("_dense_document_reference", DenseDocumentReference, positions="anchor")
+    monkeypatch.setitem(KINDS, reference.name, reference)
     torch.manual_seed(0)
     args = ModelArgs(
         vocab_size=VOCAB,

@@ -102,7 +102,7 @@ def test_failed_export_leaves_previous_folder_intact(tmp_path, hf, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("longcpt.model.hf_io._write_weights", boom)
+    monkeypatch.setattr("longcpt.export.hf._write_weights", boom)
     with pytest.raises(RuntimeError):
         longcpt.save_pretrained(model, out)
     assert sorted(p.name for p in out.iterdir()) == before

@@ -11,15 +11,11 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
+from longcpt.batch import position_ids
 from longcpt.errors import LongcptError
 from longcpt.model import CausalLM, ModelArgs, from_pretrained
-from longcpt.model.attention import AttentionContext
-from longcpt.model.attention.infini import (
-    InfiniAttention,
-    document_positions,
-    infini_options,
-    plan_segments,
-)
+from longcpt.model.attention import AttentionContext, resolve_options
+from longcpt.model.attention.infini import InfiniAttention, plan_segments
 from longcpt.model.rope import RotaryEmbedding
 
 VOCAB = 64
@@ -87,7 +83,7 @@ def test_packed_documents_shorter_than_a_segment_equal_transformers_per_document
     ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(2))
     cu = torch.tensor([0, 7, 20, 33, 40], dtype=torch.int32)  # row 0: 7 + 13, row 1: 13 + 7
     with torch.no_grad():
-        packed = ours(ids, position_ids=document_positions(cu, 2, 20), cu_seqlens=cu).view(-1, VOCAB)
+        packed = ours(ids, position_ids=position_ids("document", cu, 2, 20), cu_seqlens=cu).view(-1, VOCAB)
         for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
             alone = hf(ids.view(-1)[start:end][None]).logits[0]
             torch.testing.assert_close(packed[start:end], alone, rtol=1e-5, atol=1e-5)
@@ -144,7 +140,7 @@ def reference_infini(q, k, v, gate, segment_len, delta):
 def test_core_equals_the_equations_over_several_segments(memory_update):
     args = ModelArgs(vocab_size=8, hidden_size=32, intermediate_size=8, num_hidden_layers=1, num_attention_heads=4,
                      num_key_value_heads=2, head_dim=8, attention="infini",
-                     attention_options={"segment_len": 6, "memory_update": memory_update})
+                     attention_options=resolve_options("infini", {"segment_len": 6, "memory_update": memory_update}))
     core = InfiniAttention(args, 0)
     core.gate.data = torch.tensor([-3.0, -0.5, 0.5, 3.0])
     g = torch.Generator().manual_seed(3)
@@ -166,9 +162,9 @@ def test_core_equals_the_equations_over_several_segments(memory_update):
 # Documents and segments.
 
 
-def test_document_positions_and_plan_follow_their_docstring_examples():
+def test_plan_follows_its_docstring_example():
     cu = torch.tensor([0, 4, 6], dtype=torch.int32)
-    assert document_positions(cu, 1, 6).tolist() == [[0, 1, 2, 3, 0, 1]]
+    assert position_ids("document", cu, 1, 6).tolist() == [[0, 1, 2, 3, 0, 1]]
     plan = plan_segments(torch.arange(2, 9)[None], None, 4)
     pieces = [[(grp.offset, grp.index.tolist()) for grp in step] for step in plan.steps]
     assert pieces == [[(2, [[0, 1]])], [(0, [[2, 3, 4, 5]])], [(0, [[6]])]]
@@ -177,7 +173,7 @@ def test_document_positions_and_plan_follow_their_docstring_examples():
 
 def test_packed_plan_groups_equal_pieces_and_restores_order():
     cu = torch.tensor([0, 5, 8, 16], dtype=torch.int32)  # one row: documents of 5, 3 and 8 tokens
-    plan = plan_segments(document_positions(cu, 1, 16), cu, 4)
+    plan = plan_segments(position_ids("document", cu, 1, 16), cu, 4)
     assert plan.n_streams == 3
     assert [[(grp.streams, grp.length) for grp in step] for step in plan.steps] == [
         [((0, 2), 4), ((1,), 3)],  # first pieces: doc 0 and doc 2 are 4 long, doc 1 is 3 long
@@ -192,7 +188,7 @@ def test_no_information_crosses_a_document_boundary():
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(0, VOCAB, (2, 30), generator=g)
     cu = torch.tensor([0, 11, 30, 47, 60], dtype=torch.int32)  # documents of 11, 19, 17 and 13 tokens
-    positions = document_positions(cu, 2, 30)  # restarting at 0 in every document
+    positions = position_ids("document", cu, 2, 30)  # restarting at 0 in every document
     with torch.no_grad():
         packed = model(ids, position_ids=positions, cu_seqlens=cu).view(-1, VOCAB)
         flat = ids.view(-1)
@@ -275,11 +271,13 @@ def test_misused_state_and_positions_fail_with_a_message():
 
 def test_options_are_checked_with_every_problem_named():
     with pytest.raises(LongcptError) as err:
-        infini_options({"segment_len": 0, "memory_update": "fast", "segmnet_len": 4, "gate_init": float("nan")})
+        resolve_options("infini", {"segment_len": 0, "memory_update": "fast", "segmnet_len": 4, "gate_init": float("nan")})
     message = str(err.value)
-    for part in ("segment_len=0", "memory_update='fast'", "'segmnet_len'", "gate_init=nan"):
+    for part in ("segment_len=0", "memory_update='fast'", "segmnet_len: not an option", "gate_init=nan"):
         assert part in message
-    assert infini_options({"segment_len": 4})["memory_update"] == "delta"
+    assert resolve_options("infini", {"segment_len": 4})["memory_update"] == "delta"
+    with pytest.raises(LongcptError, match="segment_len=0"):  # a model is never built with bad options
+        tiny_infini(segment_len=0)
 
 
 # ----------------------------------------------------------------------------------------------

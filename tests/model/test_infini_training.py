@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from longcpt.batch import position_ids
 from longcpt.config import load_config
 from longcpt.errors import LongcptError
 from longcpt.model import CausalLM, ModelArgs
-from longcpt.model.attention.infini import InfiniAttention, document_positions
+from longcpt.model.attention.infini import InfiniAttention
 from longcpt.model.infini import gate_stats, gate_values
 
 VOCAB = 64
@@ -40,7 +41,7 @@ def packed_batch(seed: int = 0):
     cu = torch.tensor([0, 19, 40, 48, 51, 80], dtype=torch.int32)
     labels = torch.randint(0, VOCAB, (2, 40), generator=g)
     labels.view(-1)[cu[1:].long() - 1] = -100  # the last token of a document predicts nothing
-    return ids, labels, document_positions(cu, 2, 40), cu
+    return ids, labels, position_ids("document", cu, 2, 40), cu
 
 
 def layer_major_loss(model, ids, labels, positions, cu):
@@ -210,8 +211,8 @@ def test_one_backward_under_lightning_automatic_optimisation():
 def test_infini_recipes_validate(recipe):
     cfg = load_config(REPO / "recipes" / recipe)
     assert cfg.attention.kind == "infini"
-    assert cfg.attention.bptt_segments >= 2
-    assert cfg.data.seq_len % cfg.attention.segment_len == 0 and cfg.data.seq_len > cfg.attention.segment_len
+    assert cfg.attention.options["bptt_segments"] >= 2
+    assert cfg.data.seq_len % cfg.attention.options["segment_len"] == 0 and cfg.data.seq_len > cfg.attention.options["segment_len"]
 
 
 @pytest.mark.gpu

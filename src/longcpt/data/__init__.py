@@ -1,9 +1,10 @@
-"""Packed multi-document data: preparation, packing, collation, DataModules (SPEC sections 3, 6).
+"""Packed multi-document data: preparation, packing, collation, DataModules (docs/reference.md).
 
     raw text --records.py--> validated records --tokenizer.py / prepare.py--> tokenized data set
         --mix.py--> mixed data set --stream.py (packing.py)--> windows --collate.py--> batches
         --datamodule.py--> Lightning
 
+The batch format itself (labels, cu_seqlens, position rules) is `longcpt.batch`.
 Names are imported lazily, so the `data_prep/` scripts start without loading torch.
 """
 
@@ -14,8 +15,6 @@ import importlib
 _EXPORTS = {
     "pack_documents": "packing",
     "plan_windows": "packing",
-    "position_ids_for": "collate",
-    "cu_seqlens_for": "collate",
     "collate_windows": "collate",
     "Collator": "collate",
     "load_tokenizer": "tokenizer",

@@ -97,8 +97,47 @@ class _TrainWindows(IterableDataset):
                 yield materialize_window(pieces, self.store.__getitem__, self.stream.seq_len, **self.ids)
 
 
+class ResumableDataModule(L.LightningDataModule):
+    """Exact resume for DataModules that read one endless stream per rank (see the module docstring).
+
+    Subclasses set `micro_batch_size`, `rank` and `world_size`, start their loader at
+    `consumed_samples()`, and describe their stream in `stream_identity()`: a checkpoint whose
+    stream differs (another seed, world size, data set) resumes with a warning naming what changed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.micro_batch_size, self.rank, self.world_size = 1, 0, 1
+        self._resumed_at = (0, 0)  # (samples consumed, global step) at the last load_state_dict
+
+    def stream_identity(self) -> dict[str, Any]:
+        """What must be equal for a resumed stream to continue exactly where it stopped."""
+        return {"world_size": self.world_size}
+
+    def consumed_samples(self) -> int:
+        """Samples of this rank's stream consumed by completed optimizer steps."""
+        consumed, step = self._resumed_at
+        if self.trainer is None:
+            return consumed
+        per_step = self.trainer.accumulate_grad_batches * self.micro_batch_size
+        return consumed + (self.trainer.global_step - step) * per_step
+
+    def state_dict(self) -> dict[str, Any]:
+        step = self.trainer.global_step if self.trainer is not None else self._resumed_at[1]
+        return {"consumed_samples": self.consumed_samples(), "global_step": step, **self.stream_identity()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resumed_at = (int(state["consumed_samples"]), int(state["global_step"]))
+        now = self.stream_identity()
+        changed = [f"{k} {state.get(k)} -> {v}" for k, v in now.items() if state.get(k) is not None and state.get(k) != v]
+        if changed:
+            warnings.warn("resuming with a different data stream (" + "; ".join(changed) + "): training continues "
+                          f"after sample {self._resumed_at[0]} of the new stream, not exactly where it stopped",
+                          stacklevel=2)
+
+
 @register_datamodule("pretrain")
-class PretrainDataModule(L.LightningDataModule):
+class PretrainDataModule(ResumableDataModule):
     """Packed pretraining windows: deterministic from the seed, sharded by rank, exactly resumable.
 
     Args:
@@ -138,8 +177,6 @@ class PretrainDataModule(L.LightningDataModule):
         self.num_workers, self.val_batches, self.seed, self.bfd_buffer = num_workers, val_batches, seed, bfd_buffer
         self.ids = {"bos_id": bos_id, "eos_id": eos_id, "pad_id": pad_id}
         self.collator = Collator(attention_kind)
-        self.rank, self.world_size = 0, 1
-        self._resumed_at = (0, 0)  # (windows consumed, global step) at the last load_state_dict
         self._train_store: TokenStore | None = None
         self._val_windows: list[dict] | None = None
 
@@ -147,8 +184,6 @@ class PretrainDataModule(L.LightningDataModule):
     def from_config(cls, cfg, tokenizer) -> PretrainDataModule:
         """Build from a recipe (`data.*`, `trainer.seed`, `attention.kind`) and its tokenizer."""
         d = cfg.data
-        if d.train is None:
-            raise LongcptError("data.train=null: set it to a prepared data set (python data_prep/prepare_corpus.py ...)")
         return cls(d.train, d.val, seq_len=d.seq_len, packing=d.packing, micro_batch_size=d.micro_batch_size,
                    num_workers=d.num_workers, val_batches=d.val_batches, seed=cfg.trainer.seed,
                    attention_kind=cfg.attention.kind, bfd_buffer=d.bfd_buffer,
@@ -164,36 +199,9 @@ class PretrainDataModule(L.LightningDataModule):
             world_size=self.world_size, buffer_size=self.bfd_buffer,
         )
 
-    # ---- resume bookkeeping ------------------------------------------------------------------
-
-    def consumed_samples(self) -> int:
-        """Windows of this rank's stream consumed by completed optimizer steps (see module doc)."""
-        consumed, step = self._resumed_at
-        if self.trainer is None:
-            return consumed
-        per_step = self.trainer.accumulate_grad_batches * self.micro_batch_size
-        return consumed + (self.trainer.global_step - step) * per_step
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "consumed_samples": self.consumed_samples(),
-            "global_step": self.trainer.global_step if self.trainer is not None else self._resumed_at[1],
-            "seed": self.seed,
-            "world_size": self.world_size,
-            "seq_len": self.seq_len,
-            "packing": self.packing,
-            "num_documents": len(self._train_store) if self._train_store is not None else None,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._resumed_at = (int(state["consumed_samples"]), int(state["global_step"]))
-        now = {"seed": self.seed, "world_size": self.world_size, "seq_len": self.seq_len, "packing": self.packing,
-               "num_documents": len(self._train_store) if self._train_store is not None else None}
-        changed = [f"{k} {state.get(k)} -> {v}" for k, v in now.items() if state.get(k) is not None and state.get(k) != v]
-        if changed:
-            warnings.warn("resuming with a different data stream (" + "; ".join(changed) + "): training continues "
-                          f"after window {self._resumed_at[0]} of the new stream, not exactly where it stopped",
-                          stacklevel=2)
+    def stream_identity(self) -> dict[str, Any]:
+        return {"seed": self.seed, "world_size": self.world_size, "seq_len": self.seq_len, "packing": self.packing,
+                "num_documents": len(self._train_store) if self._train_store is not None else None}
 
     # ---- loaders -----------------------------------------------------------------------------
 

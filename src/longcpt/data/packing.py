@@ -30,10 +30,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from longcpt.batch import IGNORE_INDEX
 from longcpt.errors import LongcptError
 
-STRATEGIES = ("chunk", "bfd")
-IGNORE_INDEX = -100  # label of tokens that predict nothing (cross-entropy's ignore_index)
+PACKING_STRATEGIES = ("chunk", "bfd")
 DEFAULT_BFD_BUFFER = 1024  # documents sorted and placed together by `bfd`
 
 
@@ -51,8 +51,8 @@ class Piece(NamedTuple):
 
 
 def _check(seq_len: int, strategy: str, buffer_size: int) -> None:
-    if strategy not in STRATEGIES:
-        raise LongcptError(f"packing strategy {strategy!r}: must be one of {', '.join(STRATEGIES)} "
+    if strategy not in PACKING_STRATEGIES:
+        raise LongcptError(f"packing strategy {strategy!r}: must be one of {', '.join(PACKING_STRATEGIES)} "
                            "(data.packing in the recipe)")
     if seq_len < 2:
         raise LongcptError(f"seq_len={seq_len}: must be >= 2 (a window needs room for BOS and one token)")

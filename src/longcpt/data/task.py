@@ -26,14 +26,14 @@ import itertools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from longcpt.batch import IGNORE_INDEX
 from longcpt.data.collate import Collator
+from longcpt.data.datamodule import ResumableDataModule
 from longcpt.errors import LongcptError
 
-IGNORE_INDEX = -100
 Pairs = list[tuple[list[int], list[int]]]
 
 
@@ -104,7 +104,7 @@ class _TaskRows(IterableDataset):
                 yield self.row(prompt, target)
 
 
-class TaskDataModule(L.LightningDataModule):
+class TaskDataModule(ResumableDataModule):
     """DataModule over (prompt, target) pairs: seeded order, sharded by rank, exactly resumable.
 
     Args:
@@ -114,15 +114,13 @@ class TaskDataModule(L.LightningDataModule):
         load_pairs: `load_pairs(path, seq_len)` reads a data path into (prompt_ids, target_ids)
             pairs that fit `seq_len` (truncating or failing as the task decides).
 
-    Resume follows `PretrainDataModule`: the state holds the examples this rank consumed, counted
+    Resume is `ResumableDataModule`'s: the state holds the examples this rank consumed, counted
     from completed optimizer steps (workers prefetch, so fetched batches would overcount).
     """
 
     def __init__(self, cfg, tokenizer, load_pairs: Callable[[str, int], Pairs]):
         super().__init__()
         d = cfg.data
-        if d.train is None:
-            raise LongcptError(f"data.train=null: data.task={d.task} needs its examples file or folder")
         self.cfg, self.load_pairs = cfg, load_pairs
         self.seq_len, self.micro_batch_size, self.seed = d.seq_len, d.micro_batch_size, cfg.trainer.seed
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -132,8 +130,6 @@ class TaskDataModule(L.LightningDataModule):
         # (prompt, target) -> row; a partial, so DataLoader workers can pickle it.
         self._row = functools.partial(answer_only_row, seq_len=d.seq_len, pad_id=pad, train_on_input=d.train_on_input)
         self.collator = Collator(cfg.attention.kind)
-        self.rank, self.world_size = 0, 1
-        self._resumed_at = (0, 0)  # (examples consumed, global step) at the last load_state_dict
         self.train_pairs: Pairs | None = None
         self.val_pairs: Pairs | None = None
 
@@ -146,23 +142,9 @@ class TaskDataModule(L.LightningDataModule):
         if self.val_pairs is None and d.val:
             self.val_pairs = self.load_pairs(d.val, d.seq_len)
 
-    def consumed_samples(self) -> int:
-        consumed, step = self._resumed_at
-        if self.trainer is None:
-            return consumed
-        per_step = self.trainer.accumulate_grad_batches * self.micro_batch_size
-        return consumed + (self.trainer.global_step - step) * per_step
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "consumed_samples": self.consumed_samples(),
-            "global_step": self.trainer.global_step if self.trainer is not None else self._resumed_at[1],
-            "seed": self.seed,
-            "world_size": self.world_size,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._resumed_at = (int(state["consumed_samples"]), int(state["global_step"]))
+    def stream_identity(self) -> dict[str, Any]:
+        n = len(self.train_pairs) if self.train_pairs is not None else None
+        return {"seed": self.seed, "world_size": self.world_size, "seq_len": self.seq_len, "examples": n}
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")

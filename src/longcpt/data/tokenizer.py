@@ -10,6 +10,7 @@ BOS/EOS itself.
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -146,6 +147,28 @@ def load_tokenizer(path: str | Path):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # pads carry label -100, so their id never matters for the loss
     return tok
+
+
+# Files a Hugging Face tokenizer folder may hold (copied into run folders and exports).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[Path]:
+    """Copy the tokenizer files of folder `src` into folder `dst`; returns the copies (may be none)."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            copied.append(Path(shutil.copy2(Path(src) / name, Path(dst) / name)))
+    return copied
 
 
 def special_ids(tokenizer) -> dict[str, int]:

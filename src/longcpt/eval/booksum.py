@@ -31,12 +31,13 @@ import torch
 
 from longcpt.errors import LongcptError
 from longcpt.fsio import atomic_write_json
-from longcpt.model.generation import DEFAULT_PREFILL_CHUNK, generate
+from longcpt.model.generation import DEFAULT_PREFILL_CHUNK, generate, kv_kept
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 # Settings that must match for a resumed run to continue the same predictions file.
-RUN_KEYS = ("model", "data", "max_input_tokens", "max_new_tokens", "temperature", "top_p", "seed")
+RUN_KEYS = ("model", "data", "max_input_tokens", "max_new_tokens", "temperature", "top_p", "seed", "rope_scaling",
+            "attention", "attention_options")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,11 +190,12 @@ def evaluate_booksum(
                 used += n
                 progress.advance(task, n)
 
+            state: dict = {}
             generated = generate(
                 model, torch.tensor([ids]), settings["max_new_tokens"],
                 temperature=settings["temperature"], top_p=settings["top_p"], eos_id=tokenizer.eos_token_id,
                 prefill_chunk=prefill_chunk, generator=example_generator(settings["seed"], row["id"]),
-                progress=advance if progress else None,
+                progress=advance if progress else None, state=state,
             )[0].tolist()
             if progress:  # stopped early at EOS: count the budget it did not use
                 progress.advance(task, len(ids) + settings["max_new_tokens"] - used)
@@ -201,11 +203,14 @@ def evaluate_booksum(
             done[row["id"]] = {
                 "id": row["id"], "prediction": prediction, "reference": row["summary"],
                 "references": row["references"], "input_tokens": len(ids), "truncated": truncated,
-                "generated_tokens": len(generated),
+                "generated_tokens": len(generated), "kv_kept": kv_kept(state),
             }
             append_row(f, done[row["id"]])
     scored = [done[r["id"]] for r in rows]
     result = rouge_scores([r["prediction"] for r in scored], [r["references"] for r in scored])
+    kept = [r["kv_kept"] for r in scored if r.get("kv_kept") is not None]
+    result.update({k: settings.get(k) for k in ("attention", "attention_options")},
+                  kv_kept=sum(kept) / len(kept) if kept else None)
     atomic_write_json(output / "rouge.json", result)
     return result
 
@@ -213,7 +218,7 @@ def evaluate_booksum(
 def run(args) -> int:
     """The `longcpt eval booksum` command."""
     from longcpt.data.booksum import load_booksum
-    from longcpt.eval.loading import load_model_and_tokenizer
+    from longcpt.eval.loading import load_for_eval
     from longcpt.eval.progress import token_progress
 
     problems = []
@@ -224,12 +229,11 @@ def run(args) -> int:
     if problems:
         raise LongcptError("; ".join(problems))
     dataset = load_booksum(args.data)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.rope_scaling)
+    model, tokenizer, model_settings = load_for_eval(args)
     settings = {
-        "model": str(Path(args.model).resolve()), "data": str(Path(args.data).resolve()),
+        **model_settings, "model": str(Path(args.model).resolve()), "data": str(Path(args.data).resolve()),
         "max_input_tokens": args.max_input_tokens, "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed, "limit": args.limit,
-        "rope_scaling": args.rope_scaling,
     }
     with token_progress() as progress:
         result = evaluate_booksum(model, tokenizer, dataset, args.output, settings, args.prefill_chunk, progress)

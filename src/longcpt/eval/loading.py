@@ -16,12 +16,15 @@ from pathlib import Path
 from longcpt.errors import LongcptError
 
 
-def model_label(path: str | Path, rope_scaling: dict | None = None) -> str:
+def model_label(path: str | Path, rope_scaling: dict | None = None, attention: str | None = None) -> str:
     """A short name for figure titles: the folder and its parent, since exports are mostly `.../hf`.
 
-    Example: ("runs/passkey_ft/hf", {"rope_type": "dynamic", "factor": 1.0}) -> "passkey_ft/hf, rope dynamic x1.0".
+    Example: ("runs/passkey_ft/hf", {"rope_type": "dynamic", "factor": 1.0}, "infllm") ->
+    "passkey_ft/hf (infllm), rope dynamic x1.0"; the kind is named unless it is `full`/`infini`.
     """
     label = "/".join(Path(path).parts[-2:])
+    if attention not in (None, "full", "infini"):
+        label += f" ({attention})"
     if rope_scaling:
         label += f", rope {rope_scaling.get('rope_type', rope_scaling.get('type', '?'))} x{rope_scaling.get('factor', '?')}"
     return label
@@ -47,22 +50,49 @@ def load_tokenizer(path: str | Path):
         ) from None
 
 
-def load_model_and_tokenizer(path: str | Path, rope_scaling: dict | None = None):
+def load_for_eval(args) -> tuple:
+    """`(model, tokenizer, settings)` for an evaluation command's arguments.
+
+    `settings` is what every output JSON records about the model: `model`, `rope_scaling`,
+    `attention` and `attention_options` (resolved, defaults included).
+
+    Raises:
+        LongcptError: see `load_model_and_tokenizer`.
+    """
+    attention, options = getattr(args, "attention", None), getattr(args, "attention_options", None) or {}
+    model, tokenizer = load_model_and_tokenizer(args.model, args.rope_scaling, attention, options)
+    settings = {"model": str(args.model), "rope_scaling": args.rope_scaling, "attention": model.args.attention,
+                "attention_options": dict(model.args.attention_options)}
+    return model, tokenizer, settings
+
+
+def load_model_and_tokenizer(
+    path: str | Path, rope_scaling: dict | None = None, attention: str | None = None, attention_options: dict | None = None
+):
     """`(model, tokenizer)` from an exported folder or a training checkpoint; eval mode, CPU.
 
     Args:
         path: the `--model` argument.
         rope_scaling: `--rope-scaling`, an HF rope_scaling dict replacing the folder's (training-free
             context extension, e.g. {"rope_type": "dynamic", "factor": 1.0}); exported folders only.
+        attention: `--attention`, the kind to run the model with (default: the folder's, `full`
+            for plain HF folders; an inference-time memory such as `infllm` applies to any softmax model).
+        attention_options: `--attention-options`, that kind's options by name.
 
     Raises:
-        LongcptError: missing folder, config, weights or tokenizer; a bad rope_scaling.
+        LongcptError: missing folder, config, weights or tokenizer; a bad rope_scaling; an unknown
+            kind or option (named).
     """
     from longcpt.model import from_pretrained
+    from longcpt.model.attention import resolve_options
 
     path = Path(path)
+    options = dict(attention_options or {})
+    if attention is not None:
+        resolve_options(attention, options, prefix="--attention-options ")  # named as the user typed them
     if path.is_dir() and (path / "config.json").is_file():
-        return from_pretrained(path, rope_scaling=rope_scaling).eval(), load_tokenizer(path)
+        model = from_pretrained(path, attention=attention, rope_scaling=rope_scaling, **options)
+        return model.eval(), load_tokenizer(path)
     if not path.exists():
         raise LongcptError(f"--model {path}: does not exist (pass an exported model folder or a training checkpoint)")
     if rope_scaling is not None:
@@ -71,7 +101,7 @@ def load_model_and_tokenizer(path: str | Path, rope_scaling: dict | None = None)
     from longcpt.export.convert import find_tokenizer, load_model, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(path)
-    model, meta = load_model(checkpoint, for_inference=True)
+    model, meta = load_model(checkpoint, for_inference=True, attention=attention, attention_options=options)
     tok_dir = find_tokenizer(checkpoint, meta)
     if tok_dir is None:
         raise LongcptError(f"--model {path}: no tokenizer recorded with the checkpoint; export it with "

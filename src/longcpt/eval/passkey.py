@@ -8,7 +8,7 @@ decoded greedily; a trial is correct when the first integer of the generated tex
 as one batch (up to `batch_tokens` tokens). Long prompts are fed in chunks through the model's
 state (`longcpt.model.generation`): a KV cache for `full`, bounded memory for Infini-attention.
 
-Outputs (SPEC section 2): `OUT/passkey.json` = {"results": [{"length", "depth", "accuracy",
+Outputs: `OUT/passkey.json` = {"results": [{"length", "depth", "accuracy",
 "trials"}, ...], "samples": [...], ...} and the heatmap `OUT/passkey.png` (x length, y depth).
 """
 
@@ -23,7 +23,7 @@ import torch
 from longcpt.data.passkey import PasskeyPromptBuilder, passkey_key
 from longcpt.errors import LongcptError
 from longcpt.fsio import atomic_write_json
-from longcpt.model.generation import DEFAULT_PREFILL_CHUNK, generate
+from longcpt.model.generation import DEFAULT_PREFILL_CHUNK, generate, kv_kept
 
 _INTEGER = re.compile(r"\d+")
 
@@ -80,7 +80,8 @@ def evaluate_passkey(
 
     Returns:
         {"results": [{"length", "depth", "accuracy", "trials"}], "samples": [...],
-        "by_length": {length: accuracy}, "seconds", "tokens_per_second", ...}.
+        "by_length": {length: accuracy}, "seconds", "tokens_per_second", "kv_kept" (mean share of
+        the KV cache an evicting kind kept, else None), ...}.
 
     Raises:
         LongcptError: a length too short for the tokenizer or a depth outside [0, 1].
@@ -89,7 +90,7 @@ def evaluate_passkey(
     check_sweep(lengths, depths, builder.min_length)
     eos = tokenizer.eos_token_id
     task = progress.add_task("passkey", total=sum(lengths) * len(depths) * trials) if progress else None
-    results, samples = [], []
+    results, samples, kept = [], [], []
     start, tokens = time.perf_counter(), 0
     for length in lengths:
         per_batch = max(1, batch_tokens // length)
@@ -100,7 +101,10 @@ def evaluate_passkey(
                 group = examples[first : first + per_batch]
                 ids = torch.tensor([ex.input_ids for ex in group])  # (B, length)
                 new_tokens = max(len(ex.answer_ids) for ex in group) + 3
-                out = generate(model, ids, new_tokens, eos_id=eos, prefill_chunk=prefill_chunk)  # (B, N)
+                state: dict = {}
+                out = generate(model, ids, new_tokens, eos_id=eos, prefill_chunk=prefill_chunk, state=state)  # (B, N)
+                if (share := kv_kept(state)) is not None:
+                    kept.append(share)
                 for trial, (ex, row) in enumerate(zip(group, out.tolist()), first):
                     text = tokenizer.decode(row, skip_special_tokens=True)
                     ok = first_integer(text) == ex.key
@@ -126,6 +130,7 @@ def evaluate_passkey(
         "split_digits": split_digits,
         "seconds": round(seconds, 2),
         "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
+        "kv_kept": sum(kept) / len(kept) if kept else None,
         "samples": samples,
     }
 
@@ -145,10 +150,10 @@ def write_passkey_outputs(report: dict, output: str | Path, title: str) -> tuple
 
 def run(args) -> int:
     """The `longcpt eval passkey` command."""
-    from longcpt.eval.loading import load_model_and_tokenizer, model_label
+    from longcpt.eval.loading import load_for_eval, model_label
     from longcpt.eval.progress import token_progress
 
-    model, tokenizer = load_model_and_tokenizer(args.model, args.rope_scaling)
+    model, tokenizer, settings = load_for_eval(args)
     split = getattr(args, "split_digits", False)
     check_sweep(args.lengths, args.depths, PasskeyPromptBuilder(tokenizer, split_digits=split).min_length)
     with token_progress() as progress:
@@ -156,8 +161,8 @@ def run(args) -> int:
             model, tokenizer, args.lengths, args.depths, args.trials, seed=args.seed,
             prefill_chunk=args.prefill_chunk, progress=progress, split_digits=split,
         )
-    report.update(model=str(args.model), rope_scaling=args.rope_scaling)
-    label = model_label(args.model, args.rope_scaling)
+    report.update(settings)
+    label = model_label(args.model, args.rope_scaling, settings["attention"])
     title = f"passkey: {label}, {args.trials} trials per cell, mean {report['accuracy']:.0%}"
     json_path, png_path = write_passkey_outputs(report, args.output, title)
     for n, acc in report["by_length"].items():

@@ -13,7 +13,7 @@ Data: a prepared corpus folder (`data_prep/prepare_corpus.py`: a `datasets` fold
 `input_ids` column; a `text` column is tokenized with the model's tokenizer) or a `.jsonl` file
 with a `text` field.
 
-Outputs (SPEC section 2): `OUT/ppl.json` = {"buckets": [{"start", "end", "ppl", "tokens"}, ...],
+Outputs: `OUT/ppl.json` = {"buckets": [{"start", "end", "ppl", "tokens"}, ...],
 "ppl", "n_docs", ...} and the plot `OUT/ppl.png`.
 """
 
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from longcpt.errors import LongcptError
 from longcpt.fsio import atomic_write_json
-from longcpt.model.generation import DEFAULT_PREFILL_CHUNK, forward_chunks
+from longcpt.model.generation import DEFAULT_PREFILL_CHUNK, forward_chunks, kv_kept
 
 LOGIT_CHUNK = 1024  # hidden states turned into logits this many at a time ((t, V) float32 each)
 
@@ -96,12 +96,15 @@ def load_documents(path: str | Path, tokenizer, min_tokens: int, max_docs: int) 
 
 
 @torch.inference_mode()
-def token_losses(model, ids: torch.Tensor, chunk: int = DEFAULT_PREFILL_CHUNK, progress=None) -> torch.Tensor:
+def token_losses(
+    model, ids: torch.Tensor, chunk: int = DEFAULT_PREFILL_CHUNK, progress=None, state: dict | None = None
+) -> torch.Tensor:
     """Next-token losses (T-1,) of one sequence `ids` (T,), read in chunks through the model's state.
 
-    Loss i is that of predicting token i+1 from tokens 0..i.
+    Loss i is that of predicting token i+1 from tokens 0..i. `state` (an empty dict) lets the caller
+    inspect the attention cores' state afterwards.
     """
-    state: dict = {}
+    state = {} if state is None else state
     losses = []
     targets = ids[1:]
     for offset, hidden in forward_chunks(model, ids[None], state, chunk):  # hidden (1, t, C)
@@ -136,11 +139,14 @@ def evaluate_ppl(model, tokenizer, docs: list[list[int]], seq_len: int, width: i
     """Per-bucket and overall perplexity of the first `seq_len` tokens (BOS first) of each doc."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     task = progress.add_task("ppl", total=seq_len * len(docs)) if progress else None
-    losses, start = [], time.perf_counter()
+    losses, kept, start = [], [], time.perf_counter()
     for doc in docs:
         ids = torch.tensor((bos + doc)[:seq_len])
         advance = (lambda n: progress.advance(task, n)) if progress else None
-        losses.append(token_losses(model, ids, chunk, advance))
+        state: dict = {}
+        losses.append(token_losses(model, ids, chunk, advance, state))
+        if (share := kv_kept(state)) is not None:
+            kept.append(share)
     seconds = time.perf_counter() - start
     overall = math.exp(torch.cat(losses).double().mean().item())
     return {
@@ -150,27 +156,28 @@ def evaluate_ppl(model, tokenizer, docs: list[list[int]], seq_len: int, width: i
         "seq_len": seq_len,
         "bucket": width,
         "tokens_per_second": round(seq_len * len(docs) / seconds, 1) if seconds > 0 else None,
+        "kv_kept": sum(kept) / len(kept) if kept else None,
     }
 
 
 def run(args) -> int:
     """The `longcpt eval ppl` command."""
     from longcpt.eval.figures import ppl_plot
-    from longcpt.eval.loading import load_model_and_tokenizer, model_label
+    from longcpt.eval.loading import load_for_eval, model_label
     from longcpt.eval.progress import token_progress
 
     if args.seq_len < 2:
         raise LongcptError(f"--seq-len {args.seq_len}: must be >= 2")
     width = args.bucket or -(-args.seq_len // 8)  # 8 buckets by default
-    model, tokenizer = load_model_and_tokenizer(args.model, args.rope_scaling)
+    model, tokenizer, settings = load_for_eval(args)
     bos = 1 if tokenizer.bos_token_id is not None else 0
     docs, _ = load_documents(args.data, tokenizer, args.seq_len - bos, args.max_docs)
     with token_progress() as progress:
         report = evaluate_ppl(model, tokenizer, docs, args.seq_len, width, args.chunk, progress)
-    report.update(model=str(args.model), data=str(args.data), rope_scaling=args.rope_scaling)
+    report.update(settings, data=str(args.data))
     output = Path(args.output)
     json_path = atomic_write_json(output / "ppl.json", report)
-    title = f"{model_label(args.model, args.rope_scaling)}: perplexity by position ({report['n_docs']} docs of {args.seq_len} tokens)"
+    title = f"{model_label(args.model, args.rope_scaling, settings['attention'])}: perplexity by position ({report['n_docs']} docs of {args.seq_len} tokens)"
     png_path = ppl_plot(report["buckets"], title, output / "ppl.png")
     for b in report["buckets"]:
         print(f"tokens {b['start']:>8} - {b['end']:<8} ppl {b['ppl']:.3f}")

@@ -8,7 +8,7 @@ CHECKPOINT may be
 
 Every longcpt checkpoint carries what is needed to rebuild the model without the recipe
 (`LitCausalLM.checkpoint_metadata`: architecture, attention kind, precision, tokenizer folder).
-The folder is written by `longcpt.save_pretrained`, so it is what SPEC section 7 describes and
+The folder is written by `longcpt.save_pretrained`, so it is what docs/reference.md describes and
 loads in plain `transformers.AutoModelForCausalLM`. The default dtype is the one the weights were
 trained in: bfloat16 for `bf16-true` runs, else the float32 master weights.
 """
@@ -107,7 +107,10 @@ def _read_deepspeed(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     return state, client
 
 
-def load_model(checkpoint: str | os.PathLike, for_inference: bool = False):
+def load_model(
+    checkpoint: str | os.PathLike, for_inference: bool = False, attention: str | None = None,
+    attention_options: dict | None = None,
+):
     """A longcpt `CausalLM` (float32, CPU) from a training checkpoint, plus the checkpoint metadata.
 
     Evaluation uses this to accept checkpoints where an HF folder is expected.
@@ -116,15 +119,31 @@ def load_model(checkpoint: str | os.PathLike, for_inference: bool = False):
         checkpoint: a .ckpt file, DeepSpeed folder or run folder (`resolve_checkpoint`).
         for_inference: run `anchor`/`intra_doc` models as `full` (the same function on one
             document, and the kind with a KV cache for generation), as their HF exports do.
+        attention, attention_options: run the model with this kind instead (an inference-time
+            memory on a softmax model, say).
+
+    Raises:
+        LongcptError: an unreadable checkpoint, or a kind that cannot apply to the model.
     """
+    from longcpt.model.attention import kind_spec
     from longcpt.model.config import ModelArgs
     from longcpt.model.hf_io import build_model
 
     path = resolve_checkpoint(checkpoint)
     state, meta = read_checkpoint(path)
     args = ModelArgs(**meta["model_args"])
+    # Checkpoints of longcpt 0.1 recorded the Infini options whatever the kind: keep the kind's own.
+    args.attention_options = {k: v for k, v in args.attention_options.items() if k in kind_spec(args.attention).options}
     if for_inference and args.attention in ("anchor", "intra_doc"):
         args.attention, args.attention_options = "full", {}
+    if attention is not None and attention != args.attention:
+        if args.attention == "infini" and kind_spec(attention).inference_memory:
+            raise LongcptError(f"{path}: attention={attention!r} applies to softmax-attention models; this "
+                               "checkpoint is an Infini model, whose memory is already constant in length")
+        state = {k: v for k, v in state.items() if not k.endswith(".core.gate")}
+        args.attention, args.attention_options = attention, dict(attention_options or {})
+    elif attention_options:
+        args.attention_options = {**args.attention_options, **attention_options}
     model = build_model(args, {k: v.float() for k, v in state.items()}, source=str(path))
     return model.eval(), meta
 
@@ -162,7 +181,7 @@ def export_checkpoint(
         LongcptError: unreadable checkpoint, no tokenizer found, or a tokenizer larger than the
             embedding matrix.
     """
-    from longcpt.model.hf_io import save_pretrained
+    from longcpt.export.hf import save_pretrained
 
     path = resolve_checkpoint(checkpoint)
     model, meta = load_model(path)

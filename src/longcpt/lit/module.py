@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 import longcpt
+from longcpt.batch import IGNORE_INDEX
 from longcpt.config import Config
 from longcpt.errors import LongcptError
 from longcpt.lit.optim import build_optimizer
 from longcpt.model.llama import CausalLM
-from longcpt.model.loss import IGNORE_INDEX
 
 # Key of our metadata inside every checkpoint (Lightning .ckpt and DeepSpeed client state).
 CHECKPOINT_KEY = "longcpt"

@@ -2,7 +2,7 @@
 
     longcpt train recipes/tiny_cpu.yaml trainer.max_steps=50
 
-What a run directory (`trainer.out_dir`) holds (SPEC section 4):
+What a run directory (`trainer.out_dir`) holds:
 
     config.yaml      the resolved recipe of the latest launch
     tokenizer/       copy of the tokenizer (export and evaluation use it)
@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from longcpt.config import Config, load_config, save_config
+from longcpt.config import Config, load_config, save_config, validate
 from longcpt.errors import LongcptError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -44,70 +43,34 @@ class TrainResult:
     requeued: bool
 
 
-@dataclass
-class TokenizerInfo:
-    vocab_size: int
-    bos_token_id: int | None
-    eos_token_id: int | None
-    pad_token_id: int | None
-
-
-def tokenizer_info(tokenizer: Any) -> TokenizerInfo:
-    """Vocabulary size (added tokens included) and special ids of a transformers tokenizer."""
-    return TokenizerInfo(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
-
-
-def load_tokenizer(path: str):
-    """The tokenizer of `path` as `longcpt.data` loads it (BOS/EOS/PAD ids set)."""
-    from longcpt.data import load_tokenizer as data_load_tokenizer
-
-    return data_load_tokenizer(path)
-
-
-def build_model(cfg: Config, tok: TokenizerInfo):
+def build_model(cfg: Config, tokenizer):
     """The model a recipe asks for: `model.pretrained` loaded, or `model.config` built from scratch.
 
-    The attention kind, RoPE precision and overrides, and the attention options come from the
-    recipe. Parameters stay float32; the Trainer's precision decides what the forward runs in.
+    The attention kind and its options, the RoPE precision and overrides come from the recipe (already
+    validated: `config.validate` checked the kind, its options and the vocabulary size). Parameters
+    stay float32; the Trainer's precision decides what the forward runs in.
+
+    Args:
+        cfg: a validated recipe.
+        tokenizer: the run's tokenizer (`longcpt.data.load_tokenizer`); a model built from scratch
+            takes its vocabulary size and special ids.
 
     Raises:
-        LongcptError: unknown attention kind in this build, a bad `model.config`, or a tokenizer
-            with more tokens than the model has embeddings.
+        LongcptError: a `model.config` missing an HF field, or weights that do not fit it.
     """
-    from longcpt.model.attention import ATTENTION_KINDS
+    import torch
+
     from longcpt.model.config import ModelArgs
     from longcpt.model.hf_io import build_model as build_from_args
     from longcpt.model.hf_io import from_pretrained
 
-    kind = cfg.attention.kind
-    if kind not in ATTENTION_KINDS:
-        raise LongcptError(
-            f"attention.kind={kind!r} is not available in this build (available: {', '.join(sorted(ATTENTION_KINDS))})"
-        )
-    options = {
-        "segment_len": cfg.attention.segment_len,
-        "memory_update": cfg.attention.memory_update,
-        "bptt_segments": cfg.attention.bptt_segments,
-        "gate_init": cfg.attention.gate_init,
-    }
-    m = cfg.model
+    kind, options, m = cfg.attention.kind, dict(cfg.attention.options), cfg.model
     if m.pretrained is not None:
-        import torch
-
-        model = from_pretrained(
-            m.pretrained,
-            attention=kind,
-            dtype=torch.float32,
-            rope_precision=cfg.rope.precision,
-            rope_theta=m.rope_theta,
-            rope_scaling=m.rope_scaling,
-            **options,
-        )
+        model = from_pretrained(m.pretrained, attention=kind, dtype=torch.float32, rope_precision=cfg.rope.precision,
+                                rope_theta=m.rope_theta, rope_scaling=m.rope_scaling, **options)
     else:
-        hf = dict(m.config)
-        hf.setdefault("vocab_size", tok.vocab_size)
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            hf.setdefault(key, getattr(tok, key))
+        hf = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, **m.config}
         if m.rope_theta is not None:
             hf["rope_theta"] = m.rope_theta
         if m.rope_scaling is not None:
@@ -118,20 +81,8 @@ def build_model(cfg: Config, tok: TokenizerInfo):
             raise LongcptError(f"model.config: missing field {e.args[0]!r} (an HF config.json field)") from None
         args.attention, args.attention_options, args.rope_precision = kind, options, cfg.rope.precision
         model = build_from_args(args)
-    if tok.vocab_size > model.args.vocab_size:
-        raise LongcptError(
-            f"model.tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {model.args.vocab_size}: "
-            "use the model's own tokenizer (or a model.config.vocab_size at least that large)"
-        )
     model.activation_checkpointing = cfg.trainer.activation_checkpointing
     return model
-
-
-def build_datamodule(cfg: Config, tokenizer):
-    """The DataModule for `data.task` (`longcpt.data.build_datamodule`)."""
-    from longcpt.data import build_datamodule as data_build_datamodule
-
-    return data_build_datamodule(cfg, tokenizer)
 
 
 def _is_rank_zero() -> bool:
@@ -142,10 +93,12 @@ def _is_rank_zero() -> bool:
 
 def _prepare_run_dir(cfg: Config, tokenizer_dir: str) -> Path | None:
     """Resolve resume, save config.yaml and copy the tokenizer; returns the checkpoint to resume."""
-    out = Path(cfg.trainer.out_dir)
-    ckpts = out / CHECKPOINT_DIR
+    from longcpt.data.tokenizer import copy_tokenizer_files
+    from longcpt.fsio import atomic_dir
     from longcpt.lit.callbacks import newest_checkpoint
 
+    out = Path(cfg.trainer.out_dir)
+    ckpts = out / CHECKPOINT_DIR
     last = newest_checkpoint(ckpts)
     if _is_rank_zero():
         out.mkdir(parents=True, exist_ok=True)
@@ -154,20 +107,9 @@ def _prepare_run_dir(cfg: Config, tokenizer_dir: str) -> Path | None:
             os.replace(ckpts, aside)
             print(f"trainer.resume=false: previous checkpoints moved to {aside}", flush=True)
         save_config(cfg, out / "config.yaml")
-        _copy_tokenizer(tokenizer_dir, out / "tokenizer")
+        with atomic_dir(out / "tokenizer") as tmp:
+            copy_tokenizer_files(tokenizer_dir, tmp)
     return last if cfg.trainer.resume else None
-
-
-def _copy_tokenizer(src: str, dst: Path) -> None:
-    from longcpt.fsio import atomic_dir
-    from longcpt.model.hf_io import TOKENIZER_FILES
-
-    files = [Path(src) / f for f in TOKENIZER_FILES if (Path(src) / f).is_file()]
-    if not files:
-        return
-    with atomic_dir(dst) as tmp:
-        for f in files:
-            shutil.copy2(f, tmp / f.name)
 
 
 def _loggers(out: Path):
@@ -192,6 +134,51 @@ def _cpu_threads(devices: Any) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
+def _callbacks(cfg: Config, out: Path, extra: list):
+    """longcpt's callbacks in the order they must run, then `extra`; and the SLURM plugins."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from longcpt.lit.callbacks import ProgressBar, RunCheckpoints, SlurmRequeue, StepPrinter, TrainMetrics
+
+    t = cfg.trainer
+    checkpoints = RunCheckpoints(out / CHECKPOINT_DIR, t.save_every_n_steps, t.keep_last_k)
+    callbacks = [checkpoints, TrainMetrics(window=max(t.log_every_n_steps, 10))]
+    plugins, requeue = [], None
+    if SLURMEnvironment.detect():
+        # Ranks and addresses from SLURM; requeue handled by SlurmRequeue at a step boundary.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+        requeue = SlurmRequeue(checkpoints)
+        callbacks.append(requeue)
+    callbacks.append(ProgressBar() if _interactive() else StepPrinter(t.log_every_n_steps))
+    return callbacks + list(extra), plugins, requeue
+
+
+def _interactive() -> bool:
+    return os.isatty(1) and os.environ.get("TERM", "dumb") != "dumb"
+
+
+def _trainer(cfg: Config, accelerator: str, out: Path, callbacks: list, plugins: list):
+    """The Lightning Trainer for a recipe: hardware, loop length, precision, optimisation, outputs."""
+    import lightning.pytorch as pl
+
+    from longcpt.strategies import build_strategy
+
+    t, accumulate = cfg.trainer, cfg.optim.accumulate_grad_batches
+    hardware = dict(accelerator=accelerator, devices=t.devices, num_nodes=t.num_nodes,
+                    strategy=build_strategy(cfg, accelerator), precision=t.precision, plugins=plugins)
+    # The stream is endless: max_steps ends the run. Validation every val_every_n_steps optimizer
+    # steps (Lightning counts micro-batches).
+    loop = dict(max_steps=t.max_steps, max_epochs=-1, val_check_interval=t.val_every_n_steps * accumulate,
+                check_val_every_n_epoch=None, limit_val_batches=cfg.data.val_batches, num_sanity_val_steps=0)
+    optimisation = dict(accumulate_grad_batches=accumulate, gradient_clip_val=cfg.optim.grad_clip or None,
+                        gradient_clip_algorithm="norm")
+    outputs = dict(logger=_loggers(out), log_every_n_steps=t.log_every_n_steps, callbacks=callbacks,
+                   enable_checkpointing=False,  # RunCheckpoints does it atomically
+                   enable_progress_bar=_interactive(), enable_model_summary=False, default_root_dir=out)
+    # longcpt.data shards by rank itself.
+    return pl.Trainer(**hardware, **loop, **optimisation, **outputs, use_distributed_sampler=False)
+
+
 def train(cfg: Config, datamodule=None, callbacks: list | None = None) -> TrainResult:
     """Train as the recipe says; resume from the newest checkpoint in `out_dir/checkpoints`.
 
@@ -209,16 +196,15 @@ def train(cfg: Config, datamodule=None, callbacks: list | None = None) -> TrainR
     """
     from longcpt.strategies import prepare_environment, resolve_accelerator
 
+    validate(cfg)  # a recipe built in Python (tests, notebooks) gets the same checks as `longcpt train`
     t = cfg.trainer
     accelerator = resolve_accelerator(t.accelerator)
     prepare_environment(cfg, accelerator)  # before anything imports deepspeed
 
     import lightning.pytorch as pl
-    from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    from longcpt.lit.callbacks import ProgressBar, RunCheckpoints, SlurmRequeue, StepPrinter, TrainMetrics
+    from longcpt.data import build_datamodule, load_tokenizer
     from longcpt.lit.module import LitCausalLM
-    from longcpt.strategies import build_strategy
 
     out = Path(t.out_dir).resolve()
     cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(t, out_dir=str(out)))
@@ -229,60 +215,20 @@ def train(cfg: Config, datamodule=None, callbacks: list | None = None) -> TrainR
     if accelerator == "cpu":
         _cpu_threads(t.devices)
     tokenizer = load_tokenizer(tokenizer_dir)
-    model = build_model(cfg, tokenizer_info(tokenizer))
-    if datamodule is None:
-        datamodule = build_datamodule(cfg, tokenizer)
+    model = build_model(cfg, tokenizer)
+    datamodule = datamodule if datamodule is not None else build_datamodule(cfg, tokenizer)
     module = LitCausalLM(model, cfg, tokenizer_dir=str(out / "tokenizer"))
-
-    checkpoints = RunCheckpoints(out / CHECKPOINT_DIR, t.save_every_n_steps, t.keep_last_k)
-    extra = list(callbacks or [])
-    callbacks = [checkpoints, TrainMetrics(window=max(t.log_every_n_steps, 10))]
-    plugins = []
-    requeue = None
-    if SLURMEnvironment.detect():
-        # Ranks and addresses from SLURM; requeue handled by SlurmRequeue at a step boundary.
-        plugins.append(SLURMEnvironment(auto_requeue=False))
-        requeue = SlurmRequeue(checkpoints)
-        callbacks.append(requeue)
-    interactive = os.isatty(1) and os.environ.get("TERM", "dumb") != "dumb"
-    callbacks.append(ProgressBar() if interactive else StepPrinter(t.log_every_n_steps))
-    callbacks += extra
-
-    accumulate = cfg.optim.accumulate_grad_batches
-    trainer = pl.Trainer(
-        accelerator=accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        strategy=build_strategy(cfg, accelerator),
-        precision=t.precision,
-        max_steps=t.max_steps,
-        max_epochs=-1,
-        accumulate_grad_batches=accumulate,
-        gradient_clip_val=cfg.optim.grad_clip or None,
-        gradient_clip_algorithm="norm",
-        # Validation every val_every_n_steps optimizer steps (Lightning counts micro-batches).
-        val_check_interval=t.val_every_n_steps * accumulate,
-        check_val_every_n_epoch=None,
-        limit_val_batches=cfg.data.val_batches,
-        num_sanity_val_steps=0,
-        log_every_n_steps=t.log_every_n_steps,
-        logger=_loggers(out),
-        callbacks=callbacks,
-        plugins=plugins,
-        enable_checkpointing=False,  # RunCheckpoints does it atomically
-        enable_progress_bar=interactive,
-        enable_model_summary=False,
-        use_distributed_sampler=False,  # longcpt.data shards by rank itself
-        default_root_dir=out,
-    )
+    callbacks, plugins, requeue = _callbacks(cfg, out, callbacks or [])
+    trainer = _trainer(cfg, accelerator, out, callbacks, plugins)
     if resume_from is not None and _is_rank_zero():
         print(f"resuming from {resume_from}", flush=True)
-    # Lightning cannot see that the DataModule restores its own position (it saves
-    # `datamodule.state_dict()` with the step); its mid-epoch "not resumable" warning is wrong here.
-    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
-    # Our own checkpoints hold training state beyond tensors (RNG, data position): full unpickling.
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None,
-                weights_only=False)
+    with warnings.catch_warnings():
+        # Lightning cannot see that the DataModule restores its own position (it saves
+        # `datamodule.state_dict()` with the step); its mid-epoch "not resumable" warning is wrong here.
+        warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+        # Our own checkpoints hold training state beyond tensors (RNG, data position): full unpickling.
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None,
+                    weights_only=False)
 
     requeued = bool(requeue and requeue.requeued)
     last = (out / CHECKPOINT_DIR / "last") if (out / CHECKPOINT_DIR / "last").exists() else None

@@ -22,6 +22,17 @@ import torch
 DEFAULT_PREFILL_CHUNK = 4096
 
 
+def kv_kept(state: dict) -> float | None:
+    """Mean share of the KV cache an evicting attention kind kept, over the layers of `state`.
+
+    A layer state that evicts (InfLLM, NAMM, H2O, StreamingLLM) reports its own share through a
+    `kept_fraction()` method: entries held for attention / tokens seen, averaged over rows and KV
+    heads. Returns None when no layer state evicts anything (`full`, Infini-attention).
+    """
+    shares = [s.kept_fraction() for s in state.values() if hasattr(s, "kept_fraction")]
+    return sum(shares) / len(shares) if shares else None
+
+
 def forward_chunks(
     model,
     input_ids: torch.Tensor,
@@ -88,6 +99,7 @@ def generate(
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     generator: torch.Generator | None = None,
     progress: Callable[[int], None] | None = None,
+    state: dict | None = None,
 ) -> torch.Tensor:
     """Continue `input_ids` (B, T) by up to `max_new_tokens` tokens.
 
@@ -102,6 +114,8 @@ def generate(
         prefill_chunk: prompt tokens per model call.
         generator: random generator for sampling (seed it for reproducible samples).
         progress: called with the number of tokens processed after every model call.
+        state: an empty dict to fill (the attention cores' state), for callers that inspect it
+            afterwards (e.g. `kv_kept`); default a private one.
 
     Returns:
         (B, N) generated tokens, N <= max_new_tokens (the prompt is not included).
@@ -109,7 +123,7 @@ def generate(
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a non-empty (B, T) tensor, got shape {tuple(input_ids.shape)}")
     eos = [eos_id] if isinstance(eos_id, int) else list(eos_id or [])
-    state: dict = {}
+    state = {} if state is None else state
     hidden = None
     for _, hidden in forward_chunks(model, input_ids, state, prefill_chunk):
         if progress is not None:

@@ -1,14 +1,11 @@
-"""Read and write Hugging Face model folders (SPEC sections 5 and 7).
+"""Read Hugging Face model folders into longcpt models (`longcpt.from_pretrained`).
 
 Import reads `config.json` (transformers v4 or v5 style) and weights from `model.safetensors`,
 sharded safetensors with `model.safetensors.index.json`, or `pytorch_model.bin` (sharded too),
 loaded with `weights_only=True`. Parameter names are transformers' own, so the weight map is the
 identity; keys we do not know, or keys we need and do not find, fail with their names.
 
-Export writes a folder atomically (temporary sibling, then rename): `config.json`,
-`model.safetensors` (sharded with an index above `max_shard_bytes`), `generation_config.json` and
-the tokenizer files. `full`, `intra_doc` and `anchor` models export as their source architecture;
-`infini` models with their own model type and modeling code (`longcpt.export.infini_hf`).
+Writing folders is `longcpt.export.hf` (`longcpt.save_pretrained`).
 """
 
 from __future__ import annotations
@@ -16,33 +13,22 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from longcpt.errors import LongcptError
-from longcpt.export import infini_hf
-from longcpt.fsio import atomic_dir
+from longcpt.model.attention import kind_spec
 from longcpt.model.config import ModelArgs, normalise_rope_scaling
+from longcpt.model.infini_config import split_config
 from longcpt.model.llama import CausalLM
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # Keys old checkpoints carry that hold nothing we need (RoPE tables are recomputed).
 _IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -158,9 +144,14 @@ def from_pretrained(
         LongcptError: missing files, unsupported architecture, mismatching weights.
     """
     path = Path(path)
-    config, infini_options = infini_hf.split_config(read_config(path), source=str(path / "config.json"))
+    config, infini_options = split_config(read_config(path), source=str(path / "config.json"))
     args = ModelArgs.from_hf_config(config, source=str(path / "config.json"))
     attention = attention or ("infini" if infini_options is not None else "full")
+    if infini_options is not None and kind_spec(attention).inference_memory:
+        raise LongcptError(
+            f"{path}: attention={attention!r} replaces softmax attention over a KV cache, but this is an Infini "
+            "model, whose attention is its compressive memory (already constant in length); use it as `infini`"
+        )
     if attention == "infini":
         attention_options = {**(infini_options or {}), **attention_options}
     args.attention, args.attention_options, args.rope_precision = attention, dict(attention_options), rope_precision
@@ -184,93 +175,3 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if dtype not in names:
         raise LongcptError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     return names[dtype]
-
-
-def save_pretrained(
-    model: CausalLM,
-    path: str | os.PathLike,
-    dtype: torch.dtype | str | None = None,
-    tokenizer: str | os.PathLike | None = None,
-    max_shard_bytes: int = 5 * 2**30,
-) -> Path:
-    """Write `model` as an HF folder at `path` (atomically; an existing folder is replaced whole).
-
-    Args:
-        model: a longcpt `CausalLM`.
-        path: output folder.
-        dtype: weight dtype in the folder; default: the model's.
-        tokenizer: folder whose tokenizer files are copied alongside (its vocabulary must fit the
-            model's embedding size).
-        max_shard_bytes: shard size above which weights are split with an index.
-
-    Returns:
-        The output folder.
-    """
-    path = Path(path)
-    target = _as_dtype(dtype) if dtype is not None else next(model.parameters()).dtype
-    state = {
-        k: v.detach().to(device="cpu", dtype=target).contiguous()
-        for k, v in model.state_dict().items()
-        if not (model.args.tie_word_embeddings and k == "lm_head.weight")
-    }
-    with atomic_dir(path) as tmp:
-        _write_weights(state, tmp, max_shard_bytes)
-        config = model.args.to_hf_config(dtype=DTYPE_NAMES[target])
-        if model.args.attention == "infini":  # no transformers class: own model type + code
-            config = infini_hf.infini_config(config, model.args)
-            infini_hf.write_remote_code(tmp)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        generation = {
-            k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None
-        }
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        if tokenizer is not None:
-            copy_tokenizer(tokenizer, tmp, model.args.vocab_size)
-    return path
-
-
-def copy_tokenizer(src: str | os.PathLike, dst: Path, vocab_size: int) -> None:
-    """Copy tokenizer files and check the vocabulary fits the embedding matrix.
-
-    Raises:
-        LongcptError: no tokenizer file in `src`, or more tokens than embedding rows.
-    """
-    src = Path(src)
-    files = [src / f for f in TOKENIZER_FILES if (src / f).is_file()]
-    if not files:
-        raise LongcptError(f"{src}: no tokenizer files found ({', '.join(TOKENIZER_FILES[:2])}, ...)")
-    for f in files:
-        shutil.copy2(f, dst / f.name)
-    if (src / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-
-        n = Tokenizer.from_file(str(src / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
-        if n > vocab_size:
-            raise LongcptError(
-                f"{src}: tokenizer has {n} tokens but the model's vocab_size is {vocab_size}; "
-                "export would produce ids without embeddings (do not add tokens without resizing)"
-            )
-
-
-def _write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> None:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-    metadata = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], folder / "model.safetensors", metadata=metadata)
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, folder / name, metadata=metadata)
-        weight_map.update(dict.fromkeys(shard, name))
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -34,17 +34,27 @@ Shapes: B batch, T tokens per row, N segment length, Hk KV heads, D head dim.
 
 from __future__ import annotations
 
-import dataclasses
 import math
+from typing import NamedTuple
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from longcpt.batch import IGNORE_INDEX, document_spans
+from longcpt.batch import position_ids as rule_position_ids
 from longcpt.errors import LongcptError
-from longcpt.model.attention.infini import InfiniAttention, InfiniMemory, document_positions, document_spans
-from longcpt.model.loss import IGNORE_INDEX
+from longcpt.model.attention.infini import InfiniAttention, InfiniMemory
+from longcpt.model.llama import TRAINING_LOSSES
 
 Memories = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: M (n, Hk, D, D), z (n, Hk, D)
+
+
+class SegmentPiece(NamedTuple):
+    """Segment s of document `doc`: `length` tokens from flat index `start` (over B*T)."""
+
+    doc: int
+    start: int
+    length: int
 
 
 def infini_cores(model) -> list[InfiniAttention]:
@@ -68,7 +78,7 @@ def segment_major_loss(
         input_ids: (B, T) tokens.
         labels: (B, T) targets aligned with `input_ids` (-100 = ignored).
         position_ids: (B, T) positions restarting at 0 in every document, or None to derive them.
-        cu_seqlens: (N+1,) document starts over B*T (SPEC section 6), or None for one per row.
+        cu_seqlens: (N+1,) document starts over B*T (`longcpt.batch`), or None for one per row.
         reduction: "mean" over non-ignored labels, or "sum".
         chunk_size: tokens per cross-entropy chunk.
 
@@ -82,95 +92,84 @@ def segment_major_loss(
     device = input_ids.device
     core = infini_cores(model)[0]
     n, bptt = core.segment_len, core.bptt_segments
-    spans = document_spans(cu_seqlens, b, t)
-    if position_ids is not None:
-        expected = document_positions(cu_seqlens.to(device) if cu_seqlens is not None else None, b, t)
-        if not torch.equal(position_ids.expand(b, t).to(device), expected):
-            raise LongcptError(
-                "infini training: position_ids must restart at 0 in every document of cu_seqlens "
-                "(SPEC section 6); pass position_ids=None to derive them"
-            )
+    cu = cu_seqlens.to(device) if cu_seqlens is not None else None
+    spans = document_spans(cu, b, t)
+    expected = rule_position_ids("document", cu, b, t)  # restarting at 0 in every document
+    if position_ids is not None and not torch.equal(position_ids.expand(b, t).to(device), expected):
+        raise LongcptError(
+            "infini training: position_ids must restart at 0 in every document of cu_seqlens "
+            "(the `document` rule of longcpt.batch); pass position_ids=None to derive them"
+        )
     flat_ids, flat_labels = input_ids.reshape(-1), labels.reshape(-1)  # (B*T,)
     memories: dict[int, Memories] = {}  # document -> its memory after its last segment so far
     total = torch.zeros((), dtype=torch.float32, device=device)
-    steps = max(math.ceil(length / n) for _, length in spans)
-    for s in range(steps):
+    for s in range(max(math.ceil(span.length / n) for span in spans)):
         if s and s % bptt == 0:  # a new truncated-backprop window for every document
             memories = {d: [(m.detach(), z.detach()) for m, z in mem] for d, mem in memories.items()}
-        alive = [(d, start + s * n, min(n, length - s * n)) for d, (start, length) in enumerate(spans) if length > s * n]
+        alive = [
+            SegmentPiece(d, span.start + s * n, min(n, span.length - s * n))
+            for d, span in enumerate(spans)
+            if span.length > s * n
+        ]
         for group in _budget_groups(alive, b * n):
-            docs = [d for d, _, _ in group]
-            index = torch.cat([torch.arange(st, st + ln, device=device) for _, st, ln in group])  # (L,)
-            positions = torch.cat([torch.arange(s * n, s * n + ln, device=device) for _, _, ln in group])
-            cu = torch.tensor([0, *_cumsum([ln for _, _, ln in group])], dtype=torch.int32, device=device)
-            memory_in = None
-            if s:
-                memory_in = [
-                    (torch.stack([memories[d][layer][0] for d in docs]), torch.stack([memories[d][layer][1] for d in docs]))
-                    for layer in range(len(model.model.layers))
-                ]
-            inputs = (model, flat_ids[index][None], positions[None], cu, flat_labels[index][None], memory_in, chunk_size)
-            if torch.is_grad_enabled():
-                loss, memory_out = checkpoint(_segment_loss, *inputs, use_reentrant=False)
-            else:
-                loss, memory_out = _segment_loss(*inputs)
+            loss, memory_out = _group_loss(model, group, s * n, flat_ids, flat_labels, memories, chunk_size)
             total = total + loss
-            for i, d in enumerate(docs):
-                if spans[d][1] > (s + 1) * n:  # the document goes on: keep its memory
-                    memories[d] = [(m[i], z[i]) for m, z in memory_out]
+            for i, piece in enumerate(group):
+                if spans[piece.doc].length > (s + 1) * n:  # the document goes on: keep its memory
+                    memories[piece.doc] = [(m[i], z[i]) for m, z in memory_out]
                 else:
-                    memories.pop(d, None)
+                    memories.pop(piece.doc, None)
     if reduction == "sum":
         return total
     return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
-def _cumsum(values: list[int]) -> list[int]:
-    out, acc = [], 0
-    for v in values:
-        acc += v
-        out.append(acc)
-    return out
-
-
-def _budget_groups(pieces: list[tuple[int, int, int]], budget: int) -> list[list[tuple[int, int, int]]]:
-    """Consecutive pieces (document, flat start, length) in groups of at most `budget` tokens."""
-    groups: list[list[tuple[int, int, int]]] = []
+def _budget_groups(pieces: list[SegmentPiece], budget: int) -> list[list[SegmentPiece]]:
+    """Consecutive pieces in groups of at most `budget` tokens."""
+    groups: list[list[SegmentPiece]] = []
     size = budget
     for piece in pieces:
-        if size + piece[2] > budget:
+        if size + piece.length > budget:
             groups.append([])
             size = 0
         groups[-1].append(piece)
-        size += piece[2]
+        size += piece.length
     return groups
+
+
+def _group_loss(model, group: list[SegmentPiece], first_position: int, flat_ids, flat_labels, memories, chunk_size):
+    """Summed loss of one group of segments and the memories it leaves, inside one checkpoint."""
+    device = flat_ids.device
+    index = torch.cat([torch.arange(p.start, p.start + p.length, device=device) for p in group])  # (L,)
+    positions = torch.cat([torch.arange(first_position, first_position + p.length, device=device) for p in group])
+    lengths = torch.tensor([p.length for p in group], device=device)
+    cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
+    memory_in = None
+    if first_position:
+        docs = [p.doc for p in group]
+        memory_in = [
+            (torch.stack([memories[d][layer][0] for d in docs]), torch.stack([memories[d][layer][1] for d in docs]))
+            for layer in range(len(model.model.layers))
+        ]
+    inputs = (model, flat_ids[index][None], positions[None], cu, flat_labels[index][None], memory_in, chunk_size)
+    if torch.is_grad_enabled():
+        return checkpoint(_segment_loss, *inputs, use_reentrant=False)
+    return _segment_loss(*inputs)
 
 
 def _segment_loss(model, input_ids, position_ids, cu_seqlens, labels, memory_in: Memories | None, chunk_size):
     """Summed loss of one group of segments (1, L) and the memories it leaves (per layer)."""
     streams = cu_seqlens.numel() - 1
-    ctx = model.context(input_ids, position_ids, cu_seqlens)
-    x = model.model.embed_tokens(input_ids)  # (1, L, C)
-    memory_out = []
-    for layer, block in enumerate(model.model.layers):
-        state = InfiniMemory.empty(streams)
-        if memory_in is not None:
-            state = dataclasses.replace(state, memory=memory_in[layer][0], norm=memory_in[layer][1])
-        if model.activation_checkpointing and torch.is_grad_enabled():
-            x, state = checkpoint(_run_block, block, x, ctx, layer, state, use_reentrant=False)
-        else:
-            x, state = _run_block(block, x, ctx, layer, state)
-        memory_out.append((state.memory, state.norm))
-    hidden = model.model.norm(x)
+    state: dict[int, InfiniMemory] = {}
+    if memory_in is not None:
+        for layer, (memory, norm) in enumerate(memory_in):
+            state[layer] = InfiniMemory(memory, norm, [None] * streams, [None] * streams)
+    hidden = model.hidden_states(input_ids, position_ids, cu_seqlens, state)  # (1, L, C)
     loss = model.lm_head(hidden, labels, chunk_size=chunk_size, reduction="sum")  # inside LMHead.forward: ZeRO-3 gathers
-    return loss, memory_out
+    return loss, [(state[layer].memory, state[layer].norm) for layer in range(len(model.model.layers))]
 
 
-def _run_block(block, x: torch.Tensor, ctx, layer: int, state: InfiniMemory):
-    """One block as a pure function: (x, memory in) -> (x, memory out)."""
-    ctx = dataclasses.replace(ctx, state={layer: state})  # cache (the segment plan) stays shared
-    x = block(x, ctx)
-    return x, ctx.state[layer]
+TRAINING_LOSSES["infini"] = segment_major_loss
 
 
 @torch.no_grad()
@@ -188,7 +187,7 @@ def gate_values(model) -> torch.Tensor | None:
 
 def gate_stats(model) -> dict[str, float]:
     """Summary of `gate_values` for logging: mean, std, min, max and the share of heads whose
-    memory weight exceeds 0.5 (gates that never move are the classic failure; DESIGN.md section 4).
+    memory weight exceeds 0.5 (gates that never move are the classic failure of Infini-attention training).
 
     Returns:
         {} when the model has no Infini layers, or when this rank holds none of the gates

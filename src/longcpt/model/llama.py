@@ -5,17 +5,21 @@ Read top to bottom: norm, MLP, attention, block, model. Parameter names equal tr
 so import/export is a near-identity map (see `hf_io.py`).
 
 Shapes: B batch, T tokens, C hidden size, Hq query heads, Hk KV heads, D head dim, V vocab.
-Packed batches carry `position_ids` (B, T) and `cu_seqlens` (N+1,) as SPEC section 6 defines.
+Packed batches carry `position_ids` (B, T) and `cu_seqlens` (N+1,) as `longcpt.batch` defines.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from longcpt.model.attention import AttentionContext, build_attention
+from longcpt.batch import position_ids as rule_position_ids
+from longcpt.model.attention import AttentionContext, build_attention, kind_spec, resolve_options
 from longcpt.model.config import ModelArgs
 from longcpt.model.loss import chunked_cross_entropy
 from longcpt.model.rope import RotaryEmbedding
@@ -111,11 +115,30 @@ class Decoder(nn.Module):
         )
 
 
+# Whole-model training losses by attention kind, for kinds that must not run layer by layer over
+# the whole window: Infini-attention trains segment by segment (`longcpt.model.infini` registers it).
+# Signature: loss(model, input_ids, labels, position_ids, cu_seqlens, reduction, chunk_size).
+TRAINING_LOSSES: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def _stateful_block(block: Block, x: torch.Tensor, ctx: AttentionContext, layer: int, layer_state):
+    """One block as a pure function (x, layer state in) -> (x, layer state out).
+
+    Activation checkpointing re-runs a block in the backward; a core that replaced its entry of
+    `ctx.state` would then read its own output. Giving each run its own one-entry state keeps the
+    recomputation equal to the first run.
+    """
+    ctx = dataclasses.replace(ctx, state={} if layer_state is None else {layer: layer_state})
+    x = block(x, ctx)
+    return x, ctx.state.get(layer)
+
+
 class CausalLM(nn.Module):
     """The decoder plus LM head. `forward` returns logits; `loss` is the memory-lean training path.
 
     Args:
-        args: architecture and attention kind.
+        args: architecture, attention kind and its options (checked and completed with the kind's
+            defaults; `self.args` holds the result).
 
     Attributes:
         activation_checkpointing: recompute each block in the backward (set by the trainer).
@@ -123,6 +146,8 @@ class CausalLM(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
+        # The kind's options with its defaults filled in and checked (one owner: the registry).
+        args = dataclasses.replace(args, attention_options=resolve_options(args.attention, args.attention_options))
         self.args = args
         self.model = Decoder(args)
         self.lm_head = LMHead(args.hidden_size, args.vocab_size, bias=False)
@@ -153,16 +178,14 @@ class CausalLM(nn.Module):
     ) -> AttentionContext:
         """Per-call attention inputs: positions and RoPE tables.
 
-        Positions default to `arange(T)` per row, or, for a packed batch (`cu_seqlens`) whose
-        attention kind defines them (`intra_doc`, `anchor`), to that kind's SPEC section 6 positions.
+        Positions default to the attention kind's rule (`longcpt.batch.position_ids`): `arange(T)`
+        per row, or, for a packed batch (`cu_seqlens`), the kind's document positions.
         """
         b, t = input_ids.shape
         if position_ids is None:
-            core = self.model.layers[0].self_attn.core if len(self.model.layers) else None
-            if cu_seqlens is not None and hasattr(core, "position_ids"):
-                position_ids = core.position_ids(cu_seqlens.to(input_ids.device), b, t)
-            else:
-                position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
+            cu = cu_seqlens.to(input_ids.device) if cu_seqlens is not None else None
+            position_ids = rule_position_ids(kind_spec(self.args.attention).positions, cu, b, t)
+            position_ids = position_ids.to(input_ids.device)
         cos, sin = self.model.rotary_emb(position_ids)
         return AttentionContext(position_ids, cu_seqlens, cos, sin, self.model.rotary_emb, state=state)
 
@@ -173,14 +196,18 @@ class CausalLM(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         state: dict | None = None,
     ) -> torch.Tensor:
-        """Final normalised hidden states (B, T, C)."""
+        """Final normalised hidden states (B, T, C); the attention cores update `state` in place."""
         ctx = self.context(input_ids, position_ids, cu_seqlens, state)
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        for block in self.model.layers:
-            if self.activation_checkpointing and torch.is_grad_enabled():
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
+        for layer, block in enumerate(self.model.layers):
+            if not recompute:
+                x = block(x, ctx)
+            elif state is None:
                 x = checkpoint(block, x, ctx, use_reentrant=False)
             else:
-                x = block(x, ctx)
+                x, layer_state = checkpoint(_stateful_block, block, x, ctx, layer, state.get(layer), use_reentrant=False)
+                state[layer] = layer_state
         return self.model.norm(x)
 
     def forward(
@@ -205,10 +232,10 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         """Next-token loss with `labels` already aligned to `input_ids` (labels[t] = target of t).
 
-        An attention kind with its own training schedule (`model_loss`, see `attention/__init__.py`)
-        computes it instead when no `state` is passed.
+        An attention kind with its own training schedule (`TRAINING_LOSSES`) computes it instead
+        when no `state` is passed.
         """
-        kind_loss = getattr(type(self.model.layers[0].self_attn.core), "model_loss", None)
+        kind_loss = TRAINING_LOSSES.get(self.args.attention)
         if kind_loss is not None and state is None:
             return kind_loss(self, input_ids, labels, position_ids, cu_seqlens, reduction, chunk_size)
         hidden = self.hidden_states(input_ids, position_ids, cu_seqlens, state)

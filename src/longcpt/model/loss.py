@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from longcpt.batch import IGNORE_INDEX
 
 
 def _chunk_log_probs(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor):

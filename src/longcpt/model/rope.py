@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-PRECISIONS = ("fp32", "model")
+ROPE_PRECISIONS = ("fp32", "model")
 
 
 def rope_frequencies(
@@ -124,8 +124,8 @@ class RotaryEmbedding(nn.Module):
         precision: str = "fp32",
     ):
         super().__init__()
-        if precision not in PRECISIONS:
-            raise ValueError(f"rope precision must be one of {PRECISIONS}, got {precision!r}")
+        if precision not in ROPE_PRECISIONS:
+            raise ValueError(f"rope precision must be one of {ROPE_PRECISIONS}, got {precision!r}")
         self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
         self.max_position_embeddings = max_position_embeddings
         self.precision = precision

@@ -1,7 +1,7 @@
 """`intra_doc` and `anchor`: causal attention inside each document of a packed window.
 
 One kernel serves both kinds; they differ only in the position ids the collator gives them
-(SPEC section 6). A window of 9 tokens holding three documents, each starting with its own BOS
+(`longcpt.batch`). A window of 9 tokens holding three documents, each starting with its own BOS
 (`B`), attends like this (`x` = may attend, `.` = masked):
 
     keys ->      B a b  B c d e  B f          intra_doc positions:  0 1 2  0 1 2 3  0 1
@@ -30,7 +30,7 @@ Kernels, picked per call (`backend="auto"`):
   * CUDA otherwise: FlexAttention with the document mask as a `BlockMask` (compiled).
   * CPU: SDPA's `is_causal` path per document, with documents of similar length batched into one
     call. FlexAttention has no backward on CPU (torch 2.13), and a dense (T, T) mask drops SDPA to
-    a slow path that is slower than no mask at all (DESIGN.md section 2). Batching needs no mask:
+    a slow path that is slower than no mask at all (docs/benchmarks.md). Batching needs no mask:
     documents are right-padded to the longest of their bucket, and under a causal mask a real
     token never sees the padding after it, so the result is exact.
 The document grouping is computed once per forward (`document_layout`, kept in `ctx.cache`) and
@@ -51,8 +51,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from longcpt.batch import document_spans
 from longcpt.errors import LongcptError
-from longcpt.model.attention import register
+from longcpt.model.attention import Option, one_of, register
 from longcpt.model.attention.full import causal_attention
 
 BACKENDS = ("auto", "sdpa", "varlen", "flash_attn", "flex")
@@ -128,11 +129,29 @@ class DocumentLayout:
             self._plans["doc_ids"] = ids.to(torch.int32).view(self.batch, self.seq_len)
         return self._plans["doc_ids"]
 
+    def block_mask(self):
+        """FlexAttention `BlockMask` for `causal & same document` (computed on first use, then kept)."""
+        if "block_mask" not in self._plans:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            doc = self.document_ids()  # (B, T)
+
+            def same_document_causal(b, h, q_idx, kv_idx):
+                return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
+
+            device = self.cu_seqlens.device
+            # Compiled on CUDA: the eager builder materialises the full (T, T) mask first.
+            self._plans["block_mask"] = create_block_mask(
+                same_document_causal, self.batch, None, self.seq_len, self.seq_len, device=device,
+                _compile=device.type == "cuda",
+            )
+        return self._plans["block_mask"]
+
 
 def document_layout(
     cu_seqlens: torch.Tensor | None, batch: int, seq_len: int, device: torch.device | str = "cpu"
 ) -> DocumentLayout:
-    """Check `cu_seqlens` against SPEC section 6 and describe the documents.
+    """Check `cu_seqlens` (`longcpt.batch.document_spans`) and describe the documents.
 
     Args:
         cu_seqlens: (N+1,) document starts over the flattened B*T tokens (0 first, B*T last), or
@@ -144,49 +163,12 @@ def document_layout(
         The layout (one host sync to read `cu_seqlens`).
 
     Raises:
-        LongcptError: cu_seqlens not 1-D, not starting at 0 / ending at B*T, not increasing, or
-            a document crossing a row boundary.
+        LongcptError: `cu_seqlens` breaks the packed-batch contract (see `longcpt.batch`).
     """
-    total = batch * seq_len
-    if cu_seqlens is None:
-        bounds = list(range(0, total + 1, seq_len))
-    else:
-        if cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
-            raise LongcptError(
-                f"cu_seqlens must be a 1-D integer tensor of document starts, got shape "
-                f"{tuple(cu_seqlens.shape)} dtype {cu_seqlens.dtype}"
-            )
-        bounds = [int(x) for x in cu_seqlens.tolist()]
-        problem = _boundary_problem(bounds, batch, seq_len)
-        if problem:
-            raise LongcptError(
-                f"cu_seqlens={_short(bounds)} for a batch of {batch} x {seq_len} tokens: {problem} "
-                f"(SPEC section 6: document starts over the flattened B*T tokens, from 0 to {total}, "
-                "with every row start among them; build it with the collator of longcpt.data)"
-            )
-    starts, lengths = bounds[:-1], [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+    spans = document_spans(cu_seqlens, batch, seq_len)
+    starts, lengths = [s.start for s in spans], [s.length for s in spans]
+    cu = torch.tensor([*starts, batch * seq_len], dtype=torch.int32, device=device)
     return DocumentLayout(batch, seq_len, starts, lengths, cu)
-
-
-def _boundary_problem(bounds: list[int], batch: int, seq_len: int) -> str:
-    total = batch * seq_len
-    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total:
-        return f"must start at 0 and end at B*T={total}"
-    if any(b <= a for a, b in zip(bounds[:-1], bounds[1:])):
-        return "must be strictly increasing (no empty documents)"
-    missing = sorted(set(range(0, total, seq_len)) - set(bounds))
-    if missing:
-        return f"documents cross row boundaries (row starts {_short(missing)} are not document starts)"
-    return ""
-
-
-def _short(values: list[int], n: int = 8) -> str:
-    return (
-        str(values)
-        if len(values) <= n
-        else f"[{', '.join(map(str, values[:n]))}, ... ({len(values)} values)]"
-    )
 
 
 def _sdpa_plan(starts: list[int], lengths: list[int], device: torch.device) -> SdpaPlan:
@@ -302,30 +284,6 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def document_block_mask(layout: DocumentLayout):
-    """FlexAttention `BlockMask` for `causal & same document`, built once per layout."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    if "block_mask" not in layout._plans:
-        doc = layout.document_ids()  # (B, T)
-
-        def same_document_causal(b, h, q_idx, kv_idx):
-            return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
-
-        device = layout.cu_seqlens.device
-        # Compiled on CUDA: the eager builder materialises the full (T, T) mask first.
-        layout._plans["block_mask"] = create_block_mask(
-            same_document_causal,
-            layout.batch,
-            None,
-            layout.seq_len,
-            layout.seq_len,
-            device=device,
-            _compile=device.type == "cuda",
-        )
-    return layout._plans["block_mask"]
-
-
 def _flex_documents(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout
 ) -> torch.Tensor:
@@ -340,7 +298,7 @@ def _flex_documents(
     kernel = _compiled_flex() if q.is_cuda else flex_attention
     gqa = q.shape[1] != k.shape[1]
     y = kernel(
-        rows(q), rows(k), rows(v), block_mask=document_block_mask(layout), enable_gqa=gqa
+        rows(q), rows(k), rows(v), block_mask=layout.block_mask(), enable_gqa=gqa
     )  # (B, Hq, T, D)
     return y.transpose(1, 2).reshape(b * t, q.shape[1], q.shape[2])
 
@@ -407,53 +365,26 @@ def document_attention(
 
 
 # ----------------------------------------------------------------------------------------------
-# Position ids of SPEC section 6 (the collator's job; here for direct callers of the model).
-
-
-def document_position_ids(kind: str, cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
-    """(B, T) RoPE positions for a packed batch under `kind` (SPEC section 6).
-
-    `intra_doc` restarts at 0 in every document; `anchor` keeps `arange(T)` per row and puts 0 at
-    every document start (each document's BOS is its anchor).
-    """
-    cu = cu_seqlens.long()
-    total = batch * seq_len
-    flat = torch.arange(total, device=cu.device)
-    is_start = torch.zeros(total, dtype=torch.bool, device=cu.device)
-    is_start[cu[:-1]] = True
-    if kind == "intra_doc":
-        doc = torch.cumsum(is_start, 0) - 1  # document index of each token
-        return (flat - cu[doc]).view(batch, seq_len)
-    if kind == "anchor":
-        pos = (flat % seq_len).masked_fill(is_start, 0)
-        return pos.view(batch, seq_len)
-    raise ValueError(f"no document positions for attention kind {kind!r}")
-
-
-# ----------------------------------------------------------------------------------------------
 # The registered kinds.
+
+
+_OPTIONS = {
+    "backend": Option("auto", one_of(*BACKENDS), "document kernel; auto picks the fastest usable one"),
+}
 
 
 class DocumentAttention(nn.Module):
     """Core of `intra_doc` and `anchor`: rotate at `ctx.position_ids`, then document-causal attention.
 
+    The two kinds differ only in their position rule (`longcpt.batch`), which the collator (or
+    `CausalLM.context`, when a caller passes `cu_seqlens` alone) applies before this runs.
     Options (`attention_options`): `backend` = auto | sdpa | varlen | flash_attn | flex.
     """
-
-    kind = "document"
 
     def __init__(self, args, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.backend = (getattr(args, "attention_options", None) or {}).get("backend", "auto")
-        if self.backend not in BACKENDS:
-            raise LongcptError(
-                f"attention backend {self.backend!r} is unknown; use one of {', '.join(BACKENDS)}"
-            )
-
-    def position_ids(self, cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
-        """Default positions when the caller passes `cu_seqlens` but no `position_ids`."""
-        return document_position_ids(self.kind, cu_seqlens, batch, seq_len)
+        self.backend = args.attention_options.get("backend", "auto")
 
     def forward(self, q, k, v, ctx):
         layout = ctx.cache.get(_CACHE_KEY)
@@ -464,16 +395,12 @@ class DocumentAttention(nn.Module):
         return document_attention(q, k, v, layout, self.backend)
 
 
-@register("intra_doc")
+@register("intra_doc", options=_OPTIONS, positions="document", sequence_parallel=True)
 class IntraDocAttention(DocumentAttention):
     """Documents cannot see each other; positions restart at 0 in every document."""
 
-    kind = "intra_doc"
 
-
-@register("anchor")
+@register("anchor", options=_OPTIONS, positions="anchor", sequence_parallel=True)
 class AnchorAttention(DocumentAttention):
     """AnchorAttention (arXiv 2411.13476): as `intra_doc`, but positions are `arange` per row with
     0 at each document's BOS, the anchor every token of the document sees."""
-
-    kind = "anchor"

@@ -94,7 +94,7 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: K
     return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=gqa)
 
 
-@register("full")
+@register("full", positions="arange", sequence_parallel=True)
 class FullAttention(nn.Module):
     def __init__(self, args, layer_idx: int):
         super().__init__()

@@ -1,4 +1,4 @@
-"""`infini`: Infini-attention (Munkhdalai et al. 2024, arXiv 2404.07143; DESIGN.md section 4).
+"""`infini`: Infini-attention (Munkhdalai et al. 2024, arXiv 2404.07143).
 
 Every layer keeps, per KV head, a compressive memory M (D x D) and a normalizer z (D), both
 float32. For each segment of `segment_len` = N tokens (paper section 3.1, eqs. 7-10):
@@ -12,7 +12,7 @@ float32. For each segment of `segment_len` = N tokens (paper section 3.1, eqs. 7
            delta:   M += sk^T (v - (sk @ M) / (sk @ z))
            z += sum over the segment's tokens of sk
 
-Choices, with their sources (research/anchors_memory.md sections 1-2):
+Choices, with their sources (docs/infini.md has the longer story):
   * Memory reads and writes use the un-rotated q/k (paper section 4.1: "PEs were applied to the QK
     vectors only after the compressive memory reading and update"; Beomi/InfiniTransformer#15).
   * M and z are float32 whatever the model dtype, with autocast off: bf16 sums overflow to inf/NaN
@@ -26,7 +26,7 @@ Choices, with their sources (research/anchors_memory.md sections 1-2):
     "A failed experiment: Infini-Attention"). The trainer gives it its own optimizer group.
 
 Segments and documents. A token at position p of its document sits in segment p // N at local
-position p % N, so `position_ids` (restarting at 0 in every document, SPEC section 6) define the
+position p % N, so `position_ids` (restarting at 0 in every document: the `document` rule of `longcpt.batch`) define the
 segment grid, and `cu_seqlens` (or the rows, when None) define the documents. Memory never crosses
 a document boundary: every document is its own *stream* with its own M and z.
 
@@ -53,21 +53,25 @@ position of a piece's first token (its offset inside its segment).
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from longcpt.batch import document_spans
 from longcpt.errors import LongcptError
-from longcpt.model.attention import register
-from longcpt.model.attention.full import causal_attention
+from longcpt.model.attention import FINITE_NUMBER, POSITIVE_INT, Option, one_of, register
+from longcpt.model.attention.full import causal_attention, offset_causal_mask
 from longcpt.model.rope import apply_rotary
 
-# The recipe keys of `attention` that configure this kind (src/longcpt/config.py AttentionConfig).
-DEFAULT_OPTIONS = {"segment_len": 2048, "memory_update": "delta", "bptt_segments": 2, "gate_init": -2.5}
-MEMORY_UPDATES = ("linear", "delta")
+OPTIONS = {
+    "segment_len": Option(2048, POSITIVE_INT, "tokens per segment N (memory is written every N tokens)"),
+    "memory_update": Option("delta", one_of("linear", "delta"), "memory write rule (paper eq. 8 or 9)"),
+    "bptt_segments": Option(2, POSITIVE_INT, "segments in one truncated-backprop window (>= 2 trains the write)"),
+    # sigmoid(-2.5) = 0.08: memory starts small but trainable (see the module docstring).
+    "gate_init": Option(-2.5, FINITE_NUMBER, "initial gate logit of every head"),
+}
 # Floor of the read denominator sq . z (lucidrains clamps at 1e-10, jlamprou at 1e-8; anything far
 # below the smallest real z works: z grows by at least N * min(sk) per segment).
 DENOMINATOR_EPS = 1e-6
@@ -75,75 +79,8 @@ _PLAN_KEY = "infini_plan"
 _ROPE_KEY = "infini_rope"
 
 
-def infini_options(options: dict) -> dict:
-    """The Infini options: `DEFAULT_OPTIONS` overridden by `options`, checked.
-
-    Args:
-        options: any of segment_len, memory_update, bptt_segments, gate_init.
-
-    Returns:
-        A full options dict.
-
-    Raises:
-        LongcptError: an unknown key or a bad value, naming each.
-    """
-    problems = [
-        f"unknown option {key!r} (valid: {', '.join(DEFAULT_OPTIONS)})" for key in options if key not in DEFAULT_OPTIONS
-    ]
-    opts = {**DEFAULT_OPTIONS, **{k: v for k, v in options.items() if k in DEFAULT_OPTIONS}}
-    for key in ("segment_len", "bptt_segments"):
-        if isinstance(opts[key], bool) or not isinstance(opts[key], int) or opts[key] < 1:
-            problems.append(f"{key}={opts[key]!r}: must be a positive integer")
-    if opts["memory_update"] not in MEMORY_UPDATES:
-        problems.append(f"memory_update={opts['memory_update']!r}: must be one of {', '.join(MEMORY_UPDATES)}")
-    if not isinstance(opts["gate_init"], int | float) or not math.isfinite(opts["gate_init"]):
-        problems.append(f"gate_init={opts['gate_init']!r}: must be a finite number (e.g. -2.5)")
-    if problems:
-        raise LongcptError("infini attention options: " + "; ".join(problems))
-    opts["gate_init"] = float(opts["gate_init"])
-    return opts
-
-
 # ----------------------------------------------------------------------------------------------
 # Documents and segments: pure functions of positions and cu_seqlens, computed once per forward.
-
-
-def document_spans(cu_seqlens: torch.Tensor | None, batch: int, seq_len: int) -> list[tuple[int, int]]:
-    """(flat start, length) of every document: the `cu_seqlens` entries, or one per row if None.
-
-    Raises:
-        LongcptError: `cu_seqlens` does not start at 0, end at B*T and increase, or a document
-            crosses a row (SPEC section 6).
-    """
-    if cu_seqlens is None:
-        return [(row * seq_len, seq_len) for row in range(batch)]
-    cu = [int(c) for c in cu_seqlens.tolist()]
-    total = batch * seq_len
-    if cu_seqlens.ndim != 1 or len(cu) < 2 or cu[0] != 0 or cu[-1] != total:
-        raise LongcptError(f"cu_seqlens={cu[:8]}...: must be 1-D, start at 0 and end at B*T={total}")
-    spans = []
-    for start, end in zip(cu[:-1], cu[1:]):
-        if end < start:
-            raise LongcptError(f"cu_seqlens must not decrease (found {start} then {end})")
-        if end > start and start // seq_len != (end - 1) // seq_len:
-            raise LongcptError(f"cu_seqlens: document [{start}, {end}) crosses a row of length {seq_len}")
-        spans.append((start, end - start))
-    return spans
-
-
-def document_positions(cu_seqlens: torch.Tensor | None, batch: int, seq_len: int) -> torch.Tensor:
-    """(B, T) position of every token inside its document (restarting at 0, SPEC section 6).
-
-    Example: B=1, T=6, cu_seqlens=[0, 4, 6] -> [[0, 1, 2, 3, 0, 1]].
-    """
-    device = cu_seqlens.device if cu_seqlens is not None else None
-    flat = torch.arange(batch * seq_len, device=device)
-    if cu_seqlens is None:
-        return (flat % seq_len).view(batch, seq_len)
-    starts = cu_seqlens[:-1].long()
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    doc_start = torch.repeat_interleave(starts, lengths, output_size=batch * seq_len)  # (B*T,)
-    return (flat - doc_start).view(batch, seq_len)
 
 
 @dataclass(frozen=True)
@@ -199,7 +136,7 @@ def plan_segments(position_ids: torch.Tensor, cu_seqlens: torch.Tensor | None, s
     device = flat_pos.device
     # Inside a document every position is its predecessor's plus one (one vectorised check).
     is_start = torch.zeros(b * t, dtype=torch.bool, device=device)
-    is_start[[s for s, n in spans if n > 0]] = True
+    is_start[[s.start for s in spans]] = True
     advances = (flat_pos[1:] - flat_pos[:-1] == 1) | is_start[1:]
     if not bool(advances.all()):
         bad = int((~advances).nonzero()[0, 0]) + 1
@@ -208,15 +145,12 @@ def plan_segments(position_ids: torch.Tensor, cu_seqlens: torch.Tensor | None, s
             f"position {int(flat_pos[bad])} after {int(flat_pos[bad - 1])}. Pass positions that restart at 0 in "
             "every document (or absolute stream positions when streaming with a state)."
         )
-    firsts = flat_pos[[s for s, n in spans if n > 0]].tolist()
+    firsts = flat_pos[[s.start for s in spans]].tolist()
 
     # step -> (offset, length) -> [(stream, flat start)], insertion-ordered (streams ascending).
     steps: list[dict[tuple[int, int], list[tuple[int, int]]]] = []
-    first = iter(firsts)
-    for stream, (start, length) in enumerate(spans):
-        if length == 0:
-            continue
-        offset, done, step = next(first) % segment_len, 0, 0
+    for stream, ((start, length), first) in enumerate(zip(spans, firsts)):
+        offset, done, step = first % segment_len, 0, 0
         while done < length:
             piece = min(segment_len - offset, length - done)
             if step == len(steps):
@@ -341,9 +275,7 @@ def local_attention(
     # with one table, so each is rotated on its own (its partner is an empty slice, free).
     q, _ = apply_rotary(q, q[:, :0], cos[:, offset:total], sin[:, offset:total], precision)
     _, k = apply_rotary(k[:, :0], k, cos[:, :total], sin[:, :total], precision)
-    mask = None
-    if length > 1:  # bottom-right causal: query i (position offset + i) sees keys 0 .. offset + i
-        mask = torch.arange(total, device=q.device)[None] <= torch.arange(length, device=q.device)[:, None] + offset
+    mask = offset_causal_mask(length, total, q.device) if length > 1 else None  # (L, o+L)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
@@ -351,13 +283,13 @@ def local_attention(
 # The attention kind.
 
 
-@register("infini")
+@register("infini", options=OPTIONS, positions="document")
 class InfiniAttention(nn.Module):
     """Infini-attention core: `forward(q, k, v, ctx) -> (B, Hq, T, D)` (see the module docstring).
 
     Args:
         args: `ModelArgs`; `args.attention_options` may set segment_len, memory_update,
-            bptt_segments and gate_init (`infini_options`).
+            bptt_segments and gate_init (`OPTIONS`), resolved by the registry.
         layer_idx: key of this layer's entry in `ctx.state`.
 
     Attributes:
@@ -367,7 +299,7 @@ class InfiniAttention(nn.Module):
     def __init__(self, args, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.options = infini_options(dict(args.attention_options))
+        self.options = args.attention_options  # resolved: every key of OPTIONS
         self.segment_len = self.options["segment_len"]
         self.bptt_segments = self.options["bptt_segments"]
         self.delta = self.options["memory_update"] == "delta"
@@ -383,17 +315,6 @@ class InfiniAttention(nn.Module):
         """Set every gate to `gate_init` (called for checkpoints that have no gates)."""
         with torch.no_grad():
             self.gate.fill_(self.options["gate_init"])
-
-    def position_ids(self, cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
-        """Default positions of a packed batch: restarting at 0 in every document (SPEC section 6)."""
-        return document_positions(cu_seqlens, batch, seq_len)
-
-    @staticmethod
-    def model_loss(model, input_ids, labels, position_ids, cu_seqlens, reduction, chunk_size):
-        """`CausalLM.loss` for this kind: segment-major training (`longcpt.model.infini`)."""
-        from longcpt.model.infini import segment_major_loss  # model-level driver; imports this module
-
-        return segment_major_loss(model, input_ids, labels, position_ids, cu_seqlens, reduction, chunk_size)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx) -> torch.Tensor:
         b, hq, t, d = q.shape

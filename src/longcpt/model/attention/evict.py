@@ -43,6 +43,7 @@ D head dim.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from longcpt.errors import LongcptError
@@ -147,13 +148,26 @@ def attend_with_weights(
     outs, weights = [], []
     for r in range(0, t, rows):
         scores = torch.einsum("bhgtd,bhsd->bhgts", qf[:, :, :, r : r + rows], k)  # (B, Hk, G, t', S)
-        seen = cache.pos[:, :, None, None, :] <= q_pos[r : r + rows].view(1, 1, 1, -1, 1)  # (B, Hk, 1, t', S)
-        scores = scores.masked_fill(~(seen & cache.valid[:, :, None, None, :]), float("-inf"))
+        scores.masked_fill_(~_visible(cache, q_pos[r : r + rows]), float("-inf"))
         w = torch.softmax(scores, dim=-1)  # (B, Hk, G, t', S)
         outs.append(torch.einsum("bhgts,bhsd->bhgtd", w, v))  # (B, Hk, G, t', D)
         weights.append(w.mean(dim=2))  # (B, Hk, t', S)
     out = torch.cat(outs, dim=3).reshape(b, hq, t, d)  # (B, Hq, t, D): query head = kv head * G + g
     return out.to(q.dtype), torch.cat(weights, dim=2)
+
+
+def _visible(cache: EvictingCache, q_pos: torch.Tensor) -> torch.Tensor:
+    """(B, Hk, 1, t, S) bool: valid entries at positions up to each query's (causal over positions)."""
+    seen = cache.pos[:, :, None, None, :] <= q_pos.view(1, 1, 1, -1, 1)
+    return seen & cache.valid[:, :, None, None, :]
+
+
+def attend(q: torch.Tensor, q_pos: torch.Tensor, cache: EvictingCache) -> torch.Tensor:
+    """`attend_with_weights` without the weights, through SDPA (for policies that do not read them)."""
+    b, hq, t, d = q.shape
+    hk = cache.k.shape[1]
+    mask = _visible(cache, q_pos).expand(b, hk, hq // hk, t, cache.length).reshape(b, hq, t, cache.length)
+    return F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=mask, enable_gqa=hq != hk)
 
 
 class EvictingAttention(nn.Module):
@@ -165,6 +179,7 @@ class EvictingAttention(nn.Module):
     """
 
     update_every: int
+    needs_weights = True  # False: `observe` is never called and attention runs through SDPA
 
     def __init__(self, args, layer_idx: int):
         super().__init__()
@@ -191,9 +206,12 @@ class EvictingAttention(nn.Module):
             first = int(positions[start])
             end = min(t, start + self.update_every - first % self.update_every)
             cache.append(k[:, :, start:end], v[:, :, start:end], positions[start:end])
-            out, weights = attend_with_weights(q[:, :, start:end], positions[start:end], cache)
+            if self.needs_weights:
+                out, weights = attend_with_weights(q[:, :, start:end], positions[start:end], cache)
+                self.observe(cache, weights)
+            else:
+                out = attend(q[:, :, start:end], positions[start:end], cache)
             outs.append(out)
-            self.observe(cache, weights)
             if (int(positions[end - 1]) + 1) % self.update_every == 0:
                 mask = self.select(cache)
                 if mask is not None:
@@ -272,6 +290,8 @@ def _streaming_problems(options: dict) -> list[str]:
 )
 class StreamingAttention(EvictingAttention):
     """StreamingLLM: attention sinks plus a window of the newest tokens."""
+
+    needs_weights = False
 
     def __init__(self, args, layer_idx: int):
         super().__init__(args, layer_idx)

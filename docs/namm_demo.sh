@@ -2,25 +2,27 @@
 # NAMM demonstration on a CPU (docs/namm.md): evolve a NAMM for the tiny passkey model, then compare
 # full cache, NAMM, H2O and StreamingLLM at NAMM's kept share on passkey and perplexity.
 #
-#   bash docs/namm_demo.sh MODEL_HF_DIR VAL_DATA WORK [STAGE ...]
+#   bash docs/namm_demo.sh MODEL_HF_DIR WORK [STAGE ...]
 #
 # MODEL_HF_DIR  the passkey-fine-tuned export of docs/passkey_demo.sh (WORK/ft_short/hf: 96-256 tokens)
-# VAL_DATA      held-out text for perplexity, e.g. demo/data/val (`make demo`)
 # WORK          output folder
-# STAGE         any of: evolve passkey ppl summary (default: all, in order)
+# STAGE         any of: data evolve passkey ppl summary (default: all, in order)
 #
 # Stages:
+#   data     32 held-out passkey texts of 256 tokens (keys of seed 2, random depths, prompt + answer)
+#            for perplexity: the text this model was fine-tuned on (a passkey fine-tune forgets
+#            generic text)                                                     -> WORK/ppl_text.jsonl
 #   evolve   longcpt namm train recipes/namm_passkey_tiny.yaml (40 generations of 32, evictions every
 #            32 tokens, passkey prompts of 256 tokens with keys of seed 1)    -> WORK/namm/namm/policy.pt
 #   passkey  256-token prompts, 11 depths x 5 keys of seed 0 (held out): full, namm, then h2o and
 #            streaming with cache_size = NAMM's kept share x 256               -> WORK/pk_KIND/passkey.json
-#   ppl      the first 256 tokens of 32 validation documents, same four kinds -> WORK/ppl_KIND/ppl.json
+#   ppl      those texts (their first 250 tokens), the same four kinds           -> WORK/ppl_KIND/ppl.json
 #   summary  one table                                                       -> WORK/summary.json
 set -euo pipefail
-MODEL=$1 VAL=$2 WORK=$3
-shift 3
+MODEL=$1 WORK=$2
+shift 2
 STAGES=("$@")
-[ ${#STAGES[@]} -gt 0 ] || STAGES=(evolve passkey ppl summary)
+[ ${#STAGES[@]} -gt 0 ] || STAGES=(data evolve passkey ppl summary)
 PY=${PYTHON:-python}
 GENERATIONS=${GENERATIONS:-40}
 EVERY=32
@@ -41,18 +43,29 @@ options() {  # options KIND -> the --attention-options JSON of that kind
 
 for stage in "${STAGES[@]}"; do
   case $stage in
+    data)
+      $PY - "$MODEL" "$WORK/ppl_text.jsonl" <<'PYEOF'
+import json, sys
+from longcpt.data import load_tokenizer
+from longcpt.data.passkey import make_passkey_examples
+from longcpt.fsio import atomic_write_text
+tokenizer = load_tokenizer(sys.argv[1])
+rows = make_passkey_examples(tokenizer, [256], ["random"], 32, seed=2, split_digits=True)
+atomic_write_text(sys.argv[2], "".join(json.dumps({"text": r["prompt"] + r["answer"]}) + "\n" for r in rows))
+PYEOF
+      ;;
     evolve)
       $PY -m longcpt namm train recipes/namm_passkey_tiny.yaml model.pretrained="$MODEL" \
           trainer.out_dir="$WORK/namm" namm.generations="$GENERATIONS" 2>&1 | tee -a "$WORK/evolve.log" ;;
     passkey)
       for kind in full namm h2o streaming; do
         $PY -m longcpt eval passkey --model "$MODEL" --split-digits --lengths 256 \
-            --depths 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1 --trials 5 --seed 0 --output "$WORK/pk_$kind" \
+            --depths 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1 --trials ${TRIALS:-5} --seed 0 --output "$WORK/pk_$kind" \
             --attention "$kind" --attention-options "$(options $kind)"
       done ;;
     ppl)
       for kind in full namm h2o streaming; do
-        $PY -m longcpt eval ppl --model "$MODEL" --data "$VAL" --seq-len 256 --bucket 32 --max-docs 32 \
+        $PY -m longcpt eval ppl --model "$MODEL" --data "$WORK/ppl_text.jsonl" --seq-len 250 --bucket 50 --max-docs 32 \
             --output "$WORK/ppl_$kind" --attention "$kind" --attention-options "$(options $kind)"
       done ;;
     summary)

@@ -51,7 +51,8 @@ from longcpt.data.passkey import make_passkey_examples
 from longcpt.fsio import atomic_write_text
 tokenizer = load_tokenizer(sys.argv[1])
 rows = make_passkey_examples(tokenizer, [256], ["random"], 32, seed=2, split_digits=True)
-atomic_write_text(sys.argv[2], "".join(json.dumps({"text": r["prompt"] + r["answer"]}) + "\n" for r in rows))
+bos = tokenizer.bos_token or ""  # eval ppl adds the BOS itself
+atomic_write_text(sys.argv[2], "".join(json.dumps({"text": (r["prompt"] + r["answer"]).removeprefix(bos)}) + "\n" for r in rows))
 PYEOF
       ;;
     evolve)

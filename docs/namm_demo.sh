@@ -12,9 +12,9 @@
 #   data     32 held-out passkey texts of 256 tokens (keys of seed 2, random depths, prompt + answer)
 #            for perplexity: the text this model was fine-tuned on (a passkey fine-tune forgets
 #            generic text)                                                     -> WORK/ppl_text.jsonl
-#   evolve   longcpt namm train recipes/namm_passkey_tiny.yaml (40 generations of 32, evictions every
-#            32 tokens, passkey prompts of 256 tokens with keys of seed 1)    -> WORK/namm/namm/policy.pt
-#   passkey  256-token prompts, 11 depths x 5 keys of seed 0 (held out): full, namm, then h2o and
+#   evolve   longcpt namm train recipes/namm_passkey_tiny.yaml (GENERATIONS of 32, evictions every
+#            32 tokens, passkey prompts of 128-256 tokens with keys of seed 1)    -> WORK/namm/namm/policy.pt
+#   passkey  256-token prompts, 11 depths x TRIALS (8) keys of seed 0 (held out): full, namm, then h2o and
 #            streaming with cache_size = NAMM's kept share x 256               -> WORK/pk_KIND/passkey.json
 #   ppl      those texts (their first 250 tokens), the same four kinds           -> WORK/ppl_KIND/ppl.json
 #   summary  one table                                                       -> WORK/summary.json
@@ -61,7 +61,7 @@ PYEOF
     passkey)
       for kind in full namm h2o streaming; do
         $PY -m longcpt eval passkey --model "$MODEL" --split-digits --lengths 256 \
-            --depths 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1 --trials ${TRIALS:-5} --seed 0 --output "$WORK/pk_$kind" \
+            --depths 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1 --trials ${TRIALS:-8} --seed 0 --output "$WORK/pk_$kind" \
             --attention "$kind" --attention-options "$(options $kind)"
       done ;;
     ppl)

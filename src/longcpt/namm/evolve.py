@@ -184,12 +184,12 @@ def _fingerprint(cfg: Config) -> dict[str, Any]:
             **{f"namm.{k}": v for k, v in n.items()}}
 
 
-def fitness_of(result: dict[str, Any], reference: list[float], tasks: list[str], used: list[int],
-               examples: list[Example], cache_weight: float) -> float:
+def fitness_of(result: dict[str, Any], reference: list[float], tasks: list[str], examples: list[Example],
+               cache_weight: float) -> float:
     """Mean over tasks of the mean score / reference ratio, minus `cache_weight` x kv_kept."""
     per_task: dict[str, list[float]] = {}
-    for i in used:
-        per_task.setdefault(examples[i].task, []).append(result["scores"][i] / reference[i])
+    for ex, score, ref in zip(examples, result["scores"], reference):
+        per_task.setdefault(ex.task, []).append(score / ref)
     task_means = [sum(v) / len(v) for t in tasks if (v := per_task.get(t))]
     return sum(task_means) / len(task_means) - cache_weight * result["kv_kept"]
 
@@ -378,7 +378,9 @@ def train(cfg: Config) -> NammResult:
         _policy(spec, state["best"]["params"], state, state["best"]["info"]).save(out / POLICY)
     loggers = run_loggers(out)
     es = state["optimizer"]
-    evaluator = _Evaluator(cfg, spec, examples, state) if state["generation"] < n.generations else None
+    used = [examples[i] for i in state["used"]]  # only these are scored from now on
+    reference = [state["reference"][i] for i in state["used"]]
+    evaluator = _Evaluator(cfg, spec, used, state) if state["generation"] < n.generations else None
     title = f"NAMM ({spec.scorer}) for {Path(cfg.model.pretrained).name}, population {n.population}"
     try:
         with _progress() as progress:
@@ -391,8 +393,7 @@ def train(cfg: Config) -> NammResult:
 
                 def evaluate(jobs):
                     results = evaluator.map(jobs, done=lambda: progress.advance(task))
-                    return [(fitness_of(r, state["reference"], n.tasks, state["used"], examples, n.cache_weight), r)
-                            for r in results]
+                    return [(fitness_of(r, reference, n.tasks, used, n.cache_weight), r) for r in results]
 
                 fit, params, results = evolve_step(es, n.seed, g, n.population, evaluate)
                 center = params[0]

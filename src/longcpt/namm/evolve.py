@@ -381,7 +381,8 @@ def train(cfg: Config) -> NammResult:
     used = [examples[i] for i in state["used"]]  # only these are scored from now on
     reference = [state["reference"][i] for i in state["used"]]
     evaluator = _Evaluator(cfg, spec, used, state) if state["generation"] < n.generations else None
-    title = f"NAMM ({spec.scorer}) for {Path(cfg.model.pretrained).name}, population {n.population}"
+    model_name = "/".join(Path(cfg.model.pretrained).parts[-2:])  # exports are mostly .../hf
+    title = f"NAMM ({spec.scorer}) for {model_name}, population {n.population}, cache_weight {n.cache_weight}"
     try:
         with _progress() as progress:
             task = progress.add_task("namm", total=(n.generations - state["generation"]) * (n.population + 1))

@@ -28,7 +28,7 @@ left-padded to the longest; padding slots are invalid and masked out of attentio
 Left padding keeps the newest token in the last slot of every head, and a scorer that lets each
 token look only at newer ones (NAMM's backward mask) never sees the padding.
 
-Kinds here (SPEC section 9; each is an inference-time memory for any softmax model):
+Kinds here (each an inference-time memory for any softmax model longcpt loads):
   * `h2o` (Zhang et al. 2023, arXiv 2306.14048): keep the `recent` newest tokens plus the
     heavy hitters, the tokens with the largest attention received so far (summed over every
     query since they entered, averaged over the query heads of a KV head), `cache_size` in all.

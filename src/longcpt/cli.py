@@ -1,4 +1,4 @@
-"""`longcpt` command line: train, export, eval {passkey, booksum, ppl} (docs/reference.md).
+"""`longcpt` command line: train, export, eval {passkey, booksum, ppl}, namm train (docs/reference.md).
 
 Each command is implemented by a `run(args)` function in its own module, imported only when the
 command runs so that `--help` is instant. User errors (`LongcptError`) print one message and exit
@@ -21,6 +21,7 @@ COMMANDS = {
     "eval passkey": "longcpt.eval.passkey",
     "eval booksum": "longcpt.eval.booksum",
     "eval ppl": "longcpt.eval.ppl",
+    "namm train": "longcpt.namm.evolve",
 }
 
 
@@ -112,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.set_defaults(command_name="eval ppl")
     for task in (pk, bs, ppl):
         add_model_arguments(task)
+
+    namm = sub.add_parser("namm", help="Neural Attention Memory Models: evolve a KV-cache eviction policy")
+    namm_sub = namm.add_subparsers(dest="namm_command", required=True, metavar="COMMAND")
+    namm_train = namm_sub.add_parser("train", help="evolve a NAMM with CMA-ES for a frozen model (recipe section namm:)")
+    namm_train.add_argument("recipe", help="recipe YAML with model.pretrained and a namm: section (see recipes/)")
+    namm_train.add_argument("overrides", nargs="*", metavar="key=value", help="OmegaConf overrides, e.g. namm.generations=10")
+    namm_train.set_defaults(command_name="namm train")
     return parser
 
 

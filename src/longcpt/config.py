@@ -111,6 +111,37 @@ class StrategyConfig:
 
 
 @dataclass
+class NammPasskeyConfig:
+    """Passkey prompts NAMM evolution scores on (`longcpt.data.passkey`); keep them within the
+    model's trained length and the seed apart from the evaluation's (0)."""
+
+    lengths: list[int] = field(default_factory=lambda: [1024])
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    trials: int = 2  # prompts per (length, depth)
+    split_digits: bool = False  # as the model was fine-tuned (make_passkey.py --split-digits)
+    seed: int = 1
+
+
+@dataclass
+class NammConfig:
+    """`longcpt namm train`: evolve a NAMM (`longcpt.namm`) for the frozen `model.pretrained`."""
+
+    scorer: str = "bam"  # bam | mlp
+    hidden: int = 32  # BAM attention width
+    update_every: int = 512  # tokens between evictions (a multiple of 16, the spectrogram hop)
+    population: int = 32
+    generations: int = 100
+    sigma: float = 0.065  # initial CMA-ES step size
+    covariance: str = "diagonal"  # diagonal (sep-CMA-ES, linear cost) | full (the reference's; O(n^3) per generation)
+    seed: int = 0
+    workers: int = 0  # processes evaluating the population; 0 = one per GPU, else one per CPU core
+    tasks: list[str] = field(default_factory=lambda: ["passkey"])
+    cache_weight: float = 0.0  # fitness -= cache_weight * kv_kept: favours a smaller cache
+    init: str | None = None  # policy file to start from (a previous stage), else the all-zero policy
+    passkey: NammPasskeyConfig = field(default_factory=NammPasskeyConfig)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
@@ -119,6 +150,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    namm: NammConfig = field(default_factory=NammConfig)
 
 
 # Fields holding free-form dicts whose keys are not ours to check.
@@ -256,6 +288,7 @@ def validate(cfg: Config, check_paths: bool = False) -> None:
         + _other_problems(cfg)
         + strategy_problems(cfg)
         + _vocabulary_problems(cfg.model)
+        + _namm_problems(cfg.namm)
     )
     if check_paths:
         problems += _path_problems(cfg)
@@ -364,6 +397,38 @@ def _other_problems(cfg: Config) -> list[str]:
         problems.append(f"optim.min_lr_ratio={optim.min_lr_ratio}: must be in [0, 1]")
     if not (devices == "auto" or (isinstance(devices, int) and devices >= 1)):
         problems.append(f"trainer.devices={devices!r}: must be a positive integer or 'auto'")
+    return problems
+
+
+def _namm_problems(namm: NammConfig) -> list[str]:
+    """The `namm:` section (used by `longcpt namm train`; defaults pass for every other command)."""
+    from longcpt.data.fitness import TASKS
+
+    problems = (
+        _choice("namm.scorer", namm.scorer, ("bam", "mlp"))
+        + _choice("namm.covariance", namm.covariance, ("diagonal", "full"))
+        + _at_least("namm.hidden", namm.hidden, 1)
+        + _at_least("namm.population", namm.population, 2)
+        + _at_least("namm.generations", namm.generations, 1)
+        + _at_least("namm.workers", namm.workers, 0)
+        + _at_least("namm.cache_weight", namm.cache_weight, 0)
+        + _at_least("namm.passkey.trials", namm.passkey.trials, 1)
+    )
+    if namm.update_every < 16 or namm.update_every % 16:
+        problems.append(f"namm.update_every={namm.update_every}: must be a positive multiple of 16 "
+                        "(the spectrogram's hop), e.g. 512")
+    if namm.sigma <= 0:
+        problems.append(f"namm.sigma={namm.sigma}: must be > 0 (the reference uses 0.065)")
+    if not namm.tasks:
+        problems.append(f"namm.tasks=[]: name at least one task ({', '.join(TASKS)})")
+    for task in namm.tasks:
+        problems += _choice("namm.tasks", task, tuple(TASKS))
+    if not namm.passkey.lengths or min(namm.passkey.lengths) < 1:
+        problems.append(f"namm.passkey.lengths={namm.passkey.lengths}: give prompt lengths in tokens, e.g. [1024]")
+    if not namm.passkey.depths or not all(0 <= d <= 1 for d in namm.passkey.depths):
+        problems.append(f"namm.passkey.depths={namm.passkey.depths}: give depths in [0, 1], e.g. [0, 0.5, 1]")
+    if namm.init is not None and not Path(namm.init).is_file():
+        problems.append(f"namm.init={namm.init!r}: no such policy file (or null to start from the all-zero policy)")
     return problems
 
 

@@ -1,4 +1,4 @@
-"""The evaluation figures: passkey heatmap (x length, y depth) and perplexity by position.
+"""The evaluation figures: passkey heatmap (x length, y depth), perplexity by position, NAMM fitness.
 
 Figures are written atomically (temporary file in the same folder, then `os.replace`), like every
 other output. matplotlib runs with the non-interactive Agg backend.
@@ -75,4 +75,40 @@ def ppl_plot(buckets: Sequence[dict], title: str, path) -> Path:
     ax.set_ylabel("perplexity")
     ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3)
+    return save_figure(fig, path)
+
+
+def fitness_curve(history: Sequence[dict], title: str, path) -> Path:
+    """NAMM evolution: population fitness (mean, std band, best) and the reported policy's fitness per
+    generation, with the share of the KV cache kept on a second axis.
+
+    Args:
+        history: one dict per generation with `generation`, `fitness_mean`, `fitness_std`,
+            `fitness_best`, `center_fitness`, `kv_kept` and `center_kv_kept`.
+        title: figure title.
+        path: output PNG.
+    """
+    plt = _pyplot()
+    gens = [h["generation"] for h in history]
+    mean = [h["fitness_mean"] for h in history]
+    std = [h["fitness_std"] for h in history]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.fill_between(gens, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2,
+                    color="tab:blue", label="population mean +- std")
+    ax.plot(gens, mean, color="tab:blue", linewidth=1.5)
+    ax.plot(gens, [h["fitness_best"] for h in history], color="tab:green", linewidth=1, label="population best")
+    ax.plot(gens, [h["center_fitness"] for h in history], color="black", marker=".", linewidth=1.5,
+            label="reported policy (CMA-ES mean)")
+    ax.set_xlabel("generation")
+    ax.set_ylabel("fitness")
+    ax.grid(True, alpha=0.3)
+    kept = ax.twinx()
+    kept.plot(gens, [h["center_kv_kept"] for h in history], color="tab:red", linestyle="--", linewidth=1,
+              label="kv_kept of the reported policy")
+    kept.set_ylabel("share of the KV cache kept", color="tab:red")
+    kept.set_ylim(0, 1.05)
+    lines = ax.get_legend_handles_labels()
+    more = kept.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="lower left")
+    ax.set_title(title, fontsize=9)
     return save_figure(fig, path)

@@ -112,19 +112,6 @@ def _prepare_run_dir(cfg: Config, tokenizer_dir: str) -> Path | None:
     return last if cfg.trainer.resume else None
 
 
-def _loggers(out: Path):
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
-    loggers = [CSVLogger(out / "logs", name="csv")]
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        loggers.append(TensorBoardLogger(out / "logs", name="tensorboard"))
-    return loggers
-
-
 def _cpu_threads(devices: Any) -> None:
     """Give each local CPU process its share of the cores (torch would give each all of them)."""
     import torch
@@ -161,6 +148,7 @@ def _trainer(cfg: Config, accelerator: str, out: Path, callbacks: list, plugins:
     """The Lightning Trainer for a recipe: hardware, loop length, precision, optimisation, outputs."""
     import lightning.pytorch as pl
 
+    from longcpt.logs import run_loggers
     from longcpt.strategies import build_strategy
 
     t, accumulate = cfg.trainer, cfg.optim.accumulate_grad_batches
@@ -172,7 +160,7 @@ def _trainer(cfg: Config, accelerator: str, out: Path, callbacks: list, plugins:
                 check_val_every_n_epoch=None, limit_val_batches=cfg.data.val_batches, num_sanity_val_steps=0)
     optimisation = dict(accumulate_grad_batches=accumulate, gradient_clip_val=cfg.optim.grad_clip or None,
                         gradient_clip_algorithm="norm")
-    outputs = dict(logger=_loggers(out), log_every_n_steps=t.log_every_n_steps, callbacks=callbacks,
+    outputs = dict(logger=run_loggers(out), log_every_n_steps=t.log_every_n_steps, callbacks=callbacks,
                    enable_checkpointing=False,  # RunCheckpoints does it atomically
                    enable_progress_bar=_interactive(), enable_model_summary=False, default_root_dir=out)
     # longcpt.data shards by rank itself.

@@ -1,0 +1,438 @@
+"""`longcpt namm train RECIPE [key=value ...]`: evolve a NAMM with CMA-ES for a frozen model.
+
+    longcpt namm train recipes/namm_passkey_tiny.yaml namm.generations=40
+
+The model (`model.pretrained`) never changes; only the NAMM's flat parameter vector (a few
+thousand numbers, `longcpt.model.attention.namm`) evolves, because keep/evict has no gradient.
+
+One generation:
+  1. CMA-ES proposes `namm.population` parameter vectors (random numbers seeded by the recipe's
+     seed and the generation number, so a resumed run draws the same ones).
+  2. Worker processes score them and the current CMA-ES mean: every example (`longcpt.data.fitness`)
+     is read through the `namm` kind, prompt then answer (teacher forcing); an example's score is
+     the answer's geometric-mean token probability divided by the full cache's on that example.
+     A member's fitness is the mean over tasks of its mean example ratio, minus
+     `namm.cache_weight` x the share of the KV cache it kept (`kv_kept`).
+  3. CMA-ES updates its mean from the better half of the population (`cmaes`: the reference's
+     recombination weights, elite ratio 0.5).
+  4. The optimiser state goes to `out_dir/namm/es_state` and then the reported policy to
+     `out_dir/namm/policy.pt`, each atomically; the fitness curve to `fitness.png`; metrics to the
+     CSV/TensorBoard logs under `out_dir/namm/logs`.
+
+The reported policy is the CMA-ES mean (the reference's prefer_mean_to_best), scored every
+generation; `policy.pt` holds the best-scoring mean so far. Launching the same command again
+resumes after the last completed generation and gives the same result as an uninterrupted run
+(tests/namm/test_evolve.py kills a run with SIGKILL).
+
+Before generation 0 the all-zero policy (it keeps every token, so it is the full cache) reads
+every example once: its answer probabilities are the references, examples the full cache gets
+wrong are left out (they carry no signal), and the mean and standard deviation of the
+spectrogram features it sees become the policy's fixed feature normalisation.
+
+Optimiser: `cmaes` (CyberAgent's, the library behind Optuna's CMA-ES sampler): small, numpy
+only, ask/tell, picklable, and its weights are the ones the reference uses. `namm.covariance:
+diagonal` (the default) is sep-CMA-ES, linear in the number of parameters; `full` is the
+reference's full covariance, whose eigendecomposition of a 3,347 x 3,347 matrix per generation
+takes minutes on a small CPU.
+
+Workers: `namm.workers` processes (0 = one per GPU, else one per CPU core), each with the model
+loaded once; on GPUs each worker owns one device.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import math
+import multiprocessing
+import os
+import pickle
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from longcpt.config import Config, load_config, validate
+from longcpt.data.fitness import Example, build_examples
+from longcpt.errors import ConfigError, LongcptError
+from longcpt.model.attention.namm import NammPolicy, NammSpec, load_policy
+
+NAMM_DIR = "namm"
+ES_STATE = "es_state"
+POLICY = "policy.pt"
+STATE_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring candidate policies (in each worker process).
+
+
+class PolicyScorer:
+    """A frozen model run as `namm` with a policy whose parameters are swapped per candidate.
+
+    Args:
+        model_dir: the HF folder of the frozen model.
+        spec: the NAMM architecture.
+        examples: what to score.
+        feature_mean, feature_std: the policy's feature normalisation.
+        device: where the model runs.
+    """
+
+    def __init__(self, model_dir: str, spec: NammSpec, examples: list[Example], feature_mean: torch.Tensor,
+                 feature_std: torch.Tensor, device: str = "cpu"):
+        from longcpt.model import from_pretrained
+
+        self.policy = NammPolicy.zeros(spec)
+        self.policy.feature_mean, self.policy.feature_std = feature_mean.clone(), feature_std.clone()
+        self.model = from_pretrained(model_dir, attention="namm", policy=self.policy, dtype=torch.float32)
+        self.model = self.model.to(device).eval()
+        self.device = device
+        # Examples of equal prompt and answer lengths run as one batch (rows evict independently).
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, ex in enumerate(examples):
+            groups.setdefault((len(ex.prompt), len(ex.answer)), []).append(i)
+        self.groups = [(idx, torch.tensor([examples[i].prompt + examples[i].answer for i in idx]), answer)
+                       for (_, answer), idx in groups.items()]
+        self.n = len(examples)
+
+    @torch.inference_mode()
+    def run(self, params: np.ndarray | None, collect_features: bool = False) -> dict[str, Any]:
+        """Score one parameter vector (None: the all-zero policy).
+
+        Returns:
+            {"scores": per-example geometric-mean answer probability, "correct": per-example
+            greedy answer right, "kv_kept": mean share kept, and with `collect_features` the
+            feature sums "sum", "sumsq", "count" over every layer's cached tokens}.
+        """
+        from longcpt.model.generation import kv_kept
+
+        flat = torch.zeros_like(self.policy.params) if params is None else torch.as_tensor(params, dtype=torch.float32)
+        self.policy.params.copy_(flat)
+        scores, correct = [0.0] * self.n, [False] * self.n
+        kept, weights = 0.0, 0
+        stats = {"sum": 0.0, "sumsq": 0.0, "count": 0}
+        for idx, ids, answer_len in self.groups:
+            ids = ids.to(self.device)  # (B, L + A): prompt then answer
+            state: dict = {}
+            hidden = self.model.hidden_states(ids[:, :-1], state=state)  # (B, L + A - 1, C)
+            logits = self.model.lm_head(hidden[:, -answer_len:]).float()  # (B, A, V)
+            target = ids[:, -answer_len:]  # (B, A)
+            logp = torch.log_softmax(logits, dim=-1).gather(-1, target[..., None]).squeeze(-1)  # (B, A)
+            for row, i in enumerate(idx):
+                scores[i] = math.exp(float(logp[row].mean()))
+                correct[i] = bool((logits[row].argmax(-1) == target[row]).all())
+            share = kv_kept(state)
+            kept += (1.0 if share is None else share) * len(idx)
+            weights += len(idx)
+            if collect_features:
+                for cache in state.values():
+                    ema = cache.extra["namm_ema"][cache.valid]  # (tokens, K)
+                    stats["sum"] = stats["sum"] + ema.double().sum(0)
+                    stats["sumsq"] = stats["sumsq"] + ema.double().pow(2).sum(0)
+                    stats["count"] += ema.shape[0]
+        out = {"scores": scores, "correct": correct, "kv_kept": kept / weights}
+        if collect_features:
+            out.update(stats)
+        return out
+
+
+_WORKER: PolicyScorer | None = None
+
+
+def _init_worker(model_dir, spec, examples, mean, std, devices, threads: int) -> None:
+    global _WORKER
+    torch.set_num_threads(threads)
+    device = devices.get() if devices is not None else "cpu"
+    _WORKER = PolicyScorer(model_dir, spec, examples, mean, std, device)
+
+
+def _score_in_worker(params: np.ndarray) -> dict[str, Any]:
+    return _WORKER.run(params)
+
+
+# ----------------------------------------------------------------------------------------------
+# The evolution loop.
+
+
+@dataclass
+class NammResult:
+    """What a finished (or resumed-and-finished) `namm train` produced."""
+
+    out_dir: Path
+    generations: int
+    policy: Path
+    best_fitness: float
+    best_kv_kept: float
+    seconds: float
+
+
+def spec_of(cfg: Config) -> NammSpec:
+    n = cfg.namm
+    return NammSpec(scorer=n.scorer, hidden=n.hidden, update_every=n.update_every)
+
+
+def _fingerprint(cfg: Config) -> dict[str, Any]:
+    """Settings a resumed run must share with the saved state (everything but `generations`/`workers`)."""
+    n = dataclasses.asdict(cfg.namm)
+    n.pop("generations")
+    n.pop("workers")
+    return {"model.pretrained": str(Path(cfg.model.pretrained).resolve()),
+            **{f"namm.{k}": v for k, v in n.items()}}
+
+
+def fitness_of(result: dict[str, Any], reference: list[float], tasks: list[str], examples: list[Example],
+               cache_weight: float) -> float:
+    """Mean over tasks of the mean score / reference ratio, minus `cache_weight` x kv_kept."""
+    per_task: dict[str, list[float]] = {}
+    for ex, score, ref in zip(examples, result["scores"], reference):
+        per_task.setdefault(ex.task, []).append(score / ref)
+    task_means = [sum(v) / len(v) for t in tasks if (v := per_task.get(t))]
+    return sum(task_means) / len(task_means) - cache_weight * result["kv_kept"]
+
+
+def _new_optimizer(cfg: Config, mean: np.ndarray):
+    from cmaes import CMA, SepCMA
+
+    cls = SepCMA if cfg.namm.covariance == "diagonal" else CMA
+    return cls(mean=mean.astype(np.float64), sigma=cfg.namm.sigma, population_size=cfg.namm.population,
+               seed=cfg.namm.seed)
+
+
+def evolve_step(es, seed: int, generation: int, population: int, evaluate) -> tuple[list[float], list, list]:
+    """One CMA-ES generation: ask `population` members, score them with the current mean, tell.
+
+    Args:
+        es: a `cmaes` optimiser (minimises, so fitness is negated for it).
+        seed, generation: seed the member draws, so a resumed run draws the same members.
+        population: members per generation.
+        evaluate: `[mean, *members] -> [(fitness, anything), ...]`, fitness to maximise.
+
+    Returns:
+        (fitness, parameter vectors and the evaluation's other outputs, each for [mean, *members]).
+    """
+    es.reseed_rng((seed * 1_000_003 + generation) % 2**32)
+    members = [es.ask() for _ in range(population)]
+    center = np.array(es.mean, copy=True)
+    scored = evaluate([center, *members])
+    fitness = [f for f, _ in scored]
+    es.tell([(x, -f) for x, f in zip(members, fitness[1:])])
+    return fitness, [center, *members], [extra for _, extra in scored]
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    from longcpt.fsio import atomic_file
+
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        pickle.dump(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _load_state(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as f:
+            state = pickle.load(f)
+    except Exception as e:  # an unreadable file: say so rather than starting over silently
+        raise LongcptError(f"{path}: unreadable NAMM optimiser state ({type(e).__name__}: {e}); "
+                           f"delete {path.parent} to start over") from None
+    if state.get("version") != STATE_VERSION:
+        raise LongcptError(f"{path}: state version {state.get('version')!r}, this longcpt writes {STATE_VERSION}; "
+                           f"delete {path.parent} to start over")
+    changed = [f"{k}: {state['fingerprint'].get(k)!r} in the saved run, {v!r} now"
+               for k, v in fingerprint.items() if state["fingerprint"].get(k) != v]
+    if changed:
+        raise LongcptError(f"{path}: the recipe changed since this run started ({'; '.join(changed)}); set them "
+                           f"back to resume, or choose another trainer.out_dir (or delete {path.parent}) to start over")
+    return state
+
+
+def _calibrate(cfg: Config, spec: NammSpec, examples: list[Example]) -> dict[str, Any]:
+    """The full-cache pass: reference scores, usable examples and feature statistics (module docstring)."""
+    k = spec.frequencies
+    scorer = PolicyScorer(cfg.model.pretrained, spec, examples, torch.zeros(k), torch.ones(k), "cpu")
+    ref = scorer.run(None, collect_features=True)
+    used = [i for i, ok in enumerate(ref["correct"]) if ok]
+    if not used:
+        raise LongcptError(
+            f"model.pretrained={cfg.model.pretrained!r}: with the full cache the model answers none of the "
+            f"{len(examples)} training prompts; NAMM training needs prompts the model can do (shorter "
+            "namm.passkey.lengths, or namm.passkey.split_digits as it was fine-tuned)")
+    mean = ref["sum"] / ref["count"]
+    std = (ref["sumsq"] / ref["count"] - mean**2).clamp_min(0).sqrt()
+    return {"reference": ref["scores"], "used": used, "feature_mean": mean.float(), "feature_std": std.float()}
+
+
+def _fresh_state(cfg: Config, spec: NammSpec, examples: list[Example], fingerprint: dict) -> dict[str, Any]:
+    calibration = _calibrate(cfg, spec, examples)
+    init = np.zeros(spec.param_count())
+    if cfg.namm.init is not None:
+        start = load_policy(cfg.namm.init)
+        if start.spec != spec:
+            raise LongcptError(f"namm.init={cfg.namm.init!r}: a policy with {start.spec}, but the recipe asks for {spec}")
+        init = start.params.double().numpy()
+    return {"version": STATE_VERSION, "fingerprint": fingerprint, "optimizer": _new_optimizer(cfg, init),
+            "generation": 0, "history": [], "best": None, "seconds": 0.0, **calibration}
+
+
+def _policy(spec: NammSpec, params: np.ndarray, state: dict[str, Any], info: dict[str, Any]) -> NammPolicy:
+    return NammPolicy(spec, torch.as_tensor(params, dtype=torch.float32), state["feature_mean"],
+                      state["feature_std"], info)
+
+
+class _Evaluator:
+    """Scores lists of parameter vectors in worker processes (or in-process with one worker)."""
+
+    def __init__(self, cfg: Config, spec: NammSpec, examples: list[Example], state: dict[str, Any]):
+        args = (cfg.model.pretrained, spec, examples, state["feature_mean"], state["feature_std"])
+        workers, devices = cfg.namm.workers, None
+        gpus = torch.cuda.device_count()
+        if workers == 0:
+            workers = gpus or os.cpu_count() or 1
+        self.pool = None
+        if workers == 1:
+            self.local = PolicyScorer(*args, "cuda:0" if gpus else "cpu")
+            return
+        context = multiprocessing.get_context("spawn")
+        if gpus:
+            devices = context.Queue()
+            for i in range(workers):
+                devices.put(f"cuda:{i % gpus}")
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        self.pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                                           initargs=(*args, devices, threads))
+
+    def map(self, jobs: list[np.ndarray], done=None) -> list[dict[str, Any]]:
+        """Results in job order; `done()` is called as each finishes."""
+        if self.pool is None:
+            results = []
+            for job in jobs:
+                results.append(self.local.run(job))
+                if done:
+                    done()
+            return results
+        futures = [self.pool.submit(_score_in_worker, job) for job in jobs]
+        for _ in concurrent.futures.as_completed(futures):
+            if done:
+                done()
+        return [f.result() for f in futures]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+
+def _progress():
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("members"), TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
+                    disable=not (os.isatty(2) and os.environ.get("TERM", "dumb") != "dumb"))
+
+
+def train(cfg: Config) -> NammResult:
+    """Evolve a NAMM as the recipe says; resume from `out_dir/namm/es_state` when it exists.
+
+    Raises:
+        ConfigError: a bad recipe.
+        LongcptError: a model that answers none of the prompts, a changed recipe on resume, an
+            unreadable state file.
+    """
+    validate(cfg)
+    if cfg.model.pretrained is None:
+        raise ConfigError(["model.pretrained=null: `longcpt namm train` evolves a NAMM for an existing model; "
+                           "set it to the model's HF folder"])
+    from longcpt.data import load_tokenizer
+    from longcpt.eval.figures import fitness_curve
+    from longcpt.logs import run_loggers
+
+    n = cfg.namm
+    out = Path(cfg.trainer.out_dir).resolve() / NAMM_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.pretrained)
+    examples = build_examples(n, tokenizer)
+    spec = spec_of(cfg)
+    fingerprint = _fingerprint(cfg)
+    state = _load_state(out / ES_STATE, fingerprint)
+    if state is None:
+        state = _fresh_state(cfg, spec, examples, fingerprint)
+        _save_state(out / ES_STATE, state)
+        print(f"namm: {len(state['used'])} of {len(examples)} examples answered by the full cache; "
+              f"{spec.param_count()} parameters ({spec.scorer}); population {n.population}", flush=True)
+    else:
+        print(f"namm: resuming after generation {state['generation']} ({out / ES_STATE})", flush=True)
+    if state["best"] is not None:  # a kill between the two writes leaves policy.pt one generation behind
+        _policy(spec, state["best"]["params"], state, state["best"]["info"]).save(out / POLICY)
+    loggers = run_loggers(out)
+    es = state["optimizer"]
+    used = [examples[i] for i in state["used"]]  # only these are scored from now on
+    reference = [state["reference"][i] for i in state["used"]]
+    evaluator = _Evaluator(cfg, spec, used, state) if state["generation"] < n.generations else None
+    model_name = "/".join(Path(cfg.model.pretrained).parts[-2:])  # exports are mostly .../hf
+    title = f"NAMM ({spec.scorer}) for {model_name}, population {n.population}, cache_weight {n.cache_weight}"
+    try:
+        with _progress() as progress:
+            task = progress.add_task("namm", total=(n.generations - state["generation"]) * (n.population + 1))
+            while state["generation"] < n.generations:
+                g = state["generation"]
+                t0 = time.perf_counter()
+                progress.update(task, description=f"generation {g}")
+
+
+                def evaluate(jobs):
+                    results = evaluator.map(jobs, done=lambda: progress.advance(task))
+                    return [(fitness_of(r, reference, n.tasks, used, n.cache_weight), r) for r in results]
+
+                fit, params, results = evolve_step(es, n.seed, g, n.population, evaluate)
+                center = params[0]
+                population, kept = np.array(fit[1:]), np.array([r["kv_kept"] for r in results[1:]])
+                seconds = time.perf_counter() - t0
+                state["seconds"] += seconds
+                record = {"generation": g, "fitness_mean": float(population.mean()), "fitness_std": float(population.std()),
+                          "fitness_best": float(population.max()), "kv_kept": float(kept.mean()),
+                          "center_fitness": fit[0], "center_kv_kept": results[0]["kv_kept"],
+                          "best_kv_kept": float(kept[population.argmax()]), "seconds": seconds}
+                state["history"].append(record)
+                if state["best"] is None or fit[0] >= state["best"]["fitness"]:
+                    info = {"generation": g, "fitness": fit[0], "kv_kept": results[0]["kv_kept"],
+                            "model": str(cfg.model.pretrained), "tasks": list(n.tasks), "population": n.population}
+                    state["best"] = {"params": center, "fitness": fit[0], "info": info}
+                state["generation"] = g + 1
+                _save_state(out / ES_STATE, state)
+                _policy(spec, state["best"]["params"], state, state["best"]["info"]).save(out / POLICY)
+                for logger in loggers:
+                    logger.log_metrics({f"namm/{k}": v for k, v in record.items() if k != "generation"}, step=g)
+                    logger.save()
+                fitness_curve(state["history"], title, out / "fitness.png")
+                print(f"generation {g + 1}/{n.generations}  fitness mean {record['fitness_mean']:.4f} "
+                      f"best {record['fitness_best']:.4f}  policy {fit[0]:.4f} (kv_kept {results[0]['kv_kept']:.3f})  "
+                      f"{seconds:.0f}s", file=sys.stdout, flush=True)
+    finally:
+        if evaluator is not None:
+            evaluator.close()
+        for logger in loggers:
+            logger.finalize("success")
+    best = state["best"]
+    return NammResult(out, state["generation"], out / POLICY, best["fitness"], best["info"]["kv_kept"], state["seconds"])
+
+
+def run(args) -> int:
+    """Entry point of `longcpt namm train` (see `longcpt.cli`)."""
+    cfg = load_config(args.recipe, args.overrides, check_paths=False)
+    result = train(cfg)
+    print(f"longcpt namm train: {result.generations} generations; policy {result.policy} "
+          f"(fitness {result.best_fitness:.4f}, kv_kept {result.best_kv_kept:.3f}); {result.seconds:.0f}s of evolution")
+    return 0

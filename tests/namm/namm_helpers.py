@@ -1,0 +1,44 @@
+"""A tiny frozen model and a task it can do, for NAMM evolution tests (no hub, no fine-tuning).
+
+The `continue` task asks a random model to continue random prompts with what it itself predicts
+greedily with the full cache, so every example is answered by the full cache by construction, and
+evicting the wrong tokens changes the answer's probability.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+TESTS = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(TESTS / "eval"))
+
+from _tiny_models import build_tokenizer, tiny_llama  # noqa: E402
+
+from longcpt.data.fitness import TASKS, Example  # noqa: E402
+
+PROMPT_LEN, ANSWER_LEN, N_EXAMPLES = 64, 4, 4
+
+
+def make_model_dir(path: Path) -> Path:
+    tokenizer = build_tokenizer()
+    tiny_llama(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def register_continue_task(model_dir: Path) -> None:
+    """Register `continue`: answers are the full-cache model's own greedy continuation."""
+    from longcpt.model import from_pretrained
+    from longcpt.model.generation import generate
+
+    def build(namm, tokenizer) -> list[Example]:
+        model = from_pretrained(model_dir, attention="full").eval()
+        g = torch.Generator().manual_seed(namm.seed)
+        prompts = torch.randint(3, len(tokenizer), (N_EXAMPLES, PROMPT_LEN), generator=g)
+        answers = generate(model, prompts, ANSWER_LEN)
+        return [Example("continue", tuple(p.tolist()), tuple(a.tolist())) for p, a in zip(prompts, answers)]
+
+    TASKS["continue"] = build

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -358,15 +359,15 @@ _MINIMUMS = {
     "data.bfd_buffer": 1, "optim.weight_decay": 0, "optim.warmup_steps": 0, "optim.grad_clip": 0,
     "optim.accumulate_grad_batches": 1, "trainer.max_steps": 1, "trainer.num_nodes": 1,
     "trainer.save_every_n_steps": 1, "trainer.keep_last_k": 1, "trainer.log_every_n_steps": 1,
-    "trainer.val_every_n_steps": 1,
+    "trainer.val_every_n_steps": 1, "namm.hidden": 1, "namm.population": 2, "namm.generations": 1,
+    "namm.workers": 0, "namm.cache_weight": 0, "namm.passkey.trials": 1,
 }
 
 
 def _minimum_problems(cfg: Config) -> list[str]:
     problems = []
     for key, low in _MINIMUMS.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value = functools.reduce(getattr, key.split("."), cfg)
         if value < low:
             problems.append(f"{key}={value!r}: must be >= {low}")
     return problems
@@ -407,12 +408,6 @@ def _namm_problems(namm: NammConfig) -> list[str]:
     problems = (
         _choice("namm.scorer", namm.scorer, ("bam", "mlp"))
         + _choice("namm.covariance", namm.covariance, ("diagonal", "full"))
-        + _at_least("namm.hidden", namm.hidden, 1)
-        + _at_least("namm.population", namm.population, 2)
-        + _at_least("namm.generations", namm.generations, 1)
-        + _at_least("namm.workers", namm.workers, 0)
-        + _at_least("namm.cache_weight", namm.cache_weight, 0)
-        + _at_least("namm.passkey.trials", namm.passkey.trials, 1)
     )
     if namm.update_every < 16 or namm.update_every % 16:
         problems.append(f"namm.update_every={namm.update_every}: must be a positive multiple of 16 "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_tiny import tiny_hf_model
+from tiny import tiny_hf_model
 
 import longcpt
 from longcpt.errors import LongcptError

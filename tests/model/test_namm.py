@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from hf_tiny import tiny_hf_model
+from tiny import tiny_hf_model
 
 import longcpt
 from longcpt.errors import LongcptError

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 TESTS = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TESTS / "eval"))
+sys.path.insert(0, str(TESTS))  # run_namm.py imports this module outside pytest
 
-from _tiny_models import build_tokenizer, tiny_llama  # noqa: E402
+from tiny import bpe_tokenizer, tiny_llama  # noqa: E402
 
 from longcpt.data.fitness import TASKS, Example  # noqa: E402
 
@@ -23,7 +23,7 @@ PROMPT_LEN, ANSWER_LEN, N_EXAMPLES = 64, 4, 4
 
 
 def make_model_dir(path: Path) -> Path:
-    tokenizer = build_tokenizer()
+    tokenizer = bpe_tokenizer(200)
     tiny_llama(len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -22,7 +22,9 @@ from longcpt.batch import IGNORE_INDEX
 from longcpt.config import Config
 from longcpt.errors import LongcptError
 from longcpt.lit.optim import build_optimizer
+from longcpt.model.attention.ulysses import SequenceParallel
 from longcpt.model.llama import CausalLM
+from longcpt.strategies import sequence_parallel_group
 
 # Key of our metadata inside every checkpoint (Lightning .ckpt and DeepSpeed client state).
 CHECKPOINT_KEY = "longcpt"
@@ -72,6 +74,16 @@ class LitCausalLM(pl.LightningModule):
         self.model = model
         self.cfg = cfg
         self.tokenizer_dir = tokenizer_dir
+
+    def setup(self, stage: str) -> None:
+        """Under `strategy.sequence_parallel`, give the model its group (torch.distributed is up now).
+
+        Every rank of a group receives the same whole-window batch (the DataModule shards data by
+        group); the model keeps its T/N tokens and returns the window's loss.
+        """
+        n = self.cfg.strategy.sequence_parallel
+        if n > 1 and self.model.sequence_parallel is None:
+            self.model.sequence_parallel = SequenceParallel.of(sequence_parallel_group(n))
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model.loss(

@@ -98,6 +98,18 @@ def _sequence_parallel_problems(cfg) -> list[str]:
     return problems
 
 
+def builds_partitioned(cfg) -> bool:
+    """Whether the model is built inside `deepspeed.zero.Init` and loaded into its partitions.
+
+    Under ZeRO-3 with `model.pretrained`, each rank builds only its 1/world partition of every
+    parameter and rank 0 fills them from the files one module at a time, so no rank holds the
+    whole model (`longcpt.model.hf_io.build_model`). A model from `model.config` is built whole,
+    as before: its random initialisation then stays identical to the other strategies' runs.
+    """
+    s = cfg.strategy
+    return s.name == "deepspeed" and s.stage == 3 and cfg.model.pretrained is not None
+
+
 def data_parallel_coordinates(global_rank: int, world_size: int, sequence_parallel: int) -> tuple[int, int]:
     """(data-parallel rank, data-parallel size) of a rank: which windows it reads.
 

@@ -68,6 +68,18 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
+def bf16_case(group) -> dict:
+    """bf16 autocast (what `trainer.precision=bf16-mixed` runs): the all-to-alls carry bf16 q/k/v."""
+    model = build("anchor", False)
+    batch = window(100, "anchor")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, _ = loss_and_grads(model, batch)
+        model.sequence_parallel = SequenceParallel.of(group)
+        loss, _ = loss_and_grads(model, batch)
+    return {"kind": "anchor-bf16", "world": dist.get_world_size(), "sp": model.sequence_parallel.size,
+            "loss_rel": abs(float(loss / ref) - 1)}
+
+
 def run_case(kind: str, sp_size: int, checkpointing: bool, group) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     dp_rank, dp_size = data_parallel_coordinates(rank, world, sp_size)
@@ -114,6 +126,8 @@ def main() -> None:
             rows.append(run_case(kind, n, False, group))
     if 4 in groups:  # activation checkpointing recomputes the all-to-alls in the backward
         rows.append(run_case("anchor", 4, True, groups[4]))
+    else:
+        rows.append(bf16_case(groups[2]))
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(rows))
     dist.barrier()
     dist.destroy_process_group()

@@ -21,8 +21,9 @@ are fewer KV heads than ranks (N a multiple of Hk), every KV head is first repea
 so rank r gets one copy of the KV head its query heads share (the gradients of the copies add up
 in the backward). `longcpt.strategies` refuses head counts where neither divides the other.
 
-Communication per layer and rank: 4 all-to-alls (q, k, v, output) of B*T/N*H*D values each in
-the forward, the same in the backward; it does not grow with N, which is Ulysses' point.
+Communication per layer and rank: 4 all-to-alls in the forward (q, k, v, output), each of this
+rank's B x T/N x H x D block (K/V with their own head count), and 4 in the backward. The volume
+per rank does not grow with N, which is Ulysses' point.
 
 Shapes: B batch, T window tokens, t = T/N tokens per rank, N group size, H heads (Hq query,
 Hk KV), D head dim.
@@ -38,7 +39,8 @@ import torch.distributed as dist
 
 
 class _AllToAll(torch.autograd.Function):
-    """`dist.all_to_all_single` over dim 0 (equal splits) with its own transpose as the backward."""
+    """`dist.all_to_all_single` over dim 0 in equal blocks; the backward sends the gradients back
+    the same way (block j of rank i returns from rank j, which is again one all-to-all)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:

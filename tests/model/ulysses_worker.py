@@ -18,11 +18,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from longcpt.batch import IGNORE_INDEX, cu_seqlens_for, position_ids
-from longcpt.model import CausalLM, ModelArgs
-from longcpt.model.attention import kind_spec
-from longcpt.model.attention.ulysses import SequenceParallel
-from longcpt.strategies import data_parallel_coordinates, sequence_parallel_group
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tiny import tiny_args  # noqa: E402
+
+from longcpt.batch import IGNORE_INDEX, cu_seqlens_for, position_ids  # noqa: E402
+from longcpt.model import CausalLM  # noqa: E402
+from longcpt.model.attention import kind_spec  # noqa: E402
+from longcpt.model.attention.ulysses import SequenceParallel  # noqa: E402
+from longcpt.strategies import data_parallel_coordinates, sequence_parallel_group  # noqa: E402
 
 T = 32  # window tokens: 16 per rank with 2 ranks, 8 with 4
 # Documents of the two rows of a window; the last one of row 1 is padding (no labels), so ranks
@@ -34,7 +38,7 @@ PAD_LAST_DOC_OF_ROW = 1
 def window(seed: int, kind: str) -> dict[str, torch.Tensor]:
     """A packed (2, T) batch under `kind`'s position rule (the `longcpt.batch` contract)."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 96, (len(DOCS), T), generator=g)
+    ids = torch.randint(3, 64, (len(DOCS), T), generator=g)
     labels = torch.full_like(ids, IGNORE_INDEX)
     cu = cu_seqlens_for(DOCS)
     flat_ids, flat_labels = ids.view(-1), labels.view(-1)
@@ -50,9 +54,7 @@ def window(seed: int, kind: str) -> dict[str, torch.Tensor]:
 
 def build(kind: str, checkpointing: bool) -> CausalLM:
     torch.manual_seed(0)
-    args = ModelArgs(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention=kind)
-    model = CausalLM(args)
+    model = CausalLM(tiny_args(attention=kind))  # 4 query heads, 2 KV heads
     model.activation_checkpointing = checkpointing
     return model
 

@@ -23,7 +23,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(name="subprocess_env")
+@pytest.fixture(name="subprocess_env", scope="session")
 def _subprocess_env_fixture():
     """The `subprocess_env` function, for tests that start `python -m longcpt ...`."""
     return subprocess_env

@@ -98,6 +98,55 @@ def _sequence_parallel_problems(cfg) -> list[str]:
     return problems
 
 
+def builds_partitioned(cfg) -> bool:
+    """Whether the model is built inside `deepspeed.zero.Init` and loaded into its partitions.
+
+    Under ZeRO-3 with `model.pretrained`, each rank builds only its 1/world partition of every
+    parameter and rank 0 fills them from the files one module at a time, so no rank holds the
+    whole model (`longcpt.model.hf_io.build_model`). A model from `model.config` is built whole,
+    as before: its random initialisation then stays identical to the other strategies' runs.
+    """
+    s = cfg.strategy
+    return s.name == "deepspeed" and s.stage == 3 and cfg.model.pretrained is not None
+
+
+def data_parallel_coordinates(global_rank: int, world_size: int, sequence_parallel: int) -> tuple[int, int]:
+    """(data-parallel rank, data-parallel size) of a rank: which windows it reads.
+
+    The N = `sequence_parallel` consecutive ranks k*N .. k*N+N-1 form group k and share its
+    windows, so there are world_size / N data-parallel shards. Consecutive ranks sit on the same
+    node, where the all-to-alls of a group are cheapest.
+    """
+    return global_rank // sequence_parallel, world_size // sequence_parallel
+
+
+def sequence_parallel_group(size: int):
+    """This rank's process group of `size` consecutive ranks (see `data_parallel_coordinates`).
+
+    Call on every rank after `torch.distributed` is initialised: each rank creates every group,
+    in the same order, as `torch.distributed.new_group` requires.
+
+    Raises:
+        ConfigError: the world size, known only now with `trainer.devices=auto`, is not a
+            multiple of `size`.
+    """
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % size:
+        raise ConfigError([f"strategy.sequence_parallel={size}: must divide the world size, which is {world} "
+                           "here (set trainer.devices and trainer.num_nodes explicitly)"])
+    members: dict[int, list[int]] = {}
+    for r in range(world):
+        members.setdefault(data_parallel_coordinates(r, world, size)[0], []).append(r)
+    mine = None
+    for ranks in members.values():
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            mine = group
+    return mine
+
+
 def _head_counts(cfg) -> tuple[int | None, int | None]:
     """(query heads, KV heads) of the recipe's model when known without loading it."""
     hf = dict(cfg.model.config)

@@ -146,6 +146,30 @@ def test_ranks_get_disjoint_windows(prepared):
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == len(docs)
 
 
+def test_sequence_parallel_groups_share_windows_and_resume_exactly(prepared):
+    """4 ranks, sequence_parallel=2: ranks 0-1 read shard 0 of 2 and ranks 2-3 shard 1, the same
+    windows as a 2-rank data-parallel run; the saved position resumes exactly."""
+    path, _ = prepared
+
+    def loader(rank, world, sp, state=None):
+        dm = datamodule(path, sequence_parallel=sp)
+        step = 0 if state is None else state["global_step"]
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=world, global_step=step, accumulate_grad_batches=1)
+        dm.setup("fit")
+        if state is not None:
+            dm.load_state_dict(state)
+        return dm, take(dm.train_dataloader(), 5)
+
+    for rank in range(4):
+        dm, batches = loader(rank, 4, 2)
+        assert (dm.rank, dm.world_size) == (rank // 2, 2)
+        assert same(batches, loader(rank // 2, 2, 1)[1])
+        dm.trainer.global_step = 3  # 3 steps of 2 windows done
+        state = dm.state_dict()
+        assert state["world_size"] == 2 and state["consumed_samples"] == 3 * 2
+        assert same(loader(rank, 4, 2, state)[1][:2], batches[3:])
+
+
 def test_validation_windows_are_fixed_and_limited(tmp_path, make_dataset, prepared):
     path, _ = prepared
     val_docs = make_dataset(tmp_path / "val", [30] * 20, seed=9)

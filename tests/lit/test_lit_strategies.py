@@ -45,3 +45,35 @@ def test_strategy_per_name_and_accelerator():
     ds = cfg("strategy.name=deepspeed")
     assert type(build_strategy(ds, "cpu")) is CPUDeepSpeedStrategy
     assert type(build_strategy(ds, "gpu")) is DeepSpeedStrategy
+
+
+SP_MODEL = "model.config={model_type: llama, num_attention_heads: 8, num_key_value_heads: 2}"
+
+
+def test_sequence_parallel_problems_name_the_keys():
+    ok = cfg(SP_MODEL, "strategy.name=ddp", "trainer.devices=4", "strategy.sequence_parallel=4", "data.seq_len=64")
+    assert ok.strategy.sequence_parallel == 4  # 2 KV heads repeated for 4 ranks
+    with pytest.raises(ConfigError) as err:
+        cfg("model.config={model_type: llama, num_attention_heads: 6, num_key_value_heads: 4}", "trainer.devices=4",
+            "strategy.sequence_parallel=4", "data.seq_len=66")
+    message = str(err.value)
+    assert "strategy.name='auto'" in message  # SP needs ddp or deepspeed
+    assert "data.seq_len=66" in message and "num_attention_heads=6" in message
+    assert "num_key_value_heads=4" not in message  # 4 KV heads split over 4 ranks
+    with pytest.raises(ConfigError) as err:
+        cfg(SP_MODEL, "strategy.name=ddp", "trainer.devices=3", "strategy.sequence_parallel=4",
+            "attention.kind=infini")
+    message = str(err.value)
+    assert "world size" in message and "= 3" in message
+    assert "attention.kind='infini'" in message and "constant in the window length" in message
+    with pytest.raises(ConfigError, match="num_key_value_heads=3"):
+        cfg("model.config={model_type: llama, num_attention_heads: 6, num_key_value_heads: 3}",
+            "strategy.name=ddp", "trainer.devices=2", "strategy.sequence_parallel=2")
+
+
+def test_sequence_parallel_groups_are_consecutive_ranks():
+    from longcpt.strategies import data_parallel_coordinates
+
+    # 8 ranks, groups of 4: ranks 0-3 read data shard 0, ranks 4-7 shard 1
+    assert [data_parallel_coordinates(r, 8, 4) for r in (0, 3, 4, 7)] == [(0, 2), (0, 2), (1, 2), (1, 2)]
+    assert data_parallel_coordinates(5, 8, 1) == (5, 8)

@@ -24,6 +24,10 @@ resume, which is right), and every window of those steps was consumed. On resume
 do not change the stream: batch b always holds windows b*B .. b*B+B-1, built by worker
 b % num_workers, the order in which the DataLoader collects batches from its workers. (Counting
 fetched batches instead would be wrong: workers prefetch ahead of training.)
+
+Sequence parallelism (`strategy.sequence_parallel: N`): the N ranks of a group share each window,
+so they read the same stream. Data is sharded over world_size / N data-parallel ranks
+(`longcpt.strategies.data_parallel_coordinates`), and `rank`/`world_size` below mean those.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from longcpt.data.packing import DEFAULT_BFD_BUFFER, materialize_window
 from longcpt.data.stream import TokenStore, WindowStream
 from longcpt.data.tokenizer import special_ids
 from longcpt.errors import LongcptError
+from longcpt.strategies import data_parallel_coordinates
 
 DATAMODULES: dict[str, Callable[[Any, Any], L.LightningDataModule]] = {}
 
@@ -100,15 +105,26 @@ class _TrainWindows(IterableDataset):
 class ResumableDataModule(L.LightningDataModule):
     """Exact resume for DataModules that read one endless stream per rank (see the module docstring).
 
-    Subclasses set `micro_batch_size`, `rank` and `world_size`, start their loader at
-    `consumed_samples()`, and describe their stream in `stream_identity()`: a checkpoint whose
-    stream differs (another seed, world size, data set) resumes with a warning naming what changed.
+    Subclasses set `micro_batch_size`, call `take_shard()` in `setup` (it sets `rank` and
+    `world_size`, the data-parallel ones), start their loader at `consumed_samples()`, and describe
+    their stream in `stream_identity()`: a checkpoint whose stream differs (another seed, world
+    size, data set) resumes with a warning naming what changed.
+
+    Args:
+        sequence_parallel: ranks sharing each window (`strategy.sequence_parallel`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, sequence_parallel: int = 1) -> None:
         super().__init__()
         self.micro_batch_size, self.rank, self.world_size = 1, 0, 1
+        self.sequence_parallel = sequence_parallel
         self._resumed_at = (0, 0)  # (samples consumed, global step) at the last load_state_dict
+
+    def take_shard(self) -> None:
+        """Set `rank`/`world_size` to this process's data-parallel shard (when a trainer is attached)."""
+        if self.trainer is not None:
+            self.rank, self.world_size = data_parallel_coordinates(
+                self.trainer.global_rank, self.trainer.world_size, self.sequence_parallel)
 
     def stream_identity(self) -> dict[str, Any]:
         """What must be equal for a resumed stream to continue exactly where it stopped."""
@@ -152,6 +168,7 @@ class PretrainDataModule(ResumableDataModule):
         attention_kind: decides the position ids (see `collate.py`).
         bos_id, eos_id, pad_id: special token ids.
         bfd_buffer: documents per best-fit-decreasing buffer.
+        sequence_parallel: ranks sharing each window (they read the same windows).
     """
 
     def __init__(
@@ -170,8 +187,9 @@ class PretrainDataModule(ResumableDataModule):
         eos_id: int,
         pad_id: int,
         bfd_buffer: int = DEFAULT_BFD_BUFFER,
+        sequence_parallel: int = 1,
     ):
-        super().__init__()
+        super().__init__(sequence_parallel)
         self.train_path, self.val_path = Path(train), (Path(val) if val is not None else None)
         self.seq_len, self.packing, self.micro_batch_size = seq_len, packing, micro_batch_size
         self.num_workers, self.val_batches, self.seed, self.bfd_buffer = num_workers, val_batches, seed, bfd_buffer
@@ -187,11 +205,10 @@ class PretrainDataModule(ResumableDataModule):
         return cls(d.train, d.val, seq_len=d.seq_len, packing=d.packing, micro_batch_size=d.micro_batch_size,
                    num_workers=d.num_workers, val_batches=d.val_batches, seed=cfg.trainer.seed,
                    attention_kind=cfg.attention.kind, bfd_buffer=d.bfd_buffer,
-                   **special_ids(tokenizer))
+                   sequence_parallel=cfg.strategy.sequence_parallel, **special_ids(tokenizer))
 
     def setup(self, stage: str | None = None) -> None:
-        if self.trainer is not None:
-            self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
+        self.take_shard()
         if self._train_store is None:
             self._train_store = TokenStore(self.train_path)
         self.train_stream = WindowStream(

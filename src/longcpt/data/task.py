@@ -119,7 +119,7 @@ class TaskDataModule(ResumableDataModule):
     """
 
     def __init__(self, cfg, tokenizer, load_pairs: Callable[[str, int], Pairs]):
-        super().__init__()
+        super().__init__(cfg.strategy.sequence_parallel)
         d = cfg.data
         self.cfg, self.load_pairs = cfg, load_pairs
         self.seq_len, self.micro_batch_size, self.seed = d.seq_len, d.micro_batch_size, cfg.trainer.seed
@@ -134,8 +134,7 @@ class TaskDataModule(ResumableDataModule):
         self.val_pairs: Pairs | None = None
 
     def setup(self, stage: str | None = None) -> None:
-        if self.trainer is not None:
-            self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
+        self.take_shard()
         d = self.cfg.data
         if self.train_pairs is None:
             self.train_pairs = self.load_pairs(d.train, d.seq_len)

@@ -34,6 +34,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from longcpt.lit.module import batch_stats
 from longcpt.model.infini import gate_stats
+from longcpt.strategies import data_parallel_coordinates
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)\.ckpt$")
 LAST = "last"
@@ -244,8 +245,9 @@ class TrainMetrics(Callback):
     distribution of the per-head memory gates sigmoid(gate) (`train/gate/mean`, `std`, `min`,
     `max`, `memory_heads`: gates that never move are the classic failure of Infini-attention training).
 
-    Tokens/s counts every position of every micro-batch on every rank (input_ids.numel() times the
-    world size: packed windows have the same shape on all ranks), over a sliding window of the
+    Tokens/s counts every position of every micro-batch on every data-parallel rank
+    (input_ids.numel() times the world size divided by `strategy.sequence_parallel`, whose ranks
+    share a window: packed windows have the same shape on all ranks), over a sliding window of the
     last `window` micro-batches. The padding fraction is the share of positions whose label is
     -100 (padding and the last token of each document).
 
@@ -274,7 +276,9 @@ class TrainMetrics(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         tokens, padding = batch_stats(batch)
-        self.tokens_total += tokens * trainer.world_size
+        sequence_parallel = pl_module.cfg.strategy.sequence_parallel
+        self.tokens_total += tokens * data_parallel_coordinates(trainer.global_rank, trainer.world_size,
+                                                                sequence_parallel)[1]
         self.window.append((time.perf_counter(), self.tokens_total))
         (t0, n0), (t1, n1) = self.window[0], self.window[-1]
         if t1 > t0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,9 @@ from longcpt.batch import IGNORE_INDEX
 from longcpt.config import Config
 from longcpt.errors import LongcptError
 from longcpt.lit.optim import build_optimizer
+from longcpt.model.attention.ulysses import SequenceParallel
 from longcpt.model.llama import CausalLM
+from longcpt.strategies import sequence_parallel_group
 
 # Key of our metadata inside every checkpoint (Lightning .ckpt and DeepSpeed client state).
 CHECKPOINT_KEY = "longcpt"
@@ -62,16 +65,37 @@ class LitCausalLM(pl.LightningModule):
     """Loss, logging, optimizer and checkpoint metadata around a `CausalLM`.
 
     Args:
-        model: the model to train.
+        model: the model to train, or a function that builds it in `configure_model` (Lightning
+            calls that hook inside `deepspeed.zero.Init` under ZeRO-3, so the model is built
+            partitioned: `longcpt.strategies.builds_partitioned`).
         cfg: the resolved recipe.
         tokenizer_dir: tokenizer folder recorded in checkpoints (export copies it).
     """
 
-    def __init__(self, model: CausalLM, cfg: Config, tokenizer_dir: str | None = None):
+    def __init__(self, model: CausalLM | Callable[[], CausalLM], cfg: Config, tokenizer_dir: str | None = None):
         super().__init__()
-        self.model = model
+        self.model = model if isinstance(model, CausalLM) else None
+        self._build_model = None if isinstance(model, CausalLM) else model
         self.cfg = cfg
         self.tokenizer_dir = tokenizer_dir
+        self._sequence_parallel: SequenceParallel | None = None
+
+    def setup(self, stage: str) -> None:
+        """Under `strategy.sequence_parallel`, make this rank's group (torch.distributed is up now)."""
+        n = self.cfg.strategy.sequence_parallel
+        if n > 1 and self._sequence_parallel is None:
+            self._sequence_parallel = SequenceParallel.of(sequence_parallel_group(n))
+
+    def configure_model(self) -> None:
+        """Build the model if it was deferred; give it its sequence-parallel group.
+
+        Every rank of a group receives the same whole-window batch (the DataModule shards data by
+        group); the model keeps its T/N tokens and returns the window's loss.
+        """
+        if self.model is None:
+            self.model = self._build_model()
+        if self._sequence_parallel is not None:
+            self.model.sequence_parallel = self._sequence_parallel
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model.loss(

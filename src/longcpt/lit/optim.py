@@ -42,7 +42,7 @@ def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
             continue
         if name.endswith(GATE_SUFFIX):
             named["gate"].append((name, p))
-        elif p.ndim < 2:
+        elif len(getattr(p, "ds_shape", p.shape)) < 2:  # a ZeRO-3 partition is flat: ds_shape is the full shape
             named["no_decay"].append((name, p))
         else:
             named["decay"].append((name, p))

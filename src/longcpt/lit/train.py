@@ -19,6 +19,7 @@ requeue does) unless `trainer.resume=false`, which moves old checkpoints aside a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 import warnings
@@ -43,7 +44,7 @@ class TrainResult:
     requeued: bool
 
 
-def build_model(cfg: Config, tokenizer):
+def build_model(cfg: Config, tokenizer, partitioned: bool = False):
     """The model a recipe asks for: `model.pretrained` loaded, or `model.config` built from scratch.
 
     The attention kind and its options, the RoPE precision and overrides come from the recipe (already
@@ -54,6 +55,8 @@ def build_model(cfg: Config, tokenizer):
         cfg: a validated recipe.
         tokenizer: the run's tokenizer (`longcpt.data.load_tokenizer`); a model built from scratch
             takes its vocabulary size and special ids.
+        partitioned: load `model.pretrained` into ZeRO-3 partitions; called inside
+            `deepspeed.zero.Init` (`LitCausalLM.configure_model`; see `longcpt.model.hf_io`).
 
     Raises:
         LongcptError: a `model.config` missing an HF field, or weights that do not fit it.
@@ -67,7 +70,8 @@ def build_model(cfg: Config, tokenizer):
     kind, options, m = cfg.attention.kind, dict(cfg.attention.options), cfg.model
     if m.pretrained is not None:
         model = from_pretrained(m.pretrained, attention=kind, dtype=torch.float32, rope_precision=cfg.rope.precision,
-                                rope_theta=m.rope_theta, rope_scaling=m.rope_scaling, **options)
+                                rope_theta=m.rope_theta, rope_scaling=m.rope_scaling, partitioned=partitioned,
+                                **options)
     else:
         hf = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
               "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, **m.config}
@@ -182,7 +186,7 @@ def train(cfg: Config, datamodule=None, callbacks: list | None = None) -> TrainR
     Raises:
         LongcptError: bad model/tokenizer settings, or a non-finite loss (`NonFiniteLossError`).
     """
-    from longcpt.strategies import prepare_environment, resolve_accelerator
+    from longcpt.strategies import builds_partitioned, prepare_environment, resolve_accelerator
 
     validate(cfg)  # a recipe built in Python (tests, notebooks) gets the same checks as `longcpt train`
     t = cfg.trainer
@@ -203,7 +207,10 @@ def train(cfg: Config, datamodule=None, callbacks: list | None = None) -> TrainR
     if accelerator == "cpu":
         _cpu_threads(t.devices)
     tokenizer = load_tokenizer(tokenizer_dir)
-    model = build_model(cfg, tokenizer)
+    if builds_partitioned(cfg):  # ZeRO-3 loading: each rank builds only its partitions, in configure_model
+        model = functools.partial(build_model, cfg, tokenizer, partitioned=True)
+    else:
+        model = build_model(cfg, tokenizer)
     datamodule = datamodule if datamodule is not None else build_datamodule(cfg, tokenizer)
     module = LitCausalLM(model, cfg, tokenizer_dir=str(out / "tokenizer"))
     callbacks, plugins, requeue = _callbacks(cfg, out, callbacks or [])

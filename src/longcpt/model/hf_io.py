@@ -5,6 +5,11 @@ sharded safetensors with `model.safetensors.index.json`, or `pytorch_model.bin` 
 loaded with `weights_only=True`. Parameter names are transformers' own, so the weight map is the
 identity; keys we do not know, or keys we need and do not find, fail with their names.
 
+Files are opened lazily (`WeightFiles`): a tensor is read when it is copied into the model.
+Under DeepSpeed ZeRO-3 (`partitioned=True`, called inside `deepspeed.zero.Init`) each rank
+builds only its partition of every parameter and rank 0 fills them module by module, so no rank
+ever holds the whole model (`build_model`).
+
 Writing folders is `longcpt.export.hf` (`longcpt.save_pretrained`).
 """
 
@@ -13,11 +18,12 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from longcpt.errors import LongcptError
 from longcpt.model.attention import kind_spec
@@ -42,56 +48,145 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         raise LongcptError(f"{file}:{e.lineno}: invalid JSON ({e.msg})") from None
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of an HF folder, whatever the weight format.
+class WeightFiles(Mapping[str, torch.Tensor]):
+    """The tensors of an HF folder by name, each read from its file only when asked for.
+
+    Opening reads only the file headers (names and shapes). A safetensors tensor is read by opening
+    its file for that one read, so the memory map is released right after and the file's pages do
+    not pile up in the process's resident memory; `.bin` files are loaded with
+    `torch.load(mmap=True)` (old non-zip files whole). So every rank can list and check the tensors
+    of a 70B folder, and the rank that fills the model holds one tensor at a time.
 
     Raises:
         LongcptError: no weight file, or an index naming a missing shard.
     """
-    path = Path(path)
-    for index_name, loader in (
-        ("model.safetensors.index.json", load_file),
-        ("pytorch_model.bin.index.json", _load_bin),
-    ):
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._source: dict[str, Path | dict[str, torch.Tensor]] = {}  # name -> safetensors file or .bin dict
+        self._shape: dict[str, tuple[int, ...]] = {}
+        for file in _weight_files(self.path):
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), framework="pt") as f:
+                    for name in f.keys():
+                        self._source[name], self._shape[name] = file, tuple(f.get_slice(name).get_shape())
+            else:
+                loaded = _load_bin(file)
+                for name, tensor in loaded.items():
+                    self._source[name], self._shape[name] = loaded, tuple(tensor.shape)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        source = self._source[name]
+        if isinstance(source, dict):
+            return source[name]
+        with safe_open(str(source), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The stored shape of tensor `name`, without reading it."""
+        return self._shape[name]
+
+    def drop(self, names: Iterable[str]) -> None:
+        """Leave tensors out (e.g. the gates of an Infini export loaded as another kind)."""
+        for name in names:
+            del self._source[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._source)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The weight files of an HF folder: the shards of an index, or the single file."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = path / index_name
         if index.is_file():
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             missing = [s for s in shards if not (path / s).is_file()]
             if missing:
                 raise LongcptError(f"{index}: shard(s) {', '.join(missing)} not found in {path}")
-            state: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                state.update(loader(path / shard))
-            return state
-    if (path / "model.safetensors").is_file():
-        return load_file(path / "model.safetensors")
-    if (path / "pytorch_model.bin").is_file():
-        return _load_bin(path / "pytorch_model.bin")
+            return [path / s for s in shards]
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).is_file():
+            return [path / name]
     raise LongcptError(
         f"{path}: no weights found (looked for model.safetensors, model.safetensors.index.json, "
         "pytorch_model.bin, pytorch_model.bin.index.json)"
     )
 
 
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of an HF folder, whatever the weight format (`WeightFiles`, read whole).
+
+    Raises:
+        LongcptError: no weight file, or an index naming a missing shard.
+    """
+    weights = WeightFiles(path)
+    return {name: weights[name] for name in weights}
+
+
 def _load_bin(file: Path) -> dict[str, torch.Tensor]:
-    return torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
+        return torch.load(file, map_location="cpu", weights_only=True)
 
 
-def build_model(args: ModelArgs, state: dict[str, torch.Tensor] | None = None, source: str = "") -> CausalLM:
+def build_model(
+    args: ModelArgs, state: Mapping[str, torch.Tensor] | None = None, source: str = "", partitioned: bool = False
+) -> CausalLM:
     """Instantiate `CausalLM(args)` and load `state` (strictly), or keep the fresh init if None.
 
     Parameters the attention kind adds (e.g. Infini gates under `...self_attn.core.`) may be absent
     from `state`; they keep their own initialisation.
+
+    Args:
+        args: the architecture and attention kind.
+        state: tensors by HF name: a dict, or a lazy `WeightFiles`.
+        source: how errors name where `state` came from.
+        partitioned: build inside the caller's `deepspeed.zero.Init` context (ZeRO-3), so that
+            each rank holds only its partition of every parameter, then fill the parameters one
+            module at a time from rank 0 (`_fill_partitioned`). No rank ever holds the whole model.
+
+    Raises:
+        LongcptError: unknown or missing keys, or a tensor whose shape does not fit.
     """
     if state is None:
         return CausalLM(args)
+    if partitioned:
+        model = CausalLM(args)  # partitioned as it is built
+        given, _ = _checked_keys(model, args, state, source)
+        _fill_partitioned(model, state, given, source)
+        return model
     with torch.device("meta"):
         model = CausalLM(args)
+    given, new = _checked_keys(model, args, state, source)
+    model.to_empty(device="cpu")
+    model.tie_weights()
+    model.load_state_dict({k: state[k] for k in given}, strict=False)
+    if new:  # the attention kind's own new parameters: initialise them
+        for block in model.model.layers:
+            block.self_attn.core.reset_parameters()
+    return model
+
+
+def _checked_keys(
+    model: CausalLM, args: ModelArgs, state: Mapping[str, torch.Tensor], source: str
+) -> tuple[set[str], set[str]]:
+    """(names of `state` to load into `model`, the model's parameters that `state` lacks).
+
+    A tied LM head and old RoPE tables are left out; the only parameters allowed to be absent are
+    the attention kind's own (`...self_attn.core.*`).
+
+    Raises:
+        LongcptError: unknown keys, or missing keys other than the attention kind's own parameters.
+    """
     expected = set(model.state_dict())
     if args.tie_word_embeddings:
         expected.discard("lm_head.weight")
-        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-    given = {k for k in state if not _IGNORED_KEYS.match(k)}
+    given = {k for k in state if not _IGNORED_KEYS.match(k) and not (args.tie_word_embeddings and k == "lm_head.weight")}
     unknown = sorted(given - expected)
     missing = sorted(k for k in expected - given if ".core." not in k)
     if unknown or missing:
@@ -104,13 +199,47 @@ def build_model(args: ModelArgs, state: dict[str, torch.Tensor] | None = None, s
             f"{source or 'state dict'}: weights do not match a {args.architecture} with this config: "
             + "; ".join(parts)
         )
-    model.to_empty(device="cpu")
-    model.tie_weights()
-    model.load_state_dict({k: state[k] for k in given}, strict=False)
-    if expected - given:  # the attention kind's own new parameters: initialise them
-        for block in model.model.layers:
-            block.self_attn.core.reset_parameters()
-    return model
+    return given, expected - given
+
+
+def _fill_partitioned(model: CausalLM, state: Mapping[str, torch.Tensor], given: set[str], source: str) -> None:
+    """Copy `state` into a model whose parameters are ZeRO-3 partitions, one module at a time.
+
+    For each module, `GatheredParameters(..., modifier_rank=0)` assembles its full parameters on
+    every rank, rank 0 copies the stored tensors in (reading them only now), and leaving the
+    context broadcasts rank 0's values and re-partitions (transformers'
+    `_load_state_dict_into_zero3_model` does the same). Peak memory per rank: its partition plus
+    the largest module. Loading without the gather would copy into the empty local shards
+    (Lightning#19259: "size mismatch ... torch.Size([0])").
+
+    Every rank checks the shapes first (from the file headers), so a bad file fails on all ranks
+    together instead of leaving the others waiting for rank 0.
+    """
+    import deepspeed
+    import torch.distributed as dist
+
+    shape_of = state.shape if isinstance(state, WeightFiles) else (lambda k: tuple(state[k].shape))
+    params = dict(model.named_parameters())  # a tied LM head appears once, as the embedding
+    wrong = [f"{k}: stored {shape_of(k)}, model {tuple(params[k].ds_shape)}"
+             for k in sorted(given & params.keys()) if shape_of(k) != tuple(params[k].ds_shape)]
+    if wrong:
+        raise LongcptError(f"{source or 'state dict'}: tensor shapes do not fit the model: {_few(wrong)}")
+    filler = dist.get_rank() == 0
+    seen: set[int] = set()
+    for prefix, module in model.named_modules():
+        own = {n: p for n, p in module.named_parameters(recurse=False) if id(p) not in seen}
+        if not own:
+            continue
+        seen.update(id(p) for p in own.values())
+        keys = {n: f"{prefix}.{n}" if prefix else n for n in own}
+        with deepspeed.zero.GatheredParameters(list(own.values()), modifier_rank=0), torch.no_grad():
+            if not filler:
+                continue
+            for n, p in own.items():
+                if keys[n] in given:
+                    p.copy_(state[keys[n]])
+            if any(keys[n] not in given for n in own):  # the attention kind's own new parameters
+                module.reset_parameters()
 
 
 def _few(keys: list[str], n: int = 8) -> str:
@@ -125,6 +254,7 @@ def from_pretrained(
     rope_precision: str = "fp32",
     rope_theta: float | None = None,
     rope_scaling: dict[str, Any] | None = None,
+    partitioned: bool = False,
     **attention_options: Any,
 ) -> CausalLM:
     """Load an HF folder as a longcpt model.
@@ -137,6 +267,9 @@ def from_pretrained(
         rope_precision: "fp32" (the BF16 RoPE fix) or "model" (transformers' path).
         rope_theta, rope_scaling: context-extension overrides (ABF / an HF rope_scaling dict,
             checked like config.json's: e.g. {"rope_type": "dynamic", "factor": 2.0}).
+        partitioned: called inside `deepspeed.zero.Init` (ZeRO-3 training): each rank keeps only
+            its partition and rank 0 reads the files one tensor at a time (`build_model`); `dtype`
+            is then the context's.
         **attention_options: options of the attention kind by their recipe names
             (e.g. segment_len=2048, memory_update="delta").
 
@@ -159,10 +292,12 @@ def from_pretrained(
         args.rope_theta = float(rope_theta)
     if rope_scaling is not None:
         args.rope_scaling = normalise_rope_scaling(rope_scaling, args.max_position_embeddings, "rope_scaling override")
-    state = load_state_dict(path)
+    weights = WeightFiles(path)
     if infini_options is not None and attention != "infini":  # e.g. an ablation without memory
-        state = {k: v for k, v in state.items() if not k.endswith(".core.gate")}
-    model = build_model(args, state, source=str(path))
+        weights.drop(k for k in list(weights) if k.endswith(".core.gate"))
+    model = build_model(args, weights, source=str(path), partitioned=partitioned)
+    if partitioned:  # DeepSpeed's zero.Init decided the dtype of the partitions
+        return model
     stored = args.hf_config.get("dtype") or args.hf_config.get("torch_dtype")
     target = _as_dtype(dtype) if dtype is not None else _as_dtype(stored) if stored else None
     return model.to(target) if target is not None else model

@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from longcpt.batch import position_ids as rule_position_ids
 from longcpt.model.attention import AttentionContext, build_attention, kind_spec, resolve_options
+from longcpt.model.attention.ulysses import SequenceParallel
 from longcpt.model.config import ModelArgs
 from longcpt.model.loss import chunked_cross_entropy
 from longcpt.model.rope import RotaryEmbedding
@@ -70,7 +71,10 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hk, T, D)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hk, T, D)
-        y = self.core(q, k, v, ctx)  # (B, Hq, T, D)
+        if ctx.sequence_parallel is None:
+            y = self.core(q, k, v, ctx)  # (B, Hq, T, D)
+        else:  # T is this rank's share of the window; the core runs on all of it for Hq/N heads
+            y = ctx.sequence_parallel.attend(self.core, q, k, v, ctx)  # (B, Hq, T, D)
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # (B, T, Hq*D)
         return self.o_proj(y)
 
@@ -142,6 +146,10 @@ class CausalLM(nn.Module):
 
     Attributes:
         activation_checkpointing: recompute each block in the backward (set by the trainer).
+        sequence_parallel: a `SequenceParallel` group (set by the trainer) or None. With a group,
+            every rank passes the same whole window (B, T) to `hidden_states`/`loss`; each
+            computes its T/N tokens (`hidden_states` returns (B, T/N, C)), attention runs over the
+            whole window through all-to-alls, and `loss` is the whole window's loss.
     """
 
     def __init__(self, args: ModelArgs):
@@ -153,6 +161,7 @@ class CausalLM(nn.Module):
         self.lm_head = LMHead(args.hidden_size, args.vocab_size, bias=False)
         self.tie_weights()
         self.activation_checkpointing = False
+        self.sequence_parallel: SequenceParallel | None = None
         self.apply(self._init_weights)
 
     def tie_weights(self) -> None:
@@ -187,7 +196,8 @@ class CausalLM(nn.Module):
             position_ids = rule_position_ids(kind_spec(self.args.attention).positions, cu, b, t)
             position_ids = position_ids.to(input_ids.device)
         cos, sin = self.model.rotary_emb(position_ids)
-        return AttentionContext(position_ids, cu_seqlens, cos, sin, self.model.rotary_emb, state=state)
+        return AttentionContext(position_ids, cu_seqlens, cos, sin, self.model.rotary_emb, state=state,
+                                sequence_parallel=self.sequence_parallel)
 
     def hidden_states(
         self,
@@ -196,8 +206,14 @@ class CausalLM(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         state: dict | None = None,
     ) -> torch.Tensor:
-        """Final normalised hidden states (B, T, C); the attention cores update `state` in place."""
-        ctx = self.context(input_ids, position_ids, cu_seqlens, state)
+        """Final normalised hidden states (B, T, C); the attention cores update `state` in place.
+
+        Under sequence parallelism `input_ids` is the whole window and the result this rank's
+        (B, T/N, C) share of it (see the class docstring).
+        """
+        ctx = self.context(input_ids, position_ids, cu_seqlens, state)  # positions of the whole window
+        if ctx.sequence_parallel is not None:
+            input_ids = ctx.sequence_parallel.shard(input_ids)  # (B, T/N)
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for layer, block in enumerate(self.model.layers):
@@ -239,4 +255,8 @@ class CausalLM(nn.Module):
         if kind_loss is not None and state is None:
             return kind_loss(self, input_ids, labels, position_ids, cu_seqlens, reduction, chunk_size)
         hidden = self.hidden_states(input_ids, position_ids, cu_seqlens, state)
-        return self.lm_head(hidden, labels, chunk_size=chunk_size, reduction=reduction)
+        sp = self.sequence_parallel
+        if sp is not None:  # this rank's tokens; labels are aligned already, so no target is lost
+            labels = sp.shard(labels)
+        return self.lm_head(hidden, labels, chunk_size=chunk_size, reduction=reduction,
+                            group=sp.group if sp is not None else None)

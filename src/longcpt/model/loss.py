@@ -14,10 +14,14 @@ litgpt's chunked loss follow the same idea.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from longcpt.batch import IGNORE_INDEX
+from longcpt.model.attention.ulysses import all_reduce_sum
 
 
 def _chunk_log_probs(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor):
@@ -72,6 +76,7 @@ def chunked_cross_entropy(
     labels: torch.Tensor,
     chunk_size: int = 4096,
     reduction: str = "mean",
+    group: Any = None,
 ) -> torch.Tensor:
     """Cross-entropy of `hidden @ weight.T` against `labels`, never holding all logits.
 
@@ -81,6 +86,8 @@ def chunked_cross_entropy(
         labels: (...) targets aligned with `hidden` (already shifted); -100 is ignored.
         chunk_size: tokens per chunk (peak extra memory is chunk_size x V floats).
         reduction: "mean" over non-ignored tokens, or "sum".
+        group: under sequence parallelism, the process group whose ranks hold the other tokens
+            of the same window; the result is then the whole window's loss on every rank.
 
     Returns:
         Scalar float32 loss (0 when every label is ignored, still connected to the graph).
@@ -94,6 +101,16 @@ def chunked_cross_entropy(
             _chunk_log_probs(hidden[i : i + chunk_size], weight, labels[i : i + chunk_size])[2]
             for i in range(0, hidden.shape[0], chunk_size)
         )
+    count = (labels != IGNORE_INDEX).sum()
+    if group is not None:
+        # Sequence parallelism: the window's loss is (sum of every rank's token losses) / (label
+        # tokens of every rank). A mean of per-rank means would weigh a rank holding few labels
+        # (padding, document ends) as much as a full one. The summed loss is the same on every rank
+        # and its backward sums the N ranks' equal upstream gradients, so each rank's gradients
+        # are N times its share; the data-parallel mean over all ranks (DDP, DeepSpeed) divides by
+        # N again and leaves exactly the gradient of the window (see docs/sequence_parallel.md).
+        total = all_reduce_sum(total, group)
+        dist.all_reduce(count, group=group)
     if reduction == "sum":
         return total
-    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+    return total / count.clamp(min=1)

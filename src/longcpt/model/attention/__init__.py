@@ -22,8 +22,9 @@ A kind declares everything the rest of longcpt needs to know about it once, when
 * `trainable`: whether `longcpt train` may use it (inference-time memories are not).
 * `inference_memory`: it replaces softmax attention over a KV cache at inference (InfLLM, NAMM,
   evictions), so it applies to any softmax model but not to an Infini model.
-* `sequence_parallel`: it can run under `strategy.sequence_parallel` (all heads over the whole
-  window after the all-to-all).
+* `sequence_parallel`: it can run under `strategy.sequence_parallel`: the core is called on the
+  whole window for a subset of heads (`ulysses.py` does the all-to-all around it), so a kind
+  qualifies when its heads are independent and it needs no state across calls.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -39,6 +40,9 @@ from torch import nn
 from longcpt.batch import POSITION_RULES
 from longcpt.errors import LongcptError
 from longcpt.model.rope import RotaryEmbedding, apply_rotary
+
+if TYPE_CHECKING:
+    from longcpt.model.attention.ulysses import SequenceParallel
 
 # ----------------------------------------------------------------------------------------------
 # Option declarations: a default, a constraint (predicate + its wording) and a line of help.
@@ -182,6 +186,9 @@ class AttentionContext:
         rope: the model's rotary module (for kinds that need other positions).
         cache: scratch shared by the layers of this call (e.g. a document grouping computed once).
         state: recurrent state carried across calls (KV cache, Infini memory), keyed by layer index.
+        sequence_parallel: the group sharing this window under sequence parallelism, or None.
+            The layers then hold T/N tokens each, while `position_ids`, `cu_seqlens`, `cos`
+            and `sin` describe the whole window, as the core sees it (`ulysses.py`).
     """
 
     position_ids: torch.Tensor
@@ -191,6 +198,7 @@ class AttentionContext:
     rope: RotaryEmbedding
     cache: dict[str, Any] = field(default_factory=dict)
     state: dict[Any, Any] | None = None
+    sequence_parallel: SequenceParallel | None = None
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Apply RoPE at `position_ids` with the model's rope precision."""

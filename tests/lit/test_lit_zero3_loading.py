@@ -1,0 +1,80 @@
+"""ZeRO-3 loads a pretrained model without a whole copy per rank: host memory of 2 CPU processes.
+
+A ~200M-parameter Llama (784 MiB in fp32, safetensors) is loaded by `longcpt train` with DeepSpeed
+ZeRO-3 on 2 processes. Each rank's peak resident memory once the model is ready, minus its peak
+once the imports are done (the fixed runtime overhead: Python, torch, Lightning, DeepSpeed), must
+stay below 0.75 x one full fp32 copy. That includes the rank's own partition (1/2 of the model,
+which lives on the GPU on a GPU machine), the Trainer and process-group setup. Before this change every rank built the whole model
+and read the whole state dict (about 2 copies); the `whole` run replays that path and must fail
+the same bound, so the check can fail. Exactness of the partitioned loading is tested in
+test_lit_sequence_parallel (its ZeRO-3 run starts from a pretrained folder).
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lit_helpers import REPO, tiny_overrides
+
+import longcpt
+from longcpt.model import CausalLM, ModelArgs
+
+pytestmark = pytest.mark.slow
+
+WORKER = Path(__file__).with_name("zero3_memory_worker.py")
+# 16 layers x 1024 wide (MLP 2816), vocab 8192: 206M parameters. The largest single tensor (an MLP
+# matrix, 11 MiB) is small against the model, as in real checkpoints.
+BIG = {"model_type": "llama", "vocab_size": 8192, "hidden_size": 1024, "intermediate_size": 2816,
+       "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 8, "max_position_embeddings": 256}
+BOUND = 0.75
+
+
+def write_model(folder: Path, hf: dict) -> int:
+    torch.manual_seed(0)
+    model = CausalLM(ModelArgs.from_hf_config(hf))
+    longcpt.save_pretrained(model, folder)
+    n = sum(p.numel() for p in model.parameters())
+    del model
+    return n
+
+
+def measure(root: Path, name: str, model: Path, tokenizer: Path, mode: str) -> list[dict]:
+    out = root / f"{name}-{mode}"
+    out.mkdir()
+    args = tiny_overrides(root / f"run-{name}-{mode}", tokenizer, model__pretrained=str(model), trainer__devices=2,
+                          strategy__name="deepspeed", strategy__stage=3, data__seq_len=16)
+    # A fixed mmap threshold returns freed buffers to the system at once, so the resident size
+    # follows live memory rather than the allocator's history.
+    env = {"PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    result = subprocess.run([sys.executable, str(WORKER), mode, str(out), *args], capture_output=True, text=True,
+                            timeout=600, env={**__import__("os").environ, **env})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def memory(tmp_path_factory, tokenizer_dir):
+    root = tmp_path_factory.mktemp("zero3mem")
+    n = write_model(root / "big", BIG)
+    runs = {mode: measure(root, "big", root / "big", tokenizer_dir, mode) for mode in ("partitioned", "whole")}
+    return n, runs
+
+
+def test_each_rank_holds_less_than_three_quarters_of_a_copy(memory):
+    n, runs = memory
+    copy_mib = 4 * n / 2**20
+    assert 190e6 < n < 230e6
+    for rank in range(2):
+        new, old = runs["partitioned"][rank], runs["whole"][rank]
+        grow = {name: {k: r[f"{k}_peak_mib"] - r["imports_peak_mib"] for k in ("model", "engine")}
+                for name, r in (("new", new), ("old", old))}
+        print(f"rank {rank}: one fp32 copy {copy_mib:.0f} MiB, runtime {new['imports_peak_mib']:.0f} MiB; "
+              + "; ".join(f"{name}: model ready +{g['model']:.0f} MiB ({g['model'] / copy_mib:.2f}x), engine ready "
+                          f"+{g['engine']:.0f} MiB ({g['engine'] / copy_mib:.2f}x)" for name, g in grow.items()))
+        assert grow["new"]["model"] < BOUND * copy_mib
+        assert grow["old"]["model"] > BOUND * copy_mib  # the former path fails the same check
+        assert new["parameters"] == n
+        assert new["rope_inv_freq_fp32"]  # zero.Init casts nothing it should not

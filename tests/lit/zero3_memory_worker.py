@@ -1,0 +1,68 @@
+"""`python tests/lit/zero3_memory_worker.py MODE OUT_DIR key=value ...`: host memory of ZeRO-3 setup.
+
+Starts `longcpt.lit.train.train` on the recipe given as overrides (Lightning relaunches this same
+command for the other ranks), records each rank's peak resident memory (VmHWM) once the imports
+are done (the fixed runtime overhead: Python, torch, Lightning, DeepSpeed), when the model is
+ready (right after `configure_model`) and after DeepSpeed's engine and optimizer are set up
+(`on_fit_start`), writes OUT_DIR/rank{r}.json and exits before the first step.
+
+MODE `partitioned` is what `longcpt train` does; `whole` forces the former path (every rank builds
+and loads the whole model before DeepSpeed partitions it), for comparison.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lit_helpers import SyntheticDataModule  # noqa: E402
+
+import longcpt.strategies  # noqa: E402
+from longcpt.config import load_config  # noqa: E402
+from longcpt.lit.module import LitCausalLM  # noqa: E402
+from longcpt.lit.train import train  # noqa: E402
+
+MIB = 2**20
+record: dict = {}
+
+
+def peak_mib() -> float:
+    """This process's peak resident memory. Not getrusage's ru_maxrss: Linux carries that over from
+    the parent across fork and exec, so a rank started by a large process would report its parent's."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024 / MIB
+
+
+class Stop(Callback):
+    def __init__(self, out: Path):
+        self.out = out
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        record["engine_peak_mib"] = peak_mib()
+        record["rope_inv_freq_fp32"] = pl_module.model.model.rotary_emb.inv_freq.dtype == torch.float32
+        record["parameters"] = sum(int(getattr(p, "ds_numel", p.numel())) for p in pl_module.model.parameters())
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+        trainer.strategy.barrier()
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    if mode == "whole":
+        longcpt.strategies.builds_partitioned = lambda cfg: False
+    configure_model = LitCausalLM.configure_model
+
+    def measured_configure_model(self) -> None:
+        configure_model(self)
+        record["model_peak_mib"] = peak_mib()
+
+    LitCausalLM.configure_model = measured_configure_model
+    record["imports_peak_mib"] = peak_mib()
+    cfg = load_config(None, sys.argv[3:])
+    train(cfg, datamodule=SyntheticDataModule(cfg.data.seq_len, cfg.data.micro_batch_size), callbacks=[Stop(out)])
+    sys.exit("stopped without reaching on_fit_start")

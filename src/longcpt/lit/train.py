@@ -139,11 +139,13 @@ def _callbacks(cfg: Config, out: Path, extra: list):
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
     from longcpt.lit.callbacks import ProgressBar, RunCheckpoints, SlurmRequeue, StepPrinter, TrainMetrics
+    from longcpt.lit.checkpoint_io import RunCheckpointIO
 
     t = cfg.trainer
-    checkpoints = RunCheckpoints(out / CHECKPOINT_DIR, t.save_every_n_steps, t.keep_last_k)
+    checkpoints = RunCheckpoints(out / CHECKPOINT_DIR, t.save_every_n_steps, t.keep_last_k, resume=t.resume)
     callbacks = [checkpoints, TrainMetrics(window=max(t.log_every_n_steps, 10))]
-    plugins, requeue = [], None
+    # Lightning files are written straight into the checkpoint folder (DeepSpeed writes its own).
+    plugins, requeue = ([] if cfg.strategy.name == "deepspeed" else [RunCheckpointIO()]), None
     if SLURMEnvironment.detect():
         # Ranks and addresses from SLURM; requeue handled by SlurmRequeue at a step boundary.
         plugins.append(SLURMEnvironment(auto_requeue=False))
@@ -220,15 +222,15 @@ def train(cfg: Config, datamodule=None, callbacks: list | None = None) -> TrainR
     module = LitCausalLM(model, cfg, tokenizer_dir=str(out / "tokenizer"))
     callbacks, plugins, requeue = _callbacks(cfg, out, callbacks or [])
     trainer = _trainer(cfg, accelerator, out, callbacks, plugins)
-    if resume_from is not None and _is_rank_zero():
-        print(f"resuming from {resume_from}", flush=True)
+    # RunCheckpoints verifies the checkpoints once the ranks can agree, sets aside damaged ones and
+    # points `last` at the newest that verifies: that is what Lightning then loads.
+    ckpt_path = str(out / CHECKPOINT_DIR / "last") if resume_from is not None else None
     with warnings.catch_warnings():
         # Lightning cannot see that the DataModule restores its own position (it saves
         # `datamodule.state_dict()` with the step); its mid-epoch "not resumable" warning is wrong here.
         warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
         # Our own checkpoints hold training state beyond tensors (RNG, data position): full unpickling.
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None,
-                    weights_only=False)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
 
     requeued = bool(requeue and requeue.requeued)
     last = (out / CHECKPOINT_DIR / "last") if (out / CHECKPOINT_DIR / "last").exists() else None

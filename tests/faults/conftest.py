@@ -1,0 +1,34 @@
+"""Fault-injection suite: what a cluster throws at a long run, and proof that nothing is lost.
+
+Runs are tiny (2 layers x 64, windows of 32 tokens, a few steps on CPU): most tests train in
+process on the synthetic DataModule of tests/lit/lit_helpers.py; the ones that must kill, signal
+or starve a real process start `tests/lit/run_train.py` or `longcpt train` in a subprocess.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "lit"))
+sys.path.insert(0, str(HERE))
+
+from fault_helpers import make_data  # noqa: E402
+from lit_helpers import make_tokenizer  # noqa: E402
+
+# One thread: the suite runs beside other jobs, and in-process runs compare weights bit for bit
+# (the reference and the resumed run use the same thread count either way).
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    return make_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A real prepared data set (train/ and val/) in the test tokenizer's words."""
+    return make_data(tmp_path_factory.mktemp("data"), tokenizer_dir)

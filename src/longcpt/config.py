@@ -98,6 +98,8 @@ class TrainerConfig:
     val_every_n_steps: int = 200
     activation_checkpointing: bool = False
     export_hf: bool = False  # write out_dir/hf at the end
+    timeout_minutes: float = 30.0  # a collective waiting longer (a hung or dead rank) becomes an error
+    max_restarts: int = 3  # under SLURM: requeues of a job after such an error
 
 
 @dataclass
@@ -360,6 +362,9 @@ def _trainer_problems(trainer: TrainerConfig) -> list[str]:
     problems = []
     if not (trainer.devices == "auto" or (isinstance(trainer.devices, int) and trainer.devices >= 1)):
         problems.append(f"trainer.devices={trainer.devices!r}: must be a positive integer or 'auto'")
+    if not trainer.timeout_minutes > 0:
+        problems.append(f"trainer.timeout_minutes={trainer.timeout_minutes!r}: must be > 0 (minutes a collective "
+                        "may wait for the slowest rank, e.g. 30; longer than the slowest step or checkpoint save)")
     return (
         problems
         + _at_least("trainer.max_steps", trainer.max_steps, 1)
@@ -370,6 +375,7 @@ def _trainer_problems(trainer: TrainerConfig) -> list[str]:
         + _at_least("trainer.keep_last_k", trainer.keep_last_k, 1)
         + _at_least("trainer.log_every_n_steps", trainer.log_every_n_steps, 1)
         + _at_least("trainer.val_every_n_steps", trainer.val_every_n_steps, 1)
+        + _at_least("trainer.max_restarts", trainer.max_restarts, 0)
     )
 
 

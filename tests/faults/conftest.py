@@ -15,7 +15,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "lit"))
 sys.path.insert(0, str(HERE))
 
-from fault_helpers import make_data  # noqa: E402
+from fault_helpers import STEPS, make_data, run, weights  # noqa: E402
 from lit_helpers import make_tokenizer  # noqa: E402
 
 # One thread: the suite runs beside other jobs, and in-process runs compare weights bit for bit
@@ -32,3 +32,11 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 def data_dir(tmp_path_factory, tokenizer_dir) -> Path:
     """A real prepared data set (train/ and val/) in the test tokenizer's words."""
     return make_data(tmp_path_factory.mktemp("data"), tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory, tokenizer_dir) -> dict:
+    """Final weights of an uninterrupted in-process run of STEPS steps: what every resumed run must equal."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    run(out, tokenizer_dir, trainer__max_steps=STEPS)
+    return weights(out / "checkpoints" / "last")

@@ -13,6 +13,8 @@ from longcpt.config import load_config
 from longcpt.lit.train import train
 from longcpt.manifest import manifest_path
 
+STEPS = 6  # checkpoints at 2, 4 and 6 (tiny_overrides saves every 2 steps)
+
 
 def make_data(folder: Path, tokenizer: Path, docs: int = 120) -> Path:
     """`folder/raw.jsonl` -> `folder/prepared/{train,val}` through `longcpt.data.prepare_corpus`."""

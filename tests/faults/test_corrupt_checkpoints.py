@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 from fault_helpers import (
+    STEPS,
     assert_same_weights,
     delete,
     garble_manifest,
@@ -19,16 +20,13 @@ from fault_helpers import (
 from longcpt.errors import LongcptError
 from longcpt.manifest import manifest_path, verify
 
-STEPS = 6
-
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tokenizer_dir):
-    """An uninterrupted run of 6 steps, and a run stopped after 4 (checkpoints at 2 and 4)."""
-    root = tmp_path_factory.mktemp("corrupt")
-    run(root / "uninterrupted", tokenizer_dir, trainer__max_steps=STEPS)
-    run(root / "stopped", tokenizer_dir, trainer__max_steps=4)
-    return {"final": weights(root / "uninterrupted" / "checkpoints" / "last"), "stopped": root / "stopped"}
+def reference(tmp_path_factory, tokenizer_dir, uninterrupted):
+    """The uninterrupted run's weights, and a run stopped after 4 steps (checkpoints at 2 and 4)."""
+    stopped = tmp_path_factory.mktemp("corrupt") / "stopped"
+    run(stopped, tokenizer_dir, trainer__max_steps=4)
+    return {"final": uninterrupted, "stopped": stopped}
 
 
 def damaged_copy(reference, tmp_path, damage):

@@ -1,4 +1,4 @@
-"""Training callbacks: verified atomic checkpoints, SLURM requeue, metrics, and progress output.
+"""Training callbacks: verified atomic checkpoints, clean stops (signals, SLURM requeue), metrics, progress.
 
 Checkpoint layout, under `out_dir/checkpoints/`:
 
@@ -137,26 +137,31 @@ def _last_target(folder: Path) -> Path | None:
 
 
 def _is_temporary(name: str) -> bool:
-    return name.startswith(".") and ".tmp" in name  # ours (.step-*.ckpt.tmp, .last.tmp) and fsio's
+    # Ours (.step-*.ckpt.tmp, .last.tmp, .step-*.ckpt.tmp-pruned) and longcpt.fsio's (.NAME.tmp-*,
+    # .NAME.old-*: a folder being replaced).
+    return name.startswith(".") and (".tmp" in name or ".old-" in name)
 
 
 def remove_stale(folder: Path) -> list[str]:
     """Remove what a killed run left in a checkpoint folder; returns a description of each.
 
     Temporaries (hidden `*.tmp*` names: a checkpoint or manifest being written, a `last` being
-    replaced, a pruned checkpoint being deleted) and the manifest of a checkpoint killed between
-    its manifest and its rename (that checkpoint's temporary is there too). Complete checkpoints
-    and `*.corrupt` ones are never touched.
+    replaced, a pruned checkpoint being deleted; `longcpt.fsio`'s temporaries in the run folder)
+    and the manifest of a checkpoint killed between its manifest and its rename (that
+    checkpoint's temporary is there too). Complete checkpoints and `*.corrupt` ones are never
+    touched. Called on rank 0 before training starts, when nothing else writes there.
     """
     removed = []
-    for path in sorted(folder.iterdir()):
+    entries = sorted(folder.iterdir())
+    temporaries = [p.name for p in entries if _is_temporary(p.name)]
+    for path in entries:
         name = path.name
         if name.endswith(SUFFIX) and not (folder / name[: -len(SUFFIX)]).exists():
-            if any(p.name.startswith(f".{name[: -len(SUFFIX)]}.tmp") for p in folder.iterdir()):
+            if any(t.startswith(f".{name[: -len(SUFFIX)]}.tmp") for t in temporaries):
                 removed.append(f"{name} (its checkpoint was never renamed into place)")
                 _remove(path)
-        elif _is_temporary(name):
-            removed.append(f"{name} ({human(_size(path))})")
+        elif name in temporaries:
+            removed.append(f"{name} ({'a link' if path.is_symlink() else human(_size(path))})")
             _remove(path)
     return removed
 
@@ -221,10 +226,11 @@ class RunCheckpoints(Callback):
             return
         if trainer.is_global_zero:
             self.folder.mkdir(parents=True, exist_ok=True)
-            removed = remove_stale(self.folder)
-            if removed:
-                print(f"removed {len(removed)} temporary file(s) left in {self.folder} by an interrupted run: "
-                      + ", ".join(removed), flush=True)
+            for folder in (self.folder, self.folder.parent):  # checkpoints/, then the run folder
+                removed = remove_stale(folder)
+                if removed:
+                    print(f"removed {len(removed)} temporary file(s) left in {folder} by an interrupted run: "
+                          + ", ".join(removed), flush=True)
         trainer.strategy.barrier("longcpt.checkpoints.start")
         if self.resume:
             self.resumed_from = self._choose(trainer)
@@ -415,52 +421,84 @@ def _commit(tmp: Path, final: Path, step: int, digests: dict, fsync: bool) -> No
     _fsync_dir(final.parent)
 
 
-class SlurmRequeue(Callback):
-    """On the SLURM warning signal: checkpoint at the next step boundary, requeue, stop cleanly.
+class StopAtStepBoundary(Callback):
+    """Stop cleanly at the next optimizer-step boundary, checkpointing first, when a signal arrives
+    or the training data vanished.
 
-    `sbatch --signal=USR1@120` sends SIGUSR1 two minutes before the time limit. Lightning's own
-    auto-requeue handler saves from inside the signal handler, i.e. in the middle of a step and,
-    with DeepSpeed, possibly in the middle of a collective on some ranks and not others. Here the
-    handler only sets a flag; the ranks agree on it after each micro-batch (one all-reduce) and
-    save through `RunCheckpoints` at the next optimizer-step boundary, so the requeued job
-    resumes exactly. Rank 0 then runs `scontrol requeue $SLURM_JOB_ID` (array jobs included).
+    * SIGTERM, what `scancel`, SLURM preemption, Kubernetes and most schedulers send before a
+      SIGKILL (30 s later by default for both SLURM and Kubernetes): checkpoint, stop, exit 0.
+      No requeue: a preempted SLURM job is requeued by SLURM itself, and `scancel` means stop.
+    * Under SLURM, `requeue_signal` (SIGUSR1, sent by `sbatch --signal=USR1@120` two minutes before
+      the time limit): checkpoint, rank 0 runs `scontrol requeue $SLURM_JOB_ID` (array jobs
+      included), stop, exit 0; the requeued job resumes.
+    * The DataModule's `missing_data()` names a folder that is gone: checkpoint (every window
+      trained on so far was read before it vanished), then `LongcptError` naming it.
+
+    Lightning's own handlers act inside the signal handler: its SLURM handler saves mid-step (with
+    DeepSpeed, possibly mid-collective on some ranks), and its SIGTERM handler kills the other local
+    ranks and exits without a checkpoint. Here the handlers only set a flag. They are installed in
+    `on_train_start`, after Lightning has installed its own, and the previous ones come back at the
+    end. After each optimizer step the ranks agree on the flags with one all-reduce (a signal may
+    reach one rank only) and save through `RunCheckpoints` at that boundary, so the resumed run is
+    exact.
 
     Args:
-        checkpoints: the run's `RunCheckpoints` callback.
-        signum: the signal to handle.
+        checkpoints: the run's `RunCheckpoints` (runs before this callback: it may have saved).
+        requeue_signal: the SLURM warning signal, or None outside SLURM.
     """
 
-    def __init__(self, checkpoints: RunCheckpoints, signum: int = signal.SIGUSR1):
+    def __init__(self, checkpoints: RunCheckpoints, requeue_signal: int | None = None):
         self.checkpoints = checkpoints
-        self.signum = signum
-        self.received = False
+        self.requeue_signal = requeue_signal
+        self.signals = {signal.SIGTERM: 0} | ({requeue_signal: 1} if requeue_signal is not None else {})
+        self.flags = [False, False]  # [SIGTERM received, requeue signal received]
         self.requeued = False
-        self._previous = None
+        self.stopped_by: str | None = None  # the signal's name once the run stopped for one
+        self._previous: dict[int, object] = {}
 
     def _handler(self, signum, frame) -> None:
-        self.received = True
+        self.flags[self.signals[signum]] = True
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._previous = signal.signal(self.signum, self._handler)
+        # From here on a signal is remembered (the requeue signal would otherwise end the process).
+        for signum in self.signals:
+            self._previous[signum] = signal.signal(signum, self._handler)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning has meanwhile wrapped ours in its own SIGTERM handler: take it back.
+        for signum in self.signals:
+            signal.signal(signum, self._handler)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._previous is not None:
-            signal.signal(self.signum, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # RunCheckpoints runs first (callbacks run in list order) and may already have saved.
         # Every rank reaches the same boundaries, so the all-reduce below is matched everywhere.
-        if self.requeued or not self.checkpoints.just_stepped:
+        if self.stopped_by or not self.checkpoints.just_stepped:
             return
-        if not trainer.strategy.reduce_boolean_decision(self.received, all=False):
+        missing = getattr(trainer.datamodule, "missing_data", lambda: None)()
+        local = torch.tensor([*self.flags, missing is not None], dtype=torch.float32, device=pl_module.device)
+        term, requeue, vanished = (bool(x) for x in trainer.strategy.reduce(local, reduce_op="sum") > 0)
+        if not (term or requeue or vanished):
             return
-        rank_zero_info(f"requeue signal received: checkpointing step {trainer.global_step} and requeueing")
-        if self.checkpoints.saved_step != trainer.global_step:
+        step = trainer.global_step
+        self.stopped_by = "SIGTERM" if term else signal.Signals(self.requeue_signal).name if requeue else None
+        why = "the training data vanished" if vanished else f"{self.stopped_by} received"
+        rank_zero_info(f"{why}: checkpointing step {step} and stopping")
+        if self.checkpoints.saved_step != step:
             self.checkpoints.save(trainer)
-        if trainer.is_global_zero:
-            request_requeue()
-        self.requeued = True
+        if vanished:
+            what = missing or "a data folder (seen by another rank)"
+            raise LongcptError(f"{what} vanished during the run (noticed after step {step}); checkpoint "
+                               f"step {step} was saved first, so nothing is lost. Restore the folder and run "
+                               "the same command to resume from it.")
+        if not term:
+            if trainer.is_global_zero:
+                request_requeue()
+            self.requeued = True
         trainer.should_stop = True
 
 

@@ -16,6 +16,7 @@ sys.path.insert(0, str(HERE.parent / "lit"))
 sys.path.insert(0, str(HERE))
 
 from fault_helpers import STEPS, make_data, run, weights  # noqa: E402
+from forkserver import ForkServer  # noqa: E402
 from lit_helpers import make_tokenizer  # noqa: E402
 
 # One thread: the suite runs beside other jobs, and in-process runs compare weights bit for bit
@@ -40,3 +41,11 @@ def uninterrupted(tmp_path_factory, tokenizer_dir) -> dict:
     out = tmp_path_factory.mktemp("uninterrupted") / "run"
     run(out, tokenizer_dir, trainer__max_steps=STEPS)
     return weights(out / "checkpoints" / "last")
+
+
+@pytest.fixture(scope="session")
+def forkserver():
+    """Starts `longcpt train` children without Python's start-up cost (see forkserver.py)."""
+    server = ForkServer()
+    yield server
+    server.close()

@@ -3,13 +3,11 @@ vanished mid-run checkpoints first and resumes exactly once the folder is back."
 
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 from fault_helpers import STEPS, assert_same_weights, weights
 from lightning.pytorch.callbacks import Callback
-from lit_helpers import REPO, tiny_overrides
+from lit_helpers import tiny_overrides
 
 from longcpt.config import load_config
 from longcpt.errors import LongcptError
@@ -63,18 +61,17 @@ def test_data_vanishing_mid_run_stops_with_a_checkpoint(tmp_path, tokenizer_dir,
     assert_same_weights(weights(out / "checkpoints" / "last"), weights(reference / "checkpoints" / "last"))
 
 
-def test_cli_names_the_damaged_arrow_shard(tmp_path, tokenizer_dir, data):
+def test_cli_names_the_damaged_arrow_shard(forkserver, tmp_path, tokenizer_dir, data):
     shard = data / "train" / "data-00000-of-00001.arrow"
     os.truncate(shard, shard.stat().st_size // 2)
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text("trainer:\n  max_steps: 4\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "longcpt", "train", str(recipe),
-                        *overrides(tmp_path / "run", tokenizer_dir, data)],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    r = forkserver.run("cli", ["train", recipe, *overrides(tmp_path / "run", tokenizer_dir, data)],
+                       tmp_path / "cli.log")
+    log = r.output()
+    assert r.returncode == 2 and "Traceback" not in log, log[-3000:]
     assert (f"longcpt train: error: {str(data / 'train')!r} is not a readable data set: its shard "
-            "data-00000-of-00001.arrow is damaged (Expected to be able to read ") in r.stderr, r.stderr[-2000:]
+            "data-00000-of-00001.arrow is damaged (Expected to be able to read ") in log, log[-2000:]
     assert not list((tmp_path / "run" / "checkpoints").glob("step-*"))
 
 

@@ -11,11 +11,10 @@ import errno
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 from fault_helpers import STEPS, assert_same_weights, run, weights
-from lit_helpers import REPO, tiny_overrides
+from lit_helpers import tiny_overrides
 
 from longcpt.errors import LongcptError
 from longcpt.lit import callbacks, checkpoint_io
@@ -143,25 +142,23 @@ def test_too_little_space_refuses_before_writing(disk, tokenizer_dir, uninterrup
     assert_same_weights(weights(ckpts / "last"), uninterrupted)
 
 
-def test_cli_first_checkpoint_on_a_full_disk(disk, tmp_path, tokenizer_dir, data_dir):
+def test_cli_first_checkpoint_on_a_full_disk(forkserver, disk, tmp_path, tokenizer_dir, data_dir):
     """`longcpt train` itself: exit status 2 and one message, no traceback, nothing left behind."""
     if not disk.real:
-        pytest.skip("needs a tmpfs (mount refused): the mocked ENOSPC above runs in process only")
+        pytest.skip("needs a tmpfs (mount refused or FAULTS_MOCK_DISK=1): the mocked ENOSPC runs in process only")
     out = disk.path / "run"
     disk.fill(400 * KIB)
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text("trainer:\n  max_steps: 4\n")
     args = tiny_overrides(out, None, {"tokenizer": tokenizer_dir, "train": data_dir / "train",
                                       "val": data_dir / "val"}, data__seq_len=32)
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "longcpt", "train", str(recipe), *args], env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
-    assert "Traceback" not in r.stderr
-    errors = [line for line in r.stderr.splitlines() if "error" in line.lower()]
-    assert errors == [line for line in r.stderr.splitlines() if line.startswith("longcpt train: error: ")]
+    r = forkserver.run("cli", ["train", recipe, *args], tmp_path / "cli.log")
+    log = r.output()
+    assert r.returncode == 2, log[-3000:]
+    assert "Traceback" not in log
+    errors = [line for line in log.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith(
         f"longcpt train: error: cannot save checkpoint {out / 'checkpoints' / 'step-00000002.ckpt'}: "
-        "it needs about "), r.stderr[-2000:]
+        "it needs about "), log[-2000:]
     assert "No earlier checkpoint exists, so a relaunch starts over; nothing was written." in errors[0]
     assert os.listdir(out / "checkpoints") == []

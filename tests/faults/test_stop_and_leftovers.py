@@ -6,30 +6,26 @@ import shutil
 import signal
 
 from fault_helpers import STEPS, assert_same_weights, run, weights
-from lit_helpers import run_train, tiny_overrides
+from lit_helpers import tiny_overrides
 
 
-def test_sigterm_checkpoints_at_the_next_step_then_exits_0(tmp_path, tokenizer_dir, uninterrupted):
+def test_sigterm_checkpoints_at_the_next_step_then_exits_0(forkserver, tmp_path, tokenizer_dir, uninterrupted):
     out = tmp_path / "run"
-    args = tiny_overrides(out, tokenizer_dir, trainer__max_steps=STEPS, trainer__save_every_n_steps=1000)
-    proc = run_train(args, "--synthetic", env={"SYNTHETIC_BATCH_SLEEP": "0.3"}, wait=False)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("step 1/"):
-            proc.send_signal(signal.SIGTERM)
-            break
-    log = "".join(lines) + proc.stdout.read()
-    proc.wait(timeout=300)
-    assert proc.returncode == 0, log[-3000:]
+    args = ["--synthetic", *tiny_overrides(out, tokenizer_dir, trainer__max_steps=STEPS,
+                                           trainer__save_every_n_steps=1000)]
+    child = forkserver.start("run_train", args, tmp_path / "stopped.log", env={"SYNTHETIC_BATCH_SLEEP": "0.3"})
+    child.wait_for_line("step 1/")
+    child.kill(signal.SIGTERM)
+    log = child.output() if child.wait() is not None else ""
+    assert child.returncode == 0, log[-3000:]
     assert "SIGTERM received: checkpointing step" in log and "stopped_by=SIGTERM" in log and "requeued=False" in log
     last = os.readlink(out / "checkpoints" / "last")
     assert last in ("step-00000002.ckpt", "step-00000003.ckpt"), last  # the boundary after the signal
 
-    again = run_train(args, "--synthetic")
-    assert again.returncode == 0, again.stdout[-3000:]
-    assert f"resuming from {out / 'checkpoints' / last}" in again.stdout
-    assert f"RESULT step={STEPS} " in again.stdout
+    again = forkserver.run("run_train", args, tmp_path / "resumed.log")
+    assert again.returncode == 0, again.output()[-3000:]
+    assert f"resuming from {out / 'checkpoints' / last}" in again.output()
+    assert f"RESULT step={STEPS} " in again.output()
     assert_same_weights(weights(out / "checkpoints" / "last"), uninterrupted)
 
 

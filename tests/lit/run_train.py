@@ -49,12 +49,12 @@ class SleepInStep(Callback):
             time.sleep(self.seconds)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--synthetic", action="store_true")
     parser.add_argument("--die-in-save", type=int, default=None)
     parser.add_argument("--sleep-in-step", default=None, metavar="RANK:STEP:SECONDS")
-    args, overrides = parser.parse_known_args()
+    args, overrides = parser.parse_known_args(argv)
     cfg = load_config(None, overrides, check_paths=not args.synthetic)
     if args.die_in_save is not None:
         die_in_save(args.die_in_save)
@@ -64,6 +64,11 @@ if __name__ == "__main__":
         result = train(cfg, datamodule=dm, callbacks=extra)
     except LongcptError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     print(f"RESULT step={result.global_step} requeued={result.requeued} hf={result.hf_dir} "
           f"stopped_by={result.stopped_by}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,7 +2,8 @@
 
 Runs are tiny (2 layers x 64, windows of 32 tokens, a few steps on CPU): most tests train in
 process on the synthetic DataModule of tests/lit/lit_helpers.py; the ones that must kill, signal
-or starve a real process start `tests/lit/run_train.py` or `longcpt train` in a subprocess.
+or hang a real process run `longcpt train` (or tests/lit/run_train.py) as children of a fork
+server (forkserver.py), which saves each of them Python's start-up.
 """
 
 import sys

@@ -56,7 +56,7 @@ def test_leftovers_of_a_killed_run_are_removed_at_start(tmp_path, tokenizer_dir,
     log = capsys.readouterr().out
     assert result.global_step == STEPS
     assert f"removed 6 temporary file(s) left in {ckpts} by an interrupted run: " in log
-    assert ".step-00000006.ckpt.tmp (2.0 KiB (2,048 bytes))" in log and ".last.tmp (a link)" in log
+    assert ".step-00000006.ckpt.tmp (2.0 KiB)" in log and ".last.tmp (a link)" in log
     assert "step-00000006.ckpt.manifest.json (its checkpoint was never renamed into place)" in log
     assert f"removed 2 temporary file(s) left in {out} by an interrupted run: " in log
     assert not [p for p in ckpts.iterdir() if p.name.startswith(".")]

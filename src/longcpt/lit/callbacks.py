@@ -161,7 +161,7 @@ def remove_stale(folder: Path) -> list[str]:
                 removed.append(f"{name} (its checkpoint was never renamed into place)")
                 _remove(path)
         elif name in temporaries:
-            removed.append(f"{name} ({'a link' if path.is_symlink() else human(_size(path))})")
+            removed.append(f"{name} ({'a link' if path.is_symlink() else human(_size(path), exact=False)})")
             _remove(path)
     return removed
 
@@ -258,7 +258,7 @@ class RunCheckpoints(Callback):
             problems = self.verify(path)
             if not problems:
                 chosen = path
-                rank_zero_info(f"verified {path.name} ({human(manifest_bytes(path) or _size(path))}) "
+                rank_zero_info(f"verified {path.name}: {human(manifest_bytes(path) or _size(path), exact=False)} "
                                f"in {time.perf_counter() - t0:.1f}s")
                 break
             tried.append(f"{path.name}: {'; '.join(problems)}")

@@ -41,8 +41,8 @@ def free_bytes(folder: str | os.PathLike) -> int:
     return shutil.disk_usage(folder).free
 
 
-def human(n: int | None) -> str:
-    """`11534336` -> `11.0 MiB (11,534,336 bytes)`."""
+def human(n: int | None, exact: bool = True) -> str:
+    """`11534336` -> `11.0 MiB (11,534,336 bytes)` (`exact=False`: `11.0 MiB`)."""
     if n is None:
         return "an unknown amount"
     size, unit = float(n), "bytes"
@@ -50,7 +50,9 @@ def human(n: int | None) -> str:
         if size < 1024 or unit == "TiB":
             break
         size /= 1024
-    return f"{n:,} bytes" if unit == "bytes" else f"{size:.1f} {unit} ({n:,} bytes)"
+    if unit == "bytes":
+        return f"{n:,} bytes"
+    return f"{size:.1f} {unit} ({n:,} bytes)" if exact else f"{size:.1f} {unit}"
 
 
 def tensor_bytes(obj: Any) -> int:

@@ -6,14 +6,17 @@ What a run directory (`trainer.out_dir`) holds:
 
     config.yaml      the resolved recipe of the latest launch
     tokenizer/       copy of the tokenizer (export and evaluation use it)
-    checkpoints/     step-*.ckpt (files, or folders under DeepSpeed) and `last` -> the newest
+    checkpoints/     step-*.ckpt (files, or folders under DeepSpeed), each with its manifest
+                     (step-*.ckpt.manifest.json), `last` -> the newest; *.corrupt: failed verification
     logs/csv/        metrics.csv per launch (version_0, version_1 after a resume, ...)
     logs/tensorboard when tensorboard is installed
     hf/              the exported model when trainer.export_hf=true
     nonfinite/       the offending batch when the loss became NaN/inf
+    restarts/        under SLURM, one record per requeue after a hung or dead rank
 
-Launching the same command with the same `out_dir` resumes from `checkpoints/last` (what a SLURM
-requeue does) unless `trainer.resume=false`, which moves old checkpoints aside and starts over.
+Launching the same command with the same `out_dir` resumes from the newest checkpoint that
+verifies (what a SLURM requeue does) unless `trainer.resume=false`, which moves old checkpoints
+aside and starts over. docs/reliability.md lists every fault and what happens.
 """
 
 from __future__ import annotations

@@ -13,12 +13,13 @@ import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "lit"))
 sys.path.insert(0, str(HERE))
 
 from fault_helpers import STEPS, make_data, run, weights  # noqa: E402
 from forkserver import ForkServer  # noqa: E402
-from lit_helpers import make_tokenizer  # noqa: E402
+from tiny import word_tokenizer  # noqa: E402
 
 # One thread: the suite runs beside other jobs, and in-process runs compare weights bit for bit
 # (the reference and the resumed run use the same thread count either way).
@@ -27,7 +28,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    return make_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+    return word_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="session")

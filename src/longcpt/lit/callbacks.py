@@ -1,6 +1,6 @@
 """Training callbacks: verified atomic checkpoints, clean stops (signals, SLURM requeue), metrics, progress.
 
-Checkpoint layout, under `out_dir/checkpoints/`:
+Checkpoint layout (docs/reference.md, section 4), under `out_dir/checkpoints/`:
 
     step-00000050.ckpt                  a Lightning checkpoint file, or a DeepSpeed folder of the same name
     step-00000050.ckpt.manifest.json    size and SHA-256 of each of its files (`longcpt.manifest`)
@@ -17,8 +17,8 @@ Saving (`RunCheckpoints.save`, called by every rank at an optimizer-step boundar
   4. only then move `last` and delete the oldest complete checkpoints beyond `keep_last_k`.
 A kill at any moment leaves `last` on a whole checkpoint. A write error (full disk, quota) removes
 the partial checkpoint and stops every rank with one message naming the path, the bytes needed
-and the free space; the previous checkpoint stays `last`. (Deleting the previous checkpoint before
-writing the next one, as some training scripts do, loses both when the write fails.)
+and the free space; the previous checkpoint stays `last`. (The official AnchorContext training code
+deletes the previous checkpoint before writing the next one, so a failure there loses both.)
 
 Resuming (`RunCheckpoints.setup`, once the process group is up, before Lightning restores
 anything): temporary files left by a killed run are removed with a line saying so; the newest
@@ -530,7 +530,7 @@ def request_requeue() -> bool:
 class TrainMetrics(Callback):
     """Log tokens/s, padding fraction, learning rate(s), gradient norm and, for Infini models, the
     distribution of the per-head memory gates sigmoid(gate) (`train/gate/mean`, `std`, `min`,
-    `max`, `memory_heads`: gates that never move are the classic failure, DESIGN.md section 4).
+    `max`, `memory_heads`: gates that never move are the classic failure of Infini-attention training).
 
     Tokens/s counts every position of every micro-batch on every rank (input_ids.numel() times the
     world size: packed windows have the same shape on all ranks), over a sliding window of the

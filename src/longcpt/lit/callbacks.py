@@ -261,11 +261,12 @@ class RunCheckpoints(Callback):
                 rank_zero_info(f"verified {path.name}: {human(manifest_bytes(path) or _size(path), exact=False)} "
                                f"in {time.perf_counter() - t0:.1f}s")
                 break
-            tried.append(f"{path.name}: {'; '.join(problems)}")
+            said = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+            tried.append(f"{path.name}: {said}")
             if trainer.is_global_zero:
                 aside = set_aside(path)
-                print(f"skipping checkpoint {path}: {'; '.join(problems)}. Renamed to {aside.name} "
-                      "(kept for inspection); trying the previous one", flush=True)
+                print(f"skipping checkpoint {path}: {said}. Renamed to {aside.name} (kept for inspection); "
+                      "trying the previous one", flush=True)
         trainer.strategy.barrier("longcpt.resume.verified")
         if chosen is None:
             if tried or corrupt_before:

@@ -99,6 +99,8 @@ class TrainerConfig:
     val_every_n_steps: int = 200
     activation_checkpointing: bool = False
     export_hf: bool = False  # write out_dir/hf at the end
+    timeout_minutes: float = 30.0  # a collective waiting longer (a hung or dead rank) becomes an error
+    max_restarts: int = 3  # under SLURM: requeues of a job after such an error
 
 
 @dataclass
@@ -359,8 +361,8 @@ _MINIMUMS = {
     "data.bfd_buffer": 1, "optim.weight_decay": 0, "optim.warmup_steps": 0, "optim.grad_clip": 0,
     "optim.accumulate_grad_batches": 1, "trainer.max_steps": 1, "trainer.num_nodes": 1,
     "trainer.save_every_n_steps": 1, "trainer.keep_last_k": 1, "trainer.log_every_n_steps": 1,
-    "trainer.val_every_n_steps": 1, "namm.hidden": 1, "namm.population": 2, "namm.generations": 1,
-    "namm.workers": 0, "namm.cache_weight": 0, "namm.passkey.trials": 1,
+    "trainer.val_every_n_steps": 1, "trainer.max_restarts": 0, "namm.hidden": 1, "namm.population": 2,
+    "namm.generations": 1, "namm.workers": 0, "namm.cache_weight": 0, "namm.passkey.trials": 1,
 }
 
 
@@ -398,6 +400,9 @@ def _other_problems(cfg: Config) -> list[str]:
         problems.append(f"optim.min_lr_ratio={optim.min_lr_ratio}: must be in [0, 1]")
     if not (devices == "auto" or (isinstance(devices, int) and devices >= 1)):
         problems.append(f"trainer.devices={devices!r}: must be a positive integer or 'auto'")
+    if not cfg.trainer.timeout_minutes > 0:
+        problems.append(f"trainer.timeout_minutes={cfg.trainer.timeout_minutes!r}: must be > 0 (minutes a collective "
+                        "may wait for the slowest rank, e.g. 30; longer than the slowest step or checkpoint save)")
     return problems
 
 

@@ -275,20 +275,39 @@ def prepare_environment(cfg, accelerator: str) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def process_count(cfg, accelerator: str) -> int:
+    """Processes a run starts: devices per node (`auto`: every GPU, one CPU process) x nodes."""
+    devices = cfg.trainer.devices
+    if not isinstance(devices, int):
+        import torch
+
+        devices = torch.cuda.device_count() if accelerator == "gpu" else 1
+    return devices * cfg.trainer.num_nodes
+
+
 def build_strategy(cfg, accelerator: str):
     """What `Trainer(strategy=...)` gets for `cfg.strategy` on `accelerator` ("cpu" or "gpu").
 
+    Every multi-process strategy gets `trainer.timeout_minutes` as its process-group timeout: a
+    collective (gradient all-reduce, barrier, ...) that waits longer for a hung or dead rank raises
+    instead of hanging (with gloo, an error in the waiting ranks; with NCCL, torch's watchdog ends
+    the process after the same time). `auto` with several processes is therefore built here as the
+    DDP strategy Lightning would pick, so that it gets the timeout too.
+
     Returns:
-        "auto", a `DDPStrategy`, or a (CPU) `DeepSpeedStrategy`.
+        "auto" (one process), a `DDPStrategy`, or a (CPU) `DeepSpeedStrategy`.
     """
+    from datetime import timedelta
+
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
     name = cfg.strategy.name
-    if name == "auto":
+    timeout = timedelta(minutes=cfg.trainer.timeout_minutes)
+    if name == "auto" and process_count(cfg, accelerator) == 1:
         return "auto"
-    if name == "ddp":
+    if name in ("auto", "ddp"):
         # Every parameter gets a gradient every step, so DDP need not search for unused ones.
-        return DDPStrategy(find_unused_parameters=False, gradient_as_bucket_view=True)
+        return DDPStrategy(find_unused_parameters=False, gradient_as_bucket_view=True, timeout=timeout)
     config = deepspeed_config(cfg)
     cls = _cpu_deepspeed_class() if accelerator == "cpu" else DeepSpeedStrategy
-    return cls(config=config)
+    return cls(config=config, timeout=timeout)

@@ -6,6 +6,8 @@ ZeRO-3 (consolidated with DeepSpeed's own zero_to_fp32, no GPU), and every expor
 plain transformers with the logits of the DDP weights loaded into transformers' own Llama.
 """
 
+import shutil
+
 import pytest
 import torch
 from lit_helpers import run_train, tiny_overrides
@@ -67,3 +69,22 @@ def test_export_loads_in_transformers_with_ddp_logits(runs, name):
     ids = torch.randint(3, 96, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(exported(ids).logits, reference.eval()(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_zero3_resume_skips_a_folder_missing_a_ranks_shard(runs, corpus, tmp_path):
+    """A DeepSpeed checkpoint whose rank-1 optimizer shard is gone: the two ranks verify it together,
+    it is set aside (not deleted), and the run resumes from the previous one to the same weights."""
+    out = tmp_path / "zero3"
+    shutil.copytree(runs / "zero3", out, symlinks=True)
+    ckpts = out / "checkpoints"
+    expected, _ = read_checkpoint(ckpts / "step-00000004.ckpt")
+    (ckpts / "step-00000004.ckpt" / "checkpoint" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    result = launch(out, corpus, 4, strategy__name="deepspeed", strategy__stage=3)
+    assert (f"skipping checkpoint {ckpts / 'step-00000004.ckpt'}: step-00000004.ckpt/checkpoint/"
+            "zero_pp_rank_1_mp_rank_00_optim_states.pt is missing") in result.stdout
+    assert f"resuming from {ckpts / 'step-00000002.ckpt'}" in result.stdout
+    assert (ckpts / "step-00000004.ckpt.corrupt" / "checkpoint" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file()
+    got, _ = read_checkpoint(ckpts / "last")
+    assert got.keys() == expected.keys()
+    for k in got:
+        assert torch.equal(got[k], expected[k]), k

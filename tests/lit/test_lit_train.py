@@ -24,9 +24,12 @@ def test_run_folder_checkpoints_and_metrics(tmp_path, tokenizer_dir):
                       optim__accumulate_grad_batches=2, trainer__val_every_n_steps=3)
     out = tmp_path / "run"
     assert result.global_step == 7 and not result.requeued and result.hf_dir is None
-    # Saved at 2, 4, 6 and at the end (7); the newest two are kept and `last` is the final one.
+    # Saved at 2, 4, 6 and at the end (7); the newest two are kept, each with its manifest, and
+    # `last` is the final one.
     ckpts = out / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["last", "step-00000006.ckpt", "step-00000007.ckpt"]
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "last", "step-00000006.ckpt", "step-00000006.ckpt.manifest.json",
+        "step-00000007.ckpt", "step-00000007.ckpt.manifest.json"]
     assert os.readlink(ckpts / "last") == "step-00000007.ckpt"
     assert yaml.safe_load((out / "config.yaml").read_text())["trainer"]["max_steps"] == 7
     assert (out / "tokenizer" / "tokenizer.json").is_file()

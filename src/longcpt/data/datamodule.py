@@ -130,6 +130,15 @@ class ResumableDataModule(L.LightningDataModule):
         """What must be equal for a resumed stream to continue exactly where it stopped."""
         return {"world_size": self.world_size}
 
+    def missing_data(self) -> str | None:
+        """`key=path` of a data folder that vanished since the run started, or None.
+
+        Checked by the trainer after every optimizer step (a stat or two), so that a run whose
+        data disappears (a scratch purge, a colleague's `rm`) stops with a checkpoint and a message
+        instead of failing at its next read. Subclasses reading from folders override it.
+        """
+        return None
+
     def consumed_samples(self) -> int:
         """Samples of this rank's stream consumed by completed optimizer steps."""
         consumed, step = self._resumed_at
@@ -169,6 +178,8 @@ class PretrainDataModule(ResumableDataModule):
         bos_id, eos_id, pad_id: special token ids.
         bfd_buffer: documents per best-fit-decreasing buffer.
         sequence_parallel: ranks sharing each window (they read the same windows).
+        vocab_size: the tokenizer's size; a window with a token id at or above it (a damaged
+            shard, or data prepared with another tokenizer) stops the run naming the data set.
     """
 
     def __init__(
@@ -188,9 +199,11 @@ class PretrainDataModule(ResumableDataModule):
         pad_id: int,
         bfd_buffer: int = DEFAULT_BFD_BUFFER,
         sequence_parallel: int = 1,
+        vocab_size: int | None = None,
     ):
         super().__init__(sequence_parallel)
         self.train_path, self.val_path = Path(train), (Path(val) if val is not None else None)
+        self.vocab_size = vocab_size
         self.seq_len, self.packing, self.micro_batch_size = seq_len, packing, micro_batch_size
         self.num_workers, self.val_batches, self.seed, self.bfd_buffer = num_workers, val_batches, seed, bfd_buffer
         self.ids = {"bos_id": bos_id, "eos_id": eos_id, "pad_id": pad_id}
@@ -205,7 +218,9 @@ class PretrainDataModule(ResumableDataModule):
         return cls(d.train, d.val, seq_len=d.seq_len, packing=d.packing, micro_batch_size=d.micro_batch_size,
                    num_workers=d.num_workers, val_batches=d.val_batches, seed=cfg.trainer.seed,
                    attention_kind=cfg.attention.kind, bfd_buffer=d.bfd_buffer,
-                   sequence_parallel=cfg.strategy.sequence_parallel, **special_ids(tokenizer))
+                   sequence_parallel=cfg.strategy.sequence_parallel,
+                   vocab_size=len(tokenizer) if hasattr(tokenizer, "__len__") else None,
+                   **special_ids(tokenizer))
 
     def setup(self, stage: str | None = None) -> None:
         self.take_shard()
@@ -219,6 +234,25 @@ class PretrainDataModule(ResumableDataModule):
     def stream_identity(self) -> dict[str, Any]:
         return {"seed": self.seed, "world_size": self.world_size, "seq_len": self.seq_len, "packing": self.packing,
                 "num_documents": len(self._train_store) if self._train_store is not None else None}
+
+    def missing_data(self) -> str | None:
+        for key, path in (("data.train", self.train_path), ("data.val", self.val_path)):
+            if path is not None and not (path / "state.json").is_file():  # written by save_to_disk
+                return f"{key}={str(path)!r}"
+        return None
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        # In the main process (an error raised in a DataLoader worker reaches the user wrapped in
+        # that worker's traceback); one max over the batch.
+        if self.vocab_size is not None and batch["input_ids"].numel():
+            top = int(batch["input_ids"].max())
+            if top >= self.vocab_size:
+                training = self.trainer is None or self.trainer.training
+                key, path = ("data.train", self.train_path) if training else ("data.val", self.val_path)
+                raise LongcptError(f"{key}={str(path)!r}: a window holds token id {top} but the tokenizer has "
+                                   f"{self.vocab_size} tokens: the data set is damaged or was prepared with another "
+                                   "tokenizer; create it again with data_prep/prepare_corpus.py")
+        return batch
 
     # ---- loaders -----------------------------------------------------------------------------
 

@@ -48,9 +48,9 @@ class TokenStore:
             raise LongcptError(f"data set {str(self.path)!r} not found (create it with data_prep/prepare_corpus.py)")
         try:
             ds = load_from_disk(str(self.path))
-        except (FileNotFoundError, ValueError) as e:
-            raise LongcptError(f"{str(self.path)!r} is not a saved data set ({e}); "
-                               "create it with data_prep/prepare_corpus.py") from None
+        except (OSError, ValueError) as e:  # pyarrow's errors derive from these too
+            raise LongcptError(f"{str(self.path)!r} is not a readable data set: {_damage(self.path) or e}; "
+                               "create it again with data_prep/prepare_corpus.py") from None
         if isinstance(ds, DatasetDict):
             raise LongcptError(f"{str(self.path)!r} holds the splits {', '.join(ds)}; point to one of them, "
                                f"e.g. {self.path / next(iter(ds))}")
@@ -62,6 +62,11 @@ class TokenStore:
         col = table.column("input_ids")
         self._values = [c.values.to_numpy(zero_copy_only=False) for c in col.chunks]  # mmap views
         self._offsets = [np.asarray(c.offsets.to_numpy(zero_copy_only=False), dtype=np.int64) for c in col.chunks]
+        for chunk, (values, offsets) in enumerate(zip(self._values, self._offsets)):
+            if len(offsets) and (offsets[0] < 0 or offsets[-1] > len(values) or np.any(np.diff(offsets) < 0)):
+                raise LongcptError(f"data set {str(self.path)!r}: record batch {chunk} has inconsistent document "
+                                   "offsets (a damaged Arrow shard); create it again with "
+                                   "data_prep/prepare_corpus.py")
         counts = [len(o) - 1 for o in self._offsets]
         self._first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # first doc of each chunk
         self.lengths = np.concatenate([np.diff(o) for o in self._offsets]) if counts else np.zeros(0, np.int64)
@@ -82,6 +87,27 @@ class TokenStore:
     def __setstate__(self, state: dict) -> None:
         self.path = state["path"]
         self._open()
+
+
+def _damage(path: Path) -> str | None:
+    """Which Arrow shard of a saved data set is missing or unreadable, and why (None: all read)."""
+    import json
+
+    import pyarrow as pa
+
+    try:
+        shards = [f["filename"] for f in json.loads((path / "state.json").read_text())["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    for name in shards:
+        try:
+            with pa.memory_map(str(path / name)) as source:
+                pa.ipc.open_stream(source).read_all()
+        except FileNotFoundError:
+            return f"its shard {name} is missing"
+        except (OSError, ValueError, pa.ArrowException) as e:
+            return f"its shard {name} is damaged ({e})"
+    return None
 
 
 class WindowStream:

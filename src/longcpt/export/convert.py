@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from longcpt.errors import LongcptError
+from longcpt.manifest import verify
 
 CHECKPOINT_KEY = "longcpt"  # same as longcpt.lit.module.CHECKPOINT_KEY (kept import-light here)
 # Prefixes wrappers add to parameter names: Lightning's module wrapper, then our LightningModule's
@@ -75,6 +76,12 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         LongcptError: not a longcpt checkpoint, or unreadable.
     """
     path = resolve_checkpoint(path)
+    # A damaged file can still unpickle (torch.load reads no checksums): check it against its
+    # manifest, or its zip CRCs when it has none, before its weights go anywhere.
+    problems = verify(path)
+    if problems:
+        raise LongcptError(f"{path} is damaged: {'; '.join(problems)}. Use an earlier checkpoint "
+                           f"(the other step-*.ckpt in {path.parent})")
     if is_deepspeed_checkpoint(path):
         state, client = _read_deepspeed(path)
     else:

@@ -6,14 +6,17 @@ What a run directory (`trainer.out_dir`) holds:
 
     config.yaml      the resolved recipe of the latest launch
     tokenizer/       copy of the tokenizer (export and evaluation use it)
-    checkpoints/     step-*.ckpt (files, or folders under DeepSpeed) and `last` -> the newest
+    checkpoints/     step-*.ckpt (files, or folders under DeepSpeed), each with its manifest
+                     (step-*.ckpt.manifest.json), `last` -> the newest; *.corrupt: failed verification
     logs/csv/        metrics.csv per launch (version_0, version_1 after a resume, ...)
     logs/tensorboard when tensorboard is installed
     hf/              the exported model when trainer.export_hf=true
     nonfinite/       the offending batch when the loss became NaN/inf
+    restarts/        under SLURM, one record per requeue after a hung or dead rank
 
-Launching the same command with the same `out_dir` resumes from `checkpoints/last` (what a SLURM
-requeue does) unless `trainer.resume=false`, which moves old checkpoints aside and starts over.
+Launching the same command with the same `out_dir` resumes from the newest checkpoint that
+verifies (what a SLURM requeue does) unless `trainer.resume=false`, which moves old checkpoints
+aside and starts over. docs/reliability.md lists every fault and what happens.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import signal
 import time
 import warnings
 from dataclasses import dataclass
@@ -35,13 +39,14 @@ CHECKPOINT_DIR = "checkpoints"
 
 @dataclass
 class TrainResult:
-    """What a finished (or requeued) `train` call produced."""
+    """What a finished (or stopped) `train` call produced."""
 
     out_dir: Path
     global_step: int
     last_checkpoint: Path | None
     hf_dir: Path | None
     requeued: bool
+    stopped_by: str | None = None  # "SIGTERM" / "SIGUSR1": stopped early with a checkpoint
 
 
 def build_model(cfg: Config, tokenizer, partitioned: bool = False):
@@ -126,22 +131,31 @@ def _cpu_threads(devices: Any) -> None:
 
 
 def _callbacks(cfg: Config, out: Path, extra: list):
-    """longcpt's callbacks in the order they must run, then `extra`; and the SLURM plugins."""
+    """longcpt's callbacks in the order they must run, then `extra`; the plugins; the stop callback."""
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    from longcpt.lit.callbacks import ProgressBar, RunCheckpoints, SlurmRequeue, StepPrinter, TrainMetrics
+    from longcpt.lit.callbacks import (
+        ProgressBar,
+        RunCheckpoints,
+        StepPrinter,
+        StopAtStepBoundary,
+        TrainMetrics,
+    )
+    from longcpt.lit.checkpoint_io import RunCheckpointIO
 
     t = cfg.trainer
-    checkpoints = RunCheckpoints(out / CHECKPOINT_DIR, t.save_every_n_steps, t.keep_last_k)
+    checkpoints = RunCheckpoints(out / CHECKPOINT_DIR, t.save_every_n_steps, t.keep_last_k, resume=t.resume)
     callbacks = [checkpoints, TrainMetrics(window=max(t.log_every_n_steps, 10))]
-    plugins, requeue = [], None
-    if SLURMEnvironment.detect():
-        # Ranks and addresses from SLURM; requeue handled by SlurmRequeue at a step boundary.
+    # Lightning files are written straight into the checkpoint folder (DeepSpeed writes its own).
+    plugins = [] if cfg.strategy.name == "deepspeed" else [RunCheckpointIO()]
+    slurm = SLURMEnvironment.detect()
+    if slurm:
+        # Ranks and addresses from SLURM; its requeue signal handled by StopAtStepBoundary.
         plugins.append(SLURMEnvironment(auto_requeue=False))
-        requeue = SlurmRequeue(checkpoints)
-        callbacks.append(requeue)
+    stop = StopAtStepBoundary(checkpoints, requeue_signal=signal.SIGUSR1 if slurm else None)
+    callbacks.append(stop)
     callbacks.append(ProgressBar() if _interactive() else StepPrinter(t.log_every_n_steps))
-    return callbacks + list(extra), plugins, requeue
+    return callbacks + list(extra), plugins, stop
 
 
 def _interactive() -> bool:
@@ -184,7 +198,9 @@ def train(cfg: Config, datamodule=None, callbacks: list | None = None) -> TrainR
         The run's `TrainResult`.
 
     Raises:
-        LongcptError: bad model/tokenizer settings, or a non-finite loss (`NonFiniteLossError`).
+        LongcptError: bad model/tokenizer settings, a non-finite loss (`NonFiniteLossError`), a
+            checkpoint that cannot be written (`CheckpointWriteError`), no checkpoint that verifies,
+            vanished or damaged data, or another rank that hung or died (`RankFailureError`).
     """
     from longcpt.strategies import builds_partitioned, prepare_environment, resolve_accelerator
 
@@ -213,26 +229,43 @@ def train(cfg: Config, datamodule=None, callbacks: list | None = None) -> TrainR
         model = build_model(cfg, tokenizer)
     datamodule = datamodule if datamodule is not None else build_datamodule(cfg, tokenizer)
     module = LitCausalLM(model, cfg, tokenizer_dir=str(out / "tokenizer"))
-    callbacks, plugins, requeue = _callbacks(cfg, out, callbacks or [])
+    callbacks, plugins, stop = _callbacks(cfg, out, callbacks or [])
     trainer = _trainer(cfg, accelerator, out, callbacks, plugins)
-    if resume_from is not None and _is_rank_zero():
-        print(f"resuming from {resume_from}", flush=True)
+    # RunCheckpoints verifies the checkpoints once the ranks can agree, sets aside damaged ones and
+    # points `last` at the newest that verifies: that is what Lightning then loads.
+    ckpt_path = str(out / CHECKPOINT_DIR / "last") if resume_from is not None else None
     with warnings.catch_warnings():
         # Lightning cannot see that the DataModule restores its own position (it saves
         # `datamodule.state_dict()` with the step); its mid-epoch "not resumable" warning is wrong here.
         warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
         # Our own checkpoints hold training state beyond tensors (RNG, data position): full unpickling.
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None,
-                    weights_only=False)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+        except Exception as e:
+            _raise_rank_failure(e, trainer, cfg)
+            raise
 
-    requeued = bool(requeue and requeue.requeued)
     last = (out / CHECKPOINT_DIR / "last") if (out / CHECKPOINT_DIR / "last").exists() else None
     hf_dir = None
-    if t.export_hf and not requeued and last is not None and trainer.is_global_zero:
+    if t.export_hf and stop.stopped_by is None and last is not None and trainer.is_global_zero:
         from longcpt.export.convert import export_checkpoint
 
         hf_dir = export_checkpoint(last, out / "hf")
-    return TrainResult(out, trainer.global_step, last, hf_dir, requeued)
+    return TrainResult(out, trainer.global_step, last, hf_dir, stop.requeued, stop.stopped_by)
+
+
+def _raise_rank_failure(error: Exception, trainer, cfg: Config) -> None:
+    """A collective that failed because another rank hung or died: one message (and, under SLURM,
+    a requeue bounded by trainer.max_restarts) instead of the backend's traceback."""
+    from longcpt.lit.faults import RankFailureError, failure_message, rank_failure, requeue_after_fault
+
+    kind = rank_failure(error)
+    if kind is None:
+        return
+    t = cfg.trainer
+    what = failure_message(kind, trainer.global_rank, trainer.global_step, t.timeout_minutes, error)
+    then = requeue_after_fault(Path(t.out_dir), t.max_restarts, trainer.global_rank, trainer.global_step, what)
+    raise RankFailureError(f"{what}. {then}") from None
 
 
 def run(args) -> int:
@@ -240,7 +273,9 @@ def run(args) -> int:
     cfg = load_config(args.recipe, args.overrides, check_paths=True)
     result = train(cfg)
     if _is_rank_zero():
-        state = "stopped for requeue at" if result.requeued else "finished at"
+        state = ("stopped for requeue at" if result.requeued else
+                 f"stopped by {result.stopped_by} (the same command resumes) at" if result.stopped_by else
+                 "finished at")
         print(f"longcpt train: {state} step {result.global_step}; run folder {result.out_dir}")
         if result.last_checkpoint is not None:
             print(f"  last checkpoint: {os.path.realpath(result.last_checkpoint)}")

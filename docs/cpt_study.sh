@@ -37,8 +37,9 @@
 #   report     the table and figures of docs/cpt_study.md from the eval outputs
 #              (python docs/cpt_study_report.py WORK_DIR OUT_DIR)
 #
-# The README's run: 2-core machine shared with other jobs, every process `nice -n 10` with
-# OMP_NUM_THREADS=1, the CPT runs of a seed side by side (see times.txt in docs/cpt_study.md).
+# JOBS=N runs up to N training runs (stage cpt) or model evaluations (stage eval) side by side.
+# The reported run: 2-core machine shared with other jobs, every process `nice -n 10` with
+# OMP_NUM_THREADS=1, JOBS=4 (docs/cpt_study.md lists the stages as they ran and times.txt).
 set -euo pipefail
 
 WORK=${1:?usage: docs/cpt_study.sh WORK_DIR [STAGE ...]}
@@ -68,17 +69,18 @@ BASE_BATCH=${BASE_BATCH:-8}
 BASE_LR=${BASE_LR:-2.0e-3}
 CPT_LEN=${CPT_LEN:-4096}
 CPT_THETA=${CPT_THETA:-100000.0}
-CPT_STEPS=${CPT_STEPS:-150}
+CPT_STEPS=${CPT_STEPS:-50}
 CPT_BATCH=${CPT_BATCH:-2}
 CPT_LR=${CPT_LR:-1.0e-3}
 SEGMENT=${SEGMENT:-512}
 ARMS=${ARMS:-"full intra_doc anchor infini"}
 SEEDS=${SEEDS:-"0 1"}
 PPL_LEN=${PPL_LEN:-8192}
-PPL_DOCS=${PPL_DOCS:-8}
+PPL_DOCS=${PPL_DOCS:-6}
 RULER_TASKS=${RULER_TASKS:-niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt}
 RULER_LENGTHS=${RULER_LENGTHS:-512,1024,2048,4096}
-RULER_SAMPLES=${RULER_SAMPLES:-20}
+RULER_SAMPLES=${RULER_SAMPLES:-10}
+JOBS=${JOBS:-1}  # runs of the cpt and eval stages side by side (one process each)
 mkdir -p "$WORK"
 
 timed() {  # timed NAME command...: run, then append "NAME seconds" to WORK/times.txt
@@ -117,6 +119,11 @@ evaluate() {  # evaluate NAME MODEL: ppl + RULER -> WORK/eval_NAME/{ppl,ruler}
       --output "$WORK/eval_$name/ruler"
 }
 
+limited() {  # limited command...: run in the background, at most JOBS at a time
+  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
+  "$@" &
+}
+
 for stage in "${STAGES[@]}"; do
   case $stage in
     corpus)
@@ -148,12 +155,14 @@ for stage in "${STAGES[@]}"; do
           data.seq_len="$BASE_LEN" data.micro_batch_size="$BASE_BATCH" optim.lr="$BASE_LR" optim.warmup_steps=50 \
           trainer.max_steps="$BASE_STEPS" trainer.seed=0 ;;
     cpt)
-      for seed in $SEEDS; do for arm in $ARMS; do cpt "$arm" "$seed"; done; done ;;
+      for seed in $SEEDS; do for arm in $ARMS; do limited cpt "$arm" "$seed"; done; done
+      wait ;;
     cpt_*_s*)
       run=${stage#cpt_}; cpt "${run%_s*}" "${run##*_s}" ;;
     eval)
-      evaluate base "$WORK/base/hf"
-      for seed in $SEEDS; do for arm in $ARMS; do evaluate "${arm}_s${seed}" "$WORK/cpt_${arm}_s${seed}/hf"; done; done ;;
+      limited evaluate base "$WORK/base/hf"
+      for seed in $SEEDS; do for arm in $ARMS; do limited evaluate "${arm}_s${seed}" "$WORK/cpt_${arm}_s${seed}/hf"; done; done
+      wait ;;
     eval_base)
       evaluate base "$WORK/base/hf" ;;
     eval_*_s*)

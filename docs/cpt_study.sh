@@ -69,8 +69,8 @@ BASE_BATCH=${BASE_BATCH:-8}
 BASE_LR=${BASE_LR:-2.0e-3}
 CPT_LEN=${CPT_LEN:-4096}
 CPT_THETA=${CPT_THETA:-100000.0}
-CPT_STEPS=${CPT_STEPS:-50}
-CPT_BATCH=${CPT_BATCH:-2}
+CPT_STEPS=${CPT_STEPS:-30}
+CPT_BATCH=${CPT_BATCH:-1}
 CPT_LR=${CPT_LR:-1.0e-3}
 SEGMENT=${SEGMENT:-512}
 ARMS=${ARMS:-"full intra_doc anchor infini"}
@@ -79,7 +79,7 @@ PPL_LEN=${PPL_LEN:-8192}
 PPL_DOCS=${PPL_DOCS:-6}
 RULER_TASKS=${RULER_TASKS:-niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt}
 RULER_LENGTHS=${RULER_LENGTHS:-512,1024,2048,4096}
-RULER_SAMPLES=${RULER_SAMPLES:-10}
+RULER_SAMPLES=${RULER_SAMPLES:-5}
 JOBS=${JOBS:-1}  # runs of the cpt and eval stages side by side (one process each)
 mkdir -p "$WORK"
 
@@ -96,7 +96,7 @@ train() {  # train OUT_DIR key=value...: fp32 on one CPU process, exported to OU
   [ -f "$out/hf/config.json" ] && { echo "$out/hf exists: skipped"; return 0; }
   $PY -m longcpt train recipes/tiny_cpu.yaml trainer.out_dir="$out" trainer.accelerator=cpu \
       trainer.devices=1 trainer.precision=32-true trainer.export_hf=true trainer.log_every_n_steps=10 \
-      trainer.save_every_n_steps=25 trainer.val_every_n_steps=100000 strategy.name=auto data.num_workers=1 \
+      trainer.save_every_n_steps=10 trainer.val_every_n_steps=100000 strategy.name=auto data.num_workers=1 \
       model.tokenizer="$WORK/tokenizer" data.val=null data.packing=chunk optim.weight_decay=0.1 "$@"
 }
 
@@ -106,7 +106,7 @@ cpt() {  # cpt ARM SEED: one continual-pretraining run from the base model
   timed "cpt_${arm}_s${seed}" train "$WORK/cpt_${arm}_s${seed}" model.pretrained="$WORK/base/hf" \
       model.rope_theta="$CPT_THETA" attention.kind="$arm" "${extra[@]}" \
       data.train="$WORK/mix_cpt" data.seq_len="$CPT_LEN" data.micro_batch_size="$CPT_BATCH" \
-      optim.lr="$CPT_LR" optim.warmup_steps=10 trainer.max_steps="$CPT_STEPS" trainer.seed="$seed"
+      optim.lr="$CPT_LR" optim.warmup_steps=5 trainer.max_steps="$CPT_STEPS" trainer.seed="$seed"
 }
 
 evaluate() {  # evaluate NAME MODEL: ppl + RULER -> WORK/eval_NAME/{ppl,ruler}

@@ -77,7 +77,7 @@ def main(argv: list[str]) -> int:
     tasks = any_run["ruler"]["tasks"]
     seq_len = any_run["ppl"]["seq_len"]
     base_len, cpt_len = lengths[0], lengths[-1]
-    spans = [(1, base_len), (base_len, cpt_len), (cpt_len, seq_len)]
+    spans = [(0, base_len), (base_len, cpt_len), (cpt_len, seq_len)]
 
     table = {arm: {"seeds": len(arms[arm]),
                    "ppl": {f"{lo}-{hi}": [ppl_range(r, lo, hi) for r in arms[arm]] for lo, hi in spans},
@@ -116,27 +116,39 @@ def _pyplot():
 
 
 def plot_ppl(arms: dict, order: list[str], base_len: int, cpt_len: int, path: Path) -> None:
+    """Left: perplexity by position (mean over seeds, band between them). Right: the same relative to
+    the base model, bucket by bucket, which removes what the held-out documents themselves make easy
+    or hard at each position."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (ax, rel) = plt.subplots(1, 2, figsize=(12, 4))
+    base = [b["ppl"] for b in arms["base"][0]["ppl"]["buckets"]] if "base" in arms else None
     for arm in order:
         runs = arms[arm]
         buckets = runs[0]["ppl"]["buckets"]
         x = [(b["start"] + b["end"]) / 2 for b in buckets]
         values = [[r["ppl"]["buckets"][i]["ppl"] for r in runs] for i in range(len(buckets))]
-        mean = [sum(v) / len(v) for v in values]
-        line, = ax.plot(x, mean, marker=".", label=f"{arm} ({len(runs)} seed{'s' if len(runs) > 1 else ''})",
-                        color="black" if arm == "base" else None, linestyle="--" if arm == "base" else "-")
-        if len(runs) > 1:
-            ax.fill_between(x, [min(v) for v in values], [max(v) for v in values], alpha=0.2, color=line.get_color())
-    for n, label in ((base_len, "base context"), (cpt_len, "CPT context")):
-        ax.axvline(n, color="grey", linewidth=0.8, linestyle=":")
-        ax.text(n, ax.get_ylim()[1], f" {label}", fontsize=7, va="top", color="grey")
+        style = {"color": "black", "linestyle": "--"} if arm == "base" else {}
+        for axis, scale in ((ax, [1.0] * len(x)), (rel, base)):
+            if scale is None:
+                continue
+            mean = [sum(v) / len(v) / s for v, s in zip(values, scale)]
+            line, = axis.plot(x, mean, marker=".", label=f"{arm} ({len(runs)} seed{'s' if len(runs) > 1 else ''})",
+                              **style)
+            if len(runs) > 1:
+                axis.fill_between(x, [min(v) / s for v, s in zip(values, scale)],
+                                  [max(v) / s for v, s in zip(values, scale)], alpha=0.2, color=line.get_color())
+    for axis in (ax, rel):
+        for n, label in ((base_len, "base context"), (cpt_len, "CPT context")):
+            axis.axvline(n, color="grey", linewidth=0.8, linestyle=":")
+            axis.text(n, axis.get_ylim()[1], f" {label}", fontsize=7, va="top", color="grey")
+        axis.set_xlabel("token position (bucket centre)")
+        axis.grid(True, alpha=0.3)
     ax.set_yscale("log")
-    ax.set_xlabel("token position (bucket centre)")
     ax.set_ylabel("perplexity (held-out documents)")
-    ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title("Perplexity by position: base (trained at 512) and the four CPT arms (8x)", fontsize=9)
+    ax.set_title("Perplexity by position: base (512-token windows) and the CPT arms (4K)", fontsize=9)
+    rel.set_ylabel("perplexity / base perplexity")
+    rel.set_title("Relative to the base model, bucket by bucket", fontsize=9)
     save_figure(fig, path)
 
 

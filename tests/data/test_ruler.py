@@ -7,7 +7,7 @@ import re
 from collections import Counter
 
 import pytest
-from _task_helpers import task_tokenizer
+from tiny import bpe_tokenizer
 
 from longcpt.data.ruler import (
     NEEDLE,
@@ -30,7 +30,7 @@ NIAH = ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery"]
 
 @pytest.fixture(scope="module")
 def tok():
-    return task_tokenizer()
+    return bpe_tokenizer()
 
 
 @pytest.fixture(scope="module")

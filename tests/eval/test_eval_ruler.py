@@ -131,7 +131,7 @@ def test_predictions_file_resumes_and_extends(monkeypatch, tokenizer, tmp_path):
 
 
 def test_cli_writes_spec_outputs(model_dir, tokenizer, tmp_path):
-    """A real tiny model end to end: ruler.json, predictions.jsonl and ruler.png as SPEC section 10 fixes."""
+    """A real tiny model end to end: ruler.json, predictions.jsonl and ruler.png as docs/reference.md fixes them."""
     out = tmp_path / "r"
     length = RulerGenerator(tokenizer).min_length("niah_multikey") + 10
     code = main(["eval", "ruler", "--model", str(model_dir), "--lengths", f"{length},{length + 64}",

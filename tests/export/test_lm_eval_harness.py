@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import BOS, EOS, PAD, bpe_tokenizer, tiny_args
 
 from longcpt.export.hf import save_pretrained
-from longcpt.model import CausalLM, ModelArgs, from_pretrained
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
-from _tiny_models import build_tokenizer  # noqa: E402  (the eval tests' tiny tokenizer)
+from longcpt.model import CausalLM, from_pretrained
 
 DOCS = [
     {"question": "The grass is", "choices": ["green.", "blue.", "yellow."], "answer": 0},
@@ -51,10 +47,8 @@ metric_list:
 def tiny_model(vocab: int, attention: str) -> CausalLM:
     torch.manual_seed(0)
     options = {"segment_len": 4} if attention == "infini" else {}  # prompts span several segments
-    args = ModelArgs(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-                     bos_token_id=1, eos_token_id=2, pad_token_id=0, attention=attention, attention_options=options)
-    model = CausalLM(args)
+    model = CausalLM(tiny_args(vocab_size=vocab, max_position_embeddings=128, bos_token_id=BOS, eos_token_id=EOS,
+                               pad_token_id=PAD, attention=attention, attention_options=options))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(".core.gate"):
@@ -81,7 +75,7 @@ def test_harness_scores_an_export_with_our_loglikelihoods(tmp_path, monkeypatch,
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    tokenizer = build_tokenizer()
+    tokenizer = bpe_tokenizer(200)
     tokenizer.save_pretrained(tmp_path / "tokenizer")
     folder = save_pretrained(tiny_model(len(tokenizer), attention), tmp_path / "export", tokenizer=tmp_path / "tokenizer")
     data = tmp_path / "tiny_mc.jsonl"

@@ -545,11 +545,15 @@ class RulerGenerator:
             return len(self.encode(f" {e + 1}.")) + len(self.encode(" " + entry(e)))
 
         fixed = len(head) + len(tail)
-        sizes = [entry_len(e) for e in range(n_common + other_copies * 2)]
-        # The list grows by whole entries: the length must be 1 / MAX_SHORTFALL entries or more.
-        minimum = max(fixed + sum(sizes), math.ceil(max(sizes) / MAX_SHORTFALL))
+        # Shortest list: the common block and two other words. `min_length` bounds it with the longest
+        # entry any word can make (numbers below 10^4, every built-in word and some generated ones),
+        # and asks for 1 / MAX_SHORTFALL of that entry, since the list grows by whole entries.
+        needed = n_common + other_copies * 2
         if measure_only:
-            return minimum
+            words_max = max(len(self.encode(" " + w)) for w in word_pool(len(NOUNS + ADJECTIVES + VERBS) + 256))
+            longest = len(self.encode(" 9999.")) + words_max
+            return max(fixed + needed * longest, math.ceil(longest / MAX_SHORTFALL))
+        minimum = fixed + sum(entry_len(e) for e in range(needed))
         if length < minimum:
             raise LongcptError(f"the word list needs at least {minimum} tokens")
         lengths = []

@@ -130,7 +130,17 @@ def test_predictions_file_resumes_and_extends(monkeypatch, tokenizer, tmp_path):
         evaluate_ruler(None, tokenizer, gen, ["vt"], [600], 1, out, _settings(seed=1))
 
 
-def test_cli_writes_spec_outputs(model_dir, tokenizer, tmp_path):
+@pytest.fixture
+def one_thread():
+    """The real-model tests decode hundreds of single tokens through a 64-wide model: one thread is
+    faster than several (and several spin against each other on a loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_cli_writes_spec_outputs(model_dir, tokenizer, tmp_path, one_thread):
     """A real tiny model end to end: ruler.json, predictions.jsonl and ruler.png as docs/reference.md fixes them."""
     out = tmp_path / "r"
     length = RulerGenerator(tokenizer).min_length("niah_multikey") + 10
@@ -150,7 +160,7 @@ def test_cli_writes_spec_outputs(model_dir, tokenizer, tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
-def test_greedy_prediction_is_transformers_greedy_continuation(model_dir, tokenizer, tmp_path):
+def test_greedy_prediction_is_transformers_greedy_continuation(model_dir, tokenizer, tmp_path, one_thread):
     from transformers import AutoModelForCausalLM
 
     from longcpt.model import from_pretrained

@@ -67,8 +67,17 @@ def our_loglikelihood(model, tokenizer, context: str, continuation: str) -> floa
     return sum(logp[i - 1, whole[i]].item() for i in range(n_context, len(whole)))
 
 
+@pytest.fixture
+def one_thread():
+    """Dozens of forward passes of a 32-wide model: one thread is faster than several."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("attention", ["full", "infini"])
-def test_harness_scores_an_export_with_our_loglikelihoods(tmp_path, monkeypatch, attention):
+def test_harness_scores_an_export_with_our_loglikelihoods(tmp_path, monkeypatch, attention, one_thread):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))

@@ -1,4 +1,4 @@
-"""`longcpt` command line: train, export, eval {passkey, booksum, ppl}, namm train (docs/reference.md).
+"""`longcpt` command line: train, export, eval {passkey, booksum, ppl, ruler}, namm train (docs/reference.md).
 
 Each command is implemented by a `run(args)` function in its own module, imported only when the
 command runs so that `--help` is instant. User errors (`LongcptError`) print one message and exit
@@ -12,6 +12,7 @@ import importlib
 import json
 import sys
 
+from longcpt.data.ruler import TASKS as RULER_TASKS  # standard library only: --help stays instant
 from longcpt.errors import LongcptError
 
 # command -> module providing run(args)
@@ -21,6 +22,7 @@ COMMANDS = {
     "eval passkey": "longcpt.eval.passkey",
     "eval booksum": "longcpt.eval.booksum",
     "eval ppl": "longcpt.eval.ppl",
+    "eval ruler": "longcpt.eval.ruler",
     "namm train": "longcpt.namm.evolve",
 }
 
@@ -74,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--tokenizer", default=None, help="tokenizer folder to copy (default: the run's)")
     export.set_defaults(command_name="export")
 
-    ev = sub.add_parser("eval", help="evaluate an exported model: passkey, booksum, ppl")
+    ev = sub.add_parser("eval", help="evaluate an exported model: passkey, booksum, ppl, ruler")
     evsub = ev.add_subparsers(dest="task", required=True, metavar="TASK")
 
     pk = evsub.add_parser("passkey", help="passkey retrieval sweep -> passkey.json + passkey.png")
@@ -111,7 +113,22 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--max-docs", type=_positive_int, default=32)
     ppl.add_argument("--chunk", type=_positive_int, default=4096, help="tokens per model call (state carried across)")
     ppl.set_defaults(command_name="eval ppl")
-    for task in (pk, bs, ppl):
+
+    ru = evsub.add_parser("ruler", help="RULER-style synthetic tasks -> ruler.json + predictions.jsonl + ruler.png")
+    ru.add_argument("--model", required=True, help="exported HF folder (or a training checkpoint)")
+    ru.add_argument("--lengths", type=_csv(int), default=[4096, 8192], help="prompt lengths in tokens, comma-separated")
+    ru.add_argument("--tasks", type=_csv(str), default=list(RULER_TASKS),
+                    help=f"comma-separated, from {','.join(RULER_TASKS)} (default: all)")
+    ru.add_argument("--samples", type=_positive_int, default=25, help="prompts per (task, length)")
+    ru.add_argument("--output", required=True, help="output folder (an interrupted run resumes there)")
+    ru.add_argument("--haystack", default=None, metavar="PATH",
+                    help="real text for the niah/vt haystack: a prepared corpus (made with the model's tokenizer) "
+                    "or .jsonl/.json/.parquet/.txt files (default: RULER's repeated noise sentences)")
+    ru.add_argument("--seed", type=int, default=0, help="fixes every prompt")
+    ru.add_argument("--prefill-chunk", type=_positive_int, default=4096, help="prompt tokens per model call")
+    ru.add_argument("--batch-tokens", type=_positive_int, default=32768, help="prompts batched up to this many tokens")
+    ru.set_defaults(command_name="eval ruler")
+    for task in (pk, bs, ppl, ru):
         add_model_arguments(task)
 
     namm = sub.add_parser("namm", help="Neural Attention Memory Models: evolve a KV-cache eviction policy")

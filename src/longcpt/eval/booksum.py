@@ -20,8 +20,6 @@ Outputs (docs/reference.md, section 5):
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import re
 from collections.abc import Sequence
@@ -30,6 +28,8 @@ from pathlib import Path
 import torch
 
 from longcpt.errors import LongcptError
+from longcpt.eval.predictions import append_row, read_rows
+from longcpt.eval.predictions import check_run as check_settings
 from longcpt.fsio import atomic_write_json
 from longcpt.model.generation import DEFAULT_PREFILL_CHUNK, generate, kv_kept
 
@@ -82,61 +82,22 @@ def rouge_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]
 
 
 # ---------------------------------------------------------------------------------------------
-# Resumable predictions file
+# Resumable predictions file (`longcpt.eval.predictions`)
 
 
 def read_predictions(path: Path) -> dict[str, dict]:
     """Rows already in `path` by id. A last line cut by a crash is removed from the file."""
-    if not path.is_file():
-        return {}
-    data = path.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]  # everything up to the last full line
-    if len(complete) != len(data):
-        with path.open("r+b") as f:
-            f.truncate(len(complete))
-    rows = {}
-    for line_no, line in enumerate(complete.decode("utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-                rows[row["id"]] = row
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise LongcptError(
-                    f"{path}:{line_no}: not a prediction row; this file was not written by longcpt eval booksum "
-                    "(use another --output)"
-                ) from None
-    return rows
+    return read_rows(path, key=lambda row: row["id"], command="longcpt eval booksum")
 
 
 def check_run(output: Path, settings: dict) -> None:
-    """Record `settings` in `output/run.json`, or check they match those of the run being resumed.
-
-    Raises:
-        LongcptError: the folder holds predictions made with other settings.
-    """
-    run_file = output / "run.json"
-    if run_file.is_file():
-        previous = json.loads(run_file.read_text())
-        changed = [k for k in RUN_KEYS if previous.get(k) != settings.get(k)]
-        if changed and (output / "predictions.jsonl").is_file():
-            diff = ", ".join(f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}" for k in changed)
-            raise LongcptError(
-                f"--output {output} holds predictions from a run with other settings ({diff}); "
-                "use another --output, or delete the folder to start over"
-            )
-    atomic_write_json(run_file, settings)
+    """Record `settings` in `output/run.json`, or check they match those of the run being resumed."""
+    check_settings(output, settings, RUN_KEYS)
 
 
 def example_generator(seed: int, example_id: str) -> torch.Generator:
     """A sampling generator that depends only on (seed, example id): stable across resumes."""
     return torch.Generator().manual_seed(random.Random(f"booksum:{seed}:{example_id}").getrandbits(63))
-
-
-def append_row(f, row: dict) -> None:
-    """Append one JSON line and push it to disk before the next example starts."""
-    f.write(json.dumps(row) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
 
 
 # ---------------------------------------------------------------------------------------------

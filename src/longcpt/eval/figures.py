@@ -1,4 +1,5 @@
-"""The evaluation figures: passkey heatmap (x length, y depth), perplexity by position, NAMM fitness.
+"""The evaluation figures: passkey heatmap (x length, y depth), perplexity by position, RULER scores,
+NAMM fitness.
 
 Figures are written atomically (temporary file in the same folder, then `os.replace`), like every
 other output. matplotlib runs with the non-interactive Agg backend.
@@ -110,5 +111,32 @@ def fitness_curve(history: Sequence[dict], title: str, path) -> Path:
     lines = ax.get_legend_handles_labels()
     more = kept.get_legend_handles_labels()
     ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="lower left")
+    ax.set_title(title, fontsize=9)
+    return save_figure(fig, path)
+
+
+def ruler_plot(lengths: Sequence[int], lines: dict[str, Sequence[float]], title: str, path) -> Path:
+    """RULER scores (0-100) by prompt length, one line per task; a line named "average" is drawn bold.
+
+    Args:
+        lengths: x values (tokens), drawn on a log-2 axis.
+        lines: name -> score at each length.
+        title: figure title.
+        path: output PNG.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for name, scores in lines.items():
+        bold = name == "average"
+        ax.plot(lengths, scores, marker="o", linewidth=2.5 if bold else 1.2, color="black" if bold else None,
+                label=name, zorder=3 if bold else 2)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(lengths), [_length_label(n) for n in lengths])
+    ax.minorticks_off()
+    ax.set_ylim(-3, 103)
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("score (string_match_all)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     ax.set_title(title, fontsize=9)
     return save_figure(fig, path)

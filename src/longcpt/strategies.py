@@ -140,6 +140,13 @@ def deepspeed_config(cfg) -> dict[str, Any]:
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     config: dict[str, Any] = {
         "zero_optimization": zero,
+        # Gradients are summed over micro-batches and reduced across ranks in fp32, as under DDP
+        # (whose fp32 parameters get fp32 gradients with bf16-mixed). DeepSpeed's defaults follow
+        # the model dtype, i.e. bf16 under bf16: its engine falls back to the model dtype when
+        # `grad_accum_dtype` is unset (`get_data_types`) and to bf16 for `communication_data_type`.
+        # The fp32 gradient partitions cost 4 bytes per parameter / ranks (ZeRO-2/3).
+        "data_types": {"grad_accum_dtype": "fp32"},
+        "communication_data_type": "fp32",
         # Our AdamW (or DeepSpeedCPUAdam with optimizer offload) is passed in from Python.
         "zero_allow_untested_optimizer": True,
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,

@@ -1,6 +1,7 @@
 """DeepSpeed config generation from the recipe (the multi-process runs are in test_lit_distributed)."""
 
 import pytest
+import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
 from longcpt.config import load_config
@@ -45,3 +46,19 @@ def test_strategy_per_name_and_accelerator():
     ds = cfg("strategy.name=deepspeed")
     assert type(build_strategy(ds, "cpu")) is CPUDeepSpeedStrategy
     assert type(build_strategy(ds, "gpu")) is DeepSpeedStrategy
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_gradients_accumulate_and_reduce_in_fp32(stage):
+    """Under bf16, DeepSpeed would otherwise sum micro-batch gradients and all-reduce them in bf16
+    (its engine defaults both to the model dtype); the DDP path accumulates in fp32."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    ds = deepspeed_config(cfg("strategy.name=deepspeed", f"strategy.stage={stage}", "trainer.precision=bf16-mixed"))
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["communication_data_type"] == "fp32"
+    # As DeepSpeed reads it, with the bf16 section Lightning adds for bf16-mixed:
+    parsed = DeepSpeedConfig({**ds, "bf16": {"enabled": True}, "gradient_accumulation_steps": 4})
+    assert parsed.grad_accum_dtype == "fp32" and parsed.communication_data_type == torch.float32
+    # A recipe may still choose otherwise under strategy.deepspeed.
+    own = deepspeed_config(cfg("strategy.name=deepspeed", "strategy.deepspeed={communication_data_type: bf16}"))
+    assert own["communication_data_type"] == "bf16"

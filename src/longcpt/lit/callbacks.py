@@ -168,12 +168,15 @@ class RunCheckpoints(Callback):
 class SlurmRequeue(Callback):
     """On the SLURM warning signal: checkpoint at the next step boundary, requeue, stop cleanly.
 
-    `sbatch --signal=USR1@120` sends SIGUSR1 two minutes before the time limit. Lightning's own
+    `sbatch --signal=USR1@600` sends SIGUSR1 ten minutes before the time limit (slurm/train.sbatch
+    says how to size it: a step plus a checkpoint save). Lightning's own
     auto-requeue handler saves from inside the signal handler, i.e. in the middle of a step and,
     with DeepSpeed, possibly in the middle of a collective on some ranks and not others. Here the
     handler only sets a flag; the ranks agree on it after each micro-batch (one all-reduce) and
     save through `RunCheckpoints` at the next optimizer-step boundary, so the requeued job
     resumes exactly. Rank 0 then runs `scontrol requeue $SLURM_JOB_ID` (array jobs included).
+    `stopped` says training stopped on the signal, `requeued` that the requeue succeeded too:
+    when it failed the checkpoint is still saved, but nothing will resume it by itself.
 
     Args:
         checkpoints: the run's `RunCheckpoints` callback.
@@ -184,7 +187,8 @@ class SlurmRequeue(Callback):
         self.checkpoints = checkpoints
         self.signum = signum
         self.received = False
-        self.requeued = False
+        self.stopped = False  # stopped at a step boundary on the signal (checkpoint saved)
+        self.requeued = False  # and `scontrol requeue` succeeded
         self._previous = None
 
     def _handler(self, signum, frame) -> None:
@@ -201,16 +205,16 @@ class SlurmRequeue(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # RunCheckpoints runs first (callbacks run in list order) and may already have saved.
         # Every rank reaches the same boundaries, so the all-reduce below is matched everywhere.
-        if self.requeued or not self.checkpoints.just_stepped:
+        if self.stopped or not self.checkpoints.just_stepped:
             return
         if not trainer.strategy.reduce_boolean_decision(self.received, all=False):
             return
         rank_zero_info(f"requeue signal received: checkpointing step {trainer.global_step} and requeueing")
         if self.checkpoints.saved_step != trainer.global_step:
             self.checkpoints.save(trainer)
-        if trainer.is_global_zero:
-            request_requeue()
-        self.requeued = True
+        requeued = request_requeue() if trainer.is_global_zero else False
+        self.requeued = bool(trainer.strategy.broadcast(requeued))
+        self.stopped = True
         trainer.should_stop = True
 
 
@@ -256,6 +260,10 @@ class TrainMetrics(Callback):
     def __init__(self, window: int = 20):
         self.window = deque(maxlen=window + 1)
         self.tokens_total = 0
+        self._norm_step: int | None = None  # the optimizer step whose DeepSpeed grad norm was logged
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._norm_step = trainer.global_step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if not self.window:
@@ -283,9 +291,13 @@ class TrainMetrics(Callback):
         pl_module.log("train/tokens", float(self.tokens_total))
         for key, value in gate_stats(pl_module.model).items():
             pl_module.log(f"train/{key}", value)
+        # DeepSpeed's norm is the last optimizer step's: log it on the micro-batch that completed
+        # that step only (on the others of an accumulation it would be the previous step's).
         engine = getattr(trainer.strategy, "deepspeed_engine", None)
-        if engine is not None and engine.get_global_grad_norm() is not None:
-            pl_module.log("train/grad_norm", float(engine.get_global_grad_norm()))
+        if engine is not None and trainer.global_step != self._norm_step:
+            self._norm_step = trainer.global_step
+            if engine.get_global_grad_norm() is not None:
+                pl_module.log("train/grad_norm", float(engine.get_global_grad_norm()))
 
 
 class ProgressBar(RichProgressBar):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ class TrainResult:
     last_checkpoint: Path | None
     hf_dir: Path | None
     requeued: bool
+    requeue_failed: bool = False  # stopped on the SLURM signal, but `scontrol requeue` failed
 
 
 def build_model(cfg: Config, tokenizer):
@@ -86,9 +88,23 @@ def build_model(cfg: Config, tokenizer):
 
 
 def _is_rank_zero() -> bool:
-    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+    """Is this process global rank 0? Usable before the Trainer exists (decided from the launcher's
+    environment, the way Lightning's cluster environments will).
 
-    return getattr(rank_zero_only, "rank", 0) == 0
+    Lightning's own `rank_zero_only.rank` reads RANK, LOCAL_RANK or SLURM_PROCID only. Under its
+    multi-node launcher without SLURM (NODE_RANK=n on each node, LOCAL_RANK set for the processes
+    it starts but not for the first), every node's first process would think it is rank 0, and
+    all of them would write config.yaml and the tokenizer, and move checkpoints/ aside, at once.
+    """
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    env = os.environ
+    if "RANK" in env:  # torchrun / torchelastic: the global rank itself
+        return int(env["RANK"]) == 0
+    if SLURMEnvironment.detect():  # srun: one task per process
+        return int(env.get("SLURM_PROCID", 0)) == 0
+    node = int(env.get("NODE_RANK", env.get("GROUP_RANK", 0)))  # Lightning's launcher (LightningEnvironment)
+    return node == 0 and int(env.get("LOCAL_RANK", 0)) == 0
 
 
 def _prepare_run_dir(cfg: Config, tokenizer_dir: str) -> Path | None:
@@ -149,6 +165,9 @@ def _callbacks(cfg: Config, out: Path, extra: list):
         plugins.append(SLURMEnvironment(auto_requeue=False))
         requeue = SlurmRequeue(checkpoints)
         callbacks.append(requeue)
+        if t.export_hf and _is_rank_zero():
+            print("trainer.export_hf=true: the export runs at the end of this job, after the requeue handler is gone "
+                  "(a late SIGUSR1 kills it); for large models export with slurm/convert.sbatch instead", flush=True)
     callbacks.append(ProgressBar() if _interactive() else StepPrinter(t.log_every_n_steps))
     return callbacks + list(extra), plugins, requeue
 
@@ -230,14 +249,14 @@ def train(cfg: Config, datamodule=None, callbacks: list | None = None) -> TrainR
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None,
                     weights_only=False)
 
-    requeued = bool(requeue and requeue.requeued)
+    stopped, requeued = bool(requeue and requeue.stopped), bool(requeue and requeue.requeued)
     last = (out / CHECKPOINT_DIR / "last") if (out / CHECKPOINT_DIR / "last").exists() else None
     hf_dir = None
-    if t.export_hf and not requeued and last is not None and trainer.is_global_zero:
+    if t.export_hf and not stopped and last is not None and trainer.is_global_zero:
         from longcpt.export.convert import export_checkpoint
 
         hf_dir = export_checkpoint(last, out / "hf")
-    return TrainResult(out, trainer.global_step, last, hf_dir, requeued)
+    return TrainResult(out, trainer.global_step, last, hf_dir, requeued, requeue_failed=stopped and not requeued)
 
 
 def run(args) -> int:
@@ -245,10 +264,14 @@ def run(args) -> int:
     cfg = load_config(args.recipe, args.overrides, check_paths=True)
     result = train(cfg)
     if _is_rank_zero():
-        state = "stopped for requeue at" if result.requeued else "finished at"
+        state = ("stopped for requeue at" if result.requeued else
+                 "stopped on the SLURM signal at" if result.requeue_failed else "finished at")
         print(f"longcpt train: {state} step {result.global_step}; run folder {result.out_dir}")
         if result.last_checkpoint is not None:
             print(f"  last checkpoint: {os.path.realpath(result.last_checkpoint)}")
         if result.hf_dir is not None:
             print(f"  Hugging Face export: {result.hf_dir}")
-    return 0
+        if result.requeue_failed:
+            print("longcpt train: error: `scontrol requeue` failed (see the warning above), so nothing will resume "
+                  "this run: submit the same command again; it resumes from checkpoints/last", file=sys.stderr)
+    return 1 if result.requeue_failed else 0

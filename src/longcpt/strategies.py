@@ -154,6 +154,24 @@ def deepspeed_config(cfg) -> dict[str, Any]:
     return _deep_merge(config, s.deepspeed)
 
 
+def load_dtype(cfg) -> str:
+    """The dtype to load pretrained weights in: the one the parameters get anyway once the strategy
+    is set up, so that no rank holds a float32 copy it is about to round.
+
+    * DeepSpeed with bf16 casts the module's parameters to bf16 when it wraps the model
+      (`DeepSpeedEngine._configure_distributed_model`, deepspeed/runtime/engine.py), before its
+      ZeRO optimizer builds the fp32 master copies from those bf16 values;
+    * `bf16-true` has Lightning cast the whole module to bf16 (its precision plugin's
+      `convert_module`).
+    Loading in bf16 then gives the same bits, with half the host memory per rank: under ZeRO-3
+    every rank loads the whole model before DeepSpeed partitions it. Otherwise: "fp32".
+    """
+    precision = cfg.trainer.precision
+    if precision == "bf16-true" or (cfg.strategy.name == "deepspeed" and precision.startswith("bf16")):
+        return "bf16"
+    return "fp32"
+
+
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in extra.items():

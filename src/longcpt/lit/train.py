@@ -50,7 +50,9 @@ def build_model(cfg: Config, tokenizer):
 
     The attention kind and its options, the RoPE precision and overrides come from the recipe (already
     validated: `config.validate` checked the kind, its options and the vocabulary size). Parameters
-    stay float32; the Trainer's precision decides what the forward runs in.
+    are float32, except pretrained weights that the strategy would round to bf16 anyway, which are
+    loaded in bf16 (`strategies.load_dtype`); the Trainer's precision decides what the forward
+    runs in.
 
     Args:
         cfg: a validated recipe.
@@ -60,15 +62,14 @@ def build_model(cfg: Config, tokenizer):
     Raises:
         LongcptError: a `model.config` missing an HF field, or weights that do not fit it.
     """
-    import torch
-
     from longcpt.model.config import ModelArgs
     from longcpt.model.hf_io import build_model as build_from_args
     from longcpt.model.hf_io import from_pretrained
+    from longcpt.strategies import load_dtype
 
     kind, options, m = cfg.attention.kind, dict(cfg.attention.options), cfg.model
     if m.pretrained is not None:
-        model = from_pretrained(m.pretrained, attention=kind, dtype=torch.float32, rope_precision=cfg.rope.precision,
+        model = from_pretrained(m.pretrained, attention=kind, dtype=load_dtype(cfg), rope_precision=cfg.rope.precision,
                                 rope_theta=m.rope_theta, rope_scaling=m.rope_scaling, **options)
     else:
         hf = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,

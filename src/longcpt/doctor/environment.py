@@ -82,7 +82,8 @@ def check_torch() -> list[Result]:
             "nccl": None, "cuda_available": available}
     if available and torch.distributed.is_nccl_available():
         try:
-            data["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+            version = torch.cuda.nccl.version()  # (major, minor, patch[, suffix]); an int before torch 1.10
+            data["nccl"] = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
         except (RuntimeError, AttributeError):
             pass
     versions = f"torch {torch.__version__}, python {data['python']}"

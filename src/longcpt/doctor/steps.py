@@ -252,7 +252,11 @@ def _run_worker(spec: dict[str, Any], root: Path, timeout: float) -> str | None:
     spec_file = root / f"spec-{time.monotonic_ns()}.json"
     spec_file.write_text(json.dumps(spec))
     log = root / f"{spec_file.stem}.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # A local launch: Lightning's own launcher starts the ranks. Inherited SLURM or torchrun
+    # variables (the doctor run inside `srun` or a launcher) would make it expect external ones.
+    launch = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in launch}
+    env["PYTHONUNBUFFERED"] = "1"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "longcpt.doctor.worker", str(spec_file)], stdout=out,
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -400,36 +404,42 @@ def check_throughput(cfg, device: torch.device, quick: bool, peak: float | None 
             return Result(SECTION, "throughput", SKIP, f"{n_params / 1e6:,.0f}M parameters at seq_len {t} would take "
                           f"~{seconds / 60:,.0f} min per step on this CPU: run the doctor on the GPU machine")
     batch = packed_batch(args.attention, rows, args.vocab_size)
+    model, timed = None, None
     for attempt in (sliced, dataclasses.replace(args, num_hidden_layers=min(4, args.num_hidden_layers))):
         try:
             torch.manual_seed(0)
-            model = CausalLM(attempt).to(device)
+            with torch.device(device):  # initialised where it runs: no full float32 copy on the host
+                model = CausalLM(attempt)
             if precision == "bf16-true":
                 model = model.to(torch.bfloat16)
             model.activation_checkpointing = cfg.trainer.activation_checkpointing
             seconds = _time_steps(model, batch, device, precision, steps=2 if quick else 3)
+            timed = attempt
             break
-        except torch.OutOfMemoryError:
-            del model
+        except torch.cuda.OutOfMemoryError:
+            model = None
             torch.cuda.empty_cache()
             if attempt.num_hidden_layers <= 4:
                 return Result(SECTION, "throughput", FAIL, f"{what} runs out of GPU memory at seq_len {t} x batch {b}: "
                               "set trainer.activation_checkpointing=true or use more GPUs (ZeRO-3)")
             what = "a 4-layer slice"
-    else:  # pragma: no cover
-        raise AssertionError("unreachable")
     tokens_per_s = b * t / seconds
-    flops = step_flops(model.args, rows)
-    peak = peak or (peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
+    flops = step_flops(timed, rows)
+    if precision.startswith("bf16"):
+        peak = peak or (peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
+    else:
+        peak = None  # the table holds bf16 peaks
     mfu = flops / seconds / (peak * 1e12) if peak else None
-    line = (f"{what} ({parameter_count(model.args) / 1e6:,.1f}M params, {precision}) at seq_len {t} x batch {b}: "
+    line = (f"{what} ({parameter_count(timed) / 1e6:,.1f}M params, {precision}) at seq_len {t} x batch {b}: "
             f"{tokens_per_s:,.0f} tokens/s, {seconds:.3f} s/step")
-    line += f", MFU {mfu:.1%} of {peak:.0f} TFLOP/s" if mfu is not None else ", MFU n/a (no peak figure for this device)"
+    line += (f", MFU {mfu:.1%} of {peak:.0f} TFLOP/s" if mfu is not None else
+             ", MFU n/a (" + ("no bf16 peak known for this device: --peak-tflops" if precision.startswith("bf16")
+                             else f"{precision}: MFU is against the bf16 peak") + ")")
     plan = plan_estimate(cfg)
     if plan:
         line += f"; plan: {_plan_line(plan)}"
     data = {"tokens_per_s": tokens_per_s, "step_seconds": seconds, "mfu": mfu, "peak_tflops": peak,
-            "model_flops_per_step": flops, "layers": model.args.num_hidden_layers, "parameters": n_params,
+            "model_flops_per_step": flops, "layers": timed.num_hidden_layers, "parameters": n_params,
             "seq_len": t, "micro_batch_size": b, "plan": plan}
     return Result(SECTION, "throughput", PASS, line, data)
 

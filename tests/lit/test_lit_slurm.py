@@ -1,4 +1,4 @@
-"""SLURM: SIGUSR1 (sent by `--signal=USR1@120`) -> checkpoint at the next step, requeue, clean stop."""
+"""SLURM: SIGUSR1 (sent by `--signal=USR1@600`) -> checkpoint at the next step, requeue, clean stop."""
 
 import os
 import re

@@ -1,4 +1,4 @@
-"""`python -m longcpt.doctor.worker SPEC.json`: one multi-process step check of `longcpt doctor`.
+"""`python -m longcpt.doctor.worker CHECK.json`: one multi-process step check of `longcpt doctor`.
 
 Started by `longcpt.doctor.steps` in its own process group; Lightning's launcher then starts the
 other ranks with this same command (which is why it is a module of its own and not `longcpt

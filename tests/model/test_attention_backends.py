@@ -75,9 +75,10 @@ def dense_reference(q, k, v, cu):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_flex_attention_compiles_once_for_every_length(monkeypatch):
-    """The compiled path (CUDA's) on CPU with a counting backend: three window lengths cost two
-    compilations each for the kernel and its block mask (the first shape, then the switch to
-    symbolic sizes, reused from then on), where per-shape compilation needs one per length."""
+    """The compiled path (CUDA's) on CPU with a counting backend: three window lengths cost at most
+    two compilations each for the kernel and its block mask (torch 2.13: the first shape, then the
+    switch to symbolic sizes, reused from then on), where per-shape compilation needs one per
+    length (6 in all, measured with dynamic=False)."""
     from torch._dynamo.testing import CompileCounter
 
     counter = CompileCounter()
@@ -92,4 +93,4 @@ def test_flex_attention_compiles_once_for_every_length(monkeypatch):
         out = document_attention(q, k, v, document_layout(cu, 1, t), backend="flex")
         torch.testing.assert_close(out, dense_reference(q, k, v, cu), atol=1e-5, rtol=1e-5)
     torch._dynamo.reset()
-    assert counter.frame_count == 2 * 2 < 2 * len(lengths), counter.frame_count
+    assert counter.frame_count <= 2 * 2 < 2 * len(lengths), counter.frame_count

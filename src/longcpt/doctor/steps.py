@@ -260,17 +260,28 @@ def _run_worker(spec: dict[str, Any], root: Path, timeout: float) -> str | None:
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "longcpt.doctor.worker", str(spec_file)], stdout=out,
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the worker and the ranks it started
-            proc.wait()
-            return (f"no result after {timeout:.0f} s: a rank is stuck in a collective (a hang); "
-                    f"log: {_keep_log(log)}")
+        deadline, shown = time.monotonic() + timeout, 0
+        while (code := proc.poll()) is None:
+            if time.monotonic() > deadline:
+                os.killpg(proc.pid, signal.SIGKILL)  # the worker and the ranks it started
+                proc.wait()
+                return (f"no result after {timeout:.0f} s: a rank is stuck in a collective (a hang); "
+                        f"log: {_keep_log(log)}")
+            time.sleep(2)
+            shown = _show_progress(log, shown)
     if code != 0:
         tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-3:]
         return f"exit status {code}: {' | '.join(tail)[-400:]} (log: {_keep_log(log)})"
     return None
+
+
+def _show_progress(log: Path, shown: int) -> int:
+    """Echo the run's step and checkpoint lines (to stderr: the doctor's progress) as they appear."""
+    lines = log.read_text(errors="replace").split("\n")[:-1]  # complete lines only
+    for line in lines[shown:]:
+        if line.startswith(("step ", "checkpoint ")):
+            print(f"      {line}", file=sys.stderr, flush=True)
+    return len(lines)
 
 
 def _keep_log(log: Path) -> str:

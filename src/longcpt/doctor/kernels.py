@@ -20,6 +20,7 @@ finite under bf16 autocast while streaming many segments.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -146,20 +147,18 @@ def check_backend(backend: str, dtype_name: str, device: torch.device, quick: bo
     return Result(SECTION, f"{backend} {dtype_name}", PASS, line, data)
 
 
-def check_kernels(device: torch.device, quick: bool) -> list[Result]:
+def check_kernels(device: torch.device, quick: bool) -> Iterator[Result]:
     """Every backend usable on `device` in bf16 and fp16 (those that are not usable: a SKIP line)."""
     from longcpt.model.attention.document import BACKENDS, available_backends
 
-    results = []
     for dtype_name, dtype in DTYPES.items():
         usable = available_backends(device, dtype)
         for backend in usable:
-            results.append(check_backend(backend, dtype_name, device, quick))
+            yield check_backend(backend, dtype_name, device, quick)
         missing = [b for b in BACKENDS if b not in usable and b != "auto"]
         if missing:
             why = "CUDA only" if device.type != "cuda" else "not usable on this GPU/dtype (see environment)"
-            results.append(Result(SECTION, f"{'/'.join(missing)} {dtype_name}", SKIP, why))
-    return results
+            yield Result(SECTION, f"{'/'.join(missing)} {dtype_name}", SKIP, why)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,13 +198,12 @@ def model_loss_and_grads(model, batch: dict, device: torch.device, autocast: boo
     return float(loss.detach()), grads
 
 
-def check_document_kinds(device: torch.device, quick: bool) -> list[Result]:
+def check_document_kinds(device: torch.device, quick: bool) -> Iterator[Result]:
     """`intra_doc` and `anchor` with every backend that has a backward, bf16 autocast vs float64 CPU."""
     from longcpt.model import CausalLM
     from longcpt.model.attention.document import available_backends
 
     seq_len = (1024 if device.type == "cuda" else 256) // (4 if quick else 1)
-    results = []
     for kind in ("intra_doc", "anchor"):
         torch.manual_seed(0)
         reference = CausalLM(tiny_args(kind, backend="sdpa")).double()
@@ -224,11 +222,9 @@ def check_document_kinds(device: torch.device, quick: bool) -> list[Result]:
             ok = loss_err <= MODEL_LOSS_TOL and grad_err <= MODEL_GRAD_TOL
             line = (f"tiny model, bf16 autocast: loss {loss:.4f} vs {ref_loss:.4f} (rel {loss_err:.1e}, tol "
                     f"{MODEL_LOSS_TOL:.0e}), grads rel {grad_err:.1e} (tol {MODEL_GRAD_TOL:.0e})")
-            results.append(Result(SECTION, f"{kind} {backend}", PASS if ok else FAIL,
-                                  line if ok else line + ": beyond tolerance; report this with the JSON output",
-                                  {"loss": loss, "reference_loss": ref_loss, "loss_error": loss_err,
-                                   "grad_error": grad_err}))
-    return results
+            yield Result(SECTION, f"{kind} {backend}", PASS if ok else FAIL,
+                         line if ok else line + ": beyond tolerance; report this with the JSON output",
+                         {"loss": loss, "reference_loss": ref_loss, "loss_error": loss_err, "grad_error": grad_err})
 
 
 def check_infini_memory(device: torch.device, quick: bool) -> Result:

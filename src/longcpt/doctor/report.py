@@ -69,7 +69,7 @@ def run_checks(checks: list[Check], progress: TextIO | None = sys.stderr) -> Ite
         try:
             produced = check.run()
             results = [produced] if isinstance(produced, Result) else produced
-            for result in results:
+            for result in results:  # a generator's rows each get the time since the previous row
                 result.seconds = result.seconds or round(time.perf_counter() - start, 2)
                 if progress is not None:
                     print(f"      {result.status} {result.name}: {result.detail}", file=progress, flush=True)

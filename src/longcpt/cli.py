@@ -1,4 +1,5 @@
-"""`longcpt` command line: train, export, eval {passkey, booksum, ppl, ruler}, namm train (docs/reference.md).
+"""`longcpt` command line: train, export, eval {passkey, booksum, ppl, ruler}, namm train, doctor
+(docs/reference.md).
 
 Each command is implemented by a `run(args)` function in its own module, imported only when the
 command runs so that `--help` is instant. User errors (`LongcptError`) print one message and exit
@@ -24,6 +25,7 @@ COMMANDS = {
     "eval ppl": "longcpt.eval.ppl",
     "eval ruler": "longcpt.eval.ruler",
     "namm train": "longcpt.namm.evolve",
+    "doctor": "longcpt.doctor",
 }
 
 
@@ -75,6 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="weight dtype (default: as trained)")
     export.add_argument("--tokenizer", default=None, help="tokenizer folder to copy (default: the run's)")
     export.set_defaults(command_name="export")
+
+    doctor = sub.add_parser("doctor", help="check that every path works on this machine (run it first on a new cluster)",
+                            description="Environment, document kernels against a dense reference, and a real "
+                            "training step per strategy; a PASS/FAIL/SKIP table (docs/doctor.md).")
+    doctor.add_argument("--recipe", default=None, help="the recipe you will train (its precision, attention, "
+                        "strategy, out_dir and model are checked and timed)")
+    doctor.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, as for train")
+    doctor.add_argument("--json", action="store_true", help="print the results as JSON (for CI)")
+    doctor.add_argument("--quick", action="store_true", help="smaller shapes; no multi-process CPU runs")
+    doctor.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's bf16 peak for MFU when its name is not in the built-in table")
+    doctor.set_defaults(command_name="doctor")
 
     ev = sub.add_parser("eval", help="evaluate an exported model: passkey, booksum, ppl, ruler")
     evsub = ev.add_subparsers(dest="task", required=True, metavar="TASK")

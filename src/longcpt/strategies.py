@@ -189,11 +189,36 @@ def deepspeed_config(cfg) -> dict[str, Any]:
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     config: dict[str, Any] = {
         "zero_optimization": zero,
+        # Gradients are summed over micro-batches and reduced across ranks in fp32, as under DDP
+        # (whose fp32 parameters get fp32 gradients with bf16-mixed). DeepSpeed's defaults follow
+        # the model dtype, i.e. bf16 under bf16: its engine falls back to the model dtype when
+        # `grad_accum_dtype` is unset (`get_data_types`) and to bf16 for `communication_data_type`.
+        # The fp32 gradient partitions cost 4 bytes per parameter / ranks (ZeRO-2/3).
+        "data_types": {"grad_accum_dtype": "fp32"},
+        "communication_data_type": "fp32",
         # Our AdamW (or DeepSpeedCPUAdam with optimizer offload) is passed in from Python.
         "zero_allow_untested_optimizer": True,
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
     }
     return _deep_merge(config, s.deepspeed)
+
+
+def load_dtype(cfg) -> str:
+    """The dtype to load pretrained weights in: the one the parameters get anyway once the strategy
+    is set up, so that no rank holds a float32 copy it is about to round.
+
+    * DeepSpeed with bf16 casts the module's parameters to bf16 when it wraps the model
+      (`DeepSpeedEngine._configure_distributed_model`, deepspeed/runtime/engine.py), before its
+      ZeRO optimizer builds the fp32 master copies from those bf16 values;
+    * `bf16-true` has Lightning cast the whole module to bf16 (its precision plugin's
+      `convert_module`).
+    Loading in bf16 then gives the same bits, with half the host memory per rank: under ZeRO-3
+    every rank loads the whole model before DeepSpeed partitions it. Otherwise: "fp32".
+    """
+    precision = cfg.trainer.precision
+    if precision == "bf16-true" or (cfg.strategy.name == "deepspeed" and precision.startswith("bf16")):
+        return "bf16"
+    return "fp32"
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -189,6 +189,41 @@ def test_validation_windows_are_fixed_and_limited(tmp_path, make_dataset, prepar
     assert len(list(ranked.val_dataloader())) == 1
 
 
+def test_every_rank_runs_the_same_number_of_validation_batches(tmp_path, make_dataset, prepared):
+    """Sharded by document, one long and two short documents give rank 0 five windows and rank 1
+    one; under ZeRO-3 (every forward all-gathers the parameters) the extra batches would deadlock."""
+    path, _ = prepared
+    make_dataset(tmp_path / "val", [150, 20, 100], seed=9)
+    counts, shards = [], []
+    for rank in (0, 1):
+        dm = datamodule(path, val=tmp_path / "val", val_batches=4, seq_len=64)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, global_step=0, accumulate_grad_batches=1)
+        dm.setup("fit")
+        stream = WindowStream(TokenStore(tmp_path / "val").lengths, 64, shuffle=False, rank=rank, world_size=2)
+        shards.append(sum(1 for _ in stream.plan(epochs=1)))
+        counts.append(len(list(dm.val_dataloader())))
+    assert shards == [5, 1]  # the uneven shards this test is about
+    assert counts == [1, 1]
+
+
+@pytest.mark.parametrize("n_val, expected", [(3, 1), (5, 2), (1, 1)])
+def test_task_validation_gives_every_rank_the_same_count(n_val, expected):
+    """Task fine-tuning shards validation examples round-robin: 3 examples on 2 ranks used to give
+    2 and 1 batches, and 1 example 1 and 0."""
+    from longcpt.data.task import TaskDataModule
+
+    cfg = load_config(None, ["model.config={model_type: llama}", "model.tokenizer=tok", "data.task=passkey",
+                             "data.train=x", "data.val=y", "data.seq_len=16", "data.micro_batch_size=1",
+                             "data.val_batches=4"])
+    pairs = {"x": [([5, 6], [7])] * 4, "y": [([5, 6, i], [7]) for i in range(n_val)]}
+    counts = []
+    for rank in (0, 1):
+        dm = TaskDataModule(cfg, SimpleNamespace(pad_token_id=0, eos_token_id=2), lambda path, n: pairs[path])
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, global_step=0, accumulate_grad_batches=1)
+        counts.append(len(list(dm.val_dataloader())))
+    assert counts == [expected, expected]
+
+
 def test_bad_data_paths_name_the_problem(tmp_path, prepared):
     with pytest.raises(LongcptError, match="not found"):
         TokenStore(tmp_path / "missing")

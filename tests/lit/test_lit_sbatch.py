@@ -26,8 +26,12 @@ def test_sectioned_with_one_srun_line(name):
 
 
 def test_train_requeues_on_usr1_before_the_limit():
+    """The lead time covers a step plus a checkpoint save of a large model (the script says how to
+    size it): two minutes is less than saving ~110 GB of ZeRO-3 checkpoint at 300 MB/s - 1 GB/s."""
     d = directives(SLURM / "train.sbatch")
-    assert "--signal=USR1@120" in d and "--requeue" in d
+    lead = [int(m.group(1)) for x in d if (m := re.fullmatch(r"--signal=USR1@(\d+)", x))]
+    assert lead and lead[0] >= 600 and "--requeue" in d
+    assert "SECONDS >= 1.5 x (step time + save time) + 60" in (SLURM / "train.sbatch").read_text()
     assert any(re.fullmatch(r"--output=logs/%x-%j\.out", x) for x in d)
 
 
@@ -35,7 +39,8 @@ def run_with_stub_srun(tmp_path, script, args, env):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     stub = bin_dir / "srun"
-    stub.write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {tmp_path / "srun.args"}\n')
+    stub.write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {tmp_path / "srun.args"}\n'
+                    f'echo "${{SRUN_CPUS_PER_TASK:-unset}}" > {tmp_path / "srun.cpus"}\n')
     stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
     full = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LONGCPT_VENV": str(tmp_path / "none"), **env}
     result = subprocess.run(["bash", str(SLURM / script), *args], env=full, capture_output=True, text=True,
@@ -59,3 +64,12 @@ def test_convert_and_data_prep_arguments(tmp_path):
                                                                "--val-fraction", "0.01"], {"SLURM_CPUS_PER_TASK": "32"})
     assert args == ["python", "data_prep/prepare_corpus.py", "--input", "a.jsonl", "b/*.txt", "--tokenizer", "tok",
                     "--output", "data", "--num-proc", "32", "--val-fraction", "0.01"]
+
+
+@pytest.mark.parametrize("script, args", [("train.sbatch", ["recipes/x.yaml"]), ("convert.sbatch", ["a", "b"]),
+                                          ("data_prep.sbatch", ["tok", "data", "a.jsonl"])])
+def test_srun_tasks_get_the_cpus_per_task_of_the_job(tmp_path, script, args):
+    """Since Slurm 22.05 srun does not inherit --cpus-per-task from sbatch; SRUN_CPUS_PER_TASK passes it."""
+    env = {"SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS_PER_NODE": "8", "SLURM_CPUS_PER_TASK": "6"}
+    run_with_stub_srun(tmp_path, script, args, env)
+    assert (tmp_path / "srun.cpus").read_text().strip() == "6"

@@ -1,14 +1,15 @@
-"""SLURM: SIGUSR1 (sent by `--signal=USR1@120`) -> checkpoint at the next step, requeue, clean stop."""
+"""SLURM: SIGUSR1 (sent by `--signal=USR1@600`) -> checkpoint at the next step, requeue, clean stop."""
 
 import os
 import re
 import signal
 import stat
+from types import SimpleNamespace
 
 import pytest
 from lit_helpers import run_train, tiny_overrides
 
-from longcpt.lit.callbacks import request_requeue, slurm_job_id
+from longcpt.lit.callbacks import StopAtStepBoundary, request_requeue, slurm_job_id
 
 pytestmark = pytest.mark.slow
 
@@ -72,3 +73,26 @@ def test_requeue_without_scontrol_is_not_fatal(monkeypatch, tmp_path):
     monkeypatch.setenv("SLURM_JOB_ID", "100")
     monkeypatch.setenv("PATH", str(tmp_path))
     assert request_requeue() is False
+
+
+@pytest.mark.parametrize("exit_status, requeued", [(0, True), (1, False)])
+def test_a_failed_requeue_is_not_reported_as_one(tmp_path, monkeypatch, exit_status, requeued):
+    """The checkpoint is saved and training stops either way; only a successful `scontrol requeue`
+    counts as requeued (a failed one used to be reported as success, and nothing resumed the run)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho 'slurm_requeue error: Access/permission denied' >&2\n"
+                                      f"exit {exit_status}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    saved = []
+    checkpoints = SimpleNamespace(just_stepped=True, saved_step=None, save=lambda t: saved.append(t.global_step))
+    strategy = SimpleNamespace(reduce=lambda tensor, reduce_op="sum": tensor, broadcast=lambda obj, src=0: obj)
+    trainer = SimpleNamespace(strategy=strategy, is_global_zero=True, global_step=7, should_stop=False,
+                              datamodule=None)
+    callback = StopAtStepBoundary(checkpoints, requeue_signal=signal.SIGUSR1)
+    callback.flags[1] = True  # the requeue signal arrived
+    callback.on_train_batch_end(trainer, SimpleNamespace(device="cpu"), None, None, 0)
+    assert saved == [7] and trainer.should_stop and callback.stopped_by == "SIGUSR1"
+    assert callback.requeued is requeued and callback.requeue_failed is not requeued

@@ -1,6 +1,7 @@
 """DeepSpeed config generation from the recipe (the multi-process runs are in test_lit_distributed)."""
 
 import pytest
+import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
 from longcpt.config import load_config
@@ -77,3 +78,46 @@ def test_sequence_parallel_groups_are_consecutive_ranks():
     # 8 ranks, groups of 4: ranks 0-3 read data shard 0, ranks 4-7 shard 1
     assert [data_parallel_coordinates(r, 8, 4) for r in (0, 3, 4, 7)] == [(0, 2), (0, 2), (1, 2), (1, 2)]
     assert data_parallel_coordinates(5, 8, 1) == (5, 8)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_gradients_accumulate_and_reduce_in_fp32(stage):
+    """Under bf16, DeepSpeed would otherwise sum micro-batch gradients and all-reduce them in bf16
+    (its engine defaults both to the model dtype); the DDP path accumulates in fp32."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    ds = deepspeed_config(cfg("strategy.name=deepspeed", f"strategy.stage={stage}", "trainer.precision=bf16-mixed"))
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["communication_data_type"] == "fp32"
+    # As DeepSpeed reads it, with the bf16 section Lightning adds for bf16-mixed:
+    parsed = DeepSpeedConfig({**ds, "bf16": {"enabled": True}, "gradient_accumulation_steps": 4})
+    assert parsed.grad_accum_dtype == "fp32" and parsed.communication_data_type == torch.float32
+    # A recipe may still choose otherwise under strategy.deepspeed.
+    own = deepspeed_config(cfg("strategy.name=deepspeed", "strategy.deepspeed={communication_data_type: bf16}"))
+    assert own["communication_data_type"] == "bf16"
+
+
+@pytest.mark.parametrize("strategy, precision, dtype", [
+    ("deepspeed", "bf16-mixed", torch.bfloat16), ("deepspeed", "32-true", torch.float32),
+    ("ddp", "bf16-mixed", torch.float32), ("auto", "bf16-true", torch.bfloat16),
+])
+def test_pretrained_weights_load_in_the_dtype_the_strategy_gives_them(tmp_path, tokenizer_dir, strategy, precision,
+                                                                      dtype):
+    """DeepSpeed under bf16 casts the parameters to bf16 when it wraps the model (and builds its fp32
+    masters from those), so an fp32 load only doubles what every ZeRO-3 rank holds in host memory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from longcpt.data import load_tokenizer
+    from longcpt.lit.train import build_model
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2))
+    hf.save_pretrained(tmp_path / "hf")
+    c = load_config(None, [f"model.pretrained={tmp_path / 'hf'}", f"model.tokenizer={tokenizer_dir}",
+                           f"strategy.name={strategy}", f"trainer.precision={precision}"])
+    model = build_model(c, load_tokenizer(tokenizer_dir))
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32  # RoPE tables stay fp32 (the BF16 fix)
+    # The same bits DeepSpeed's own cast of the fp32 weights gives.
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, hf.state_dict()[name].to(dtype), rtol=0, atol=0)

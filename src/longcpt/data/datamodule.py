@@ -33,6 +33,7 @@ so they read the same stream. Data is sharded over world_size / N data-parallel 
 from __future__ import annotations
 
 import importlib
+import itertools
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -138,6 +139,16 @@ class ResumableDataModule(L.LightningDataModule):
         instead of failing at its next read. Subclasses reading from folders override it.
         """
         return None
+
+    @staticmethod
+    def validation_share(shard_sizes: list[int], limit: int) -> int:
+        """Validation items every rank takes: the smallest rank's shard, at most `limit`.
+
+        Every rank must run the same number of validation batches. Under DeepSpeed ZeRO-3 every
+        forward all-gathers the parameters, so a rank with one batch more waits forever for the
+        others (validation sharded by document gives uneven window counts at 64K-128K).
+        """
+        return min([limit, *shard_sizes])
 
     def consumed_samples(self) -> int:
         """Samples of this rank's stream consumed by completed optimizer steps."""
@@ -272,8 +283,16 @@ class PretrainDataModule(ResumableDataModule):
             # Each rank evaluates its own shard; a validation set smaller than the world is used
             # whole by every rank instead (a few long documents are a common validation set).
             rank, world = (self.rank, self.world_size) if len(store) >= self.world_size else (0, 1)
-            stream = WindowStream(store.lengths, self.seq_len, self.packing, shuffle=False, rank=rank,
-                                  world_size=world, buffer_size=self.bfd_buffer)
-            windows = stream.windows(store, epochs=1, **self.ids)
-            self._val_windows = [w for _, w in zip(range(self.val_batches * self.micro_batch_size), windows)]
+
+            def stream(r: int) -> WindowStream:
+                return WindowStream(store.lengths, self.seq_len, self.packing, shuffle=False, rank=r,
+                                    world_size=world, buffer_size=self.bfd_buffer)
+
+            # Every rank runs as many windows as the smallest shard has (`validation_share`); the
+            # window plans need only document lengths, so each rank counts the others' itself.
+            limit = self.val_batches * self.micro_batch_size
+            sizes = [sum(1 for _ in itertools.islice(stream(r).plan(epochs=1), limit)) for r in range(world)]
+            count = self.validation_share(sizes, limit)
+            windows = stream(rank).windows(store, epochs=1, **self.ids)
+            self._val_windows = [w for _, w in zip(range(count), windows)]
         return DataLoader(self._val_windows, batch_size=self.micro_batch_size, collate_fn=self.collator)

@@ -157,8 +157,12 @@ class TaskDataModule(ResumableDataModule):
         self.setup("fit")
         if not self.val_pairs:
             return []
-        count = self.cfg.data.val_batches * self.micro_batch_size
-        mine = self.val_pairs[self.rank :: self.world_size][:count]
+        limit, n, world = self.cfg.data.val_batches * self.micro_batch_size, len(self.val_pairs), self.world_size
+        if n < world:  # too few to share out: every rank evaluates the same examples
+            mine = self.val_pairs[:limit]
+        else:  # the same count on every rank (ZeRO-3 deadlocks otherwise: `validation_share`)
+            count = self.validation_share([len(range(r, n, world)) for r in range(world)], limit)
+            mine = self.val_pairs[self.rank :: world][:count]
         rows = [self._row(p, t) for p, t in mine]
         return DataLoader(rows, batch_size=self.micro_batch_size, collate_fn=self.collator)
 

@@ -430,8 +430,8 @@ class StopAtStepBoundary(Callback):
     * SIGTERM, what `scancel`, SLURM preemption, Kubernetes and most schedulers send before a
       SIGKILL (30 s later by default for both SLURM and Kubernetes): checkpoint, stop, exit 0.
       No requeue: a preempted SLURM job is requeued by SLURM itself, and `scancel` means stop.
-    * Under SLURM, `requeue_signal` (SIGUSR1, sent by `sbatch --signal=USR1@120` two minutes before
-      the time limit): checkpoint, rank 0 runs `scontrol requeue $SLURM_JOB_ID` (array jobs
+    * Under SLURM, `requeue_signal` (SIGUSR1, sent by `sbatch --signal=USR1@600` ten minutes before
+      the time limit; slurm/train.sbatch says how to size it: a step plus a checkpoint save): checkpoint, rank 0 runs `scontrol requeue $SLURM_JOB_ID` (array jobs
       included), stop, exit 0; the requeued job resumes.
     * The DataModule's `missing_data()` names a folder that is gone: checkpoint (every window
       trained on so far was read before it vanished), then `LongcptError` naming it.
@@ -454,7 +454,8 @@ class StopAtStepBoundary(Callback):
         self.requeue_signal = requeue_signal
         self.signals = {signal.SIGTERM: 0} | ({requeue_signal: 1} if requeue_signal is not None else {})
         self.flags = [False, False]  # [SIGTERM received, requeue signal received]
-        self.requeued = False
+        self.requeued = False  # the requeue signal stopped the run and `scontrol requeue` succeeded
+        self.requeue_failed = False  # it stopped the run, but the requeue failed: nothing resumes it
         self.stopped_by: str | None = None  # the signal's name once the run stopped for one
         self._previous: dict[int, object] = {}
 
@@ -497,10 +498,10 @@ class StopAtStepBoundary(Callback):
             raise LongcptError(f"{what} vanished during the run (noticed after step {step}); checkpoint "
                                f"step {step} was saved first, so nothing is lost. Restore the folder and run "
                                "the same command to resume from it.")
-        if not term:
-            if trainer.is_global_zero:
-                request_requeue()
-            self.requeued = True
+        if not term:  # the requeue is reported as it went: a failed `scontrol requeue` is not success
+            requeued = request_requeue() if trainer.is_global_zero else False
+            self.requeued = bool(trainer.strategy.broadcast(requeued))
+            self.requeue_failed = not self.requeued
         trainer.should_stop = True
 
 
@@ -547,6 +548,10 @@ class TrainMetrics(Callback):
     def __init__(self, window: int = 20):
         self.window = deque(maxlen=window + 1)
         self.tokens_total = 0
+        self._norm_step: int | None = None  # the optimizer step whose DeepSpeed grad norm was logged
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._norm_step = trainer.global_step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if not self.window:
@@ -576,9 +581,13 @@ class TrainMetrics(Callback):
         pl_module.log("train/tokens", float(self.tokens_total))
         for key, value in gate_stats(pl_module.model).items():
             pl_module.log(f"train/{key}", value)
+        # DeepSpeed's norm is the last optimizer step's: log it on the micro-batch that completed
+        # that step only (on the others of an accumulation it would be the previous step's).
         engine = getattr(trainer.strategy, "deepspeed_engine", None)
-        if engine is not None and engine.get_global_grad_norm() is not None:
-            pl_module.log("train/grad_norm", float(engine.get_global_grad_norm()))
+        if engine is not None and trainer.global_step != self._norm_step:
+            self._norm_step = trainer.global_step
+            if engine.get_global_grad_norm() is not None:
+                pl_module.log("train/grad_norm", float(engine.get_global_grad_norm()))
 
 
 class ProgressBar(RichProgressBar):

@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import os
 import signal
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ class TrainResult:
     hf_dir: Path | None
     requeued: bool
     stopped_by: str | None = None  # "SIGTERM" / "SIGUSR1": stopped early with a checkpoint
+    requeue_failed: bool = False  # stopped on the SLURM signal, but `scontrol requeue` failed
 
 
 def build_model(cfg: Config, tokenizer, partitioned: bool = False):
@@ -54,7 +56,9 @@ def build_model(cfg: Config, tokenizer, partitioned: bool = False):
 
     The attention kind and its options, the RoPE precision and overrides come from the recipe (already
     validated: `config.validate` checked the kind, its options and the vocabulary size). Parameters
-    stay float32; the Trainer's precision decides what the forward runs in.
+    are float32, except pretrained weights that the strategy would round to bf16 anyway, which are
+    loaded in bf16 (`strategies.load_dtype`); the Trainer's precision decides what the forward
+    runs in.
 
     Args:
         cfg: a validated recipe.
@@ -66,15 +70,14 @@ def build_model(cfg: Config, tokenizer, partitioned: bool = False):
     Raises:
         LongcptError: a `model.config` missing an HF field, or weights that do not fit it.
     """
-    import torch
-
     from longcpt.model.config import ModelArgs
     from longcpt.model.hf_io import build_model as build_from_args
     from longcpt.model.hf_io import from_pretrained
+    from longcpt.strategies import load_dtype
 
     kind, options, m = cfg.attention.kind, dict(cfg.attention.options), cfg.model
     if m.pretrained is not None:
-        model = from_pretrained(m.pretrained, attention=kind, dtype=torch.float32, rope_precision=cfg.rope.precision,
+        model = from_pretrained(m.pretrained, attention=kind, dtype=load_dtype(cfg), rope_precision=cfg.rope.precision,
                                 rope_theta=m.rope_theta, rope_scaling=m.rope_scaling, partitioned=partitioned,
                                 **options)
     else:
@@ -95,9 +98,23 @@ def build_model(cfg: Config, tokenizer, partitioned: bool = False):
 
 
 def _is_rank_zero() -> bool:
-    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+    """Is this process global rank 0? Usable before the Trainer exists (decided from the launcher's
+    environment, the way Lightning's cluster environments will).
 
-    return getattr(rank_zero_only, "rank", 0) == 0
+    Lightning's own `rank_zero_only.rank` reads RANK, LOCAL_RANK or SLURM_PROCID only. Under its
+    multi-node launcher without SLURM (NODE_RANK=n on each node, LOCAL_RANK set for the processes
+    it starts but not for the first), every node's first process would think it is rank 0, and
+    all of them would write config.yaml and the tokenizer, and move checkpoints/ aside, at once.
+    """
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    env = os.environ
+    if "RANK" in env:  # torchrun / torchelastic: the global rank itself
+        return int(env["RANK"]) == 0
+    if SLURMEnvironment.detect():  # srun: one task per process
+        return int(env.get("SLURM_PROCID", 0)) == 0
+    node = int(env.get("NODE_RANK", env.get("GROUP_RANK", 0)))  # Lightning's launcher (LightningEnvironment)
+    return node == 0 and int(env.get("LOCAL_RANK", 0)) == 0
 
 
 def _prepare_run_dir(cfg: Config, tokenizer_dir: str) -> Path | None:
@@ -152,6 +169,9 @@ def _callbacks(cfg: Config, out: Path, extra: list):
     if slurm:
         # Ranks and addresses from SLURM; its requeue signal handled by StopAtStepBoundary.
         plugins.append(SLURMEnvironment(auto_requeue=False))
+        if t.export_hf and _is_rank_zero():
+            print("trainer.export_hf=true: the export runs at the end of this job, after the requeue handler is gone "
+                  "(a late SIGUSR1 kills it); for large models export with slurm/convert.sbatch instead", flush=True)
     stop = StopAtStepBoundary(checkpoints, requeue_signal=signal.SIGUSR1 if slurm else None)
     callbacks.append(stop)
     callbacks.append(ProgressBar() if _interactive() else StepPrinter(t.log_every_n_steps))
@@ -251,7 +271,7 @@ def train(cfg: Config, datamodule=None, callbacks: list | None = None) -> TrainR
         from longcpt.export.convert import export_checkpoint
 
         hf_dir = export_checkpoint(last, out / "hf")
-    return TrainResult(out, trainer.global_step, last, hf_dir, stop.requeued, stop.stopped_by)
+    return TrainResult(out, trainer.global_step, last, hf_dir, stop.requeued, stop.stopped_by, stop.requeue_failed)
 
 
 def _raise_rank_failure(error: Exception, trainer, cfg: Config) -> None:
@@ -274,6 +294,7 @@ def run(args) -> int:
     result = train(cfg)
     if _is_rank_zero():
         state = ("stopped for requeue at" if result.requeued else
+                 "stopped on the SLURM signal at" if result.requeue_failed else
                  f"stopped by {result.stopped_by} (the same command resumes) at" if result.stopped_by else
                  "finished at")
         print(f"longcpt train: {state} step {result.global_step}; run folder {result.out_dir}")
@@ -281,4 +302,7 @@ def run(args) -> int:
             print(f"  last checkpoint: {os.path.realpath(result.last_checkpoint)}")
         if result.hf_dir is not None:
             print(f"  Hugging Face export: {result.hf_dir}")
-    return 0
+        if result.requeue_failed:
+            print("longcpt train: error: `scontrol requeue` failed (see the warning above), so nothing will resume "
+                  "this run: submit the same command again; it resumes from checkpoints/last", file=sys.stderr)
+    return 1 if result.requeue_failed else 0

@@ -25,9 +25,11 @@ mask above is the whole of AnchorAttention. The other tokens keep their `arange`
 reset), so the distance to the anchor is the token's absolute index.
 
 Kernels, picked per call (`backend="auto"`):
-  * CUDA, fp16/bf16: flash-attn's `flash_attn_varlen_func` when installed, else torch's own
+  * CUDA, fp16/bf16: flash-attn's `flash_attn_varlen_func` when it loads (`flash_attn_status`:
+    an installed wheel built for another torch does not), else torch's own
     `torch.nn.attention.varlen.varlen_attn`; both take `cu_seqlens` directly (no mask at all).
-  * CUDA otherwise: FlexAttention with the document mask as a `BlockMask` (compiled).
+  * CUDA otherwise: FlexAttention with the document mask as a `BlockMask`, both compiled once
+    for every shape (`dynamic=True`, see `_compiled`).
   * CPU: SDPA's `is_causal` path per document, with documents of similar length batched into one
     call. FlexAttention has no backward on CPU (torch 2.13), and a dense (T, T) mask drops SDPA to
     a slow path that is slower than no mask at all (docs/benchmarks.md). Batching needs no mask:
@@ -45,6 +47,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import inspect
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -141,9 +144,9 @@ class DocumentLayout:
 
             device = self.cu_seqlens.device
             # Compiled on CUDA: the eager builder materialises the full (T, T) mask first.
-            self._plans["block_mask"] = create_block_mask(
-                same_document_causal, self.batch, None, self.seq_len, self.seq_len, device=device,
-                _compile=device.type == "cuda",
+            build = _compiled("create_block_mask") if device.type in _COMPILED_DEVICES else create_block_mask
+            self._plans["block_mask"] = build(
+                same_document_causal, self.batch, None, self.seq_len, self.seq_len, device=device
             )
         return self._plans["block_mask"]
 
@@ -277,17 +280,37 @@ def _flash_attn_documents(
     return flash_attn_varlen_func(q, k, v, cu, cu, m, m, causal=True)
 
 
-@functools.lru_cache(maxsize=1)
-def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
+# Devices on which FlexAttention and its block mask run compiled (on CPU it has no backward, and
+# the eager forward is kept as a slow reference), and the torch.compile backend (tests count
+# compilations with a counting backend).
+_COMPILED_DEVICES = ("cuda",)
+_COMPILE_BACKEND = "inductor"
 
-    return torch.compile(flex_attention, dynamic=False)
+
+def _compiled(name: str):
+    """`torch.compile` of a `torch.nn.attention.flex_attention` function, built once per process.
+
+    `dynamic=True` compiles one kernel for every window length and batch size. Compiled per shape
+    (`dynamic=False`), each new (B, T) recompiles, and once dynamo's recompile limit
+    (`torch._dynamo.config.recompile_limit`, 8) is reached torch runs flex_attention eagerly,
+    which materialises the (T, T) score matrix. `create_block_mask` is compiled the same way:
+    its `_compile=True` flag is deprecated in torch 2.13 (torch.compile(create_block_mask) is the
+    documented replacement) and made a fresh compiled wrapper on every call.
+    """
+    return _compiled_with(name, _COMPILE_BACKEND)
+
+
+@functools.cache
+def _compiled_with(name: str, backend):
+    from torch.nn.attention import flex_attention as flex
+
+    return torch.compile(getattr(flex, name), dynamic=True, backend=backend)
 
 
 def _flex_documents(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout
 ) -> torch.Tensor:
-    """FlexAttention with the document mask; compiled on CUDA, eager (a slow reference) elsewhere."""
+    """FlexAttention with the document mask; compiled on CUDA, eager (a slow reference) on CPU."""
     from torch.nn.attention.flex_attention import flex_attention
 
     b, t = layout.batch, layout.seq_len
@@ -295,7 +318,7 @@ def _flex_documents(
     def rows(x: torch.Tensor) -> torch.Tensor:
         return x.view(b, t, x.shape[1], x.shape[2]).transpose(1, 2)  # (B, H, T, D)
 
-    kernel = _compiled_flex() if q.is_cuda else flex_attention
+    kernel = _compiled("flex_attention") if q.device.type in _COMPILED_DEVICES else flex_attention
     gqa = q.shape[1] != k.shape[1]
     y = kernel(
         rows(q), rows(k), rows(v), block_mask=layout.block_mask(), enable_gqa=gqa
@@ -311,6 +334,46 @@ _KERNELS = {
 }
 
 
+@dataclass(frozen=True)
+class FlashAttnStatus:
+    """What importing flash-attn gave: `version` when it loads, else why not (`error`, None when
+    it is simply not installed)."""
+
+    installed: bool
+    version: str | None = None
+    error: str | None = None
+
+    @property
+    def usable(self) -> bool:
+        return self.version is not None
+
+
+@functools.cache
+def flash_attn_status() -> FlashAttnStatus:
+    """Try-import flash-attn's varlen kernel once per process.
+
+    Being installed is not enough: prebuilt wheels are compiled against one torch/CUDA build, and
+    against another their extension (`flash_attn_2_cuda`) fails to load with "undefined symbol"
+    (an ImportError) or a missing CUDA library (ImportError/OSError); flash-attn 1.x has no
+    `flash_attn_varlen_func` at all. Any of these leaves flash-attn unusable; the first time it is
+    asked, a warning says so and that torch's own varlen kernel is used instead.
+    """
+    if importlib.util.find_spec("flash_attn") is None:
+        return FlashAttnStatus(installed=False)
+    try:
+        import flash_attn
+        from flash_attn import flash_attn_varlen_func  # noqa: F401  (loads the CUDA extension)
+    except (ImportError, OSError) as e:
+        error = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        warnings.warn(
+            f"flash-attn is installed but does not load ({error}); document attention uses torch's varlen "
+            "kernel instead. Fix: install the flash-attn wheel built for this torch and CUDA, or uninstall it.",
+            RuntimeWarning, stacklevel=2,
+        )
+        return FlashAttnStatus(installed=True, error=error)
+    return FlashAttnStatus(installed=True, version=getattr(flash_attn, "__version__", "unknown"))
+
+
 def available_backends(device: torch.device | str, dtype: torch.dtype) -> list[str]:
     """Backends usable for tensors of `device`/`dtype`, in the order `auto` prefers them."""
     device = torch.device(device)
@@ -320,7 +383,7 @@ def available_backends(device: torch.device | str, dtype: torch.dtype) -> list[s
     found = []
     # Both varlen kernels are FlashAttention-2: fp16/bf16 on Ampere (sm80) or newer.
     if dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(device) >= (8, 0):
-        if importlib.util.find_spec("flash_attn") is not None:
+        if flash_attn_status().usable:
             found.append("flash_attn")
         if importlib.util.find_spec("torch.nn.attention.varlen") is not None:
             found.append("varlen")

@@ -1,0 +1,128 @@
+"""`longcpt doctor [--recipe RECIPE.yaml] [--json] [--quick]`: does every path work on this machine?
+
+The first command to run on a new machine or cluster (docs/doctor.md). It checks, in order:
+
+  environment  torch/CUDA/cuDNN/NCCL versions; a CPU wheel on a GPU machine (with the fix); GPUs
+               with memory and compute capability; flash-attn (does it *load*), torch varlen and
+               FlexAttention; DeepSpeed's ops (its `ds_report` table, through its Python API);
+               SLURM variables and the cores srun really gave; free disk at trainer.out_dir
+  kernels      every document-attention backend of the device, forward and backward in bf16 and
+               fp16 at a few shapes (GQA, 1-token documents) against a dense reference; intra_doc
+               and anchor through a tiny model; Infini memory under bf16 autocast
+  training     a real `longcpt train` step per strategy (one device; DDP and DeepSpeed ZeRO-2/3
+               on 2 GPUs, or 2 CPU processes over gloo without --quick) whose loss must equal the
+               CPU float32 loss of the same batch; then tokens/s and MFU of the recipe's model
+
+and prints a PASS/FAIL/SKIP table with one line of why per check (`--json`: the same as JSON, for
+CI). The exit status is 1 when anything failed. Progress goes to stderr as each check runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from longcpt.doctor.report import Check, Result, exit_code, render_table, run_checks, to_json
+
+
+def build_checks(cfg, device, quick: bool, scratch: Path, peak: float | None = None) -> list[Check]:
+    """The checks for this machine, in the order they run (see the module docstring)."""
+    import torch
+
+    from longcpt.doctor import environment as env
+    from longcpt.doctor import kernels, steps
+
+    precision = cfg.trainer.precision if cfg is not None else ("bf16-mixed" if _bf16_ok(device) else "32-true")
+    kind = cfg.attention.kind if cfg is not None else "anchor"
+    kind = kind if kind in ("full", "intra_doc", "anchor", "infini") else "anchor"
+    strategy = cfg.strategy if cfg is not None else None
+    checks = [
+        Check(env.SECTION, "torch", env.check_torch),
+        Check(env.SECTION, "GPUs", lambda: env.check_gpus(precision)),
+        Check(env.SECTION, "attention libraries", lambda: env.check_attention_libraries(
+            cfg.attention.options.get("backend") if cfg is not None else None)),
+        Check(env.SECTION, "DeepSpeed", lambda: env.check_deepspeed(
+            strategy.name if strategy else None, bool(strategy and strategy.offload_optimizer))),
+        Check(env.SECTION, "SLURM", env.check_slurm),
+        Check(env.SECTION, "disk", lambda: _check_disk(cfg)),
+        Check(kernels.SECTION, "document kernels", lambda: kernels.check_kernels(device, quick)),
+        Check(kernels.SECTION, "intra_doc / anchor", lambda: kernels.check_document_kinds(device, quick)),
+        Check(kernels.SECTION, "infini memory", lambda: kernels.check_infini_memory(device, quick)),
+    ]
+    accelerator = "gpu" if device.type == "cuda" else "cpu"
+
+    def step(name: str, stage: int, devices: int):
+        return lambda: steps.check_step(name, stage, devices, accelerator, precision, kind, scratch)
+
+    checks.append(Check(steps.SECTION, "step single device", step("auto", 2, 1)))
+    multi = torch.cuda.device_count() >= 2 if device.type == "cuda" else not quick
+    if multi:
+        checks.append(Check(steps.SECTION, "step ddp x2", step("ddp", 2, 2)))
+        if _deepspeed_importable():
+            checks += [Check(steps.SECTION, f"step deepspeed ZeRO-{s} x2", step("deepspeed", s, 2)) for s in (2, 3)]
+    else:
+        why = "--quick" if device.type != "cuda" else "fewer than 2 GPUs visible"
+        checks.append(Check(steps.SECTION, "multi-process steps", lambda: Result(
+            steps.SECTION, "step ddp / deepspeed x2", "SKIP", f"skipped: {why}")))
+    checks.append(Check(steps.SECTION, "throughput", lambda: steps.check_throughput(cfg, device, quick, peak)))
+    return checks
+
+
+def _bf16_ok(device) -> bool:
+    import torch
+
+    return device.type != "cuda" or torch.cuda.is_bf16_supported()
+
+
+def _deepspeed_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def _check_disk(cfg) -> Result:
+    from longcpt.doctor import environment as env
+    from longcpt.doctor.steps import parameter_count, recipe_model_args
+
+    if cfg is None:
+        return env.check_disk(".", None, None)
+    try:
+        parameters = parameter_count(recipe_model_args(cfg))
+    except Exception:  # the model is reported by the throughput check; free space is still useful
+        parameters = None
+    return env.check_disk(cfg.trainer.out_dir, parameters, cfg.trainer.keep_last_k)
+
+
+def run(args) -> int:
+    """Entry point of `longcpt doctor` (see `longcpt.cli`)."""
+    from longcpt.config import load_config
+
+    cfg = load_config(args.recipe, args.overrides, check_paths=False) if args.recipe else None
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before anything imports deepspeed
+    scratch = Path(tempfile.mkdtemp(prefix="longcpt-doctor-"))
+    started = time.perf_counter()
+    try:
+        # Everything the checks print (Lightning, the training step lines) goes to stderr, so that
+        # stdout holds only the table or the JSON.
+        with contextlib.redirect_stdout(sys.stderr):
+            checks = build_checks(cfg, device, args.quick, scratch, args.peak_tflops)
+            results = list(run_checks(checks))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    meta = {"device": str(device), "quick": args.quick, "recipe": args.recipe, "torch": torch.__version__,
+            "seconds": round(time.perf_counter() - started, 1)}
+    if args.json:
+        print(to_json(results, meta))
+    else:
+        print(render_table(results))
+        print(f"({meta['seconds']:.0f} s on {device}{', --quick' if args.quick else ''})")
+    return exit_code(results)

@@ -1,0 +1,23 @@
+"""The kernel check fails a kernel that leaks across documents (and passes the real one)."""
+
+import torch
+
+from longcpt.doctor import kernels
+from longcpt.doctor.report import FAIL, PASS
+from longcpt.model.attention import document
+
+
+def test_a_leaking_kernel_fails_and_the_real_one_passes(monkeypatch):
+    cpu = torch.device("cpu")
+    assert kernels.check_backend("sdpa", "bf16", cpu, quick=True).status == PASS
+
+    def whole_row_causal(q, k, v, layout):  # attends across documents: the bug the check exists for
+        b, t = layout.batch, layout.seq_len
+        rows = [x.view(b, t, x.shape[1], x.shape[2]).transpose(1, 2) for x in (q, k, v)]
+        y = torch.nn.functional.scaled_dot_product_attention(*rows, is_causal=True, enable_gqa=True)
+        return y.transpose(1, 2).reshape(b * t, q.shape[1], q.shape[2])
+
+    monkeypatch.setitem(document._KERNELS, "sdpa", whole_row_causal)
+    result = kernels.check_backend("sdpa", "bf16", cpu, quick=True)
+    assert result.status == FAIL and "beyond tolerance" in result.detail
+    assert result.data["errors"]["mha"]["out"] > 0.1

@@ -1,0 +1,49 @@
+"""The training-step verdict from what every rank recorded, FLOP counting and the peak table."""
+
+import torch
+
+from longcpt.doctor import steps
+from longcpt.doctor.report import FAIL, PASS
+from longcpt.model import CausalLM, ModelArgs
+
+
+def rank(r, loss=2.0, ref=2.0, val=1, step=2, **extra):
+    return {"rank": r, "loss": loss, "reference_loss": ref, "val_batches": val, "global_step": step, **extra}
+
+
+def test_step_verdicts():
+    assert steps.step_verdict([rank(0), rank(1)], 2, "bf16-mixed", "ddp")[0] == PASS
+    status, why = steps.step_verdict([rank(0), rank(1, loss=2.2)], 2, "bf16-mixed", "ddp")
+    assert status == FAIL and "rank 1 loss 2.20000 vs CPU float32 2.00000" in why
+    status, why = steps.step_verdict([rank(0, val=2), rank(1, val=1)], 2, "bf16-mixed", "deepspeed")
+    assert status == FAIL and "ZeRO-3 would deadlock" in why
+    assert steps.step_verdict([rank(0)], 2, "bf16-mixed", "ddp") == (FAIL, "1 of 2 ranks finished")
+    assert "stopped at step 1" in steps.step_verdict([rank(0, step=1)], 1, "32-true", "auto")[1]
+    assert steps.step_verdict([rank(0, loss=2.001)], 1, "32-true", "auto")[0] == PASS  # 5e-4 < 1e-3
+
+
+def test_deepspeed_bf16_gradient_accumulation_fails():
+    bf16 = {"model_dtype": "bfloat16", "grad_accum_dtype": "bfloat16", "communication_data_type": "bfloat16"}
+    status, why = steps.step_verdict([rank(0, deepspeed=bf16)], 1, "bf16-mixed", "deepspeed")
+    assert status == FAIL and "grad_accum_dtype" in why
+    fp32 = {**bf16, "grad_accum_dtype": "float32", "communication_data_type": "float32"}
+    status, why = steps.step_verdict([rank(0, deepspeed=fp32)], 1, "bf16-mixed", "deepspeed")
+    assert status == PASS and "accumulated and reduced in float32" in why
+
+
+def test_step_flops_counts_matmuls_and_document_attention():
+    args = ModelArgs(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    with torch.device("meta"):
+        model = CausalLM(args)
+    matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n)
+    rows = [[3, 1, 4]]
+    pairs = 6 + 1 + 10
+    assert steps.step_flops(args, rows) == 6 * matmul * 8 + 12 * 2 * 4 * 16 * pairs
+
+
+def test_peak_table():
+    assert steps.peak_tflops("NVIDIA H100 PCIe") == 756
+    assert steps.peak_tflops("NVIDIA H100 80GB HBM3") == 989
+    assert steps.peak_tflops("NVIDIA A100-SXM4-80GB") == 312
+    assert steps.peak_tflops("Tesla T4") is None

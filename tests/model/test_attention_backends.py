@@ -1,0 +1,96 @@
+"""How the document kernels are picked and compiled: paths only a GPU takes, run on CPU.
+
+* flash-attn counts only when its extension loads: an installed wheel built for another torch
+  raises ImportError ("undefined symbol") at import, and torch's varlen kernel is used instead.
+* FlexAttention is compiled once for every shape: compiled per shape, each new window length
+  recompiles until dynamo's recompile limit, after which torch runs it eagerly (dense scores).
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longcpt.model.attention import document
+from longcpt.model.attention.document import available_backends, document_attention, document_layout
+
+BROKEN_WHEEL = (
+    'raise ImportError("/venv/lib/python3.11/site-packages/flash_attn_2_cuda.cpython-311-x86_64-linux-gnu.so: '
+    'undefined symbol: _ZN3c104cuda9SetDeviceEi")\n'
+)
+
+
+@pytest.fixture
+def fresh_flash_attn_status(monkeypatch):
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    document.flash_attn_status.cache_clear()
+    yield
+    document.flash_attn_status.cache_clear()
+
+
+@pytest.fixture
+def ampere(monkeypatch):
+    """A CUDA device of compute capability 8.0, as far as backend selection asks."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+
+
+def test_installed_but_broken_flash_attn_falls_back_to_torch_varlen(tmp_path, monkeypatch, fresh_flash_attn_status,
+                                                                    ampere):
+    (tmp_path / "flash_attn").mkdir()
+    (tmp_path / "flash_attn" / "__init__.py").write_text(BROKEN_WHEEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.warns(RuntimeWarning, match="undefined symbol.*torch's varlen kernel instead"):
+        backends = available_backends("cuda", torch.bfloat16)
+    assert backends[0] == "varlen" and "flash_attn" not in backends
+    status = document.flash_attn_status()
+    assert status.installed and not status.usable and "undefined symbol" in status.error
+    with warnings.catch_warnings():  # said once per process
+        warnings.simplefilter("error")
+        assert available_backends("cuda", torch.float16)[0] == "varlen"
+
+
+def test_flash_attn_that_loads_comes_first(tmp_path, monkeypatch, fresh_flash_attn_status, ampere):
+    (tmp_path / "flash_attn").mkdir()
+    (tmp_path / "flash_attn" / "__init__.py").write_text(
+        '__version__ = "2.8.3"\n\ndef flash_attn_varlen_func(*args, **kwargs):\n    raise NotImplementedError\n'
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert available_backends("cuda", torch.bfloat16)[:2] == ["flash_attn", "varlen"]
+    assert document.flash_attn_status().version == "2.8.3"
+    assert "flash_attn" not in available_backends("cuda", torch.float32)  # FlashAttention-2: 16-bit only
+
+
+def dense_reference(q, k, v, cu):
+    """Causal attention inside each document, from an explicit (T, T) mask (B = 1)."""
+    t = q.shape[2]
+    doc = torch.searchsorted(cu[1:].long(), torch.arange(t), right=True)
+    mask = (doc[:, None] == doc[None, :]) & torch.ones(t, t, dtype=torch.bool).tril()
+    rep = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_flex_attention_compiles_once_for_every_length(monkeypatch):
+    """The compiled path (CUDA's) on CPU with a counting backend: three window lengths cost at most
+    two compilations each for the kernel and its block mask (torch 2.13: the first shape, then the
+    switch to symbolic sizes, reused from then on), where per-shape compilation needs one per
+    length (6 in all, measured with dynamic=False)."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    monkeypatch.setattr(document, "_COMPILED_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(document, "_COMPILE_BACKEND", counter)
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    lengths = (128, 256, 384)
+    for t in lengths:
+        cu = torch.tensor([0, t // 2 - 1, t // 2, t], dtype=torch.int32)  # a 1-token document in the middle
+        q, k, v = (torch.randn(1, h, t, 16, generator=g) for h in (4, 2, 2))
+        out = document_attention(q, k, v, document_layout(cu, 1, t), backend="flex")
+        torch.testing.assert_close(out, dense_reference(q, k, v, cu), atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+    assert counter.frame_count <= 2 * 2 < 2 * len(lengths), counter.frame_count

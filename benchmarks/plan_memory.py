@@ -17,8 +17,12 @@ measures every rank at one training step after the optimizer state exists (step 
 
 glibc's mmap threshold is fixed (MALLOC_MMAP_THRESHOLD_) so that a freed tensor leaves the resident
 set at once; without it freed activations stay in the heap and RSS follows fragmentation, not live
-memory. The plan's figures for the same recipe are `weights + gradients + optimizer + buckets`
-for the states and `activations` for the step peak. Each case is a fresh set of processes.
+memory. The plan's figures for the same recipe are the terms it says live across steps (weights,
+optimizer state, and the gradients and buckets where the strategy keeps them) for the states, and
+the activations of its largest moment (loss forward, backward or optimizer step) for the step
+peak. ZeRO-2's gradient partition and buckets, which DeepSpeed allocates at the start of each
+backward and frees after the step, are in neither: on CPU a bucket's pages become resident only as
+gradients are written into it, while the activations are already being freed. Each case is a fresh set of processes.
 
 Run:  python benchmarks/plan_memory.py                # the grid: tiny and 4-layer x 256, 2K-16K
       python benchmarks/plan_memory.py --quick        # tiny model, 2K, one case per strategy
@@ -89,10 +93,10 @@ def plan_figures(overrides: list[str]) -> dict:
     from longcpt.plan import estimate
 
     plan = estimate(load_config(None, overrides))
-    b = plan.per_gpu_bytes
-    buckets = sum(i.bytes for i in plan.items if i.name == "gradient reduce buckets")
-    return {"states": b["weights"] + b["gradients"] + b["optimizer"] + buckets, "activations": b["activations"],
-            "weights": b["weights"], "peak_at": plan.peak_at}
+    peak = max(plan.moments, key=lambda m: plan.moments[m].get("activations", 0))
+    return {"states": sum(i.bytes for i in plan.items if i.persistent),
+            "activations": plan.moments[peak].get("activations", 0), "weights": plan.per_gpu_bytes["weights"],
+            "peak_at": peak}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,20 +234,31 @@ def ratios(result: dict) -> dict:
 
 
 def grid(quick: bool) -> list[dict]:
+    """The cases: tiny and 4-layer x 256 at 2K-16K, full and anchor, ZeRO-0/2/3, a few with
+    activation checkpointing and bf16 (DeepSpeed's bf16 on CPU)."""
+    quick_cases = [{"model": "tiny", "kind": k, "seq_len": 2048, "strategy": s}
+                   for s, k in (("zero0", "anchor"), ("zero2", "full"), ("zero3", "anchor"))]
     if quick:
-        return [{"model": "tiny", "kind": k, "seq_len": 2048, "strategy": s}
-                for s, k in (("zero0", "anchor"), ("zero2", "full"), ("zero3", "anchor"))]
+        return quick_cases
     cases = []
-    for model in ("tiny", "4x256"):
-        for seq_len in (2048, 4096, 8192, 16384):
+    for model, lengths in (("tiny", (2048, 8192, 16384)), ("4x256", (2048, 8192, 16384))):
+        for seq_len in lengths:
             for kind in ("full", "anchor"):
-                if kind == "full" and seq_len > 8192 and model == "4x256":
-                    continue  # full causal attention at 16K takes minutes per step on 2 cores
+                if kind == "full" and seq_len > 8192:
+                    continue  # full causal attention at 16K: minutes per step on 2 shared cores
                 for strategy in ("zero0", "zero2", "zero3"):
-                    cases.append({"model": model, "kind": kind, "seq_len": seq_len, "strategy": strategy})
-    cases += [{"model": "4x256", "kind": "anchor", "seq_len": s, "strategy": "zero3", "checkpointing": True}
-              for s in (4096, 16384)]
-    return cases
+                    case = {"model": model, "kind": kind, "seq_len": seq_len, "strategy": strategy}
+                    if case not in quick_cases:
+                        cases.append(case)
+    cases += [
+        {"model": "4x256", "kind": "anchor", "seq_len": 16384, "strategy": "zero3", "checkpointing": True},
+        {"model": "4x256", "kind": "full", "seq_len": 4096, "strategy": "zero0", "checkpointing": True},
+        {"model": "4x256", "kind": "anchor", "seq_len": 4096, "strategy": "zero2", "precision": "bf16-mixed"},
+        {"model": "4x256", "kind": "anchor", "seq_len": 8192, "strategy": "zero3", "precision": "bf16-mixed",
+         "checkpointing": True},
+        {"model": "4x256", "kind": "anchor", "seq_len": 4096, "strategy": "zero0", "precision": "bf16-mixed"},
+    ]
+    return quick_cases + cases
 
 
 def main() -> None:
@@ -259,7 +274,7 @@ def main() -> None:
         return
     cases = [json.loads(args.case)] if args.case else grid(args.quick)
     load = os.getloadavg()[0]
-    print(f"{'model':<6} {'kind':<7} {'tokens':>6} {'strategy':<8} {'ckpt':<5} {'states plan/meas MiB':>22} "
+    print(f"{'model':<6} {'kind':<7} {'tokens':>6} {'strategy':<8} {'precision':<10} {'ckpt':<5} {'states plan/meas MiB':>22} "
           f"{'ratio':>6} {'peak plan/meas MiB':>20} {'ratio':>6}")
     results = []
     for case in cases:
@@ -267,7 +282,8 @@ def main() -> None:
         q = ratios(r)
         meas_states = max(x["states"] for x in r["ranks"])
         meas_peak = max(x["step_peak"] for x in r["ranks"])
-        print(f"{r['model']:<6} {r['kind']:<7} {r['seq_len']:>6} {r['strategy']:<8} {str(r.get('checkpointing', False)):<5} "
+        print(f"{r['model']:<6} {r['kind']:<7} {r['seq_len']:>6} {r['strategy']:<8} {r.get('precision', '32-true'):<10} "
+              f"{str(r.get('checkpointing', False)):<5} "
               f"{r['plan']['states'] / MIB:>10.1f} / {meas_states / MIB:>9.1f} {q['states']:>6.3f} "
               f"{r['plan']['activations'] / MIB:>9.1f} / {meas_peak / MIB:>8.1f} {q['activations']:>6.3f}", flush=True)
         results.append({**r, "ratios": q})

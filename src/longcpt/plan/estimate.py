@@ -18,16 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from longcpt.plan.compute import StepTime, step_time
-from longcpt.plan.memory import (
-    GIB,
-    Item,
-    Layout,
-    activation_items,
-    buffer_items,
-    model_state_items,
-    precision_of,
-    runtime_items,
-)
+from longcpt.plan.memory import GIB, Item, Layout, memory_plan, precision_of
 from longcpt.plan.shape import ModelShape, model_args
 
 CATEGORIES = ("weights", "gradients", "optimizer", "activations", "other")
@@ -45,6 +36,7 @@ class Change:
     total: int
     fits: bool
     seconds: float
+    tokens_per_second: float
 
 
 @dataclass
@@ -56,7 +48,8 @@ class Plan:
         per_gpu_bytes: weights, gradients, optimizer, activations, other and their total.
         fits: total <= gpu_memory.
         items: every term behind `per_gpu_bytes` (category, name, bytes, how it was counted).
-        peak_at: the moment of the step's activation peak ("loss" or "backward").
+        peak_at: the moment of the step's peak: "loss", "backward" or "optimizer step".
+        moments: bytes by category of what exists only at each of those moments.
         layout: device kind, world size, sequence parallel degree, micro-batch, window.
         precision: fp32 | amp | bf16 (`longcpt.plan.memory`).
         step: FLOPs and time of one optimizer step.
@@ -71,6 +64,7 @@ class Plan:
     fits: bool
     items: list[Item]
     peak_at: str
+    moments: dict[str, dict[str, int]]
     layout: Layout
     precision: str
     step: StepTime
@@ -90,13 +84,14 @@ class Plan:
             "gpu_memory_bytes": self.gpu_memory,
             "fits": self.fits,
             "peak_at": self.peak_at,
+            "moments": self.moments,
             "items": [dataclasses.asdict(i) for i in self.items],
             "layout": {**dataclasses.asdict(self.layout), "tokens_per_device": self.layout.tokens,
                        "data_parallel": self.layout.world // self.layout.sequence_parallel},
             "precision": self.precision,
             "attention": self.kind,
             "strategy": self.strategy,
-            "model": dataclasses.asdict(self.shape),
+            "model": {k: v for k, v in dataclasses.asdict(self.shape).items() if k != "parameter_sizes"},
             "step": {
                 "tokens": step.tokens,
                 "model_flops": step.model_flops,
@@ -116,7 +111,7 @@ class Plan:
 
 def _change_json(change: Change) -> dict[str, Any]:
     return {"overrides": list(change.overrides), "total_bytes": change.total, "fits": change.fits,
-            "step_seconds": change.seconds}
+            "step_seconds": change.seconds, "tokens_per_second": change.tokens_per_second}
 
 
 def estimate(
@@ -143,18 +138,15 @@ def estimate(
     shape = _shape or ModelShape.from_args(model_args(cfg))
     layout, assumptions = _layout(cfg)
     prec = precision_of(cfg)
-    states = model_state_items(cfg, shape, prec, layout)
-    activations, peak_at = activation_items(cfg, shape, prec, layout)
-    buffers = buffer_items(cfg, shape, prec, layout)
-    items = states + activations + buffers
-    items += runtime_items(prec, layout, sum(i.bytes for i in items))
+    memory = memory_plan(cfg, shape, prec, layout)
+    items, peak_at = memory.items, memory.peak
     totals = {c: sum(i.bytes for i in items if i.category == c) for c in CATEGORIES}
     totals["total"] = sum(totals.values())
     if peak_flops is None:
         peak_flops = DEFAULT_PEAK_FLOPS[prec.name]
     step = step_time(cfg, shape, layout.world, peak_flops, mfu)
-    plan = Plan(shape.parameters, totals, gpu_memory, totals["total"] <= gpu_memory, items, peak_at, layout,
-                prec.name, step, shape, cfg.attention.kind, _strategy_name(cfg), assumptions=assumptions)
+    plan = Plan(shape.parameters, totals, gpu_memory, totals["total"] <= gpu_memory, items, peak_at, memory.moments,
+                layout, prec.name, step, shape, cfg.attention.kind, _strategy_name(cfg), assumptions=assumptions)
     if suggest and not plan.fits:
         plan.suggestion, plan.tried = _smallest_change(cfg, shape, gpu_memory, peak_flops, mfu)
     return plan
@@ -201,9 +193,13 @@ def _candidates(cfg, world: int) -> list[tuple[str, list[str]]]:
         acc = cfg.optim.accumulate_grad_batches * d.micro_batch_size // mb
         out.append(("micro-batch", [f"data.micro_batch_size={mb}", f"optim.accumulate_grad_batches={acc}"]))
     n = 2 * s.sequence_parallel
-    while n <= world:
+    # N ranks of one node share a window (its all-to-all per layer is not for inter-node links), and
+    # accumulate N times more micro-batches to keep the windows per step.
+    per_node = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1
+    while n <= min(world, per_node):
         name = [] if s.name in ("ddp", "deepspeed") else ["strategy.name=ddp"]
-        out.append(("sequence parallel", [*name, f"strategy.sequence_parallel={n}"]))
+        acc = cfg.optim.accumulate_grad_batches * n // s.sequence_parallel
+        out.append(("sequence parallel", [*name, f"strategy.sequence_parallel={n}", f"optim.accumulate_grad_batches={acc}"]))
         n *= 2
     if s.name != "deepspeed":
         out.append(("zero", ["strategy.name=deepspeed", "strategy.stage=2"]))
@@ -247,7 +243,8 @@ def _smallest_change(cfg, shape: ModelShape, gpu_memory: int, peak_flops: float,
         if new is None:
             return None
         plan = estimate(new, gpu_memory=gpu_memory, peak_flops=peak_flops, mfu=mfu, suggest=False, _shape=shape)
-        change = Change(tuple(overrides), plan.per_gpu_bytes["total"], plan.fits, plan.step.seconds)
+        change = Change(tuple(overrides), plan.per_gpu_bytes["total"], plan.fits, plan.step.seconds,
+                        plan.step.tokens_per_second)
         tried.append(change)
         return change
 

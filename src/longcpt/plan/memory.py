@@ -3,9 +3,19 @@
 Four groups, as DeepSpeed's and Megatron's memory write-ups split them:
 
 * model states: weights, gradients and optimizer state, by strategy, ZeRO stage and offload;
-* activations: what the forward keeps for the backward, at the moment of the step's peak;
+* activations: what the forward keeps for the backward, and the temporaries of the moment;
 * buffers: DeepSpeed's gradient buckets, the sequence-parallel all-to-all copies;
 * runtime: CUDA context, NCCL and allocator slack on a GPU (an assumption, stated as one).
+
+Some terms live across steps (parameters, optimizer state, DDP's gradient buckets, ZeRO-3's
+gradient partition and bucket); the others exist only at some moments of a step, so the plan is
+what lives across steps plus the largest of three moments:
+
+    loss             the loss forward: every layer's saved tensors, the chunked loss on one chunk
+    backward         the backward of the last layer (with activation checkpointing: every layer's
+                     input, one layer recomputed) and its gradients; ZeRO-2's gradient partition and
+                     buckets exist from here to the end of the optimizer step
+    optimizer step   DeepSpeed's float32 gradient copy and AdamW's temporaries
 
 The activation terms are counted from what this code base's model actually saves (one Llama block:
 two RMSNorms that normalise in float32, the q/k/v/o projections, an attention kernel that keeps
@@ -16,10 +26,6 @@ for the three ways a step can run:
     amp    bf16-mixed without DeepSpeed: float32 weights, autocast runs the matmuls in bfloat16
     bf16   bf16-true, or bf16-mixed under DeepSpeed (which casts the model to bfloat16 and keeps
            float32 master weights in the optimizer)
-
-The peak of a step is the larger of two moments: the loss forward (every layer's saved tensors,
-plus the chunked loss working on one chunk of logits) and the backward of the last layer (with
-activation checkpointing: every layer's input, plus one layer recomputed, plus its gradients).
 
 Shapes: n tokens a device holds per micro-batch (micro_batch_size x seq_len / sequence_parallel),
 L layers, C hidden, F intermediate, Hq / Hk query / KV heads, D head dim, V vocabulary.
@@ -37,7 +43,7 @@ CUDA_RUNTIME_BYTES = 1 * GIB
 ALLOCATOR_SLACK = 0.05
 # DeepSpeed's defaults for the keys this plan reads (deepspeed/runtime/zero/config.py, 0.15-0.19).
 DEEPSPEED_DEFAULTS = {"reduce_bucket_size": 500_000_000, "overlap_comm": False, "contiguous_gradients": True,
-                      "stage3_max_live_parameters": 1_000_000_000}
+                      "stage3_max_live_parameters": 1_000_000_000, "stage3_param_persistence_threshold": 100_000}
 # torch.optim.AdamW keeps two moments per parameter, in the parameter's dtype.
 ADAM_MOMENTS = 2
 
@@ -72,12 +78,22 @@ def precision_of(cfg) -> Precision:
 @dataclass(frozen=True)
 class Item:
     """One term of the plan: its category (weights, gradients, optimizer, activations, other),
-    a short name, its bytes and how it was counted."""
+    a short name, its bytes, how it was counted, and the moments of a step it exists at (empty:
+    it lives across steps)."""
 
     category: str
     name: str
     bytes: int
     note: str = ""
+    when: tuple[str, ...] = ()
+
+    @property
+    def persistent(self) -> bool:
+        return not self.when
+
+
+MOMENTS = ("loss", "backward", "optimizer step")
+_LATE = ("backward", "optimizer step")  # from the first gradient to the end of the optimizer step
 
 
 @dataclass(frozen=True)
@@ -125,7 +141,8 @@ def model_state_items(cfg, shape, prec: Precision, layout: Layout) -> list[Item]
     what is gathered), a gradient partition in the same dtype, and float32 master weights and Adam
     moments, all sharded over the world; offloading moves the sharded parts to host memory. The
     float32 copy of the gradient partition exists only during the optimizer step
-    (`optimizer_step_items`).
+    (`optimizer_step_items`). Measured on DeepSpeed 0.19: ZeRO-2 allocates its gradient partition
+    in the backward and frees it after the step; ZeRO-3 keeps it.
     """
     p, s, w = shape.parameters, cfg.strategy, prec.param
     world = layout.world
@@ -141,18 +158,24 @@ def model_state_items(cfg, shape, prec: Precision, layout: Layout) -> list[Item]
         zero = _zero(cfg)
         if not s.offload_parameters:
             items.append(Item("weights", "parameter shard", shard * w, f"{p:,} / {world} ranks x {w} B"))
-        # Gathered parameters stay until max_live_parameters are live (and are kept for a reuse
-        # within stage3_max_reuse_distance), so around the turn from forward to backward up to that
-        # many are gathered; parameters under the persistence threshold are never released.
-        live = min(p, int(zero["stage3_max_live_parameters"]) + shape.largest_module)
+        # Parameters under the persistence threshold stay gathered on every rank. The others are
+        # gathered module by module and kept while fewer than stage3_max_live_parameters are live
+        # (and for a reuse within stage3_max_reuse_distance), so around the turn from forward to
+        # backward up to that many are gathered.
+        small = sum(n for n in shape.parameter_sizes if n <= int(zero["stage3_param_persistence_threshold"]))
+        live = min(p - small, int(zero["stage3_max_live_parameters"]) + shape.largest_module)
+        if small:
+            items.append(Item("weights", "persistent small parameters", small * w,
+                              f"{small:,} x {w} B (tensors <= stage3_param_persistence_threshold)"))
         items.append(Item("weights", "gathered parameters", live * w,
-                          f"min(all, stage3_max_live_parameters + largest module) = {live:,} x {w} B"))
+                          f"min(rest, stage3_max_live_parameters + largest module) = {live:,} x {w} B", MOMENTS))
         items.append(Item("gradients", "gathered gradients", shape.largest_module * w,
-                          "one module's full gradients before the reduce-scatter"))
+                          "one module's full gradients before the reduce-scatter", _LATE))
     else:
         items.append(Item("weights", "parameters", p * w, f"{p:,} x {w} B (every rank holds all of them at stage 2)"))
     if not s.offload_optimizer:
-        items.append(Item("gradients", "gradient partition", shard * w, f"{p:,} / {world} x {w} B"))
+        when = () if s.stage == 3 else _LATE
+        items.append(Item("gradients", "gradient partition", shard * w, f"{p:,} / {world} x {w} B", when))
         items.append(Item("optimizer", "float32 master weights", shard * 4, f"{p:,} / {world} x 4 B"))
         items.append(Item("optimizer", "Adam moments", shard * 8, f"2 x {p:,} / {world} x 4 B"))
     return items
@@ -172,12 +195,12 @@ def optimizer_step_items(cfg, shape, prec: Precision, layout: Layout) -> list[It
             return []
         shard = -(-p // layout.world)
         return [Item("activations", "optimizer step: float32 gradient partition", 4 * shard,
-                     f"{p:,} / {layout.world} x 4 B"),
+                     f"{p:,} / {layout.world} x 4 B", ("optimizer step",)),
                 Item("activations", "optimizer step: AdamW temporaries", 2 * 4 * shard,
-                     f"2 x {p:,} / {layout.world} x 4 B")]
+                     f"2 x {p:,} / {layout.world} x 4 B", ("optimizer step",))]
     updated = p if layout.device == "gpu" else shape.largest_module
     return [Item("activations", "optimizer step: AdamW temporaries", updated * prec.param,
-                 f"{updated:,} x {prec.param} B")]
+                 f"{updated:,} x {prec.param} B", ("optimizer step",))]
 
 
 def _zero(cfg) -> dict:
@@ -196,14 +219,16 @@ def buffer_items(cfg, shape, prec: Precision, layout: Layout) -> list[Item]:
         bucket = int(zero["reduce_bucket_size"])  # allocated in full, however small the model
         count = 1 if s.stage == 3 or not zero["overlap_comm"] else 2
         if zero["contiguous_gradients"] or s.stage == 3:
+            # ZeRO-3 allocates its bucket once; ZeRO-2 at the start of every backward (freed after the step)
             items.append(Item("other", "gradient reduce buckets", count * bucket * prec.param,
-                              f"{count} x reduce_bucket_size {bucket:,} x {prec.param} B"))
+                              f"{count} x reduce_bucket_size {bucket:,} x {prec.param} B",
+                              () if s.stage == 3 else _LATE))
     sp = layout.sequence_parallel
     if sp > 1:
         n = layout.tokens
         per_token = (shape.heads + 2 * max(shape.kv_heads, sp)) * shape.head_dim * prec.act
         items.append(Item("other", "all-to-all send/receive copies", 2 * n * per_token,
-                          f"q, k, v of one layer, {n:,} tokens, sent and received"))
+                          f"q, k, v of one layer, {n:,} tokens, sent and received", MOMENTS[:2]))
     return items
 
 
@@ -252,9 +277,8 @@ def layer_bytes_per_token(shape, prec: Precision, kind: str, layout: Layout) -> 
     return norms + inputs + attention + mlp + extra
 
 
-def activation_items(cfg, shape, prec: Precision, layout: Layout) -> tuple[list[Item], str]:
-    """The transient terms at the step's peak, and which moment that is: the loss forward, the
-    backward of the last layer, or the optimizer step."""
+def activation_items(cfg, shape, prec: Precision, layout: Layout) -> list[Item]:
+    """Activations and temporaries, each tagged with the moment it belongs to (module docstring)."""
     kind = cfg.attention.kind
     c, f, v, layers = shape.hidden, shape.intermediate, shape.vocab, shape.layers
     a, r = prec.act, prec.residual
@@ -282,28 +306,58 @@ def activation_items(cfg, shape, prec: Precision, layout: Layout) -> tuple[list[
     # input is already freed: + 2 F) and the residual stream's incoming and accumulated gradients.
     backward_work = n * (2 * a * f + 2 * r * c)
 
-    saved = Item("activations", "layers: saved for backward",
-                 layers * n * saved_per_layer,
-                 f"{layers} x {note_tokens} x {saved_per_layer:,} B" + (" (checkpointed: block inputs)" if checkpointing else ""))
-    loss = [
-        Item("activations", "final norm, ids, RoPE tables", n * outside, f"{n:,} x {outside:,} B"),
-        Item("activations", "loss: hidden + its gradient", 2 * n * r * c, f"2 x {n:,} x {c} x {r} B"),
-        Item("activations", "loss: LM-head gradient (float32)", 4 * v * c, f"{v:,} x {c} x 4 B"),
-        Item("activations", "loss: one chunk of logits", chunk_temp, f"chunk {chunk:,} x vocab {v:,}, float32 + working copies"),
+    def at(moment: str, category: str, name: str, size: int, note: str) -> Item:
+        return Item(category, name, size, note, (moment,))
+
+    saved_note = f"{layers} x {note_tokens} x {saved_per_layer:,} B" + (
+        " (checkpointed: block inputs)" if checkpointing else "")
+    items = [
+        at("loss", "activations", "layers: saved for backward", layers * n * saved_per_layer, saved_note),
+        at("loss", "activations", "final norm, ids, RoPE tables", n * outside, f"{n:,} x {outside:,} B"),
+        at("loss", "activations", "loss: hidden + its gradient", 2 * n * r * c, f"2 x {n:,} x {c} x {r} B"),
+        at("loss", "activations", "loss: LM-head gradient (float32)", 4 * v * c, f"{v:,} x {c} x 4 B"),
+        at("loss", "activations", "loss: one chunk of logits", chunk_temp,
+           f"chunk {chunk:,} x vocab {v:,}, float32 + working copies"),
+        at("backward", "activations", "layers: saved for backward", layers * n * saved_per_layer, saved_note),
     ]
-    backward = [Item("activations", "backward working memory", backward_work, f"{n:,} x (2 x {f} x {a} + 2 x {c} x {r}) B")]
     if checkpointing:
-        backward.insert(0, Item("activations", "one layer recomputed", n * per_layer, f"{n:,} x {per_layer:,} B"))
-    extra = []
+        items.append(at("backward", "activations", "one layer recomputed", n * per_layer, f"{n:,} x {per_layer:,} B"))
+    items.append(at("backward", "activations", "backward working memory", backward_work,
+                    f"{n:,} x (2 x {f} x {a} + 2 x {c} x {r}) B"))
     if prec.name == "amp":
-        extra.append(Item("activations", "autocast bfloat16 weight copies", 2 * shape.matmul_parameters,
-                          f"{shape.matmul_parameters:,} x 2 B"))
+        items.append(Item("activations", "autocast bfloat16 weight copies", 2 * shape.matmul_parameters,
+                          f"{shape.matmul_parameters:,} x 2 B", MOMENTS[:2]))
     if kind == "infini":
         hk, d = shape.kv_heads, shape.head_dim
         memory = layers * layout.micro_batch * 4 * (2 * hk * d * (d + 1))
-        extra.append(Item("activations", "Infini memories (M, z) in and out", memory,
-                          f"{layers} layers x {layout.micro_batch} docs x 2 x Hk x D x (D+1) x 4 B"))
-    phases = {"loss": [saved, *loss, *extra], "backward": [saved, *backward, *extra],
-              "optimizer step": optimizer_step_items(cfg, shape, prec, layout)}
-    peak = max(phases, key=lambda name: sum(i.bytes for i in phases[name]))
-    return phases[peak], peak
+        items.append(Item("activations", "Infini memories (M, z) in and out", memory,
+                          f"{layers} layers x {layout.micro_batch} docs x 2 x Hk x D x (D+1) x 4 B", MOMENTS[:2]))
+    return items + optimizer_step_items(cfg, shape, prec, layout)
+
+
+@dataclass(frozen=True)
+class Memory:
+    """The memory plan of one device.
+
+    Attributes:
+        items: what lives across steps, the terms of the peak moment, and the GPU runtime.
+        peak: the moment of the peak ("loss", "backward" or "optimizer step").
+        moments: bytes by category of the terms that exist only at each moment.
+    """
+
+    items: list[Item]
+    peak: str
+    moments: dict[str, dict[str, int]]
+
+
+def memory_plan(cfg, shape, prec: Precision, layout: Layout) -> Memory:
+    """Everything one device holds at the peak of a step (module docstring)."""
+    items = (model_state_items(cfg, shape, prec, layout) + buffer_items(cfg, shape, prec, layout)
+             + activation_items(cfg, shape, prec, layout))
+    persistent = [i for i in items if i.persistent]
+    moments = {m: [i for i in items if m in i.when] for m in MOMENTS}
+    peak = max(MOMENTS, key=lambda m: sum(i.bytes for i in moments[m]))
+    chosen = persistent + moments[peak]
+    summary = {m: {c: sum(i.bytes for i in terms if i.category == c) for c in {i.category for i in terms}}
+               for m, terms in moments.items()}
+    return Memory(chosen + runtime_items(prec, layout, sum(i.bytes for i in chosen)), peak, summary)

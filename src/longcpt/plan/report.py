@@ -70,7 +70,7 @@ def format_plan(plan: Plan, title: str = "") -> str:
     margin = plan.gpu_memory - plan.per_gpu_bytes["total"]
     lines.append(f"{'total':<12}{'':<{width}}{gib(plan.per_gpu_bytes['total']):>8}   of {gib(plan.gpu_memory)} GiB: "
                  f"{verdict} ({'margin' if margin >= 0 else 'short by'} {gib(abs(margin))} GiB); "
-                 f"activation peak at the {plan.peak_at}")
+                 f"peak at the {plan.peak_at}")
     lines.append("")
     recompute = f" + {step.recompute_flops:.3g} recomputed" if step.recompute_flops else ""
     lines.append(f"step       {step.tokens:,} tokens: {step.model_flops:.3g} model FLOPs{recompute}; "
@@ -81,7 +81,7 @@ def format_plan(plan: Plan, title: str = "") -> str:
         if plan.suggestion is not None:
             c = plan.suggestion
             lines.append(f"change     smallest change that fits: {' '.join(c.overrides)} "
-                         f"({gib(c.total)} GiB, {c.seconds:.3g} s per step)")
+                         f"({gib(c.total)} GiB, {c.tokens_per_second:,.0f} tokens/s)")
         else:
             lines.append(f"change     nothing tried fits ({len(plan.tried)} changes of checkpointing, micro-batch, "
                          "sequence parallelism, ZeRO stage and offload): use more devices or a shorter data.seq_len")

@@ -27,6 +27,7 @@ class ModelShape:
         largest_module: the most parameters held directly by one module (DeepSpeed ZeRO-3 gathers
             parameters module by module, so this bounds what is gathered at once).
         layers, hidden, intermediate, heads, kv_heads, head_dim, vocab: the architecture.
+        parameter_sizes: elements of each parameter tensor (ZeRO-3 keeps small ones gathered).
     """
 
     parameters: int
@@ -39,6 +40,7 @@ class ModelShape:
     kv_heads: int
     head_dim: int
     vocab: int
+    parameter_sizes: tuple[int, ...] = ()
 
     @classmethod
     def from_args(cls, args) -> ModelShape:
@@ -50,7 +52,7 @@ class ModelShape:
 
         with torch.device("meta"):
             model = CausalLM(args)
-        unique = {id(p): p.numel() for p in model.parameters() if p.requires_grad}
+        unique = {id(p): p.numel() for p in model.parameters() if p.requires_grad}  # tied: counted once
         matmul = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)}
         largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
         return cls(
@@ -64,6 +66,7 @@ class ModelShape:
             kv_heads=args.num_key_value_heads,
             head_dim=args.head_dim,
             vocab=args.vocab_size,
+            parameter_sizes=tuple(unique.values()),
         )
 
 

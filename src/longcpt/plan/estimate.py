@@ -144,6 +144,9 @@ def estimate(
     totals["total"] = sum(totals.values())
     if peak_flops is None:
         peak_flops = DEFAULT_PEAK_FLOPS[prec.name]
+        if layout.device == "cpu":
+            assumptions.append("trainer.accelerator=cpu: the step time uses an A100's peak FLOP/s; pass "
+                               "--gpu-tflops with your processor's")
     step = step_time(cfg, shape, layout.world, peak_flops, mfu)
     plan = Plan(shape.parameters, totals, gpu_memory, totals["total"] <= gpu_memory, items, peak_at, memory.moments,
                 layout, prec.name, step, shape, cfg.attention.kind, _strategy_name(cfg), assumptions=assumptions)

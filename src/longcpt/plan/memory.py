@@ -33,6 +33,7 @@ L layers, C hidden, F intermediate, Hq / Hk query / KV heads, D head dim, V voca
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 
@@ -332,6 +333,20 @@ def activation_items(cfg, shape, prec: Precision, layout: Layout) -> list[Item]:
         memory = layers * layout.micro_batch * 4 * (2 * hk * d * (d + 1))
         items.append(Item("activations", "Infini memories (M, z) in and out", memory,
                           f"{layers} layers x {layout.micro_batch} docs x 2 x Hk x D x (D+1) x 4 B", MOMENTS[:2]))
+        if checkpointing:
+            # The backward recomputes the groups last to first, and each group's loss forward again
+            # (the loss moment's terms); tensors a group recomputed but its backward never read (the
+            # memory write's float32 keys and values, the blocks' inputs) stay until the whole
+            # backward ends. Measured (4-layer x 256 model, 2-4 groups): about 28 Hk D + C r bytes
+            # per token and layer of every group already done.
+            groups = -(-layout.seq_len // seg)
+            kept = (groups - 1) * n * layers * (28 * hk * d + r * c)
+            for item in items:
+                if item.when == ("loss",):
+                    items[items.index(item)] = dataclasses.replace(item, when=("loss", "backward"))
+            items = [i for i in items if i.when != ("backward",)]
+            items.append(Item("activations", "segment groups already done", kept,
+                              f"{groups - 1} groups x {n:,} tokens x {layers} x (28 Hk D + C x {r}) B", ("backward",)))
     return items + optimizer_step_items(cfg, shape, prec, layout)
 
 

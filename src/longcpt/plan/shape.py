@@ -106,7 +106,9 @@ def model_args(cfg):
     except KeyError as e:
         raise LongcptError(f"{source}: missing field {e.args[0]!r} (an HF config.json field)") from None
     if args.vocab_size is None:
-        raise LongcptError("model.config.vocab_size: unknown (no tokenizer.json in model.tokenizer); set it")
+        raise LongcptError(
+            f"model.config has no vocab_size and model.tokenizer={m.tokenizer!r} has no tokenizer.json to take "
+            "it from: set model.config.vocab_size=N (or point model.tokenizer at the tokenizer folder)")
     args.attention, args.attention_options = cfg.attention.kind, dict(cfg.attention.options)
     args.rope_precision = cfg.rope.precision
     return args

@@ -19,12 +19,13 @@ glibc's mmap threshold is fixed (MALLOC_MMAP_THRESHOLD_) so that a freed tensor 
 set at once; without it freed activations stay in the heap and RSS follows fragmentation, not live
 memory. The plan's figures for the same recipe are the terms it says live across steps (weights,
 optimizer state, and the gradients and buckets where the strategy keeps them) for the states, and
-the activations of its largest moment (loss forward, backward or optimizer step) for the step
-peak. ZeRO-2's gradient partition and buckets, which DeepSpeed allocates at the start of each
-backward and frees after the step, are in neither: on CPU a bucket's pages become resident only as
-gradients are written into it, while the activations are already being freed. Each case is a fresh set of processes.
+for the step peak the terms of its largest moment (loss forward, backward or optimizer step) that
+exist only during the step: activations, ZeRO-3's gathered parameters and gradients, ZeRO-2's
+gradient partition. ZeRO-2's buckets, allocated at each backward, are left out: DeepSpeed
+allocates them in full (`reduce_bucket_size`) but on CPU their pages become resident only as
+gradients are written into them. Each case is a fresh set of processes.
 
-Run:  python benchmarks/plan_memory.py                # 17 cases: tiny and 4-layer x 256, 2K-16K
+Run:  python benchmarks/plan_memory.py                # 19 cases: tiny and 4-layer x 256, 2K-16K
       python benchmarks/plan_memory.py --quick        # tiny model, 2K, one case per strategy
       python benchmarks/plan_memory.py --case JSON    # one case (what the tests call)
 Prints a table and one JSON line.
@@ -93,10 +94,12 @@ def plan_figures(overrides: list[str]) -> dict:
     from longcpt.plan import estimate
 
     plan = estimate(load_config(None, overrides))
-    peak = max(plan.moments, key=lambda m: plan.moments[m].get("activations", 0))
-    return {"states": sum(i.bytes for i in plan.items if i.persistent),
-            "activations": plan.moments[peak].get("activations", 0), "weights": plan.per_gpu_bytes["weights"],
-            "peak_at": peak}
+    def transient(moment: str) -> int:  # DeepSpeed's buckets ("other") are resident only as written
+        return sum(b for category, b in plan.moments[moment].items() if category != "other")
+
+    peak = max(plan.moments, key=transient)
+    return {"states": sum(i.bytes for i in plan.items if i.persistent), "activations": transient(peak),
+            "weights": plan.per_gpu_bytes["weights"], "peak_at": peak}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,7 +238,7 @@ def ratios(result: dict) -> dict:
 
 def grid(quick: bool) -> list[dict]:
     """The cases: tiny and 4-layer x 256 at 2K-16K, full and anchor, ZeRO-0/2/3, a few with
-    activation checkpointing and bf16 (DeepSpeed's bf16 and autocast on CPU)."""
+    activation checkpointing and bf16 (DeepSpeed's bf16 and autocast on CPU), and Infini."""
     quick_cases = [{"model": "tiny", "kind": k, "seq_len": 2048, "strategy": s}
                    for s, k in (("zero0", "anchor"), ("zero2", "full"), ("zero3", "anchor"))]
     if quick:
@@ -257,6 +260,8 @@ def grid(quick: bool) -> list[dict]:
         {"model": "tiny", "kind": "anchor", "seq_len": 16384, "strategy": "zero0"},
         {"model": "tiny", "kind": "anchor", "seq_len": 16384, "strategy": "zero3", "checkpointing": True},
         {"model": m, "kind": "full", "seq_len": 8192, "strategy": "zero0"},
+        {"model": m, "kind": "infini", "seq_len": 8192, "strategy": "zero0"},
+        {"model": m, "kind": "infini", "seq_len": 8192, "strategy": "zero0", "checkpointing": True},
     ]
 
 

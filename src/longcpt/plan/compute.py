@@ -22,6 +22,7 @@ the step pays for but model FLOPs utilisation (MFU, PaLM's definition) does not 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,22 +72,28 @@ def _piece_lengths(cfg) -> tuple[list[list[int]], str] | None:
     data = cfg.data
     if data.task != "pretrain" or data.train is None or not Path(data.train).is_dir():
         return None
+    return _packed(str(Path(data.train).resolve()), data.seq_len, data.packing, data.bfd_buffer, cfg.trainer.seed)
+
+
+@functools.lru_cache(maxsize=8)
+def _packed(train: str, seq_len: int, packing: str, bfd_buffer: int, seed: int):
+    """`_piece_lengths` for one data set and packing (the changes a plan tries share it)."""
     from longcpt.data.packing import plan_windows
     from longcpt.data.stream import TokenStore
 
-    store = TokenStore(data.train)
+    store = TokenStore(train)
     if not len(store):
         return None
-    order = np.random.default_rng(cfg.trainer.seed).permutation(len(store))
+    order = np.random.default_rng(seed).permutation(len(store))
     windows = []
-    for pieces in plan_windows(store.lengths[order].tolist(), data.seq_len, data.packing, data.bfd_buffer):
+    for pieces in plan_windows(store.lengths[order].tolist(), seq_len, packing, bfd_buffer):
         sizes = [p.size for p in pieces]
-        if sum(sizes) < data.seq_len:
-            sizes.append(data.seq_len - sum(sizes))  # the padding pseudo-document attends too
+        if sum(sizes) < seq_len:
+            sizes.append(seq_len - sum(sizes))  # the padding pseudo-document attends too
         windows.append(sizes)
         if len(windows) == SAMPLE_WINDOWS:
             break
-    return windows, f"document lengths of {data.train} ({len(windows)} windows packed with {data.packing})"
+    return windows, f"document lengths of {train} ({len(windows)} windows packed with {packing})"
 
 
 @dataclass(frozen=True)

@@ -133,8 +133,12 @@ def estimate(
         suggest: when it does not fit, try changes and name the smallest that fits.
 
     Raises:
+        ConfigError: the recipe has problems (as `longcpt train` reports them).
         LongcptError: the model's shape cannot be read (see `longcpt.plan.shape.model_args`).
     """
+    from longcpt.config import validate
+
+    validate(cfg)  # a recipe built in Python gets the checks `load_config` runs (and its options resolved)
     shape = _shape or ModelShape.from_args(model_args(cfg))
     layout, assumptions = _layout(cfg)
     prec = precision_of(cfg)

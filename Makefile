@@ -1,4 +1,4 @@
-# Two commands set up a fresh machine on their own (SPEC section 1):
+# Two commands set up a fresh machine on their own (README, "Setup"):
 #   make demo   - venv, CPU torch, the project, then the embedded end-to-end run
 #   make test   - the same setup, then the test suite (.ci/run calls exactly this)
 PYTHON ?= python3

@@ -44,7 +44,7 @@ HEADS, KV_HEADS, HEAD_DIM = 8, 4, 32
 
 
 def packed_inputs(lens: list[int]):
-    """cu_seqlens and the SPEC section 6 positions of one packed row."""
+    """cu_seqlens and the positions of docs/reference.md section 3 of one packed row."""
     t = sum(lens)
     starts = [0]
     for n in lens[:-1]:

@@ -1,4 +1,4 @@
-"""Infini-attention: peak memory and time per token against length (SPEC section 8, issue #6).
+"""Infini-attention: peak memory and time per token against length (docs/benchmarks.md).
 
 Two tables, side by side with `full` attention where it fits:
   * training: one step (loss, one backward, AdamW) on one sequence of L tokens. Infini runs

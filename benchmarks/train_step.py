@@ -6,7 +6,7 @@ transformers and loaded into longcpt. Rows, for each (tokens, documents) setting
   * transformers 4-D doc mask    the same with a dense (1, 1, T, T) boolean document mask and
                                  positions restarting per document, as users usually pack;
   * ours full                    `CausalLM.loss` (chunked cross-entropy), attention="full";
-  * ours intra_doc / anchor      the same on the packed window (cu_seqlens + SPEC positions).
+  * ours intra_doc / anchor      the same on the packed window (cu_seqlens + the kind's positions).
 Speed-ups are against transformers' full-causal step at the same length.
 
 Targets: ours full at least as fast as transformers (issue 2); at 16K tokens / 32 documents the
@@ -37,7 +37,7 @@ from longcpt.model.hf_io import build_model  # noqa: E402
 
 
 def packed_batch(lens: list[int], vocab: int, bos: int = 1) -> dict[str, torch.Tensor]:
-    """One packed row as SPEC section 6 defines it (tokens random, each document opens with BOS)."""
+    """One packed row as `longcpt.batch` defines it (tokens random, each document opens with BOS)."""
     t = sum(lens)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (1, t), generator=g)

@@ -1,4 +1,4 @@
-"""Tokenize text records into a `datasets` data set of documents (SPEC section 3).
+"""Tokenize text records into a `datasets` data set of documents (docs/reference.md, section 1).
 
     python data_prep/prepare_corpus.py --input 'raw/*.jsonl' --tokenizer tok/ --output data/ [--num-proc 2]
 

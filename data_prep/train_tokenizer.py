@@ -1,4 +1,4 @@
-"""Train a byte-level BPE tokenizer on text records (SPEC section 3).
+"""Train a byte-level BPE tokenizer on text records (docs/reference.md, section 1).
 
     python data_prep/train_tokenizer.py --input corpus.jsonl --vocab-size 4096 --output tok/
 

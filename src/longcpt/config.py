@@ -251,9 +251,9 @@ def validate(cfg: Config, check_paths: bool = False) -> None:
     problems = (
         _model_problems(cfg.model)
         + _attention_problems(cfg)
-        + _data_problems(cfg.data)
-        + _optim_problems(cfg.optim)
-        + _trainer_problems(cfg.trainer)
+        + _choice_problems(cfg)
+        + _minimum_problems(cfg)
+        + _other_problems(cfg)
         + strategy_problems(cfg)
         + _vocabulary_problems(cfg.model)
     )
@@ -269,10 +269,6 @@ def _choice(key: str, value: Any, options: tuple) -> list[str]:
     close = difflib.get_close_matches(str(value), [str(o) for o in options], n=1)
     hint = f"; did you mean {close[0]}?" if close else ""
     return [f"{key}={value!r}: must be one of {', '.join(map(str, options))}{hint}"]
-
-
-def _at_least(key: str, value: float, low: float) -> list[str]:
-    return [f"{key}={value!r}: must be >= {low}"] if value < low else []
 
 
 def _model_problems(model: ModelConfig) -> list[str]:
@@ -323,21 +319,40 @@ def _attention_problems(cfg: Config) -> list[str]:
     return problems + option_errors
 
 
-def _data_problems(data: DataConfig) -> list[str]:
+# Inclusive lower bounds of the numeric keys.
+_MINIMUMS = {
+    "data.seq_len": 2, "data.micro_batch_size": 1, "data.num_workers": 0, "data.val_batches": 1,
+    "data.bfd_buffer": 1, "optim.weight_decay": 0, "optim.warmup_steps": 0, "optim.grad_clip": 0,
+    "optim.accumulate_grad_batches": 1, "trainer.max_steps": 1, "trainer.num_nodes": 1,
+    "trainer.save_every_n_steps": 1, "trainer.keep_last_k": 1, "trainer.log_every_n_steps": 1,
+    "trainer.val_every_n_steps": 1,
+}
+
+
+def _minimum_problems(cfg: Config) -> list[str]:
+    problems = []
+    for key, low in _MINIMUMS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value < low:
+            problems.append(f"{key}={value!r}: must be >= {low}")
+    return problems
+
+
+def _choice_problems(cfg: Config) -> list[str]:
     from longcpt.data.packing import PACKING_STRATEGIES
 
     return (
-        _choice("data.task", data.task, TASKS)
-        + _choice("data.packing", data.packing, PACKING_STRATEGIES)
-        + _at_least("data.seq_len", data.seq_len, 2)
-        + _at_least("data.micro_batch_size", data.micro_batch_size, 1)
-        + _at_least("data.num_workers", data.num_workers, 0)
-        + _at_least("data.val_batches", data.val_batches, 1)
-        + _at_least("data.bfd_buffer", data.bfd_buffer, 1)
+        _choice("data.task", cfg.data.task, TASKS)
+        + _choice("data.packing", cfg.data.packing, PACKING_STRATEGIES)
+        + _choice("trainer.accelerator", cfg.trainer.accelerator, ("cpu", "gpu", "auto"))
+        + _choice("trainer.precision", cfg.trainer.precision, TRAINER_PRECISIONS)
     )
 
 
-def _optim_problems(optim: OptimConfig) -> list[str]:
+def _other_problems(cfg: Config) -> list[str]:
+    """The rules that are not a bound or a choice."""
+    optim, devices = cfg.optim, cfg.trainer.devices
     problems = []
     if optim.lr <= 0:
         problems.append(f"optim.lr={optim.lr}: must be > 0 (e.g. 2.0e-5)")
@@ -347,30 +362,9 @@ def _optim_problems(optim: OptimConfig) -> list[str]:
         problems.append(f"optim.betas={optim.betas}: must be two numbers in [0, 1), e.g. [0.9, 0.95]")
     if not 0 <= optim.min_lr_ratio <= 1:
         problems.append(f"optim.min_lr_ratio={optim.min_lr_ratio}: must be in [0, 1]")
-    return (
-        problems
-        + _at_least("optim.weight_decay", optim.weight_decay, 0)
-        + _at_least("optim.warmup_steps", optim.warmup_steps, 0)
-        + _at_least("optim.grad_clip", optim.grad_clip, 0)
-        + _at_least("optim.accumulate_grad_batches", optim.accumulate_grad_batches, 1)
-    )
-
-
-def _trainer_problems(trainer: TrainerConfig) -> list[str]:
-    problems = []
-    if not (trainer.devices == "auto" or (isinstance(trainer.devices, int) and trainer.devices >= 1)):
-        problems.append(f"trainer.devices={trainer.devices!r}: must be a positive integer or 'auto'")
-    return (
-        problems
-        + _at_least("trainer.max_steps", trainer.max_steps, 1)
-        + _choice("trainer.accelerator", trainer.accelerator, ("cpu", "gpu", "auto"))
-        + _at_least("trainer.num_nodes", trainer.num_nodes, 1)
-        + _choice("trainer.precision", trainer.precision, TRAINER_PRECISIONS)
-        + _at_least("trainer.save_every_n_steps", trainer.save_every_n_steps, 1)
-        + _at_least("trainer.keep_last_k", trainer.keep_last_k, 1)
-        + _at_least("trainer.log_every_n_steps", trainer.log_every_n_steps, 1)
-        + _at_least("trainer.val_every_n_steps", trainer.val_every_n_steps, 1)
-    )
+    if not (devices == "auto" or (isinstance(devices, int) and devices >= 1)):
+        problems.append(f"trainer.devices={devices!r}: must be a positive integer or 'auto'")
+    return problems
 
 
 def _path_problems(cfg: Config) -> list[str]:

@@ -5,7 +5,7 @@
       -> continual pretraining of a tiny Llama with AnchorAttention (recipes/tiny_cpu.yaml)
       -> Hugging Face export -> passkey evaluation -> every artifact's path
 
-Budget (SPEC section 1): at most 15 minutes on 2 cores including setup; the recipe is sized so the
+Budget: at most 15 minutes on 2 cores including setup; the recipe is sized so the
 training takes a few minutes. Extra `key=value` arguments override the recipe (e.g.
 `trainer.max_steps=50` for a quicker look). Re-running resumes or reuses finished stages.
 """

@@ -1,11 +1,11 @@
-"""Collator: position ids per attention kind and cu_seqlens (SPEC section 6) on literal examples."""
+"""Collator: position ids per attention kind and cu_seqlens (docs/reference.md, section 3) on literal examples."""
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from longcpt.data.collate import Collator, collate_windows
+from longcpt.data.collate import Collator
 from longcpt.data.packing import pack_documents
 from longcpt.errors import LongcptError
 
@@ -48,7 +48,7 @@ def test_collated_batch_keys_shapes_and_dtypes():
 def test_collated_windows_are_exactly_the_packed_ones():
     docs = [[5, 6, 7], [8, 9], [10] * 9]
     windows = list(pack_documents(docs, 6, bos_id=1, eos_id=2, pad_id=0))
-    batch = collate_windows(windows, "intra_doc")
+    batch = Collator("intra_doc")(windows)
     assert batch["input_ids"].tolist() == [w["input_ids"].tolist() for w in windows]
     assert batch["labels"].tolist() == [w["labels"].tolist() for w in windows]
     assert batch["labels"][0].tolist() == [5, 6, 7, 2, -100, -100]
@@ -67,7 +67,7 @@ def test_aligned_labels_give_transformers_causal_lm_loss():
     model = LlamaForCausalLM(cfg).eval()
     doc = np.random.default_rng(0).integers(3, 64, size=14).tolist()  # 1 + 14 + 1 = 16 tokens: one full window
     (window,) = pack_documents([doc], 16, bos_id=1, eos_id=2, pad_id=0)
-    batch = collate_windows([window], "full")
+    batch = Collator("full")([window])
     with torch.no_grad():
         out = model(batch["input_ids"], labels=batch["input_ids"])
         ours = F.cross_entropy(out.logits.view(-1, 64), batch["labels"].view(-1), ignore_index=-100)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from longcpt.config import load_config
-from longcpt.data.collate import collate_windows
+from longcpt.data.collate import Collator
 from longcpt.data.datamodule import DATAMODULES, PretrainDataModule, build_datamodule, register_datamodule
 from longcpt.data.packing import pack_documents
 from longcpt.data.stream import TokenStore, WindowStream
@@ -89,7 +89,7 @@ def test_workers_do_not_change_the_stream(prepared):
     assert same(a, b)
     # and the batches are the stream's windows in order
     windows = [w for _, w in zip(range(18), plain.train_stream.windows(plain._train_store, **IDS))]
-    ref = [collate_windows(windows[i : i + 2], "anchor") for i in range(0, 18, 2)]
+    ref = [Collator("anchor")(windows[i : i + 2]) for i in range(0, 18, 2)]
     assert same(a, ref)
 
 

@@ -1,4 +1,4 @@
-"""pack_documents: every invariant of SPEC section 6, as properties over random documents."""
+"""pack_documents: every invariant of docs/reference.md section 3, as properties over random documents."""
 
 import doctest
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from _task_helpers import task_tokenizer
+from tiny import bpe_tokenizer
 
 from longcpt.data.booksum import (
     INSTRUCTION,
@@ -97,7 +97,7 @@ def test_nothing_usable_or_missing_input_fails_without_output(tmp_path):
 
 
 def test_prompt_template_and_truncation():
-    tok = task_tokenizer()
+    tok = bpe_tokenizer()
     text = "The grass is green. " * 50
     ids, cut = booksum_prompt_ids(tok, text)
     assert not cut and ids[0] == tok.bos_token_id
@@ -107,7 +107,7 @@ def test_prompt_template_and_truncation():
 
 
 def test_pairs_fit_seq_len_with_loss_on_the_summary_only(tmp_path):
-    tok = task_tokenizer()
+    tok = bpe_tokenizer()
     books = [{"chapter": "The sky is blue. " * 200, "summary_text": "Blue sky, told at length. " * 40},
              {"chapter": "Here we go.", "summary_text": "A short one."}]
     (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in books))

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from _task_helpers import task_tokenizer
+from tiny import bpe_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from longcpt.data.collate import collate_windows
+from longcpt.data.collate import Collator
 from longcpt.data.passkey import (
     FILLER_SENTENCES,
     NEEDLE,
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def tok():
-    return task_tokenizer()
+    return bpe_tokenizer()
 
 
 @pytest.mark.parametrize("extra", [1, 37, 700, 3001])
@@ -76,16 +76,19 @@ def test_too_short_length_names_the_minimum(tok):
     for key in (12345, 99999, 40404):
         need = builder.fixed_tokens(key)
         assert need <= builder.min_length
-        assert len(builder.build(need, 0.5, key).input_ids) == need
+        shortest = builder.build(need, 0.5, key)
+        assert len(shortest.input_ids) == need
+        assert NEEDLE.format(key=key) in tok.decode(shortest.input_ids)  # the needle survives at the minimum
         with pytest.raises(LongcptError, match=r"use lengths >= \d+") as err:
             builder.build(need - 1, 0.5, key)
         assert int(str(err.value).rsplit(">= ", 1)[1].rstrip(")")) >= need
 
 
 def test_tokenizer_without_bos(tok):
-    no_bos = task_tokenizer(bos=False)
+    no_bos = bpe_tokenizer(bos=False)
     ex = PasskeyPromptBuilder(no_bos).build(300, 0.3, key=12345)
     assert len(ex.input_ids) == 300 and no_bos.bos_token_id not in ex.input_ids
+    assert no_bos.decode(ex.input_ids).count(NEEDLE.format(key=12345)) == 1
 
 
 def test_keys_are_random_per_trial_and_fixed_by_seed(tok):
@@ -128,7 +131,7 @@ def test_answer_only_loss_equals_transformers_masked_loss(tok):
     for key, depth in ((11111, 0.0), (54321, 1.0)):
         ex = builder.build(100, depth, key)
         rows.append(answer_only_row(ex.input_ids, ex.answer_ids + [tok.eos_token_id], 110, tok.pad_token_id))
-    batch = collate_windows(rows, "full")
+    batch = Collator("full")(rows)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
@@ -156,11 +159,11 @@ def test_train_on_input_labels_every_next_token_but_the_padding():
 
 def test_rows_go_through_the_packed_data_collator():
     rows = [answer_only_row([1, 5, 6], [7, 2], 8, 0), answer_only_row([1, 5, 6, 9, 9, 9], [7, 2], 8, 0)]
-    full = collate_windows(rows, "full")
+    full = Collator("full")(rows)
     assert full["cu_seqlens"].tolist() == [0, 5, 8, 16]
     assert full["position_ids"].tolist() == [list(range(8))] * 2
     assert full["labels"][0].tolist() == [-100, -100, 7, 2, -100, -100, -100, -100]
-    anchor = collate_windows(rows, "anchor")
+    anchor = Collator("anchor")(rows)
     assert anchor["position_ids"][0, :5].tolist() == [0, 1, 2, 3, 4]  # the example is position-exact
 
 

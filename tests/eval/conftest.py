@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from _tiny_models import build_tokenizer, tiny_llama
+from tiny import bpe_tokenizer, tiny_llama
 from transformers import PreTrainedTokenizerFast
 
 
 @pytest.fixture(scope="session")
 def tokenizer() -> PreTrainedTokenizerFast:
-    return build_tokenizer()
+    return bpe_tokenizer(200)
 
 
 @pytest.fixture(scope="session")

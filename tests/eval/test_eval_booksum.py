@@ -1,4 +1,4 @@
-"""`longcpt eval booksum`: ROUGE equal to rouge-score's, resumable predictions, SPEC outputs."""
+"""`longcpt eval booksum`: ROUGE equal to rouge-score's, resumable predictions, the documented outputs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`longcpt eval passkey`: scoring, the output files of SPEC section 2, errors."""
+"""`longcpt eval passkey`: scoring, the documented output files, errors."""
 
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _tiny_models import tiny_llama
 from datasets import Dataset
+from tiny import tiny_llama
 
 from longcpt.cli import main
 

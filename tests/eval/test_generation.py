@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _tiny_models import tiny_llama
+from tiny import tiny_llama
 from transformers.generation.logits_process import TopPLogitsWarper
 
 from longcpt.model import from_pretrained

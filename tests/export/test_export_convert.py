@@ -9,8 +9,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from lit_helpers import REPO, SyntheticDataModule, make_tokenizer, tiny_overrides
+from lit_helpers import REPO, SyntheticDataModule, tiny_overrides
 from safetensors import safe_open
+from tiny import word_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from longcpt.config import load_config
@@ -87,7 +88,7 @@ def test_tokenizer_larger_than_the_model_is_refused(trained, tmp_path):
     from tokenizers import Tokenizer
 
     result, _ = trained
-    big = make_tokenizer(tmp_path / "big")
+    big = word_tokenizer(tmp_path / "big")
     tok = Tokenizer.from_file(str(big / "tokenizer.json"))
     tok.add_tokens([f"extra{i}" for i in range(10)])  # 106 tokens > 96 embeddings
     tok.save(str(big / "tokenizer.json"))

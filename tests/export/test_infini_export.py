@@ -235,3 +235,28 @@ def test_evaluation_loads_an_infini_export_without_asking_to_run_its_code(export
     assert tok.bos_token == "<s>" and model.args.attention == "infini"
     with torch.no_grad():
         torch.testing.assert_close(model(ids), ours["mistral"]["logits"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rope", ["default", "linear", "dynamic", "yarn", "llama3"])
+@pytest.mark.parametrize("seq_len", [64, 512])  # within and beyond max_position_embeddings (dynamic NTK)
+def test_shipped_rope_equals_ours_for_every_scaling_type(rope, seq_len):
+    from tiny import ROPE_TYPES
+
+    from longcpt.export.infini_remote import modeling_longcpt_infini as shipped
+    from longcpt.model.rope import rope_frequencies
+
+    scaling = ROPE_TYPES[rope]
+    ours = rope_frequencies(32, 10000.0, scaling, 128, seq_len)
+    theirs = shipped.rope_frequencies(32, {"rope_theta": 10000.0, **(scaling or {})}, 128, seq_len)
+    assert torch.equal(theirs[0], ours[0]) and theirs[1] == ours[1]
+    plain = rope_frequencies(32, 10000.0, None, 128)[0]
+    if rope != "default" and not (rope == "dynamic" and seq_len <= 128):  # not vacuous: scaling changes them
+        assert not torch.equal(ours[0], plain)
+
+
+def test_shipped_config_defaults_are_the_kinds_defaults():
+    from longcpt.export.infini_remote.configuration_longcpt_infini import LongcptInfiniConfig
+    from longcpt.model.attention.infini import OPTIONS
+
+    config = LongcptInfiniConfig()
+    assert {name: getattr(config, f"infini_{name}") for name in OPTIONS} == {k: o.default for k, o in OPTIONS.items()}

@@ -24,19 +24,6 @@ VOCAB = 96
 PAD, BOS, EOS = 0, 1, 2
 
 
-def make_tokenizer(folder: Path) -> Path:
-    """A word-level tokenizer `t3 t4 ...` with <pad>/<s>/</s>, saved as a transformers folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": PAD, "<s>": BOS, "</s>": EOS, **{f"t{i}": i for i in range(3, VOCAB)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.save_pretrained(folder)
-    return folder
-
-
 def window(index: int, seq_len: int, seed: int) -> dict[str, torch.Tensor]:
     """One packed window: documents following `next = (3 * prev + 1) mod (V - 3)` (learnable)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + index)

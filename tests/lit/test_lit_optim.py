@@ -4,18 +4,16 @@ import math
 
 import pytest
 import torch
+from tiny import tiny_args
 from torch import nn
 
 from longcpt.config import OptimConfig
 from longcpt.lit.optim import build_optimizer, lr_factor, param_groups
-from longcpt.model.config import ModelArgs
 from longcpt.model.llama import CausalLM
 
 
 def tiny_model(**kw) -> CausalLM:
-    cfg = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, attention_bias=True, **kw)
-    return CausalLM(ModelArgs.from_hf_config(cfg))
+    return CausalLM(tiny_args(qkv_bias=True, o_bias=True, **kw))  # biases: the no-decay group is not only norms
 
 
 def test_groups_split_matrices_vectors_and_gates():

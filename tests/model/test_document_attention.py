@@ -1,11 +1,11 @@
 """`intra_doc` and `anchor` against references that are not our code.
 
 References:
-  * transformers' own `*ForCausalLM` run on one document at a time, with the positions SPEC
+  * transformers' own `*ForCausalLM` run on one document at a time, with the positions docs/reference.md
     section 6 gives that document (anchor: `[0, s+1, ..., s+len-1]`; intra_doc: `arange(len)`);
   * a dense (T, T) document mask fed to SDPA (defined here, test-only) for gradients and for random
     layouts.
-Inputs (cu_seqlens, position ids) are built here from the SPEC text directly, in a few lines, so
+Inputs (cu_seqlens, position ids) are built here from the reference's text (docs/reference.md, section 3) directly, in a few lines, so
 these tests also cross-check the collator of `longcpt.data`.
 """
 
@@ -36,7 +36,7 @@ VOCAB = 97
 
 
 # ---------------------------------------------------------------------------------------------
-# Inputs from the SPEC text (section 6)
+# Inputs from the reference's text (docs/reference.md, section 3)
 
 
 def random_window(rng: random.Random, batch: int, seq_len: int, max_doc: int) -> list[list[int]]:
@@ -116,7 +116,7 @@ def hf_model(family: str, tmp_path, seed: int = 0):
 def hf_logits(model, ids: torch.Tensor, positions: list[int]) -> torch.Tensor:
     # An explicit all-ones attention_mask: without it transformers infers "packed sequences" from
     # position ids that do not step by 1 (masking_utils.find_packed_sequence_indices) and would cut
-    # the anchor off its document (DESIGN.md section 2, pitfalls).
+    # the anchor off its document (a pitfall of the official AnchorContext code: it must not be done).
     with torch.no_grad():
         return model(
             input_ids=ids[None],
@@ -193,16 +193,16 @@ def test_positions_default_to_the_kinds_spec_positions(tmp_path):
 def test_collator_batches_give_single_document_results(kind, tmp_path):
     """End to end with longcpt.data: pack_documents + the collator's positions and cu_seqlens."""
     from longcpt.data import pack_documents
-    from longcpt.data.collate import collate_windows
+    from longcpt.data.collate import Collator
 
     hf, path = hf_model("llama", tmp_path)
     model = longcpt.from_pretrained(path, attention=kind).eval()
     rng = random.Random(11)
     docs = [[rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 40))] for _ in range(8)]
     windows = list(pack_documents(docs, 48, bos_id=BOS, eos_id=2, pad_id=0))[:2]
-    batch = collate_windows(windows, kind)
+    batch = Collator(kind)(windows)
     rows = [list(w["doc_lens"]) for w in windows]
-    _, cu, anchor_pos, intra_pos = pack(rows, 48)  # the SPEC text, independently
+    _, cu, anchor_pos, intra_pos = pack(rows, 48)  # the reference's text, independently
     assert torch.equal(batch["cu_seqlens"], cu)
     assert torch.equal(batch["position_ids"], anchor_pos if kind == "anchor" else intra_pos)
     ids = batch["input_ids"]

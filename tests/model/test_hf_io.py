@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from hf_tiny import tiny_hf_model
 from safetensors.torch import load_file, save_file
+from tiny import tiny_hf_model
 
 import longcpt
 from longcpt.errors import LongcptError

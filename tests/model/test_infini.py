@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import tiny_infini
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
@@ -19,20 +20,6 @@ from longcpt.model.attention.infini import InfiniAttention, plan_segments
 from longcpt.model.rope import RotaryEmbedding
 
 VOCAB = 64
-
-
-def tiny_infini(seed: int = 0, dtype=torch.float32, **options) -> CausalLM:
-    """A random 2-layer GQA Llama with Infini-attention and random (not initial) gates."""
-    torch.manual_seed(seed)
-    args = ModelArgs(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, attention="infini", attention_options={"segment_len": 8, **options},
-    )
-    model = CausalLM(args)
-    for core in model.modules():
-        if isinstance(core, InfiniAttention):
-            core.gate.data.uniform_(-2.0, 2.0)
-    return model.to(dtype).eval()
 
 
 def hf_llama(path, seed=0, rope_scaling=None) -> LlamaForCausalLM:

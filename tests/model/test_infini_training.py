@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import tiny_infini as tiny
 
 from longcpt.batch import position_ids
 from longcpt.config import load_config
 from longcpt.errors import LongcptError
 from longcpt.model import CausalLM, ModelArgs
-from longcpt.model.attention.infini import InfiniAttention
 from longcpt.model.infini import gate_stats, gate_values
 
 VOCAB = 64
@@ -22,16 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_infini(seed: int = 0, layers: int = 2, **options) -> CausalLM:
-    torch.manual_seed(seed)
-    args = ModelArgs(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, attention="infini", attention_options={"segment_len": 8, **options},
-    )
-    model = CausalLM(args)
-    for core in model.modules():
-        if isinstance(core, InfiniAttention):
-            core.gate.data.uniform_(-1.0, 1.0)
-    return model
+    return tiny(seed, gates=1.0, layers=layers, **options)
 
 
 def packed_batch(seed: int = 0):
@@ -172,12 +163,19 @@ def test_bf16_autocast_training_keeps_memory_finite():
             layer.self_attn.k_proj.weight.mul_(40)
             layer.self_attn.v_proj.weight.mul_(40)
     ids = torch.randint(0, VOCAB, (1, 128), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        reference = model.loss(ids, ids.roll(-1, dims=1))  # float32 throughout
+    state: dict = {}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model.loss(ids, ids.roll(-1, dims=1))
-        logits = model(ids)
+        logits = model(ids, state=state)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logits).all()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    # The memory itself stays float32 under autocast, and bf16 changes the loss only by rounding.
+    assert all(s.memory.dtype == s.norm.dtype == torch.float32 for s in state.values())
+    assert all(torch.isfinite(s.memory).all() and s.memory.abs().max() > 0 for s in state.values())
+    assert abs(loss.item() - reference.item()) < 0.05 * reference.item()
 
 
 def test_one_backward_under_lightning_automatic_optimisation():

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from hf_tiny import FAMILIES, ROPE_TYPES, tiny_hf_model
+from tiny import FAMILIES, ROPE_TYPES, tiny_hf_model
 from transformers import AutoModelForCausalLM
 
 import longcpt

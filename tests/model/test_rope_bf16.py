@@ -1,4 +1,4 @@
-"""The BF16 RoPE fixes (arXiv 2411.13476; DESIGN.md section 3) against fp64 and transformers.
+"""The BF16 RoPE fixes (arXiv 2411.13476; docs/rope_bf16.md) against fp64 and transformers.
 
 fp32 angles carry rounding of their own: the product pos * inv_freq is rounded to fp32 (half an
 ulp, <= pos * 2^-24 rad for inv_freq <= 1) on top of inv_freq's own rounding (relative 2^-24), so
@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from tiny import tiny_args
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from longcpt.model import CausalLM, ModelArgs
@@ -52,23 +53,13 @@ def test_bf16_angles_break_that_bound():
     assert err[POSITIONS >= 8191].max() > 0.5  # cos is simply wrong at long positions
 
 
-def tiny_args(**overrides) -> ModelArgs:
-    base = dict(
-        vocab_size=64,
-        hidden_size=256,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=HEAD_DIM,
-        rope_theta=THETA,
-        max_position_embeddings=131_072,
-    )
-    return ModelArgs(**{**base, **overrides})
+def rope_args(**overrides) -> ModelArgs:
+    return tiny_args(hidden_size=256, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                     head_dim=HEAD_DIM, rope_theta=THETA, max_position_embeddings=131_072, **overrides)
 
 
 def test_model_to_bf16_keeps_fp32_tables():
-    model = CausalLM(tiny_args())
+    model = CausalLM(rope_args())
     cos32, sin32 = model.model.rotary_emb(POSITIONS[None])
     model.to(torch.bfloat16)
     rope = model.model.rotary_emb
@@ -90,7 +81,7 @@ def test_transformers_own_rotary_loses_fp32_on_cast():
 
 def test_fp32_rotation_of_bf16_inputs_is_fp64_rotation_rounded_once():
     """After `model.to(bf16)` our rotation is the fp64 one up to fp32 angles and one bf16 rounding."""
-    model = CausalLM(tiny_args()).to(torch.bfloat16)
+    model = CausalLM(rope_args()).to(torch.bfloat16)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 2, len(POSITIONS), HEAD_DIM, generator=g).to(torch.bfloat16)
     k = torch.randn(1, 1, len(POSITIONS), HEAD_DIM, generator=g).to(torch.bfloat16)

@@ -15,7 +15,6 @@ import importlib
 _EXPORTS = {
     "pack_documents": "packing",
     "plan_windows": "packing",
-    "collate_windows": "collate",
     "Collator": "collate",
     "load_tokenizer": "tokenizer",
     "train_tokenizer": "tokenizer",

@@ -1,6 +1,6 @@
 """BookSum: reading local files, the prompt template, fine-tuning pairs with the loss on the summary.
 
-Two schemas are read (research/anchors_memory.md section 5.2):
+Two schemas are read (the two public BookSum releases):
   * chapter level, `kmfoda/booksum`: the text in `chapter`, the reference in `summary_text`
     (the dataset card's own train-eval mapping); ids from `book_id`/`summary_id` when present;
   * book level (e.g. `ubaada/booksum-complete-cleaned`, config `books`): the text in `text`, the
@@ -13,7 +13,7 @@ or an empty or non-string text or summary, is reported with `file:line` and skip
 `prepare_booksum` writes a `datasets` folder with columns `id`, `text`, `summary` (the first
 reference) and `references`, plus `report.json`.
 
-Prompt (DESIGN.md section 5; the template Infini-attention and Unlimiformer-style evaluations use):
+Prompt (the template Infini-attention and Unlimiformer-style evaluations use):
 
     [BOS] Summarize the following text.\\n\\n{text}\\n\\nSummary:      <- prompt
      {summary}[EOS]                                                <- target (the only loss)

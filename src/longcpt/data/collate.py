@@ -22,24 +22,11 @@ import torch
 from longcpt.batch import cu_seqlens_for, position_ids
 
 
-def collate_windows(windows: Sequence[dict], kind: str) -> dict[str, torch.Tensor]:
-    """Stack windows from `pack_documents` into one batch for attention `kind`.
-
-    Args:
-        windows: dicts with `input_ids`, `labels` (arrays of equal length T) and `doc_lens`.
-        kind: the attention kind whose position rule the batch follows.
-
-    Returns:
-        `{"input_ids", "labels", "position_ids"}` (B, T) int64 and `"cu_seqlens"` (N+1,) int32.
-
-    Raises:
-        LongcptError: an unknown attention kind.
-    """
-    return Collator(kind)(windows)
-
-
 class Collator:
-    """A picklable `collate_fn` for DataLoaders, bound to an attention kind's position rule.
+    """Stack windows from `pack_documents` into one batch: `Collator(kind)(windows)`.
+
+    A picklable `collate_fn` for DataLoaders, bound to the position rule of attention `kind`.
+    Returns `{"input_ids", "labels", "position_ids"}` (B, T) int64 and `"cu_seqlens"` (N+1,) int32.
 
     Raises:
         LongcptError: an unknown attention kind.

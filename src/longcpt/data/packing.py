@@ -1,4 +1,4 @@
-"""Packing documents into fixed-length windows (SPEC section 6), as pure functions.
+"""Packing documents into fixed-length windows (docs/reference.md, section 3), as pure functions.
 
 A document of n tokens is framed as `[BOS] + tokens + [EOS]`. Call `tokens + [EOS]` its *body*
 (n + 1 tokens). Packing cuts each body into consecutive slices and puts every slice, behind a BOS
@@ -206,7 +206,7 @@ def pack_documents(
     strategy: str = "chunk",
     buffer_size: int = DEFAULT_BFD_BUFFER,
 ) -> Iterator[dict]:
-    """Pack token lists into windows of `seq_len` tokens (SPEC section 6).
+    """Pack token lists into windows of `seq_len` tokens (docs/reference.md, section 3).
 
     A document becomes `[BOS] + tokens + [EOS]`; a piece of a split document starts with BOS too.
     Every token of every document appears exactly once, in order; `sum(doc_lens) == seq_len`;

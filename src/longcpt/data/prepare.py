@@ -1,4 +1,4 @@
-"""Raw text -> a tokenized `datasets` data set on disk, one row per document (SPEC section 3).
+"""Raw text -> a tokenized `datasets` data set on disk, one row per document (docs/reference.md, section 1).
 
     records (streamed, validated) --Dataset.from_generator--> Arrow (text, file, line)
         --map(batched, num_proc): tokenizers' encode_batch--> Arrow (input_ids, file, line)
@@ -65,9 +65,6 @@ def prepare_corpus(
     Raises:
         LongcptError: a missing input or tokenizer, bad options, or no usable record at all.
     """
-    import datasets
-    from datasets import Dataset, DatasetDict, Features, List, Value
-
     from longcpt.data.tokenizer import load_tokenizer
 
     if num_proc < 1:
@@ -77,64 +74,101 @@ def prepare_corpus(
     files = expand_inputs(inputs)
     backend = load_tokenizer(tokenizer).backend_tokenizer
     output = Path(output)
+    with _progress_bars(progress), _scratch(output) as scratch, atomic_dir(output) as tmp:
+        rejected_path = tmp / "rejected.jsonl"
+        raw = _read_records(files, text_field, rejected_path, scratch, batch_size)
+        docs = _tokenize(raw, backend, num_proc, batch_size)
+        lengths = _lengths(docs)  # (documents,) tokens of each
+        keep = _reject_empty(docs, lengths, files, rejected_path)
+        rejections = _summarize_rejections(rejected_path)
+        if len(keep) == 0:
+            raise LongcptError(_nothing_kept(files, rejections))
+        parts = _split(keep, val_fraction, seed) if val_fraction > 0 else {"train": keep}
+        _save(docs.remove_columns(["file", "line"]), parts, tmp, as_splits=val_fraction > 0)
+        counts = {name: {"documents": len(rows), "tokens": int(lengths[rows].sum())} for name, rows in parts.items()}
+        report = _report(files, tokenizer, text_field, counts, rejections)
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        del raw, docs  # release the memory maps before the scratch folder goes
+    return report
+
+
+def _read_records(files: list[Path], text_field: str, rejected_path: Path, scratch: Path, batch_size: int):
+    """Every good record as a row (`text`, `file`, `line`) of an Arrow data set in `scratch`; bad
+    ones go to `rejected_path`.
+
+    Raises:
+        LongcptError: no record at all was usable.
+    """
+    from datasets import Dataset, Features, Value
+
+    try:
+        return Dataset.from_generator(
+            _records,
+            features=Features({"text": Value("large_string"), "file": Value("int32"), "line": Value("int64")}),
+            # a tuple, not a list: datasets would shard a list and call the generator per file
+            gen_kwargs={"files": tuple(str(f) for f in files), "text_field": text_field,
+                        "rejected_path": str(rejected_path)},
+            cache_dir=str(scratch / "cache"),
+            writer_batch_size=batch_size,
+        )
+    except ValueError as e:
+        if "no data" not in str(e):  # datasets' complaint when the generator yields nothing
+            raise
+        raise LongcptError(_nothing_kept(files, _summarize_rejections(rejected_path))) from None
+
+
+def _tokenize(raw, backend, num_proc: int, batch_size: int):
+    """`raw` with its text replaced by `input_ids` (int32), in `num_proc` processes."""
+    from datasets import Features, List, Value
+
+    with _tokenizer_threads(num_proc):
+        return raw.map(
+            _encode,
+            batched=True,
+            batch_size=batch_size,
+            writer_batch_size=batch_size,
+            num_proc=num_proc if num_proc > 1 else None,
+            remove_columns=["text"],
+            features=Features({"input_ids": List(Value("int32")), "file": Value("int32"), "line": Value("int64")}),
+            fn_kwargs={"tokenizer": backend},
+            new_fingerprint=f"encode-{os.getpid()}-{id(raw)}",
+            desc="tokenizing",
+        )
+
+
+def _reject_empty(docs, lengths: np.ndarray, files: list[Path], rejected_path: Path) -> np.ndarray:
+    """Rows with at least one token; the others (text a tokenizer normalises away) are rejected."""
+    keep = np.flatnonzero(lengths > 0)
+    if len(keep) < len(lengths):
+        with open(rejected_path, "a") as f:
+            f.writelines(json.dumps(r.as_dict()) + "\n" for r in _no_tokens(docs, lengths, files))
+    return keep
+
+
+def _save(docs, parts: dict[str, np.ndarray], folder: Path, as_splits: bool) -> None:
+    """`docs` rows of each part saved to `folder`: a DatasetDict (train/val) or one data set."""
+    from datasets import DatasetDict
+
+    splits = {name: docs.select(rows) for name, rows in parts.items()}
+    if as_splits:
+        DatasetDict(splits).save_to_disk(str(folder))
+    else:
+        splits["train"].save_to_disk(str(folder))
+
+
+@contextmanager
+def _progress_bars(enabled: bool):
+    """`datasets`' progress bars on or off for the duration (restored after)."""
+    import datasets
+
     was_enabled = datasets.is_progress_bar_enabled()
-    if not progress:
+    if not enabled:
         datasets.disable_progress_bars()
     try:
-        with _scratch(output) as scratch, atomic_dir(output) as tmp:
-            rejected_path = tmp / "rejected.jsonl"
-            try:
-                raw = Dataset.from_generator(
-                    _records,
-                    features=Features({"text": Value("large_string"), "file": Value("int32"),
-                                       "line": Value("int64")}),
-                    # a tuple, not a list: datasets would shard a list and call the generator per file
-                    gen_kwargs={"files": tuple(str(f) for f in files), "text_field": text_field,
-                                "rejected_path": str(rejected_path)},
-                    cache_dir=str(scratch / "cache"),
-                    writer_batch_size=batch_size,
-                )
-            except ValueError as e:
-                if "no data" not in str(e):  # datasets' complaint when the generator yields nothing
-                    raise
-                raise LongcptError(_nothing_kept(files, _summarize_rejections(rejected_path))) from None
-            with _tokenizer_threads(num_proc):
-                docs = raw.map(
-                    _encode,
-                    batched=True,
-                    batch_size=batch_size,
-                    writer_batch_size=batch_size,
-                    num_proc=num_proc if num_proc > 1 else None,
-                    remove_columns=["text"],
-                    features=Features({"input_ids": List(Value("int32")), "file": Value("int32"),
-                                       "line": Value("int64")}),
-                    fn_kwargs={"tokenizer": backend},
-                    new_fingerprint=f"encode-{os.getpid()}-{id(raw)}",
-                    desc="tokenizing",
-                )
-            lengths = _lengths(docs)  # (documents,) tokens of each
-            keep = np.flatnonzero(lengths > 0)
-            if len(keep) < len(lengths):  # a tokenizer that normalises some text away entirely
-                with open(rejected_path, "a") as f:
-                    f.writelines(json.dumps(r.as_dict()) + "\n" for r in _no_tokens(docs, lengths, files))
-            rejections = _summarize_rejections(rejected_path)
-            if len(keep) == 0:
-                raise LongcptError(_nothing_kept(files, rejections))
-            parts = _split(keep, val_fraction, seed) if val_fraction > 0 else {"train": keep}
-            docs = docs.remove_columns(["file", "line"])
-            splits = {name: docs.select(rows) for name, rows in parts.items()}
-            if val_fraction > 0:
-                DatasetDict(splits).save_to_disk(str(tmp))
-            else:
-                splits["train"].save_to_disk(str(tmp))
-            counts = {name: {"documents": len(rows), "tokens": int(lengths[rows].sum())} for name, rows in parts.items()}
-            report = _report(files, tokenizer, text_field, counts, rejections)
-            (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-            del raw, docs, splits  # release the memory maps before the scratch folder goes
+        yield
     finally:
-        if was_enabled and not progress:
+        if was_enabled and not enabled:
             datasets.enable_progress_bars()
-    return report
 
 
 def _records(files: tuple[str, ...], text_field: str, rejected_path: str):
@@ -149,7 +183,7 @@ def _records(files: tuple[str, ...], text_field: str, rejected_path: str):
 
 
 def _encode(batch: dict, tokenizer) -> dict:
-    # No special tokens: packing adds BOS/EOS (SPEC section 6). Text that spells a special token
+    # No special tokens: packing adds BOS/EOS (`longcpt.data.packing`). Text that spells a special token
     # ("</s>" in an HTML page) is encoded as plain text, so no stray BOS/EOS splits a document.
     # Set here, per call, because the flag does not survive pickling to `num_proc` workers.
     tokenizer.encode_special_tokens = True

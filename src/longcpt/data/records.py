@@ -1,4 +1,4 @@
-"""Reading raw text records for tokenizer training and corpus preparation (SPEC section 3).
+"""Reading raw text records for tokenizer training and corpus preparation (docs/reference.md, section 1).
 
 Inputs are files, folders or glob patterns of `.jsonl`, `.json` (a JSON array of objects, or
 JSON lines), `.parquet` and `.txt` (one document per file). Records stream one at a time, so

@@ -6,7 +6,7 @@
 Each example's prompt (`longcpt.data.booksum`) is decoded greedily (temperature 0) or sampled
 (temperature/top-p, one seeded generator per example, so a resumed run draws the same samples).
 
-Outputs (SPEC section 2):
+Outputs (docs/reference.md, section 5):
   * `OUT/predictions.jsonl`, one row per example (`id`, `prediction`, `reference`, ...), appended
     and flushed as each example finishes. Running the same command again skips the ids already
     there, so an interrupted evaluation resumes where it stopped (a line cut by a crash is

@@ -1,6 +1,6 @@
 """Training callbacks: atomic checkpoints, SLURM requeue, metrics, and progress output.
 
-Checkpoint layout (SPEC section 4), under `out_dir/checkpoints/`:
+Checkpoint layout (docs/reference.md, section 4), under `out_dir/checkpoints/`:
 
     step-00000050.ckpt    a Lightning checkpoint file, or a DeepSpeed folder of the same name
     step-00000100.ckpt
@@ -9,8 +9,8 @@ Checkpoint layout (SPEC section 4), under `out_dir/checkpoints/`:
 A checkpoint is written to a hidden temporary name (`.step-00000100.ckpt.tmp`), flushed to disk,
 and renamed into place; only then does `last` move to it and are the oldest ones beyond
 `keep_last_k` deleted. A crash at any moment therefore leaves `last` pointing at a whole
-checkpoint (the AnchorContext code deletes the previous checkpoint before writing the next one:
-research/anchors_training.md b.6), and a relaunch resumes from the newest `step-*.ckpt`, which is
+checkpoint (the official AnchorContext training code deletes the previous checkpoint before
+writing the next one, so a crash there loses both), and a relaunch resumes from the newest `step-*.ckpt`, which is
 always whole. Checkpoints are only taken at optimizer-step boundaries, so a resumed run continues
 with exactly the next micro-batch.
 """
@@ -242,7 +242,7 @@ def request_requeue() -> bool:
 class TrainMetrics(Callback):
     """Log tokens/s, padding fraction, learning rate(s), gradient norm and, for Infini models, the
     distribution of the per-head memory gates sigmoid(gate) (`train/gate/mean`, `std`, `min`,
-    `max`, `memory_heads`: gates that never move are the classic failure, DESIGN.md section 4).
+    `max`, `memory_heads`: gates that never move are the classic failure of Infini-attention training).
 
     Tokens/s counts every position of every micro-batch on every rank (input_ids.numel() times the
     world size: packed windows have the same shape on all ranks), over a sliding window of the

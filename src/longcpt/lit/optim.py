@@ -10,7 +10,7 @@ Groups (names are transformers' parameter names, see `longcpt.model.llama`):
 
 Decaying norm gains and biases only pulls them to zero for no regularisation benefit (nanoGPT and
 litgpt exclude every parameter with fewer than two dimensions). The Infini gate needs a larger
-learning rate than the rest or it never moves (DESIGN.md section 4, Hugging Face's nanotron study).
+learning rate than the rest or it never moves (Hugging Face's nanotron study, "A failed experiment: Infini-Attention").
 """
 
 from __future__ import annotations

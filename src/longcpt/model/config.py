@@ -8,7 +8,7 @@
 | mistral | MistralForCausalLM  | no                | no              | no         |
 | qwen2   | Qwen2ForCausalLM    | yes               | no              | no         |
 
-RoPE settings are normalised from both config styles real checkpoints use (SPEC section 7):
+RoPE settings are normalised from both config styles real checkpoints use (docs/reference.md, section 8):
 transformers v4 (`rope_theta` + `rope_scaling`) and v5 (`rope_parameters`). Internally we keep
 `rope_theta` plus `rope_scaling` (a dict with `rope_type` and its parameters, or None).
 """

@@ -3,7 +3,7 @@
 Layout: Hugging Face "rotate half" (the two halves of the head dim form the complex pairs), so
 weights move between longcpt and transformers without permutation.
 
-The BF16 fixes (arXiv 2411.13476; DESIGN.md section 3) live here:
+The BF16 fixes (arXiv 2411.13476; measured in docs/rope_bf16.md) live here:
   * `inv_freq` and the angles are float32 whatever the module is cast to. A buffer that
     `model.to(torch.bfloat16)` converts (as `bf16-true` and DeepSpeed do) is the classic bug
     (transformers PRs #25681, #29285): bf16 angles destroy the relative property at long positions.

@@ -1,0 +1,114 @@
+"""The tree's rules: imports run one way (no cycles between modules or subpackages), the repository
+stands on its own, and the reference documents every registered attention kind."""
+
+from __future__ import annotations
+
+import ast
+import graphlib
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "src"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(SRC).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> longcpt modules it imports, anywhere in its body (function-level imports too).
+
+    A package importing its own submodules (to register them) is not counted: the submodules
+    import the package's names, so that edge is by design.
+    """
+    files = {module_name(f): f for f in (SRC / "longcpt").rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for module, file in files.items():
+        package = module if file.name == "__init__.py" else module.rpartition(".")[0]
+        for node in ast.walk(ast.parse(file.read_text(), str(file))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*anchor, base] if base else anchor)
+                names = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            for name in names:
+                while name and name not in files:  # `from pkg import name`: the module or pkg itself
+                    name = name.rpartition(".")[0]
+                inside = name.startswith(module + ".") or module.startswith(name + ".")
+                if name and name != module and not inside:
+                    graph[module].add(name)
+    return graph
+
+
+def subpackage(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
+def test_no_import_cycle_between_modules():
+    graph = import_graph()
+    assert len(graph) > 40 and "longcpt.model.llama" in graph["longcpt.model.infini"]  # the walk sees imports
+    try:
+        graphlib.TopologicalSorter(graph).prepare()
+    except graphlib.CycleError as e:
+        pytest.fail(f"import cycle: {' -> '.join(e.args[1])}")
+
+
+def test_no_import_cycle_between_subpackages():
+    packages: dict[str, set[str]] = {}
+    for module, targets in import_graph().items():
+        packages.setdefault(subpackage(module), set()).update(
+            subpackage(t) for t in targets if subpackage(t) != subpackage(module)
+        )
+    assert "longcpt.model" in packages["longcpt.export"]  # export -> model, the allowed direction
+    try:
+        graphlib.TopologicalSorter(packages).prepare()
+    except graphlib.CycleError as e:
+        pytest.fail(f"import cycle between subpackages: {' -> '.join(e.args[1])}")
+
+
+def test_cycle_detection_can_fail():
+    with pytest.raises(graphlib.CycleError):
+        graphlib.TopologicalSorter({"a": {"b"}, "b": {"a"}}).prepare()
+
+
+def test_repository_stands_on_its_own():
+    """Code and docs never point to design notes that live outside the repository."""
+    outside = re.compile(r"SPEC(\.md| section| \d)|DESIGN\.md|research/\w+\.md|\.\./shared")
+    files = [p for d in ("src", "tests", "benchmarks", "data_prep", "recipes", "slurm", "docs")
+             for p in (REPO / d).rglob("*") if p.is_file() and p.suffix in (".py", ".md", ".yaml", ".sh", ".sbatch")]
+    files += [REPO / "README.md", REPO / "Makefile"]
+    hits = [f"{p.relative_to(REPO)}:{i}" for p in files for i, line in enumerate(p.read_text().splitlines(), 1)
+            if outside.search(line)]
+    assert not hits, f"references to files outside the repository: {hits[:10]}"
+
+
+def test_reference_documents_every_attention_kind_and_option():
+    from longcpt.model.attention import KINDS
+
+    table = (REPO / "docs" / "reference.md").read_text().split("## 7.")[1].split("\n## ")[0]
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `(\w+)` \|.*$", table, re.M)}
+    public = {name: spec for name, spec in KINDS.items() if not name.startswith("_")}
+    assert set(rows) == set(public)
+    for name, spec in public.items():
+        assert ("yes" if spec.trainable else "no") in rows[name], name
+        assert spec.positions in rows[name], name
+        for option, declared in spec.options.items():
+            assert f"`{option}` ({declared.default}" in rows[name], (name, option)
+
+
+def test_links_between_documents_resolve():
+    """Every relative link in README.md, CHANGELOG.md and docs/*.md names a file that exists."""
+    link = re.compile(r"\]\(([^)#\s]+)(#[^)]*)?\)")
+    pages = [REPO / "README.md", REPO / "CHANGELOG.md", *(REPO / "docs").glob("*.md")]
+    broken = [f"{page.relative_to(REPO)} -> {target}" for page in pages for target, _ in link.findall(page.read_text())
+              if "://" not in target and not (page.parent / target).exists()]
+    assert len(pages) > 5 and not broken, broken

@@ -9,7 +9,7 @@ import pytest
 
 from longcpt.cli import main
 
-COMMANDS = [["train"], ["export"], ["eval", "passkey"], ["eval", "booksum"], ["eval", "ppl"]]
+COMMANDS = [["train"], ["plan"], ["export"], ["eval", "passkey"], ["eval", "booksum"], ["eval", "ppl"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=" ".join)
@@ -25,7 +25,7 @@ def test_python_dash_m_lists_the_commands(subprocess_env):
         [sys.executable, "-m", "longcpt", "--help"], capture_output=True, text=True, env=subprocess_env()
     )
     assert out.returncode == 0
-    for name in ("train", "export", "eval"):
+    for name in ("train", "plan", "export", "eval"):
         assert name in out.stdout
 
 

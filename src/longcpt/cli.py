@@ -1,5 +1,5 @@
-"""`longcpt` command line: train, export, eval {passkey, booksum, ppl, ruler}, namm train, doctor
-(docs/reference.md).
+"""`longcpt` command line: train, plan, export, eval {passkey, booksum, ppl, ruler}, namm train,
+doctor (docs/reference.md).
 
 Each command is implemented by a `run(args)` function in its own module, imported only when the
 command runs so that `--help` is instant. User errors (`LongcptError`) print one message and exit
@@ -26,6 +26,7 @@ COMMANDS = {
     "eval ruler": "longcpt.eval.ruler",
     "namm train": "longcpt.namm.evolve",
     "doctor": "longcpt.doctor",
+    "plan": "longcpt.plan.report",
 }
 
 
@@ -59,6 +60,23 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], e.g. 0.4, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="longcpt",
@@ -70,6 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="recipe YAML (see recipes/)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="OmegaConf overrides, e.g. trainer.max_steps=10")
     train.set_defaults(command_name="train")
+
+    plan = sub.add_parser("plan", help="per-GPU memory and step time of a recipe; does it fit, and what to change")
+    plan.add_argument("recipe", help="recipe YAML (see recipes/)")
+    plan.add_argument("overrides", nargs="*", metavar="key=value",
+                      help="OmegaConf overrides, e.g. strategy.sequence_parallel=2 data.seq_len=131072")
+    plan.add_argument("--gpu-memory", default="80GiB", metavar="SIZE",
+                      help="memory of one GPU, e.g. 80GiB, 40GB, 24576MiB (default: 80GiB)")
+    plan.add_argument("--gpu-tflops", type=_positive_float, default=None, metavar="TFLOPS",
+                      help="dense peak TFLOP/s of one GPU (default: A100, 312 in bf16, 156 in 32-true)")
+    plan.add_argument("--mfu", type=_fraction, default=0.4, help="assumed model FLOPs utilisation (default: 0.4)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(command_name="plan")
 
     export = sub.add_parser("export", help="Lightning .ckpt or DeepSpeed checkpoint -> Hugging Face folder")
     export.add_argument("checkpoint", help="a .ckpt file, a DeepSpeed checkpoint folder, or a run's out_dir")

@@ -351,20 +351,21 @@ def parameter_count(args) -> int:
         return sum(p.numel() for p in CausalLM(args).parameters())
 
 
-def plan_estimate(cfg) -> dict[str, Any] | None:
-    """`longcpt plan`'s estimate for the recipe, when this version has it (`longcpt.plan.estimate`)."""
+def plan_estimate(cfg, device: torch.device, peak_tflops: float | None) -> dict[str, Any]:
+    """`longcpt plan`'s figures for the recipe on this device, to read beside the measured step."""
+    from longcpt.plan import estimate
+
+    kwargs: dict[str, Any] = {"suggest": False}
+    if device.type == "cuda":
+        kwargs["gpu_memory"] = torch.cuda.get_device_properties(device).total_memory
+    if peak_tflops:
+        kwargs["peak_flops"] = peak_tflops * 1e12
     try:
-        from longcpt import plan
-    except ImportError:
-        return None
-    estimate = getattr(plan, "estimate", None)
-    if estimate is None:
-        return None
-    try:
-        found = estimate(cfg)
+        plan = estimate(cfg, **kwargs)
     except Exception as e:  # the plan's own problem must not hide the measurement
         return {"error": f"{type(e).__name__}: {e}"}
-    return found if isinstance(found, dict) else {"estimate": found}
+    return {"per_gpu_bytes": plan.per_gpu_bytes["total"], "fits": plan.fits,
+            "tokens_per_s": plan.step.tokens_per_second, "step_seconds": plan.step.seconds, "mfu": plan.step.mfu}
 
 
 def _time_steps(model, batch, device, precision: str, steps: int) -> float:
@@ -446,9 +447,8 @@ def check_throughput(cfg, device: torch.device, quick: bool, peak: float | None 
     line += (f", MFU {mfu:.1%} of {peak:.0f} TFLOP/s" if mfu is not None else
              ", MFU n/a (" + ("no bf16 peak known for this device: --peak-tflops" if precision.startswith("bf16")
                              else f"{precision}: MFU is against the bf16 peak") + ")")
-    plan = plan_estimate(cfg)
-    if plan:
-        line += f"; plan: {_plan_line(plan)}"
+    plan = plan_estimate(cfg, device, peak)
+    line += f"; plan: {_plan_line(plan)}"
     data = {"tokens_per_s": tokens_per_s, "step_seconds": seconds, "mfu": mfu, "peak_tflops": peak,
             "model_flops_per_step": flops, "layers": timed.num_hidden_layers, "parameters": n_params,
             "seq_len": t, "micro_batch_size": b, "plan": plan}
@@ -458,7 +458,5 @@ def check_throughput(cfg, device: torch.device, quick: bool, peak: float | None 
 def _plan_line(plan: dict[str, Any]) -> str:
     if "error" in plan:
         return f"unavailable ({plan['error']})"
-    for key in ("tokens_per_s", "step_seconds", "step_time_s"):
-        if key in plan:
-            return f"{key} {plan[key]:,.3g}"
-    return ", ".join(f"{k} {v}" for k, v in list(plan.items())[:3])
+    return (f"{plan['per_gpu_bytes'] / 2**30:,.2f} GiB per device, {plan['tokens_per_s']:,.0f} tokens/s "
+            f"at an assumed MFU of {plan['mfu']:.0%}")

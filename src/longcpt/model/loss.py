@@ -50,6 +50,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 continue
             # d(sum CE)/d(logits) = softmax - onehot, zero on ignored rows (in place on logp)
             d_logits = logp.exp_()  # (n, V)
+            del logp  # one name for the tensor, so that casting d_logits below frees the float32 copy
             rows = keep.nonzero().squeeze(1)
             d_logits[rows, y[rows]] -= 1.0
             if rows.numel() < keep.numel():
@@ -59,6 +60,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_hidden[start : start + chunk_size] = d_logits @ weight.to(h.dtype)
             if want_w:
                 grad_weight += (d_logits.T @ h).float()
+            # Freed before the next chunk's logits exist: a chunk's logits are the largest tensors of a
+            # step (chunk x vocab), and a name still bound here would keep two chunks alive at once.
+            del d_logits
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
 

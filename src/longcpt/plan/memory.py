@@ -1,0 +1,378 @@
+"""Per-device memory of one training step, term by term (docs/plan.md explains every term).
+
+Four groups, as DeepSpeed's and Megatron's memory write-ups split them:
+
+* model states: weights, gradients and optimizer state, by strategy, ZeRO stage and offload;
+* activations: what the forward keeps for the backward, and the temporaries of the moment;
+* buffers: DeepSpeed's gradient buckets, the sequence-parallel all-to-all copies;
+* runtime: CUDA context, NCCL and allocator slack on a GPU (an assumption, stated as one).
+
+Some terms live across steps (parameters, optimizer state, DDP's gradient buckets, ZeRO-3's
+gradient partition and bucket); the others exist only at some moments of a step, so the plan is
+what lives across steps plus the largest of three moments:
+
+    loss             the loss forward: every layer's saved tensors, the chunked loss on one chunk
+    backward         the backward of the last layer (with activation checkpointing: every layer's
+                     input, one layer recomputed) and its gradients; ZeRO-2's gradient partition and
+                     buckets exist from here to the end of the optimizer step
+    optimizer step   DeepSpeed's float32 gradient copy and AdamW's temporaries
+
+The activation terms are counted from what this code base's model actually saves (one Llama block:
+two RMSNorms that normalise in float32, the q/k/v/o projections, an attention kernel that keeps
+q, k, v, its output and the log-sum-exp, the SwiGLU MLP), per token of the window a device holds,
+for the three ways a step can run:
+
+    fp32   trainer.precision=32-true: everything float32
+    amp    bf16-mixed without DeepSpeed: float32 weights, autocast runs the matmuls in bfloat16
+    bf16   bf16-true, or bf16-mixed under DeepSpeed (which casts the model to bfloat16 and keeps
+           float32 master weights in the optimizer)
+
+Shapes: n tokens a device holds per micro-batch (micro_batch_size x seq_len / sequence_parallel),
+L layers, C hidden, F intermediate, Hq / Hk query / KV heads, D head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass
+
+GIB = 1 << 30
+# On a GPU: CUDA context and kernels, NCCL's buffers (about 1 GiB together on an A100/H100 with
+# torch 2.x), and the caching allocator's slack between freed and reused blocks.
+CUDA_RUNTIME_BYTES = 1 * GIB
+ALLOCATOR_SLACK = 0.05
+# DeepSpeed's defaults for the keys this plan reads (deepspeed/runtime/zero/config.py, 0.15-0.19).
+DEEPSPEED_DEFAULTS = {"reduce_bucket_size": 500_000_000, "overlap_comm": False, "contiguous_gradients": True,
+                      "stage3_max_live_parameters": 1_000_000_000, "stage3_param_persistence_threshold": 100_000}
+# torch.optim.AdamW keeps two moments per parameter, in the parameter's dtype.
+ADAM_MOMENTS = 2
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Bytes per element of what a step holds.
+
+    Attributes:
+        name: fp32 | amp | bf16 (module docstring).
+        param: a trained parameter (and its gradient).
+        act: a matmul input/output kept for the backward.
+        residual: the residual stream between blocks.
+    """
+
+    name: str
+    param: int
+    act: int
+    residual: int
+
+
+def precision_of(cfg) -> Precision:
+    """How `cfg.trainer.precision` runs under `cfg.strategy` (module docstring)."""
+    p = cfg.trainer.precision
+    if p == "32-true":
+        return Precision("fp32", 4, 4, 4)
+    if p == "bf16-true" or cfg.strategy.name == "deepspeed":
+        return Precision("bf16", 2, 2, 2)
+    return Precision("amp", 4, 2, 4)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One term of the plan: its category (weights, gradients, optimizer, activations, other),
+    a short name, its bytes, how it was counted, and the moments of a step it exists at (empty:
+    it lives across steps)."""
+
+    category: str
+    name: str
+    bytes: int
+    note: str = ""
+    when: tuple[str, ...] = ()
+
+    @property
+    def persistent(self) -> bool:
+        return not self.when
+
+
+MOMENTS = ("loss", "backward", "optimizer step")
+_LATE = ("backward", "optimizer step")  # from the first gradient to the end of the optimizer step
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a recipe spreads over devices.
+
+    Attributes:
+        device: "gpu" or "cpu".
+        world: ranks in all (devices x nodes).
+        sequence_parallel: ranks sharing one window.
+        micro_batch: windows per rank per micro-batch.
+        seq_len: tokens per window.
+        tokens: n, tokens one rank holds outside attention per micro-batch.
+    """
+
+    device: str
+    world: int
+    sequence_parallel: int
+    micro_batch: int
+    seq_len: int
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch * self.seq_len // self.sequence_parallel
+
+
+def loss_chunk_size() -> int:
+    """Rows of logits the chunked loss holds at once (`CausalLM.loss`'s default, used by training)."""
+    from longcpt.model.llama import CausalLM
+
+    return inspect.signature(CausalLM.loss).parameters["chunk_size"].default
+
+
+# ----------------------------------------------------------------------------------------------
+# Model states
+
+
+def model_state_items(cfg, shape, prec: Precision, layout: Layout) -> list[Item]:
+    """Weights, gradients and optimizer state on one device, by strategy, ZeRO stage and offload.
+
+    Without DeepSpeed (auto, DDP) every rank holds everything: parameters, gradients (DDP's buckets
+    are the gradients themselves: `gradient_as_bucket_view`) and AdamW's two moments, all in the
+    parameter dtype. Under DeepSpeed (as its `estimate_zero2/3_model_states_mem_needs` count them):
+    the parameters in the training dtype (a full copy at stage 2; at stage 3 a 1/world shard plus
+    what is gathered), a gradient partition in the same dtype, and float32 master weights and Adam
+    moments, all sharded over the world; offloading moves the sharded parts to host memory. The
+    float32 copy of the gradient partition exists only during the optimizer step
+    (`optimizer_step_items`). Measured on DeepSpeed 0.19: ZeRO-2 allocates its gradient partition
+    in the backward and frees it after the step; ZeRO-3 keeps it.
+    """
+    p, s, w = shape.parameters, cfg.strategy, prec.param
+    world = layout.world
+    if s.name != "deepspeed":
+        return [
+            Item("weights", "parameters", p * w, f"{p:,} x {w} B"),
+            Item("gradients", "gradients", p * w, f"{p:,} x {w} B (DDP buckets are the gradients)"),
+            Item("optimizer", "AdamW moments", ADAM_MOMENTS * p * w, f"2 x {p:,} x {w} B"),
+        ]
+    shard = -(-p // world)
+    items = []
+    if s.stage == 3:
+        zero = _zero(cfg)
+        if not s.offload_parameters:
+            items.append(Item("weights", "parameter shard", shard * w, f"{p:,} / {world} ranks x {w} B"))
+        # Parameters under the persistence threshold stay gathered on every rank. The others are
+        # gathered module by module and kept while fewer than stage3_max_live_parameters are live
+        # (and for a reuse within stage3_max_reuse_distance), so around the turn from forward to
+        # backward up to that many are gathered.
+        small = sum(n for n in shape.parameter_sizes if n <= int(zero["stage3_param_persistence_threshold"]))
+        live = min(p - small, int(zero["stage3_max_live_parameters"]) + shape.largest_module)
+        if small:
+            items.append(Item("weights", "persistent small parameters", small * w,
+                              f"{small:,} x {w} B (tensors <= stage3_param_persistence_threshold)"))
+        items.append(Item("weights", "gathered parameters", live * w,
+                          f"min(rest, stage3_max_live_parameters + largest module) = {live:,} x {w} B", MOMENTS))
+        items.append(Item("gradients", "gathered gradients", shape.largest_module * w,
+                          "one module's full gradients before the reduce-scatter", _LATE))
+    else:
+        items.append(Item("weights", "parameters", p * w, f"{p:,} x {w} B (every rank holds all of them at stage 2)"))
+    if not s.offload_optimizer:
+        when = () if s.stage == 3 else _LATE
+        items.append(Item("gradients", "gradient partition", shard * w, f"{p:,} / {world} x {w} B", when))
+        items.append(Item("optimizer", "float32 master weights", shard * 4, f"{p:,} / {world} x 4 B"))
+        items.append(Item("optimizer", "Adam moments", shard * 8, f"2 x {p:,} / {world} x 4 B"))
+    return items
+
+
+def optimizer_step_items(cfg, shape, prec: Precision, layout: Layout) -> list[Item]:
+    """Temporaries of the optimizer step (activations are gone by then).
+
+    DeepSpeed converts the rank's gradient partition to a float32 flat copy; AdamW's update makes
+    one parameter-sized temporary (the square root of the second moment) per tensor it updates:
+    DeepSpeed's flat partition, or every parameter at once with the foreach implementation torch
+    uses on GPUs (one parameter at a time on CPU).
+    """
+    p, s = shape.parameters, cfg.strategy
+    if s.name == "deepspeed":
+        if s.offload_optimizer:
+            return []
+        shard = -(-p // layout.world)
+        return [Item("activations", "optimizer step: float32 gradient partition", 4 * shard,
+                     f"{p:,} / {layout.world} x 4 B", ("optimizer step",)),
+                Item("activations", "optimizer step: AdamW temporaries", 2 * 4 * shard,
+                     f"2 x {p:,} / {layout.world} x 4 B", ("optimizer step",))]
+    updated = p if layout.device == "gpu" else shape.largest_module
+    return [Item("activations", "optimizer step: AdamW temporaries", updated * prec.param,
+                 f"{updated:,} x {prec.param} B", ("optimizer step",))]
+
+
+def _zero(cfg) -> dict:
+    """The ZeRO section `longcpt train` passes to DeepSpeed, with DeepSpeed's defaults filled in."""
+    from longcpt.strategies import deepspeed_config
+
+    return {**DEEPSPEED_DEFAULTS, **deepspeed_config(cfg)["zero_optimization"]}
+
+
+def buffer_items(cfg, shape, prec: Precision, layout: Layout) -> list[Item]:
+    """DeepSpeed's gradient buckets and the sequence-parallel all-to-all copies."""
+    items = []
+    s = cfg.strategy
+    if s.name == "deepspeed" and not s.offload_optimizer:
+        zero = _zero(cfg)
+        bucket = int(zero["reduce_bucket_size"])  # allocated in full, however small the model
+        count = 1 if s.stage == 3 or not zero["overlap_comm"] else 2
+        if zero["contiguous_gradients"] or s.stage == 3:
+            # ZeRO-3 allocates its bucket once; ZeRO-2 at the start of every backward (freed after the step)
+            items.append(Item("other", "gradient reduce buckets", count * bucket * prec.param,
+                              f"{count} x reduce_bucket_size {bucket:,} x {prec.param} B",
+                              () if s.stage == 3 else _LATE))
+    sp = layout.sequence_parallel
+    if sp > 1:
+        n = layout.tokens
+        per_token = (shape.heads + 2 * max(shape.kv_heads, sp)) * shape.head_dim * prec.act
+        items.append(Item("other", "all-to-all send/receive copies", 2 * n * per_token,
+                          f"q, k, v of one layer, {n:,} tokens, sent and received", MOMENTS[:2]))
+    return items
+
+
+def runtime_items(prec: Precision, layout: Layout, subtotal: int) -> list[Item]:
+    """CUDA context, NCCL and allocator slack on a GPU; nothing is assumed on CPU."""
+    if layout.device != "gpu":
+        return []
+    return [Item("other", "CUDA context + NCCL (assumed)", CUDA_RUNTIME_BYTES, "1 GiB"),
+            Item("other", "allocator slack (assumed)", int(ALLOCATOR_SLACK * subtotal),
+                 f"{ALLOCATOR_SLACK:.0%} of the tensors above")]
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations
+
+
+def layer_bytes_per_token(shape, prec: Precision, kind: str, layout: Layout) -> int:
+    """Bytes one block keeps for the backward, per token a device holds (no checkpointing).
+
+    Counted from `longcpt.model.llama.Block` (docs/plan.md has the list):
+      * each RMSNorm: its float32 input and normalised output, and 1/rms;
+      * the projections' inputs: the normalised hidden state (under autocast one bfloat16 copy per
+        projection: q, k, v, gate, up);
+      * attention: rotated q and k, v, the output and the float32 log-sum-exp per head;
+      * MLP: gate, up, silu(gate) and their product.
+    Extra copies: `intra_doc`/`anchor` on CPU keep the per-document output and its re-ordered copy;
+    under sequence parallelism the output exists before and after its all-to-all; `infini` keeps
+    its float32 memory read (elu features, read, normaliser, gate mix).
+    """
+    c, f, hq, d = shape.hidden, shape.intermediate, shape.heads, shape.head_dim
+    a, r = prec.act, prec.residual
+    sp = layout.sequence_parallel
+    hqd, hkd = hq * d, max(shape.kv_heads, sp) * d  # after the all-to-all: KV heads repeated up to sp
+    norms = 2 * (4 * c + r * c + 4)
+    inputs = (5 if prec.name == "amp" else 2) * a * c
+    attention = a * (2 * hqd + 2 * hkd) + 4 * hq
+    mlp = 4 * a * f
+    extra = 0
+    if kind in ("intra_doc", "anchor") and layout.device == "cpu":
+        extra += a * hqd
+    if sp > 1:
+        extra += a * hqd
+    if kind == "infini":
+        hk = shape.kv_heads
+        extra += (12 if a == 4 else 16) * hqd + 16 * hk * d + 8 * (hq + hk) + a * hqd
+    return norms + inputs + attention + mlp + extra
+
+
+def activation_items(cfg, shape, prec: Precision, layout: Layout) -> list[Item]:
+    """Activations and temporaries, each tagged with the moment it belongs to (module docstring)."""
+    kind = cfg.attention.kind
+    c, f, v, layers = shape.hidden, shape.intermediate, shape.vocab, shape.layers
+    a, r = prec.act, prec.residual
+    n = layout.tokens
+    note_tokens = f"{n:,} tokens"
+    if kind == "infini":
+        # Segment-major training: one group of at most micro_batch x segment_len tokens is live at a
+        # time (its forward is recomputed in the backward), plus every layer's memory per document.
+        seg = int(cfg.attention.options["segment_len"])
+        n = min(n, layout.micro_batch * seg)
+        note_tokens = f"{n:,} tokens (one segment group)"
+    per_layer = layer_bytes_per_token(shape, prec, kind, layout)
+    checkpointing = cfg.trainer.activation_checkpointing
+    saved_per_layer = r * c if checkpointing else per_layer
+    # ids, final norm; RoPE's float32 cos/sin cover the whole window under sequence parallelism
+    # (each rank rotates all T tokens of its heads after the all-to-all)
+    outside = 8 + 8 * shape.head_dim * layout.sequence_parallel + (4 * c + r * c + 4)
+    chunk = min(loss_chunk_size(), n)
+    # The chunk's float32 logits and log-softmax (8 B per logit), or later its softmax gradient (in
+    # the matmul dtype) with the LM-head gradient's matmul output and its float32 copy.
+    grad_logits = {"fp32": 4, "bf16": 2, "amp": 4 + 2}[prec.name]  # amp: float32 + autocast's bf16 copy
+    head_grad = 4 if prec.name == "fp32" else 2 + 4
+    chunk_temp = max(8 * chunk * v, grad_logits * chunk * v + head_grad * v * c)
+    # The backward of the last block: the MLP's product, gate and up gradients (while its product
+    # input is already freed: + 2 F) and the residual stream's incoming and accumulated gradients.
+    backward_work = n * (2 * a * f + 2 * r * c)
+
+    def at(moment: str, category: str, name: str, size: int, note: str) -> Item:
+        return Item(category, name, size, note, (moment,))
+
+    saved_note = f"{layers} x {note_tokens} x {saved_per_layer:,} B" + (
+        " (checkpointed: block inputs)" if checkpointing else "")
+    items = [
+        at("loss", "activations", "layers: saved for backward", layers * n * saved_per_layer, saved_note),
+        at("loss", "activations", "final norm, ids, RoPE tables", n * outside, f"{n:,} x {outside:,} B"),
+        at("loss", "activations", "loss: hidden + its gradient", 2 * n * r * c, f"2 x {n:,} x {c} x {r} B"),
+        at("loss", "activations", "loss: LM-head gradient (float32)", 4 * v * c, f"{v:,} x {c} x 4 B"),
+        at("loss", "activations", "loss: one chunk of logits", chunk_temp,
+           f"chunk {chunk:,} x vocab {v:,}, float32 + working copies"),
+        at("backward", "activations", "layers: saved for backward", layers * n * saved_per_layer, saved_note),
+    ]
+    if checkpointing:
+        items.append(at("backward", "activations", "one layer recomputed", n * per_layer, f"{n:,} x {per_layer:,} B"))
+    items.append(at("backward", "activations", "backward working memory", backward_work,
+                    f"{n:,} x (2 x {f} x {a} + 2 x {c} x {r}) B"))
+    if prec.name == "amp":
+        items.append(Item("activations", "autocast bfloat16 weight copies", 2 * shape.matmul_parameters,
+                          f"{shape.matmul_parameters:,} x 2 B", MOMENTS[:2]))
+    if kind == "infini":
+        hk, d = shape.kv_heads, shape.head_dim
+        memory = layers * layout.micro_batch * 4 * (2 * hk * d * (d + 1))
+        items.append(Item("activations", "Infini memories (M, z) in and out", memory,
+                          f"{layers} layers x {layout.micro_batch} docs x 2 x Hk x D x (D+1) x 4 B", MOMENTS[:2]))
+        if checkpointing:
+            # The backward recomputes the groups last to first, and each group's loss forward again
+            # (the loss moment's terms); tensors a group recomputed but its backward never read (the
+            # memory write's float32 keys and values, the blocks' inputs) stay until the whole
+            # backward ends. Measured (4-layer x 256 model, 2-4 groups): about 28 Hk D + C r bytes
+            # per token and layer of every group already done.
+            groups = -(-layout.seq_len // seg)
+            kept = (groups - 1) * n * layers * (28 * hk * d + r * c)
+            for item in items:
+                if item.when == ("loss",):
+                    items[items.index(item)] = dataclasses.replace(item, when=("loss", "backward"))
+            items = [i for i in items if i.when != ("backward",)]
+            items.append(Item("activations", "segment groups already done", kept,
+                              f"{groups - 1} groups x {n:,} tokens x {layers} x (28 Hk D + C x {r}) B", ("backward",)))
+    return items + optimizer_step_items(cfg, shape, prec, layout)
+
+
+@dataclass(frozen=True)
+class Memory:
+    """The memory plan of one device.
+
+    Attributes:
+        items: what lives across steps, the terms of the peak moment, and the GPU runtime.
+        peak: the moment of the peak ("loss", "backward" or "optimizer step").
+        moments: bytes by category of the terms that exist only at each moment.
+    """
+
+    items: list[Item]
+    peak: str
+    moments: dict[str, dict[str, int]]
+
+
+def memory_plan(cfg, shape, prec: Precision, layout: Layout) -> Memory:
+    """Everything one device holds at the peak of a step (module docstring)."""
+    items = (model_state_items(cfg, shape, prec, layout) + buffer_items(cfg, shape, prec, layout)
+             + activation_items(cfg, shape, prec, layout))
+    persistent = [i for i in items if i.persistent]
+    moments = {m: [i for i in items if m in i.when] for m in MOMENTS}
+    peak = max(MOMENTS, key=lambda m: sum(i.bytes for i in moments[m]))
+    chosen = persistent + moments[peak]
+    summary = {m: {c: sum(i.bytes for i in terms if i.category == c) for c in {i.category for i in terms}}
+               for m, terms in moments.items()}
+    return Memory(chosen + runtime_items(prec, layout, sum(i.bytes for i in chosen)), peak, summary)

@@ -1,0 +1,35 @@
+"""`longcpt plan` against the measured memory of real training steps: two CPU processes running
+`longcpt.lit.train.train` under DDP ("ZeRO-0"), DeepSpeed ZeRO-2 and ZeRO-3, the tiny model, 2K
+windows. `benchmarks/plan_memory.py` measures (its docstring says exactly what); it runs the larger
+grid (4-layer x 256 model, 2K-16K, checkpointing, bf16) whose figures docs/plan.md records.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "plan_memory.py"
+TOLERANCE = 0.15
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("plan_memory", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("strategy, kind", [("zero0", "anchor"), ("zero2", "full"), ("zero3", "anchor")])
+def test_plan_agrees_with_measured_memory_of_a_real_step(strategy, kind):
+    bench = _benchmark()
+    result = bench.measure({"model": "tiny", "kind": kind, "seq_len": 2048, "strategy": strategy})
+    assert len(result["ranks"]) == 2
+    ratios = bench.ratios(result)  # plan / measured, worst rank
+    detail = f"plan {result['plan']}, measured {result['ranks']}"
+    assert abs(ratios["states"] - 1) <= TOLERANCE, f"model states: {ratios['states']:.3f}; {detail}"
+    assert abs(ratios["activations"] - 1) <= TOLERANCE, f"step peak: {ratios['activations']:.3f}; {detail}"

@@ -198,4 +198,4 @@ class AttentionContext:
 
 
 # Register the built-in kinds.
-from longcpt.model.attention import document, full, infini  # noqa: E402,F401
+from longcpt.model.attention import document, full, infini, infllm  # noqa: E402,F401

@@ -78,6 +78,11 @@ OPTIONS = {
     "max_cached_block": Option(32, POSITIVE_INT, "blocks per row in the LRU cache on an accelerator"),
 }
 _ROPE_KEY = "infllm_rope"
+# Logit of a hidden key: finite, so that a query with no visible key in one part stays NaN-free.
+MASKED = -1e30
+# Queries attended together: a step of c queries is cut into tiles of this many, so that the
+# masked corners (keys a query's window or memory does not reach yet) stay small.
+QUERY_TILE = 128
 # Recent steps whose visibility is kept for `visible_share` (covers a prompt's last step and a
 # short answer).
 LOG_STEPS = 32
@@ -153,34 +158,37 @@ def retrieve_topk(reps: torch.Tensor, query: torch.Tensor, topk: int) -> torch.T
     return scores.topk(topk, dim=-1).indices.sort(dim=-1).values
 
 
-def grouped_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """Float32 logits (B, Hq, c, W) of q (B, Hq, c, D) against k (B, Hk, W, D), heads grouped."""
-    b, hq, c, d = q.shape
-    hk = k.shape[1]
-    s = q.reshape(b, hk, (hq // hk) * c, d) @ k.transpose(-1, -2)  # (B, Hk, G*c, W)
-    return s.view(b, hq, c, -1).float().mul_(scale)
+def softmax_lse(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the last dim of float logits `s` and its log-sum-exp (each (..., W) and (...)).
 
-
-def grouped_values(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Float32 p (B, Hq, c, W) @ v (B, Hk, W, D) -> (B, Hq, c, D), heads grouped."""
-    b, hq, c, w = p.shape
-    hk = v.shape[1]
-    o = p.to(v.dtype).reshape(b, hk, (hq // hk) * c, w) @ v  # (B, Hk, G*c, D)
-    return o.view(b, hq, c, -1).float()
-
-
-def softmax_lse(s: torch.Tensor, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax over the last dim of float logits `s` (-inf = hidden) and its log-sum-exp.
-
-    A row with every key hidden gets zero probabilities and lse -inf (so it drops out of a merge).
-    `inplace` overwrites `s` with the probabilities (no copy of a large score matrix).
+    Hidden keys carry the logit `MASKED` (finite): a row with every key hidden then gets
+    lse ~ MASKED and drops out of a merge instead of turning into NaN. The log-sum-exp comes from
+    the softmax itself, lse = max(s) - log(max(p)) (the largest probability is >= 1/W), which saves
+    a pass of exponentials over the score matrix.
     """
-    m = s.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = (s.sub_(m) if inplace else s - m).exp_()
-    z = e.sum(-1, keepdim=True)
-    lse = (z.log() + m).squeeze(-1)
-    return e.div_(z.clamp_min(torch.finfo(z.dtype).tiny)), lse
+    p = torch.softmax(s, dim=-1)
+    return p, s.amax(-1) - p.amax(-1).log()
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+           scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention of q (B, Hq, c, D) over grouped k/v (B, Hk, W, D) with an additive mask.
+
+    Args:
+        bias: (c, W) float32, 0 where a query sees a key and `MASKED` where it does not.
+
+    Returns:
+        (out (B, Hq, c, D), lse (B, Hq, c), probabilities (B, Hq, c, W)), all float32.
+    """
+    b, hq, c, d = q.shape
+    hk, w = k.shape[1], k.shape[2]
+    g = hq // hk
+    # Repeat the (few) keys over their query heads rather than the (many) scores over the group.
+    k = k[:, :, None].expand(b, hk, g, w, d).reshape(b * hq, w, d).float()
+    v = v[:, :, None].expand(b, hk, g, w, d).reshape(b * hq, w, d).float()
+    s = torch.baddbmm(bias[None], q.reshape(b * hq, c, d).float(), k.transpose(1, 2), alpha=scale)  # (B*Hq, c, W)
+    p, lse = softmax_lse(s)
+    return torch.bmm(p, v).view(b, hq, c, d), lse.view(b, hq, c), p.view(b, hq, c, w)
 
 
 def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -383,54 +391,61 @@ class InfLLMState:
         start = first + c - self.pend_k.shape[2]  # position of pending[0]
         dev = q.device
 
-        # 1. Local window: pending tokens at positions > first - n_local, at positions 0 .. W-1.
+        # 1. Local window: pending tokens at positions > first - n_local, rotated at positions 0 .. W-1.
         w0 = max(0, first - n_local + 1 - start)
-        k_win, v_win = self.pend_k[:, :, w0:], self.pend_v[:, :, w0:]  # (B, Hk, W, D)
-        w = k_win.shape[2]
-        k_rot = rotate(k_win, cos[:, :w], sin[:, :w], precision)
-        q_rot = rotate(q, cos[:, w - c : w], sin[:, w - c : w], precision)
-        distance = (w - c + torch.arange(c, device=dev))[:, None] - torch.arange(w, device=dev)[None]  # (c, W)
-        hidden = (distance < 0) | (distance >= n_local)
-        p_loc, lse_loc = softmax_lse(grouped_scores(q_rot, k_rot, scale).masked_fill_(hidden, float("-inf")), inplace=True)
-        parts = [(grouped_values(p_loc, v_win), lse_loc)]
+        w = self.pend_k.shape[2] - w0
+        k_win = rotate(self.pend_k[:, :, w0:], cos[:, :w], sin[:, :w], precision)  # (B, Hk, W, D)
+        v_win = self.pend_v[:, :, w0:]
+        q_win = rotate(q, cos[:, w - c : w], sin[:, w - c : w], precision)  # query i at position W - c + i
 
-        # 2-3. Memory: sinks, retrieved blocks, pending tokens behind some query's window.
+        # 2. Retrieval with the step's mean memory query (the query rotated by the one memory angle).
         q_mem = rotate(q, cos[:, n_local - 1 : n_local], sin[:, n_local - 1 : n_local], precision)  # (B, Hq, c, D)
         mem_k, mem_v = [self.sink_k], [self.sink_v]
         self.selected = None
         if self.store.n:
             self.selected = self.store.search(q_mem.float().mean(2), o["topk"])  # (B, k)
-            if self.cache is not None:
-                block_k, block_v = self.cache.fetch(self.selected)
-            else:
-                block_k, block_v = self.store.gather(self.selected, dev)
+            fetch = self.cache.fetch if self.cache is not None else lambda sel: self.store.gather(sel, dev)
+            block_k, block_v = fetch(self.selected)
             mem_k.append(block_k)
             mem_v.append(block_v)
-        behind = max(0, first + c - n_local - start)  # pending tokens some query sees as memory
+        # 3. Memory keys: sinks, retrieved blocks, then pending tokens that left some query's window;
+        # every one at angle 0, so at distance n_local - 1 from every query.
+        behind = max(0, first + c - n_local - start)
         mem_k.append(self.pend_k[:, :, :behind])
         mem_v.append(self.pend_v[:, :, :behind])
-        k_mem, v_mem = torch.cat(mem_k, dim=2), torch.cat(mem_v, dim=2)  # (B, Hk, M, D)
-        m = k_mem.shape[2]
-        if m:
-            k_mem = rotate(k_mem, cos[:, :1], sin[:, :1], precision)
-            s_mem = grouped_scores(q_mem, k_mem, scale)  # (B, Hq, c, M)
-            if behind:  # pending token j is memory for query i once it left i's window
-                pos = start + torch.arange(behind, device=dev)
-                late = pos[None] > (first + torch.arange(c, device=dev) - n_local)[:, None]  # (c, behind)
-                s_mem[..., m - behind :].masked_fill_(late, float("-inf"))
-            p_mem, lse_mem = softmax_lse(s_mem, inplace=True)
-            parts.append((grouped_values(p_mem, v_mem), lse_mem))
+        k_mem = rotate(torch.cat(mem_k, dim=2), cos[:, :1], sin[:, :1], precision)  # (B, Hk, M, D)
+        v_mem = torch.cat(mem_v, dim=2)
+        fixed = k_mem.shape[2] - behind  # sinks and blocks: seen by every query
 
-        # 4. One softmax over window and memory.
-        out, lse = merge_attention(parts)
-
-        # 5. Attention each window key received, from the joint softmax, summed over queries.
-        weight = torch.exp(lse_loc - lse).unsqueeze(2)  # (B, Hq, 1, c)
-        self.pend_score[:, :, w0:] += (weight @ p_loc).squeeze(2)  # (B, Hq, W)
+        # 4. Attention in tiles of queries (the masked corners of the window and of the pending
+        # tokens stay small), window and memory merged into one softmax through their lse.
+        outs = []
+        for t0 in range(0, c, QUERY_TILE):
+            t1 = min(c, t0 + QUERY_TILE)
+            rows = torch.arange(t0, t1, device=dev)[:, None]  # step indices of the tile's queries
+            a0, a1 = max(0, t0 - n_local + 1 + (w - c)), w - c + t1  # tile's window keys in k_win
+            distance = (w - c + rows) - torch.arange(a0, a1, device=dev)[None]  # (t, a1 - a0)
+            bias = torch.zeros(distance.shape, device=dev).masked_fill_((distance < 0) | (distance >= n_local), MASKED)
+            o_loc, lse_loc, p_loc = attend(q_win[:, :, t0:t1], k_win[:, :, a0:a1], v_win[:, :, a0:a1], bias, scale)
+            parts = [(o_loc, lse_loc)]
+            m = fixed + max(0, first + t1 - n_local - start)  # memory keys some query of the tile sees
+            if m:
+                bias = torch.zeros(t1 - t0, m, device=dev)
+                if m > fixed:  # pending token j is memory for query i once it left i's window
+                    pos = start + torch.arange(m - fixed, device=dev)[None]
+                    bias[:, fixed:].masked_fill_(pos > first + rows - n_local, MASKED)
+                o_mem, lse_mem, _ = attend(q_mem[:, :, t0:t1], k_mem[:, :, :m], v_mem[:, :, :m], bias, scale)
+                parts.append((o_mem, lse_mem))
+            out, lse = merge_attention(parts)
+            outs.append(out)
+            # 5. Attention each window key received, from the joint softmax, summed over queries.
+            weight = torch.exp(lse_loc - lse).unsqueeze(2)  # (B, Hq, 1, t)
+            self.pend_score[:, :, w0 + a0 : w0 + a1] += (weight @ p_loc).squeeze(2)
 
         self.log.append((first, c, self.sink_k.shape[2], start, self.selected))
         self.length += c
         self._evict()
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         return out.to(q.dtype)
 
     def _evict(self) -> None:

@@ -29,7 +29,9 @@ from its first token, like the reference's `ContextManager.append`). One step:
      angle 0. (The reference takes row n_local - 1 of its table in
      `apply_rotary_pos_emb_one_angle(q, n_local)`.)
   4. One softmax over window and memory: the two partial attentions are merged exactly through
-     their log-sum-exp (`merge_attention`).
+     their log-sum-exp (`merge_attention`). The step's queries are attended in tiles of
+     `QUERY_TILE`, so that the masked corners (keys a query's window or memory does not reach yet)
+     stay small; the retrieval is still one per step.
   5. Scores: every window key accumulates the attention probability it received from the step's
      queries (from the joint softmax, per query head). When its block forms, the representative of
      query head h is the mean of the keys of the `repr_topk` tokens with the highest score for h
@@ -43,7 +45,8 @@ to host memory (`BlockStore`, growing linearly with the stream). On an accelerat
 a CPU the host is the device and blocks are read in place.
 
 Differences from the reference (thunlp/InfLLM), all deliberate:
-  * batches: every row has its own blocks and retrieval (the reference handles batch 1);
+  * batches: every row has its own blocks, retrieval and cache (the reference's generation
+    asserts batch 1, `inf_llm/utils/greedy_search.py`);
   * the representatives live in host memory (the reference grows a GPU tensor with the stream);
   * scores and representatives are float32 (the reference keeps scores in the model dtype);
   * the memory keys are rotated by angle 0 instead of left alone, which is the same thing unless

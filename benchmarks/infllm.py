@@ -3,8 +3,10 @@
 One stream per kind, in a fresh process each (its own peak memory), fed through
 `model.hidden_states(chunk, positions, state)` in chunks of `--chunk` tokens as generation does.
 At each mark (16K, 64K, 256K, 1M tokens by default) a row reports:
-  * us/token: time per token over the last `--window` tokens before the mark (the cost *at* that
-    length, not averaged from the start);
+  * us/token: wall time per token over the last `--window` tokens before the mark (the cost *at*
+    that length, not averaged from the start); cpu us/token: the process's CPU time over the same
+    tokens, which other processes on a shared machine barely disturb (run with OMP_NUM_THREADS=1
+    to compare kinds on one core);
   * device MiB: what the layer states keep on the compute device (`full`: the KV cache; `infllm`:
     sinks, window, pending tokens and scores, block cache);
   * host MiB: the InfLLM block store in host memory (grows linearly with the stream);
@@ -16,7 +18,8 @@ before it). A third table times one retrieval over the blocks of the longest str
 (`IndexFlatIP`) when faiss is importable; the reference offers faiss as an option.
 
 Targets (issue 13): infllm time per token flat within 25% from 64K to 1M, work memory flat within
-10%, at 64K at least 3x faster per token than `full`.
+10%, at 64K at least 3x faster per token than `full`. Growth and speed-up are reported for both
+wall and CPU time.
 
 Model: the 4-layer x 256 Llama of the other benchmarks (8 heads / 4 KV heads, head dim 32, vocab
 8192), random weights, float32; InfLLM options n_init 64, n_local 1024, block_size 64, topk 8,
@@ -93,14 +96,14 @@ def stream(kind: str, length: int, marks: list[int], chunk: int, window: int, de
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     state: dict = {}
-    rows, position, timed, started = [], 0, 0.0, None
+    rows, position, timed, started, cpu_started = [], 0, 0, None, 0.0
     while position < length:
         n = min(chunk, length - position)
         ids = torch.randint(0, MODEL["vocab_size"], (1, n), generator=g).to(device)
         positions = torch.arange(position, position + n, device=device)[None]
         next_mark = min(m for m in marks if m > position)
         if started is None and position >= next_mark - window:
-            started, timed = time.perf_counter(), 0
+            started, cpu_started, timed = time.perf_counter(), time.process_time(), 0
         model.hidden_states(ids, position_ids=positions, state=state)
         position += n
         if started is not None:
@@ -108,10 +111,11 @@ def stream(kind: str, length: int, marks: list[int], chunk: int, window: int, de
         if position in marks:
             if device == "cuda":
                 torch.cuda.synchronize()
-            seconds = time.perf_counter() - started
+            seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
             dev, host = state_bytes(state)
             work = peak_bytes(device) - base - (host if device != "cuda" else 0)
             rows.append({"kind": kind, "length": position, "us_per_token": round(1e6 * seconds / timed, 1),
+                         "cpu_us_per_token": round(1e6 * cpu / timed, 1),
                          "device_mib": round(dev / MIB, 2), "host_mib": round(host / MIB, 1),
                          "work_mib": round(work / MIB, 1)})
             print("ROW " + json.dumps(rows[-1]), file=sys.stderr, flush=True)
@@ -188,12 +192,15 @@ def main() -> None:
     search = retrieval(marks[-1] // OPTIONS["block_size"], reps=50)
 
     print(f"device={args.device} model={MODEL}\ninfllm options={OPTIONS}")
-    print(f"{'kind':<7} {'tokens':>7} {'us/token':>9} {'device MiB':>11} {'host MiB':>9} {'work MiB':>9} {'full/infllm':>12}")
-    full_time = {r["length"]: r["us_per_token"] for r in rows if r["kind"] == "full"}
+    print(f"{'kind':<7} {'tokens':>7} {'us/token':>9} {'cpu us/tok':>11} {'device MiB':>11} {'host MiB':>9} "
+          f"{'work MiB':>9} {'full/infllm cpu':>16} {'wall':>6}")
+    full = {r["length"]: r for r in rows if r["kind"] == "full"}
     for r in sorted(rows, key=lambda r: (r["length"], r["kind"])):
-        speedup = f"{full_time[r['length']] / r['us_per_token']:.2f}x" if r["kind"] == "infllm" and r["length"] in full_time else ""
-        print(f"{r['kind']:<7} {size_label(r['length']):>7} {r['us_per_token']:>9.1f} {r['device_mib']:>11.2f} "
-              f"{r['host_mib']:>9.1f} {r['work_mib']:>9.1f} {speedup:>12}")
+        peer = full.get(r["length"]) if r["kind"] == "infllm" else None
+        cpu_ratio = f"{peer['cpu_us_per_token'] / r['cpu_us_per_token']:.2f}x" if peer else ""
+        wall_ratio = f"{peer['us_per_token'] / r['us_per_token']:.2f}x" if peer else ""
+        print(f"{r['kind']:<7} {size_label(r['length']):>7} {r['us_per_token']:>9.1f} {r['cpu_us_per_token']:>11.1f} "
+              f"{r['device_mib']:>11.2f} {r['host_mib']:>9.1f} {r['work_mib']:>9.1f} {cpu_ratio:>16} {wall_ratio:>6}")
     host_rows = [r for r in rows if r["kind"] == "infllm" and r["host_mib"]]
     host_per_token = round(host_rows[-1]["host_mib"] * MIB / host_rows[-1]["length"], 1) if host_rows else None
     print(f"host store: {host_per_token} bytes per token")
@@ -202,15 +209,20 @@ def main() -> None:
     print(f"retrieval of top-{OPTIONS['topk']} of {search['blocks']} blocks: torch {search['torch_us']} us, "
           f"faiss {search['faiss_us']} us ({ratio})")
     mid = 65536 if 65536 in marks[:-1] else marks[0]
-    at = mid if mid in full_time else None
-    infllm_at = {r["length"]: r["us_per_token"] for r in rows if r["kind"] == "infllm"}
+    ours = {r["length"]: r for r in rows if r["kind"] == "infllm"}
+    at = mid if mid in full else None
+
+    def speedup(key: str) -> float | None:
+        return round(full[at][key] / ours[at][key], 2) if at else None
+
     summary = {
         "benchmark": "infllm", "device": args.device, "model": MODEL, "options": OPTIONS, "rows": rows,
+        "cpu_time_per_token_growth": growth(rows, "cpu_us_per_token", mid, marks[-1]),
         "time_per_token_growth": growth(rows, "us_per_token", mid, marks[-1]),
         "work_growth": growth(rows, "work_mib", mid, marks[-1]),
         "device_growth": growth(rows, "device_mib", mid, marks[-1]),
-        "speedup_vs_full": round(full_time[at] / infllm_at[at], 2) if at else None, "speedup_at": at,
-        "host_bytes_per_token": host_per_token, "retrieval": search,
+        "cpu_speedup_vs_full": speedup("cpu_us_per_token"), "speedup_vs_full": speedup("us_per_token"),
+        "speedup_at": at, "host_bytes_per_token": host_per_token, "retrieval": search,
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
     print(json.dumps(summary))

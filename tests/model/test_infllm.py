@@ -268,7 +268,8 @@ def test_all_blocks_retrieved_equals_one_softmax_with_assigned_positions(monkeyp
 
 
 def test_retrieval_limits_attention_to_sinks_selected_blocks_and_pending(monkeypatch):
-    monkeypatch.setattr(infllm, "QUERY_TILE", 6)
+    for name, value in (("QUERY_TILE", 6), ("PAGE_BLOCKS", 4), ("REPS_PAGE_BLOCKS", 5)):  # several pages
+        monkeypatch.setattr(infllm, name, value)
     rope = RotaryEmbedding(8, 10000.0, None, 64)
     opts = options(topk=2, max_cached_block=2)
     q, k, v = layer_inputs(t=181)
@@ -330,12 +331,13 @@ def test_device_state_is_bounded_while_streaming_256k_tokens():
         device_peak = max(device_peak, state[0].device_bytes())
     s = state[0]
     assert device_peak <= bound and s.store.n == layout(total, 16, 128, 32)[1]
-    # host bytes per stored token: K/V, representatives, and the unfilled part of the last page
-    exact = 4 * (2 * hk * d + hq * d / opts["block_size"])
-    per_stored = s.host_bytes() / (s.store.n * opts["block_size"])
-    assert exact <= per_stored <= exact * 1.01
-    print(f"host store {per_stored:.2f} bytes/token (K/V {8 * hk * d}, representatives {4 * hq * d / 32:.1f}); "
-          f"device state <= {device_peak} bytes (bound {bound})")
+    # the host store: whole pages of K/V and of representatives, nothing else
+    kv_pages, rep_pages = -(-s.store.n // infllm.PAGE_BLOCKS), -(-s.store.n // infllm.REPS_PAGE_BLOCKS)
+    assert s.host_bytes() == 4 * (kv_pages * infllm.PAGE_BLOCKS * 32 * 2 * hk * d
+                                  + rep_pages * infllm.REPS_PAGE_BLOCKS * hq * d)
+    per_token = 4 * (2 * hk * d + hq * d / opts["block_size"])
+    print(f"host store {per_token:.1f} bytes/token (K/V {8 * hk * d}, representatives {4 * hq * d / 32:.1f}), "
+          f"{s.host_bytes() / total:.1f} allocated; device state <= {device_peak} bytes (bound {bound})")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -59,7 +59,6 @@ W window keys, L pending tokens, M memory keys, S block_size, N stored blocks, k
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict, deque
 from typing import Any
 
@@ -91,6 +90,7 @@ QUERY_TILE = 128
 LOG_STEPS = 32
 # Blocks per page of the host store: it grows a page at a time, never copying what it holds.
 PAGE_BLOCKS = 64
+REPS_PAGE_BLOCKS = 4096
 
 
 def infllm_option_problems(o: dict[str, Any]) -> list[str]:
@@ -144,21 +144,29 @@ def block_representatives(keys: torch.Tensor, scores: torch.Tensor, repr_topk: i
     return picked.float().mean(4).reshape(b, hq, n, d).transpose(1, 2)  # (B, N, Hq, D)
 
 
-def retrieve_topk(reps: torch.Tensor, query: torch.Tensor, topk: int) -> torch.Tensor:
-    """Indices (B, min(topk, N)) of the blocks whose representatives best match `query`, ascending.
-
-    Score of block n in row b: sum over query heads h of <query[b, h], reps[b, n, h]>. With at most
-    `topk` blocks every block is returned (as the reference does).
+def retrieval_scores(reps: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """Scores (B, N) of blocks: sum over query heads h of <query[b, h], reps[b, n, h]>.
 
     Args:
         reps: (B, N, Hq, D) float32 representatives.
         query: (B, Hq, D) float32 mean memory query of a step.
     """
     b, n = reps.shape[:2]
+    return torch.bmm(reps.reshape(b, n, -1), query.reshape(b, -1, 1)).squeeze(-1)  # (B, N)
+
+
+def top_blocks(scores: torch.Tensor, topk: int) -> torch.Tensor:
+    """Indices (B, min(topk, N)) of the best-scored blocks, ascending; every block when N <= topk
+    (as the reference does)."""
+    b, n = scores.shape
     if n <= topk:
-        return torch.arange(n, device=reps.device).expand(b, n)
-    scores = torch.bmm(reps.reshape(b, n, -1), query.reshape(b, -1, 1)).squeeze(-1)  # (B, N)
+        return torch.arange(n, device=scores.device).expand(b, n)
     return scores.topk(topk, dim=-1).indices.sort(dim=-1).values
+
+
+def retrieve_topk(reps: torch.Tensor, query: torch.Tensor, topk: int) -> torch.Tensor:
+    """The `topk` blocks whose representatives reps (B, N, Hq, D) best match query (B, Hq, D)."""
+    return top_blocks(retrieval_scores(reps, query), topk)
 
 
 def softmax_lse(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,38 +225,41 @@ def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[tor
 class BlockStore:
     """Keys, values and representatives of every memory block of one layer, in host memory.
 
-    Keys and values grow a page of `PAGE_BLOCKS` blocks at a time (nothing held is copied again);
-    the representatives (small: one D-vector per query head per block) in one doubling buffer, so
-    a retrieval scores every block in one matrix product.
+    Everything grows a page at a time and nothing held is ever copied again: keys and values in
+    pages of `PAGE_BLOCKS` blocks, representatives (one D-vector per query head per block) in
+    pages of `REPS_PAGE_BLOCKS`, few enough that a retrieval is a handful of matrix products.
     """
 
     def __init__(self, batch: int, n_heads: int, n_kv_heads: int, block_size: int, head_dim: int,
                  dtype: torch.dtype, pin: bool = False):
         self.shape = (batch, PAGE_BLOCKS, n_kv_heads, block_size, head_dim)
+        self.reps_shape = (batch, REPS_PAGE_BLOCKS, n_heads, head_dim)
         self.dtype, self.pin = dtype, pin
         self.pages_k: list[torch.Tensor] = []  # each (B, PAGE_BLOCKS, Hk, S, D)
         self.pages_v: list[torch.Tensor] = []
-        self.reps = torch.empty(batch, 0, n_heads, head_dim)  # (B, capacity, Hq, D) float32
+        self.pages_reps: list[torch.Tensor] = []  # each (B, REPS_PAGE_BLOCKS, Hq, D) float32
         self.n = 0
 
     def append(self, k: torch.Tensor, v: torch.Tensor, reps: torch.Tensor) -> None:
         """Add blocks: k/v (B, n, Hk, S, D) on any device, reps (B, n, Hq, D)."""
-        n = k.shape[1]
         k, v, reps = k.to("cpu"), v.to("cpu"), reps.to("cpu", torch.float32)
-        for i in range(n):
-            page, slot = divmod(self.n + i, PAGE_BLOCKS)
+        for i in range(k.shape[1]):
+            page, slot = divmod(self.n, PAGE_BLOCKS)
             if page == len(self.pages_k):
-                new = [torch.empty(self.shape, dtype=self.dtype, pin_memory=self.pin) for _ in range(2)]
-                self.pages_k.append(new[0])
-                self.pages_v.append(new[1])
+                self.pages_k.append(torch.empty(self.shape, dtype=self.dtype, pin_memory=self.pin))
+                self.pages_v.append(torch.empty(self.shape, dtype=self.dtype, pin_memory=self.pin))
             self.pages_k[page][:, slot] = k[:, i]
             self.pages_v[page][:, slot] = v[:, i]
-        if self.n + n > self.reps.shape[1]:
-            grown = self.reps.new_empty(self.reps.shape[0], max(2 * (self.n + n), 64), *self.reps.shape[2:])
-            grown[:, : self.n] = self.reps[:, : self.n]
-            self.reps = grown
-        self.reps[:, self.n : self.n + n] = reps
-        self.n += n
+            page, slot = divmod(self.n, REPS_PAGE_BLOCKS)
+            if page == len(self.pages_reps):
+                self.pages_reps.append(torch.empty(self.reps_shape))
+            self.pages_reps[page][:, slot] = reps[:, i]
+            self.n += 1
+
+    @property
+    def reps(self) -> torch.Tensor:
+        """All representatives (B, N, Hq, D) (a copy; retrieval reads the pages in place)."""
+        return torch.cat(self.pages_reps, dim=1)[:, : self.n] if self.n else torch.empty(self.reps_shape)[:, :0]
 
     def block(self, row: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (Hk, S, D) of block `index` of `row`."""
@@ -257,7 +268,10 @@ class BlockStore:
 
     def search(self, query: torch.Tensor, topk: int) -> torch.Tensor:
         """`retrieve_topk` over the stored blocks for query (B, Hq, D): (B, k) on the host."""
-        return retrieve_topk(self.reps[:, : self.n], query.to("cpu", torch.float32), topk)
+        query = query.to("cpu", torch.float32)
+        scores = [retrieval_scores(page[:, : self.n - i * REPS_PAGE_BLOCKS], query)
+                  for i, page in enumerate(self.pages_reps)]
+        return top_blocks(scores[0] if len(scores) == 1 else torch.cat(scores, dim=1), topk)
 
     def gather(self, selected: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (B, Hk, k*S, D) on `device` of the blocks `selected` (B, k) of each row."""
@@ -273,9 +287,8 @@ class BlockStore:
         return out_k.view(b, hk, k * s, d), out_v.view(b, hk, k * s, d)
 
     def nbytes(self) -> int:
-        """Bytes held: the pages (allocated) and the used representatives."""
-        page = math.prod(self.shape) * torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * page * len(self.pages_k) + self.reps[:, : self.n].numel() * 4
+        """Bytes of the pages allocated so far."""
+        return sum(p.numel() * p.element_size() for p in (*self.pages_k, *self.pages_v, *self.pages_reps))
 
 
 class BlockCache:

@@ -91,6 +91,8 @@ LOG_STEPS = 32
 # Blocks per page of the host store: it grows a page at a time, never copying what it holds.
 PAGE_BLOCKS = 64
 REPS_PAGE_BLOCKS = 4096
+# Attention masks kept per layer state (a stream cycles through a few shapes).
+MASK_CACHE = 256
 
 
 def infllm_option_problems(o: dict[str, Any]) -> list[str]:
@@ -206,15 +208,17 @@ def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[tor
     """One softmax over several key sets from their partial attentions.
 
     Part i attended its keys alone: output o_i (..., T, D) and log-sum-exp lse_i (..., T). Over the
-    union of the keys, lse = log sum_i exp(lse_i) and o = sum_i exp(lse_i - lse) o_i. A part whose
-    lse is -inf (no visible key) contributes nothing.
+    union of the keys, lse = log sum_i exp(lse_i) and o = sum_i exp(lse_i - lse) o_i. A part with
+    no visible key for a query (lse ~ `MASKED`) gets weight 0 there; at least one part must see a
+    key (the window always does: the query itself).
 
     Returns:
         (o, lse) over all parts.
     """
-    lse = torch.stack([part_lse for _, part_lse in parts]).logsumexp(0)
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    out = sum(o * torch.exp(part_lse - safe).unsqueeze(-1) for o, part_lse in parts)
+    lse = parts[0][1]
+    for _, part_lse in parts[1:]:
+        lse = torch.logaddexp(lse, part_lse)
+    out = sum(o * torch.exp(part_lse - lse).unsqueeze(-1) for o, part_lse in parts)
     return out, lse
 
 
@@ -277,14 +281,12 @@ class BlockStore:
         """Keys and values (B, Hk, k*S, D) on `device` of the blocks `selected` (B, k) of each row."""
         b, k = selected.shape
         _, _, hk, s, d = self.shape
-        out_k = torch.empty(b, hk, k, s, d, dtype=self.dtype, device=device)
-        out_v = torch.empty_like(out_k)
-        for row, indices in enumerate(selected.tolist()):
-            for j, index in enumerate(indices):
-                bk, bv = self.block(row, index)
-                out_k[row, :, j] = bk
-                out_v[row, :, j] = bv
-        return out_k.view(b, hk, k * s, d), out_v.view(b, hk, k * s, d)
+        out = []
+        for pages in (self.pages_k, self.pages_v):
+            rows = [torch.stack([pages[i // PAGE_BLOCKS][row, i % PAGE_BLOCKS] for i in indices], dim=1)
+                    for row, indices in enumerate(selected.tolist())]  # each (Hk, k, S, D)
+            out.append(torch.stack(rows).to(device, non_blocking=True).view(b, hk, k * s, d))
+        return out[0], out[1]
 
     def nbytes(self) -> int:
         """Bytes of the pages allocated so far."""
@@ -376,6 +378,7 @@ class InfLLMState:
         use_cache = device.type != "cpu" if use_cache is None else use_cache
         self.cache = BlockCache(self.store, options["max_cached_block"], device) if use_cache else None
         self.selected: torch.Tensor | None = None
+        self._masks: dict[tuple, torch.Tensor] = {}
         # (first position, queries, sinks, first pending position, selected) of recent steps
         self.log: deque[tuple[int, int, int, int, torch.Tensor | None]] = deque(maxlen=LOG_STEPS)
 
@@ -438,18 +441,16 @@ class InfLLMState:
         outs = []
         for t0 in range(0, c, QUERY_TILE):
             t1 = min(c, t0 + QUERY_TILE)
-            rows = torch.arange(t0, t1, device=dev)[:, None]  # step indices of the tile's queries
             a0, a1 = max(0, t0 - n_local + 1 + (w - c)), w - c + t1  # tile's window keys in k_win
-            distance = (w - c + rows) - torch.arange(a0, a1, device=dev)[None]  # (t, a1 - a0)
-            bias = torch.zeros(distance.shape, device=dev).masked_fill_((distance < 0) | (distance >= n_local), MASKED)
+            # query i of the tile sits at distance (w - c + t0 - a0) + i - j from window key j
+            bias = self._mask("window", w - c + t0 - a0, t1 - t0, a1 - a0, dev)
             o_loc, lse_loc, p_loc = attend(q_win[:, :, t0:t1], k_win[:, :, a0:a1], v_win[:, :, a0:a1], bias, scale)
             parts = [(o_loc, lse_loc)]
             m = fixed + max(0, first + t1 - n_local - start)  # memory keys some query of the tile sees
             if m:
-                bias = torch.zeros(t1 - t0, m, device=dev)
-                if m > fixed:  # pending token j is memory for query i once it left i's window
-                    pos = start + torch.arange(m - fixed, device=dev)[None]
-                    bias[:, fixed:].masked_fill_(pos > first + rows - n_local, MASKED)
+                # pending token j (position start + j) is memory for query i once it left i's window:
+                # j <= (first + t0 - n_local - start) + i
+                bias = self._mask("memory", first + t0 - n_local - start, t1 - t0, m - fixed, dev, fixed)
                 o_mem, lse_mem, _ = attend(q_mem[:, :, t0:t1], k_mem[:, :, :m], v_mem[:, :, :m], bias, scale)
                 parts.append((o_mem, lse_mem))
             out, lse = merge_attention(parts)
@@ -463,6 +464,23 @@ class InfLLMState:
         self._evict()
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         return out.to(q.dtype)
+
+    def _mask(self, kind: str, offset: int, t: int, n: int, device: torch.device, fixed: int = 0) -> torch.Tensor:
+        """Additive mask (t, fixed + n), 0 = visible, `MASKED` = hidden, cached (a stream repeats a
+        few shapes). "window": query i sees key j when 0 <= offset + i - j < n_local. "memory": the
+        first `fixed` keys are seen by all, then key j when j <= offset + i."""
+        key = (kind, offset, t, n, fixed)
+        if key not in self._masks:
+            i = torch.arange(t, device=device)[:, None]
+            j = torch.arange(n, device=device)[None]
+            if kind == "window":
+                hidden = (offset + i - j < 0) | (offset + i - j >= self.options["n_local"])
+            else:
+                hidden = torch.cat((torch.zeros(t, fixed, dtype=torch.bool, device=device), j > offset + i), dim=1)
+            if len(self._masks) >= MASK_CACHE:
+                self._masks.clear()
+            self._masks[key] = torch.zeros(hidden.shape, device=device).masked_fill_(hidden, MASKED)
+        return self._masks[key]
 
     def _evict(self) -> None:
         """Move tokens that left the window to the sinks (until full), then into whole blocks."""

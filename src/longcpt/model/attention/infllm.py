@@ -91,8 +91,8 @@ LOG_STEPS = 32
 # Blocks per page of the host store: it grows a page at a time, never copying what it holds.
 PAGE_BLOCKS = 64
 REPS_PAGE_BLOCKS = 4096
-# Attention masks kept per layer state (a stream cycles through a few shapes).
-MASK_CACHE = 256
+# Window masks kept per layer state (a long stream reuses one per query tile).
+MASK_CACHE = 16
 
 
 def infllm_option_problems(o: dict[str, Any]) -> list[str]:
@@ -188,7 +188,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     """Attention of q (B, Hq, c, D) over grouped k/v (B, Hk, W, D) with an additive mask.
 
     Args:
-        bias: (c, W) float32, 0 where a query sees a key and `MASKED` where it does not.
+        bias: (c, W) float32 (or broadcastable to it), 0 where a query sees a key and `MASKED`
+            where it does not.
 
     Returns:
         (out (B, Hq, c, D), lse (B, Hq, c), probabilities (B, Hq, c, W)), all float32.
@@ -378,7 +379,8 @@ class InfLLMState:
         use_cache = device.type != "cpu" if use_cache is None else use_cache
         self.cache = BlockCache(self.store, options["max_cached_block"], device) if use_cache else None
         self.selected: torch.Tensor | None = None
-        self._masks: dict[tuple, torch.Tensor] = {}
+        self._masks: dict[tuple, torch.Tensor] = {}  # window masks by (offset, queries, keys)
+        self._bands: dict[int, torch.Tensor] = {}  # memory mask bands by tile size
         # (first position, queries, sinks, first pending position, selected) of recent steps
         self.log: deque[tuple[int, int, int, int, torch.Tensor | None]] = deque(maxlen=LOG_STEPS)
 
@@ -443,14 +445,15 @@ class InfLLMState:
             t1 = min(c, t0 + QUERY_TILE)
             a0, a1 = max(0, t0 - n_local + 1 + (w - c)), w - c + t1  # tile's window keys in k_win
             # query i of the tile sits at distance (w - c + t0 - a0) + i - j from window key j
-            bias = self._mask("window", w - c + t0 - a0, t1 - t0, a1 - a0, dev)
+            bias = self._window_mask(w - c + t0 - a0, t1 - t0, a1 - a0, dev)
             o_loc, lse_loc, p_loc = attend(q_win[:, :, t0:t1], k_win[:, :, a0:a1], v_win[:, :, a0:a1], bias, scale)
             parts = [(o_loc, lse_loc)]
-            m = fixed + max(0, first + t1 - n_local - start)  # memory keys some query of the tile sees
-            if m:
+            late = max(0, first + t1 - n_local - start)  # pending tokens some query of the tile sees as memory
+            if fixed + late:
                 # pending token j (position start + j) is memory for query i once it left i's window:
-                # j <= (first + t0 - n_local - start) + i
-                bias = self._mask("memory", first + t0 - n_local - start, t1 - t0, m - fixed, dev, fixed)
+                # j <= (first + t0 - n_local - start) + i; sinks and retrieved blocks are seen by all
+                bias = self._memory_mask(first + t0 - n_local - start, t1 - t0, fixed, late, dev)
+                m = fixed + late
                 o_mem, lse_mem, _ = attend(q_mem[:, :, t0:t1], k_mem[:, :, :m], v_mem[:, :, :m], bias, scale)
                 parts.append((o_mem, lse_mem))
             out, lse = merge_attention(parts)
@@ -465,21 +468,30 @@ class InfLLMState:
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         return out.to(q.dtype)
 
-    def _mask(self, kind: str, offset: int, t: int, n: int, device: torch.device, fixed: int = 0) -> torch.Tensor:
-        """Additive mask (t, fixed + n), 0 = visible, `MASKED` = hidden, cached (a stream repeats a
-        few shapes). "window": query i sees key j when 0 <= offset + i - j < n_local. "memory": the
-        first `fixed` keys are seen by all, then key j when j <= offset + i."""
-        key = (kind, offset, t, n, fixed)
+    def _memory_mask(self, offset: int, t: int, fixed: int, late: int, device: torch.device) -> torch.Tensor:
+        """Additive mask (t, fixed + late): the first `fixed` keys visible to every query, then key j
+        visible to query i iff j <= offset + i. The second part is a slice of one cached band per
+        tile size (offset > -t and late - offset = t, so the slice always fits)."""
+        r = self.options["block_size"] + self.options["exc_block_size"] + QUERY_TILE
+        if t not in self._bands:
+            y = torch.arange(-r, r, device=device)[None]  # column y + r holds j - offset = y
+            self._bands[t] = torch.zeros(t, 2 * r, device=device).masked_fill_(
+                y > torch.arange(t, device=device)[:, None], MASKED)
+        part = self._bands[t][:, r - offset : r - offset + late]  # (t, late)
+        if not fixed:
+            return part
+        return torch.cat((part.new_zeros(1, 1).expand(t, fixed), part), dim=1)
+
+    def _window_mask(self, offset: int, t: int, n: int, device: torch.device) -> torch.Tensor:
+        """Additive mask (t, n) where query i sees window key j iff 0 <= offset + i - j < n_local
+        (0 = visible, `MASKED` = hidden); cached, since a long stream repeats the same few."""
+        key = (offset, t, n)
         if key not in self._masks:
-            i = torch.arange(t, device=device)[:, None]
-            j = torch.arange(n, device=device)[None]
-            if kind == "window":
-                hidden = (offset + i - j < 0) | (offset + i - j >= self.options["n_local"])
-            else:
-                hidden = torch.cat((torch.zeros(t, fixed, dtype=torch.bool, device=device), j > offset + i), dim=1)
+            distance = offset + torch.arange(t, device=device)[:, None] - torch.arange(n, device=device)[None]
+            hidden = (distance < 0) | (distance >= self.options["n_local"])
             if len(self._masks) >= MASK_CACHE:
                 self._masks.clear()
-            self._masks[key] = torch.zeros(hidden.shape, device=device).masked_fill_(hidden, MASKED)
+            self._masks[key] = torch.zeros(t, n, device=device).masked_fill_(hidden, MASKED)
         return self._masks[key]
 
     def _evict(self) -> None:

@@ -9,7 +9,7 @@
 #
 # BASE_HF_DIR  the tiny model `make demo` exported (with its tokenizer), e.g. demo/run/hf
 # WORK_DIR     everything is written here; WORK_DIR/times.txt gets the wall time of every stage
-# STAGE        any of: data warm short anchor infini infini_4k infini_16k eval_anchor eval_anchor_ntk eval_infini eval_infini_short eval_infini_16k (default: all, in order)
+# STAGE        any of: data warm short anchor infini infini_4k infini_16k eval_anchor eval_anchor_ntk eval_infini eval_infini_short eval_infini_16k eval_anchor_infllm (default: all, in order)
 #
 # Stages (the steps and lengths below are what the README reports; override with the variables):
 #   data         passkey prompts with the key one digit per token (--split-digits):
@@ -35,13 +35,15 @@
 #   eval_infini  ft_infini_4k at 1K..128K, streamed segment by segment -> WORK/eval_infini/passkey.{json,png}
 #   eval_infini_short  ft_infini at 256..16K                    -> WORK/eval_infini_short/passkey.{json,png}
 #   eval_infini_16k    ft_infini_16k at 4K..256K                -> WORK/eval_infini_16k/passkey.{json,png}
+#   eval_anchor_infllm ft_anchor with InfLLM (training-free context memory, sizes ${INFLLM_OPTIONS})
+#                at ${INFLLM_LENGTHS}, ${INFLLM_TRIALS} trials    -> WORK/eval_anchor_infllm/passkey.{json,png}
 set -euo pipefail
 
 BASE=${1:?usage: docs/passkey_demo.sh BASE_HF_DIR WORK_DIR [STAGE ...]}
 WORK=${2:?usage: docs/passkey_demo.sh BASE_HF_DIR WORK_DIR [STAGE ...]}
 shift 2
 STAGES=("$@")
-[ ${#STAGES[@]} -gt 0 ] || STAGES=(data warm short anchor infini infini_4k infini_16k eval_anchor eval_anchor_ntk eval_infini eval_infini_short eval_infini_16k)
+[ ${#STAGES[@]} -gt 0 ] || STAGES=(data warm short anchor infini infini_4k infini_16k eval_anchor eval_anchor_ntk eval_infini eval_infini_short eval_infini_16k eval_anchor_infllm)
 
 PY=${PYTHON:-python}
 WARM_STEPS=${WARM_STEPS:-500}
@@ -55,6 +57,10 @@ TRIALS=${TRIALS:-3}
 DEPTHS=${DEPTHS:-0,0.25,0.5,0.75,1}
 ANCHOR_LENGTHS=${ANCHOR_LENGTHS:-1024,2048,4096,8192,16384,32768}
 INFINI_LENGTHS=${INFINI_LENGTHS:-1024,2048,4096,8192,16384,32768,65536,131072}
+INFLLM_LENGTHS=${INFLLM_LENGTHS:-4096,16384,65536,262144,1048576}
+INFLLM_TRIALS=${INFLLM_TRIALS:-$TRIALS}
+# What one query attends (n_init + topk * block_size + n_local) stays within the 1K fine-tuning length.
+INFLLM_OPTIONS=${INFLLM_OPTIONS:-'{"n_init": 32, "n_local": 256, "block_size": 32, "topk": 8, "repr_topk": 4, "exc_block_size": 32, "max_cached_block": 16}'}
 mkdir -p "$WORK"
 
 timed() {  # timed NAME command...: run, then append "NAME seconds" to WORK/times.txt
@@ -134,8 +140,11 @@ for stage in "${STAGES[@]}"; do
       evaluate eval_infini_short "$WORK/ft_infini/hf" 256,512,1024,2048,4096,8192,16384 ;;
     eval_infini_16k)
       evaluate eval_infini_16k "$WORK/ft_infini_16k/hf" 4096,16384,65536,131072,262144 ;;
+    eval_anchor_infllm)
+      TRIALS=$INFLLM_TRIALS evaluate eval_anchor_infllm "$WORK/ft_anchor/hf" "$INFLLM_LENGTHS" \
+          --attention infllm --attention-options "$INFLLM_OPTIONS" ;;
     *)
-      echo "passkey_demo.sh: unknown stage '$stage' (data warm short anchor infini infini_4k infini_16k eval_anchor eval_anchor_ntk eval_infini eval_infini_short eval_infini_16k)" >&2
+      echo "passkey_demo.sh: unknown stage '$stage' (data warm short anchor infini infini_4k infini_16k eval_anchor eval_anchor_ntk eval_infini eval_infini_short eval_infini_16k eval_anchor_infllm)" >&2
       exit 2 ;;
   esac
 done

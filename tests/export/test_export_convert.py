@@ -145,3 +145,18 @@ def test_evaluation_accepts_the_training_checkpoint(trained):
         torch.testing.assert_close(model(ids), hf_logits(result.hf_dir, ids), rtol=1e-5, atol=1e-5)
     with pytest.raises(LongcptError, match="does not exist"):
         load_model_and_tokenizer(result.out_dir / "nowhere")
+
+
+def test_infllm_applies_to_a_training_checkpoint(trained):
+    """An inference-time memory on a checkpoint: within its window `infllm` equals the trained model."""
+    from longcpt.export.convert import load_model
+
+    result, keep = trained
+    options = {"n_init": 4, "n_local": 32, "block_size": 8, "topk": 2, "repr_topk": 2, "exc_block_size": 16,
+               "max_cached_block": 2}
+    model, _ = load_model(result.out_dir, for_inference=True, attention="infllm", attention_options=options)
+    assert model.args.attention == "infllm" and model.args.attention_options == options
+    ids = torch.randint(0, 96, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), trained_logits(keep, ids), rtol=1e-5, atol=1e-5)
+        assert model(torch.randint(0, 96, (2, 100))).isfinite().all()  # beyond the window: blocks retrieved

@@ -138,6 +138,10 @@ class PasskeyPromptBuilder:
             + self._encode(after + "\n")
         )
 
+    def needle_length(self, key: int) -> int:
+        """Tokens of the needle sentence for `key` (it starts at `PasskeyExample.needle_start`)."""
+        return len(self._needle(key))
+
     def fixed_tokens(self, key: int) -> int:
         """Prompt tokens besides the filler for `key`: the shortest prompt possible with it."""
         return len(self.bos) + len(self.head) + len(self._needle(key)) + len(self.tail)

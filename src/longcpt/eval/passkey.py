@@ -23,7 +23,7 @@ import torch
 from longcpt.data.passkey import PasskeyPromptBuilder, passkey_key
 from longcpt.errors import LongcptError
 from longcpt.fsio import atomic_write_json
-from longcpt.model.generation import DEFAULT_PREFILL_CHUNK, generate, kv_kept
+from longcpt.model.generation import DEFAULT_PREFILL_CHUNK, generate, kv_kept, visible_share
 
 _INTEGER = re.compile(r"\d+")
 
@@ -81,7 +81,9 @@ def evaluate_passkey(
     Returns:
         {"results": [{"length", "depth", "accuracy", "trials"}], "samples": [...],
         "by_length": {length: accuracy}, "seconds", "tokens_per_second", "kv_kept" (mean share of
-        the KV cache an evicting kind kept, else None), ...}.
+        the KV cache an evicting kind kept, else None), ...}. With a kind that attends part of the
+        context (InfLLM), every result and sample also has "needle_visible": the share of needle
+        tokens the model could attend while answering (mean over layers; `visible_share`).
 
     Raises:
         LongcptError: a length too short for the tokenizer or a depth outside [0, 1].
@@ -96,7 +98,7 @@ def evaluate_passkey(
         per_batch = max(1, batch_tokens // length)
         for depth in depths:
             examples = [builder.build(length, depth, passkey_key(seed, length, depth, t)) for t in range(trials)]
-            correct = 0
+            correct, visible = 0, []
             for first in range(0, trials, per_batch):
                 group = examples[first : first + per_batch]
                 ids = torch.tensor([ex.input_ids for ex in group])  # (B, length)
@@ -109,12 +111,20 @@ def evaluate_passkey(
                     text = tokenizer.decode(row, skip_special_tokens=True)
                     ok = first_integer(text) == ex.key
                     correct += ok
-                    samples.append({"length": length, "depth": depth, "trial": trial, "key": ex.key,
-                                    "needle_depth": round(ex.needle_depth, 4), "generated": text, "correct": ok})
+                    sample = {"length": length, "depth": depth, "trial": trial, "key": ex.key,
+                              "needle_depth": round(ex.needle_depth, 4), "generated": text, "correct": ok}
+                    # A memory that attends part of the context: was the needle among it while answering?
+                    end = ex.needle_start + builder.needle_length(ex.key)
+                    if (seen := visible_share(state, trial - first, ex.needle_start, end, length - 1)) is not None:
+                        sample["needle_visible"] = round(seen, 4)
+                        visible.append(seen)
+                    samples.append(sample)
                 tokens += length * len(group)
                 if progress:
                     progress.advance(task, length * len(group))
             results.append({"length": length, "depth": depth, "accuracy": correct / trials, "trials": trials})
+            if visible:
+                results[-1]["needle_visible"] = round(sum(visible) / len(visible), 4)
     seconds = time.perf_counter() - start
     by_length = {
         str(n): sum(r["accuracy"] for r in results if r["length"] == n) / len(depths) for n in lengths

@@ -33,6 +33,20 @@ def kv_kept(state: dict) -> float | None:
     return sum(shares) / len(shares) if shares else None
 
 
+def visible_share(state: dict, row: int, begin: int, end: int, since: int) -> float | None:
+    """Share of positions `begin` .. `end`-1 of `row` that the last steps could attend, mean over layers.
+
+    A layer state that attends only part of the context (InfLLM: sinks, window, retrieved blocks)
+    reports it through `visible_share(row, begin, end, since)` for its recent steps whose queries
+    reach position `since` (e.g. the last prompt token and the answer). Returns None when no layer
+    state selects what it attends (`full`, Infini-attention). The passkey evaluation uses it to log
+    whether the needle was retrieved.
+    """
+    shares = [s.visible_share(row, begin, end, since) for s in state.values() if hasattr(s, "visible_share")]
+    shares = [x for x in shares if x is not None]
+    return sum(shares) / len(shares) if shares else None
+
+
 def forward_chunks(
     model,
     input_ids: torch.Tensor,

@@ -165,6 +165,20 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """Rotate one tensor x (B, H, T, D) with float32 cos/sin (B, T, D), as `apply_rotary` does.
+
+    For kinds whose queries and keys take different positions (InfLLM rotates its window keys, its
+    queries and its memory separately).
+    """
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D) broadcast over heads
+    if precision == "fp32":
+        xf = x.float()
+        return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
 def apply_rotary(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, precision: str = "fp32"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,11 +186,4 @@ def apply_rotary(
 
     `fp32` upcasts q/k, rotates in float32 and casts back; `model` rotates in the input dtype.
     """
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D) broadcast over heads
-    if precision == "fp32":
-        qf, kf = q.float(), k.float()
-        q_out = qf * cos + rotate_half(qf) * sin
-        k_out = kf * cos + rotate_half(kf) * sin
-        return q_out.to(q.dtype), k_out.to(k.dtype)
-    cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    return rotate(q, cos, sin, precision), rotate(k, cos, sin, precision)

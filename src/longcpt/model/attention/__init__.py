@@ -206,4 +206,4 @@ class AttentionContext:
 
 
 # Register the built-in kinds.
-from longcpt.model.attention import document, evict, full, infini, namm  # noqa: E402,F401
+from longcpt.model.attention import document, evict, full, infini, infllm, namm  # noqa: E402,F401

@@ -9,7 +9,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from hf_tiny import FAMILIES, ROPE_TYPES, tiny_hf_model
+from tiny import FAMILIES, ROPE_TYPES, tiny_hf_model
 
 import longcpt
 from longcpt.errors import LongcptError

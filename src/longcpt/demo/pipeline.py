@@ -259,7 +259,8 @@ class Demo:
         self.check_settings()
         pre, ext = self.config("pretrain", False), self.config("extend", False)
         old, new = pre.data.seq_len, ext.data.seq_len
-        theta_old = pre.model.config.get("rope_theta", 10000.0)
+        theta_old = pre.model.rope_theta or pre.model.config.get("rope_theta", 10000.0)
+        theta_new = ext.model.rope_theta or theta_old
         stages: list[tuple[str, str, object]] = [
             ("corpus", "demo corpus: the standard library's sources and docstrings", self.build_corpus),
             ("tokenizer", f"byte-level BPE tokenizer ({self.plan.vocab_size:,} tokens)", self.build_tokenizer),
@@ -269,7 +270,7 @@ class Demo:
             ("ppl_before", f"perplexity by position at {new:,} tokens, before context extension",
              lambda: self.eval_ppl(self.run_dir("pretrain") / "hf", self.ppl_before)),
             ("extend", f"context extension to {new:,} tokens, rope_theta {theta_old:,.0f} -> "
-                       f"{ext.model.rope_theta:,.0f} (recipes/{TRAINING['extend'][0]})", lambda: self.train("extend")),
+                       f"{theta_new:,.0f} (recipes/{TRAINING['extend'][0]})", lambda: self.train("extend")),
             ("ppl_after", f"perplexity by position at {new:,} tokens, after context extension",
              lambda: self.eval_ppl(self.run_dir("extend") / "hf", self.ppl_after)),
             ("passkey_data", "passkey prompts for fine-tuning (key one digit per token)", self.make_passkey_data),

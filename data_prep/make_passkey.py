@@ -16,13 +16,11 @@ A thin front over `longcpt.data.passkey` (see its docstring for the format).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from longcpt.data import load_tokenizer
-from longcpt.data.passkey import make_passkey_examples
+from longcpt.data.passkey import write_passkey_jsonl
 from longcpt.errors import LongcptError
-from longcpt.fsio import atomic_write_text
 
 
 def _depth(text: str) -> float | str:
@@ -65,13 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--n {args.n}: must be >= 1")
     try:
         tokenizer = load_tokenizer(args.tokenizer)
-        rows = make_passkey_examples(tokenizer, args.lengths, args.depths, args.n, args.seed, args.split_digits)
-        lines = [json.dumps(row) for row in rows]
-        atomic_write_text(args.output, "\n".join(lines) + "\n")
+        count = write_passkey_jsonl(args.output, tokenizer, args.lengths, args.depths, args.n, args.seed,
+                                    args.split_digits)
     except LongcptError as e:
         print(f"make_passkey: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {len(lines)} examples to {args.output}")
+    print(f"wrote {count} examples to {args.output}")
     return 0
 
 

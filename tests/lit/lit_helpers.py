@@ -1,5 +1,6 @@
 """Shared by the training and export tests: a tiny tokenizer, a synthetic resumable DataModule, a
 tiny recipe, and a runner that starts `train` in a subprocess (multi-process runs relaunch it).
+`read_metrics` (a run's CSV logs by metric and step) is `longcpt.lit.logs.read_metrics`.
 
 The DataModule mimics the `longcpt.data` contract the trainer relies on: packed windows
 `{"input_ids", "labels", "position_ids", "cu_seqlens"}` with aligned labels, its own sharding by
@@ -18,6 +19,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from longcpt.lit.logs import read_metrics  # noqa: F401 (the tests import it from here)
 
 REPO = Path(__file__).resolve().parents[2]
 VOCAB = 96
@@ -172,18 +175,3 @@ def run_train(overrides: list[str], *flags: str, env: dict | None = None, timeou
     if not wait:
         return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
-
-
-def read_metrics(out_dir: Path) -> dict[str, dict[int, float]]:
-    """metric -> {step: value} over every launch's metrics.csv (later launches win)."""
-    import csv
-
-    found: dict[str, dict[int, float]] = {}
-    versions = sorted((out_dir / "logs" / "csv").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
-    for v in versions:
-        with open(v / "metrics.csv") as f:
-            for row in csv.DictReader(f):
-                for k, val in row.items():
-                    if k != "step" and val not in ("", None):
-                        found.setdefault(k, {})[int(row["step"])] = float(val)
-    return found

@@ -44,6 +44,7 @@ from pathlib import Path
 from longcpt.data.datamodule import register_datamodule
 from longcpt.data.task import TaskDataModule
 from longcpt.errors import LongcptError
+from longcpt.fsio import atomic_write_text
 
 TASK = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -250,6 +251,28 @@ def make_passkey_examples(
                     "prompt": tokenizer.decode(ex.input_ids),
                     "answer": tokenizer.decode(ex.answer_ids),
                 }
+
+
+def write_passkey_jsonl(
+    path: str | Path,
+    tokenizer,
+    lengths: Iterable[int],
+    depths: Iterable[float | str],
+    n: int,
+    seed: int = 0,
+    split_digits: bool = False,
+) -> int:
+    """Write `make_passkey_examples(...)` to a JSONL file, atomically; returns the number of rows.
+
+    What `data_prep/make_passkey.py` does (arguments as `make_passkey_examples`); the file appears
+    only when complete.
+
+    Raises:
+        LongcptError: as `make_passkey_examples`.
+    """
+    lines = [json.dumps(row) for row in make_passkey_examples(tokenizer, lengths, depths, n, seed, split_digits)]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return len(lines)
 
 
 def read_passkey_pairs(path: str, seq_len: int, eos_id: int | None) -> list[tuple[list[int], list[int]]]:

@@ -1,5 +1,5 @@
-"""The evaluation figures: passkey heatmap (x length, y depth), perplexity by position, RULER scores,
-NAMM fitness.
+"""The figures: passkey heatmap (x length, y depth), perplexity by position, loss curves, RULER
+scores, NAMM fitness.
 
 Figures are written atomically (temporary file in the same folder, then `os.replace`), like every
 other output. matplotlib runs with the non-interactive Agg backend.
@@ -8,10 +8,12 @@ other output. matplotlib runs with the non-interactive Agg backend.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from longcpt.fsio import atomic_file
+
+_MARK_STYLES = ("--", ":", "-.", (0, (5, 1)), (0, (1, 3)))  # one per vertical marker line
 
 
 def _pyplot():
@@ -64,18 +66,74 @@ def passkey_heatmap(
     return save_figure(fig, path)
 
 
-def ppl_plot(buckets: Sequence[dict], title: str, path) -> Path:
-    """Perplexity per position bucket, drawn as steps over token positions (log y-axis)."""
+def ppl_plot(
+    curves: Sequence[dict] | Mapping[str, Sequence[dict]], title: str, path, marks: Mapping[str, int] | None = None
+) -> Path:
+    """Perplexity per position bucket, drawn as steps over token positions (log y-axis).
+
+    Args:
+        curves: the `buckets` of one `ppl.json`, or {label: buckets} to compare models on the same
+            documents (e.g. before and after context extension), one labelled curve each.
+        title: figure title.
+        path: output PNG.
+        marks: {label: position} drawn as dashed vertical lines, e.g. {"trained length": 1024}.
+    """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    starts = [b["start"] for b in buckets] + [buckets[-1]["end"]]
-    values = [b["ppl"] for b in buckets]
-    ax.stairs(values, starts, linewidth=2)
+    from matplotlib.ticker import FuncFormatter
+
+    named = dict(curves) if isinstance(curves, Mapping) else {"": curves}
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for label, buckets in named.items():
+        starts = [b["start"] for b in buckets] + [buckets[-1]["end"]]
+        ax.stairs([b["ppl"] for b in buckets], starts, linewidth=2, label=label or None)
+    for (label, position), style in zip((marks or {}).items(), _MARK_STYLES):
+        ax.axvline(position, color="grey", linestyle=style, linewidth=1, label=label)
     ax.set_yscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")  # 300, not 3 x 10^2
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.set_xlabel("token position")
     ax.set_ylabel("perplexity")
     ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3)
+    if any(named) or marks:
+        ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def loss_plot(
+    stages: Sequence[tuple[str, Sequence[tuple[float, float]], Sequence[tuple[float, float]]]],
+    title: str,
+    path,
+    marks: Mapping[str, float] | None = None,
+) -> Path:
+    """Training and validation loss of one or more runs: one colour per run.
+
+    Args:
+        stages: (label, training points, validation points) per run, points as (step, loss); the
+            training loss is a thin line, the validation loss a line with markers.
+        title: figure title.
+        path: output PNG.
+        marks: {label: step} drawn as dashed vertical lines (where a new training stage starts).
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for i, (label, train, val) in enumerate(stages):
+        colour = f"C{i}"
+        if train:
+            xs, ys = zip(*train)
+            ax.plot(xs, ys, color=colour, linewidth=1, alpha=0.6, label=f"{label}: training")
+        if val:
+            xs, ys = zip(*val)
+            ax.plot(xs, ys, color=colour, linewidth=2, marker="o", markersize=4, label=f"{label}: validation")
+    for (label, step), style in zip((marks or {}).items(), _MARK_STYLES):
+        ax.axvline(step, color="grey", linestyle=style, linewidth=1, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
     return save_figure(fig, path)
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from longcpt.demo.pipeline import main
+
+sys.exit(main())

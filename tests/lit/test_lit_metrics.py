@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import torch
 
+from longcpt.config import Config
 from longcpt.lit.callbacks import TrainMetrics
 
 
@@ -12,9 +13,10 @@ def test_deepspeed_grad_norm_is_logged_on_the_micro_batch_that_completed_its_ste
     step; logged on every micro-batch, the first micro-batch of step 2 would show step 1's norm."""
     engine = SimpleNamespace(norm=None)
     engine.get_global_grad_norm = lambda: engine.norm
-    trainer = SimpleNamespace(strategy=SimpleNamespace(deepspeed_engine=engine), global_step=0, world_size=1)
+    trainer = SimpleNamespace(strategy=SimpleNamespace(deepspeed_engine=engine), global_step=0, global_rank=0,
+                              world_size=1)
     logged = []
-    module = SimpleNamespace(model=torch.nn.Linear(2, 2),
+    module = SimpleNamespace(model=torch.nn.Linear(2, 2), cfg=Config(),
                              log=lambda name, value, **kw: logged.append((trainer.global_step, name, value)))
     metrics = TrainMetrics()
     metrics.on_train_start(trainer, module)

@@ -47,3 +47,22 @@ def test_peak_table():
     assert steps.peak_tflops("NVIDIA H100 80GB HBM3") == 989
     assert steps.peak_tflops("NVIDIA A100-SXM4-80GB") == 312
     assert steps.peak_tflops("Tesla T4") is None
+
+
+def test_plan_estimate_beside_the_measurement(tmp_path):
+    """The throughput row quotes `longcpt plan` for the same recipe: its memory always, its step
+    time only against this processor's peak (an A100's would not compare with a CPU step)."""
+    from longcpt.config import load_config
+    from longcpt.plan import estimate
+
+    cfg = load_config("recipes/anchor_llama3_8b_128k.yaml",
+                      ["model.pretrained=tests/fixtures/model_configs/Meta-Llama-3-8B"])
+    plan = estimate(cfg, suggest=False)
+    on_cpu = steps.plan_estimate(cfg, torch.device("cpu"), None)
+    assert on_cpu["per_gpu_bytes"] == plan.per_gpu_bytes["total"] and on_cpu["tokens_per_s"] is None
+    assert steps._plan_line(on_cpu).startswith(f"{plan.per_gpu_bytes['total'] / 2**30:,.2f} GiB per device (no step")
+    with_peak = steps.plan_estimate(cfg, torch.device("cpu"), 312)
+    assert with_peak["tokens_per_s"] == plan.step.tokens_per_second  # the plan's default peak is an A100's 312
+    # no vocabulary size anywhere: the plan's error in the row, not a crash
+    bad = load_config("recipes/tiny_cpu.yaml", [f"model.tokenizer={tmp_path / 'absent'}"])
+    assert steps._plan_line(steps.plan_estimate(bad, torch.device("cpu"), None)).startswith("unavailable (")

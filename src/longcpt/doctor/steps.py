@@ -364,8 +364,11 @@ def plan_estimate(cfg, device: torch.device, peak_tflops: float | None) -> dict[
         plan = estimate(cfg, **kwargs)
     except Exception as e:  # the plan's own problem must not hide the measurement
         return {"error": f"{type(e).__name__}: {e}"}
+    # Without this device's peak the plan's step time is an A100's: not comparable with a measurement here.
+    timed = device.type == "cuda" or bool(peak_tflops)
     return {"per_gpu_bytes": plan.per_gpu_bytes["total"], "fits": plan.fits,
-            "tokens_per_s": plan.step.tokens_per_second, "step_seconds": plan.step.seconds, "mfu": plan.step.mfu}
+            "tokens_per_s": plan.step.tokens_per_second if timed else None,
+            "step_seconds": plan.step.seconds if timed else None, "mfu": plan.step.mfu}
 
 
 def _time_steps(model, batch, device, precision: str, steps: int) -> float:
@@ -458,5 +461,7 @@ def check_throughput(cfg, device: torch.device, quick: bool, peak: float | None 
 def _plan_line(plan: dict[str, Any]) -> str:
     if "error" in plan:
         return f"unavailable ({plan['error']})"
-    return (f"{plan['per_gpu_bytes'] / 2**30:,.2f} GiB per device, {plan['tokens_per_s']:,.0f} tokens/s "
-            f"at an assumed MFU of {plan['mfu']:.0%}")
+    line = f"{plan['per_gpu_bytes'] / 2**30:,.2f} GiB per device"
+    if plan["tokens_per_s"] is None:
+        return line + " (no step time: --peak-tflops gives this processor's peak)"
+    return line + f", {plan['tokens_per_s']:,.0f} tokens/s at an assumed MFU of {plan['mfu']:.0%}"

@@ -181,8 +181,10 @@ def write_summary(demo, runner) -> Path:
               "  # a GPU recipe: Llama-3-8B to 128K with AnchorAttention, two nodes of 8 GPUs under SLURM",
               "  sbatch --nodes=2 slurm/train.sbatch recipes/anchor_llama3_8b_128k.yaml \\",
               "      model.pretrained=/models/Meta-Llama-3-8B data.train=DATA/train data.val=DATA/val",
-              "  # what a recipe will need (memory, time, tokens) before you launch it",
-              "  longcpt plan recipes/anchor_llama3_8b_128k.yaml"]
+              "  # what that recipe needs per GPU, and its step time, before you rent the GPUs (only the",
+              "  # model's config.json is read: the copy in tests/fixtures will do)",
+              "  longcpt plan recipes/anchor_llama3_8b_128k.yaml \\",
+              "      model.pretrained=tests/fixtures/model_configs/Meta-Llama-3-8B --gpu-memory 80GiB"]
     text = "\n".join(lines) + "\n"
     print(text, end="")
     return atomic_write_text(out / "summary.txt", text)

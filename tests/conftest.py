@@ -34,6 +34,17 @@ def python() -> str:
     return sys.executable
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for tests that run many small steps (streaming, decoding token by token):
+    faster than several on tiny models, and threads do not spin against each other on a loaded
+    machine. The previous count is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -5,23 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from longcpt.cli import main
 from longcpt.data.passkey import PasskeyPromptBuilder
 from longcpt.model.generation import visible_share
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small steps
+
 OPTIONS = {"n_init": 4, "n_local": 128, "block_size": 16, "topk": 2, "repr_topk": 2, "exc_block_size": 32,
            "max_cached_block": 2}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Many small steps: one thread (no thread handoffs on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_passkey_with_infllm_records_options_kv_kept_and_needle_visibility(model_dir, tokenizer, tmp_path):

@@ -130,14 +130,6 @@ def test_predictions_file_resumes_and_extends(monkeypatch, tokenizer, tmp_path):
         evaluate_ruler(None, tokenizer, gen, ["vt"], [600], 1, out, _settings(seed=1))
 
 
-@pytest.fixture
-def one_thread():
-    """The real-model tests decode hundreds of single tokens through a 64-wide model: one thread is
-    faster than several (and several spin against each other on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_cli_writes_spec_outputs(model_dir, tokenizer, tmp_path, one_thread):

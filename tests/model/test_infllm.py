@@ -31,15 +31,7 @@ from longcpt.model.attention.infllm import (
 from longcpt.model.generation import forward_chunks, generate, kv_kept
 from longcpt.model.rope import RotaryEmbedding, rotate
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests stream many small steps: one thread (no thread handoffs on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # these tests stream many small steps
 
 SMALL = dict(n_init=4, n_local=32, block_size=8, topk=3, repr_topk=2, exc_block_size=16, max_cached_block=4)
 

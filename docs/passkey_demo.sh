@@ -7,7 +7,7 @@
 #
 #   docs/passkey_demo.sh BASE_HF_DIR WORK_DIR [STAGE ...]
 #
-# BASE_HF_DIR  the tiny model `make demo` exported (with its tokenizer), e.g. demo/run/hf
+# BASE_HF_DIR  the tiny model `make demo` exported (with its tokenizer), e.g. demo/pretrain/hf
 # WORK_DIR     everything is written here; WORK_DIR/times.txt gets the wall time of every stage
 # STAGE        any of: data warm short anchor infini infini_4k infini_16k eval_anchor eval_anchor_ntk eval_infini eval_infini_short eval_infini_16k eval_anchor_infllm (default: all, in order)
 #

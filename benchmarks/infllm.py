@@ -9,7 +9,8 @@ At each mark (16K, 64K, 256K, 1M tokens by default) a row reports:
     to compare kinds on one core);
   * device MiB: what the layer states keep on the compute device (`full`: the KV cache; `infllm`:
     sinks, window, pending tokens and scores, block cache);
-  * host MiB: the InfLLM block store in host memory (grows linearly with the stream);
+  * host MiB: the blocks the InfLLM store holds in host memory (grows linearly with the stream;
+    pages are allocated ahead but become resident as blocks fill them, so the blocks are counted);
   * work MiB: the peak resident set above the resident size before the stream, minus the host
     store: activations, scores and the device state (on CUDA: peak allocated memory);
 `full` runs up to `--full-max` tokens (its KV cache grows linearly and each token attends to all
@@ -78,7 +79,7 @@ def state_bytes(state: dict) -> tuple[int, int]:
     device = host = 0
     for s in state.values():
         if hasattr(s, "device_bytes"):
-            device, host = device + s.device_bytes(), host + s.host_bytes()
+            device, host = device + s.device_bytes(), host + s.host_bytes(stored=True)
         else:  # full: a KVCache, its allocated buffers
             device += sum(t.numel() * t.element_size() for t in (s.k, s.v) if t is not None)
     return device, host

@@ -337,6 +337,7 @@ def test_device_state_is_bounded_while_streaming_256k_tokens():
     kv_pages, rep_pages = -(-s.store.n // infllm.PAGE_BLOCKS), -(-s.store.n // infllm.REPS_PAGE_BLOCKS)
     assert s.host_bytes() == 4 * (kv_pages * infllm.PAGE_BLOCKS * 64 * 2 * hk * d
                                   + rep_pages * infllm.REPS_PAGE_BLOCKS * hq * d)
+    assert s.host_bytes(stored=True) == s.store.n * 4 * (64 * 2 * hk * d + hq * d)  # what the pages hold
     per_token = 4 * (2 * hk * d + hq * d / opts["block_size"])
     print(f"host store {per_token:.1f} bytes/token (K/V {8 * hk * d}, representatives {4 * hq * d / 64:.2f}), "
           f"{s.host_bytes() / total:.1f} allocated; device state <= {device_peak} bytes (bound {bound})")

@@ -293,6 +293,13 @@ class BlockStore:
         """Bytes of the pages allocated so far."""
         return sum(p.numel() * p.element_size() for p in (*self.pages_k, *self.pages_v, *self.pages_reps))
 
+    def stored_bytes(self) -> int:
+        """Bytes of the blocks stored. A page is allocated whole but its memory becomes resident as
+        blocks fill it, so this, not `nbytes`, is what the store adds to the resident set."""
+        b, _, hk, s, d = self.shape
+        per_block = 2 * b * hk * s * d * torch.empty((), dtype=self.dtype).element_size() + 4 * b * self.reps_shape[2] * d
+        return self.n * per_block
+
 
 class BlockCache:
     """Least-recently-used cache of memory blocks on the compute device, `capacity` per row.
@@ -527,9 +534,10 @@ class InfLLMState:
         held = sum(t.numel() * t.element_size() for t in tensors)
         return held + (self.cache.nbytes() if self.cache is not None else 0)
 
-    def host_bytes(self) -> int:
-        """Bytes of the host store (grows linearly with the stream)."""
-        return self.store.nbytes()
+    def host_bytes(self, stored: bool = False) -> int:
+        """Bytes of the host store (grows linearly with the stream): the pages allocated, or with
+        `stored` the blocks they hold (the part that is resident)."""
+        return self.store.stored_bytes() if stored else self.store.nbytes()
 
     def kept_fraction(self) -> float:
         """Tokens the last step attended (sinks, retrieved blocks, pending) / tokens read."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import resource
 import time
+from pathlib import Path
 
 import torch
 
@@ -37,3 +39,25 @@ def timed_rows(rows: dict, reps: int) -> dict[str, float]:
             fn()
             best[name] = min(best[name], time.perf_counter() - t0)
     return best
+
+
+def resident_bytes() -> int:
+    """Current resident set size (Linux /proc; 0 elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except OSError:
+        return 0
+    return pages * resource.getpagesize()
+
+
+def max_resident_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def growth(rows: list[dict], kind: str, key: str, low: int, high: int) -> float | None:
+    """Relative change of `key` between the `kind` rows at lengths `low` and `high`."""
+    by_length = {r["length"]: r[key] for r in rows if r["kind"] == kind}
+    if low not in by_length or high not in by_length or not by_length[low]:
+        return None
+    return round(by_length[high] / by_length[low] - 1, 3)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -37,6 +36,9 @@ import torch
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 sys.path.insert(0, str(SRC))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import growth, max_resident_bytes, resident_bytes  # noqa: E402
 
 from longcpt.model import CausalLM, ModelArgs  # noqa: E402
 
@@ -49,15 +51,6 @@ def build(kind: str, segment_len: int, device: str) -> CausalLM:
     torch.manual_seed(0)
     options = {"segment_len": segment_len, "bptt_segments": 2} if kind == "infini" else {}
     return CausalLM(ModelArgs(**MODEL, attention=kind, attention_options=options)).to(device)
-
-
-def resident_bytes() -> int:
-    """Current resident set size (Linux /proc; 0 elsewhere)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except OSError:
-        return 0
-    return pages * resource.getpagesize()
 
 
 class Peak:
@@ -80,7 +73,7 @@ class Peak:
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated()
         else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+            peak = max_resident_bytes()
         return peak / MIB, (peak - self.base) / MIB
 
 
@@ -186,14 +179,6 @@ def table(title: str, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def growth(rows: list[dict], key: str, low: int, high: int) -> float | None:
-    """Relative change of `key` of the Infini rows between lengths `low` and `high`."""
-    by_length = {r["length"]: r[key] for r in rows if r["kind"] == "infini"}
-    if low not in by_length or high not in by_length or not by_length[low]:
-        return None
-    return round(by_length[high] / by_length[low] - 1, 3)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (1K..8K training, 64K streaming)")
@@ -237,11 +222,11 @@ def main() -> None:
     summary = {
         "benchmark": "infini_memory", "device": device, "segment_len": segment, "model": MODEL,
         "train": train_rows, "inference": infer_rows,
-        "train_work_growth": growth(train_rows, "work_mib", mid, lengths[-1]),
-        "train_peak_growth": growth(train_rows, "peak_mib", mid, lengths[-1]),
-        "train_time_per_token_growth": growth(train_rows, "us_per_token", mid, lengths[-1]),
-        "stream_peak_growth": growth(infer_rows, "peak_mib", marks[0], marks[-1]),
-        "stream_time_per_token_growth": growth(infer_rows, "us_per_token", marks[0], marks[-1]),
+        "train_work_growth": growth(train_rows, "infini", "work_mib", mid, lengths[-1]),
+        "train_peak_growth": growth(train_rows, "infini", "peak_mib", mid, lengths[-1]),
+        "train_time_per_token_growth": growth(train_rows, "infini", "us_per_token", mid, lengths[-1]),
+        "stream_peak_growth": growth(infer_rows, "infini", "peak_mib", marks[0], marks[-1]),
+        "stream_time_per_token_growth": growth(infer_rows, "infini", "us_per_token", marks[0], marks[-1]),
     }
     print(json.dumps(summary))
 

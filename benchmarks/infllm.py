@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -47,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import size_label  # noqa: E402
+from common import growth, max_resident_bytes, resident_bytes, size_label  # noqa: E402
 
 from longcpt.model import CausalLM, ModelArgs  # noqa: E402
 from longcpt.model.attention.infllm import retrieve_topk  # noqa: E402
@@ -58,20 +57,12 @@ OPTIONS = dict(n_init=64, n_local=1024, block_size=64, topk=8, repr_topk=4, exc_
 MIB = 2**20
 
 
-def resident_bytes() -> int:
-    """Current resident set size (Linux /proc; 0 elsewhere)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except OSError:
-        return 0
-    return pages * resource.getpagesize()
-
 
 def peak_bytes(device: str) -> int:
     if device == "cuda":
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return max_resident_bytes()
 
 
 def state_bytes(state: dict) -> tuple[int, int]:
@@ -160,12 +151,6 @@ def in_subprocess(task: dict) -> list[dict]:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def growth(rows: list[dict], key: str, low: int, high: int) -> float | None:
-    by_length = {r["length"]: r[key] for r in rows if r["kind"] == "infllm"}
-    if low not in by_length or high not in by_length or not by_length[low]:
-        return None
-    return round(by_length[high] / by_length[low] - 1, 3)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -218,10 +203,10 @@ def main() -> None:
 
     summary = {
         "benchmark": "infllm", "device": args.device, "model": MODEL, "options": OPTIONS, "rows": rows,
-        "cpu_time_per_token_growth": growth(rows, "cpu_us_per_token", mid, marks[-1]),
-        "time_per_token_growth": growth(rows, "us_per_token", mid, marks[-1]),
-        "work_growth": growth(rows, "work_mib", mid, marks[-1]),
-        "device_growth": growth(rows, "device_mib", mid, marks[-1]),
+        "cpu_time_per_token_growth": growth(rows, "infllm", "cpu_us_per_token", mid, marks[-1]),
+        "time_per_token_growth": growth(rows, "infllm", "us_per_token", mid, marks[-1]),
+        "work_growth": growth(rows, "infllm", "work_mib", mid, marks[-1]),
+        "device_growth": growth(rows, "infllm", "device_mib", mid, marks[-1]),
         "cpu_speedup_vs_full": speedup("cpu_us_per_token"), "speedup_vs_full": speedup("us_per_token"),
         "speedup_at": at, "host_bytes_per_token": host_per_token, "retrieval": search,
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from longcpt.cli import csv_list
 from longcpt.data import load_tokenizer
 from longcpt.data.passkey import write_passkey_jsonl
 from longcpt.errors import LongcptError
@@ -35,24 +36,11 @@ def _depth(text: str) -> float | str:
     return value
 
 
-def _csv(kind):
-    def parse(text: str) -> list:
-        items = [x for x in text.split(",") if x.strip()]
-        if not items:
-            raise argparse.ArgumentTypeError("expected a comma-separated list")
-        try:
-            return [kind(x.strip()) for x in items]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
-
-    return parse
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokenizer", required=True, help="tokenizer folder (or an exported model folder)")
-    parser.add_argument("--lengths", type=_csv(int), required=True, help="prompt lengths in tokens, e.g. 1024,4096")
-    parser.add_argument("--depths", type=_csv(_depth), required=True, help="needle depths in [0, 1] or 'random'")
+    parser.add_argument("--lengths", type=csv_list(int), required=True, help="prompt lengths in tokens, e.g. 1024,4096")
+    parser.add_argument("--depths", type=csv_list(_depth), required=True, help="needle depths in [0, 1] or 'random'")
     parser.add_argument("--n", type=int, required=True, help="examples per (length, depth)")
     parser.add_argument("--output", required=True, help="output .jsonl file")
     parser.add_argument("--seed", type=int, default=0, help="fixes the keys (and random depths)")

@@ -16,30 +16,18 @@ import argparse
 import json
 import sys
 
+from longcpt.cli import csv_list
 from longcpt.data import load_tokenizer
 from longcpt.data.ruler import TASKS, load_haystack, make_ruler_examples
 from longcpt.errors import LongcptError
 from longcpt.fsio import atomic_write_text
 
 
-def _csv(kind):
-    def parse(text: str) -> list:
-        items = [x.strip() for x in text.split(",") if x.strip()]
-        if not items:
-            raise argparse.ArgumentTypeError("expected a comma-separated list")
-        try:
-            return [kind(x) for x in items]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
-
-    return parse
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokenizer", required=True, help="tokenizer folder (or an exported model folder)")
-    parser.add_argument("--tasks", type=_csv(str), required=True, help=f"comma-separated, from {','.join(TASKS)}")
-    parser.add_argument("--lengths", type=_csv(int), required=True, help="prompt lengths in tokens, e.g. 384,512")
+    parser.add_argument("--tasks", type=csv_list(str), required=True, help=f"comma-separated, from {','.join(TASKS)}")
+    parser.add_argument("--lengths", type=csv_list(int), required=True, help="prompt lengths in tokens, e.g. 384,512")
     parser.add_argument("--n", type=int, required=True, help="samples per (task, length)")
     parser.add_argument("--output", required=True, help="output .jsonl file")
     parser.add_argument("--seed", type=int, default=0, help="fixes every sample")

@@ -30,10 +30,19 @@ COMMANDS = {
 }
 
 
-def _csv(kind):
-    def parse(text: str):
+def csv_list(kind):
+    """An argparse `type` for a non-empty comma-separated list of `kind` ("1024,4096" -> [1024, 4096]).
+
+    Blank items are skipped; an empty list or an item `kind` refuses is an argparse error naming the
+    text. The data_prep scripts use it too.
+    """
+
+    def parse(text: str) -> list:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
         try:
-            return [kind(x) for x in text.split(",") if x.strip()]
+            return [kind(x) for x in items]
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
 
@@ -125,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pk = evsub.add_parser("passkey", help="passkey retrieval sweep -> passkey.json + passkey.png")
     pk.add_argument("--model", required=True, help="exported HF folder (or a training checkpoint)")
-    pk.add_argument("--lengths", type=_csv(int), default=[1024, 4096], help="prompt lengths in tokens, comma-separated")
-    pk.add_argument("--depths", type=_csv(float), default=[0.0, 0.5, 1.0], help="needle depths in [0, 1]")
+    pk.add_argument("--lengths", type=csv_list(int), default=[1024, 4096], help="prompt lengths in tokens, comma-separated")
+    pk.add_argument("--depths", type=csv_list(float), default=[0.0, 0.5, 1.0], help="needle depths in [0, 1]")
     pk.add_argument("--trials", type=_positive_int, default=5, help="prompts per (length, depth)")
     pk.add_argument("--output", required=True, help="output folder")
     pk.add_argument("--seed", type=int, default=0)
@@ -160,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ru = evsub.add_parser("ruler", help="RULER-style synthetic tasks -> ruler.json + predictions.jsonl + ruler.png")
     ru.add_argument("--model", required=True, help="exported HF folder (or a training checkpoint)")
-    ru.add_argument("--lengths", type=_csv(int), default=[4096, 8192], help="prompt lengths in tokens, comma-separated")
-    ru.add_argument("--tasks", type=_csv(str), default=list(RULER_TASKS),
+    ru.add_argument("--lengths", type=csv_list(int), default=[4096, 8192], help="prompt lengths in tokens, comma-separated")
+    ru.add_argument("--tasks", type=csv_list(str), default=list(RULER_TASKS),
                     help=f"comma-separated, from {','.join(RULER_TASKS)} (default: all)")
     ru.add_argument("--samples", type=_positive_int, default=25, help="prompts per (task, length)")
     ru.add_argument("--output", required=True, help="output folder (an interrupted run resumes there)")

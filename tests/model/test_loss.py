@@ -57,3 +57,31 @@ def test_only_one_chunk_of_logits_is_kept_for_backward():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
         chunked_cross_entropy(hidden, weight, labels, chunk_size=chunk)
     assert max(saved) < t * v / 4  # the full logits (t*v) are never saved
+
+
+def test_only_labelled_rows_reach_the_projection(monkeypatch):
+    """Answer-only rows: the (rows x V) matmuls run on the labelled tokens alone, same loss and grads."""
+    import longcpt.model.loss as loss_module
+
+    seen = []
+    original = loss_module._chunk_log_probs
+
+    def spy(h, weight, y):
+        seen.append(h.shape[0])
+        return original(h, weight, y)
+
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(4, 136, 16, generator=g, requires_grad=True)
+    weight = torch.randn(40, 16, generator=g, requires_grad=True)
+    labels = torch.full((4, 136), -100)
+    labels[:, 100:106] = torch.randint(0, 40, (4, 6), generator=g)  # 6 answer tokens per row
+    plain = F.cross_entropy((hidden @ weight.T).reshape(-1, 40), labels.reshape(-1), ignore_index=-100)
+    want = torch.autograd.grad(plain, (hidden, weight))
+
+    monkeypatch.setattr(loss_module, "_chunk_log_probs", spy)
+    ours = chunked_cross_entropy(hidden, weight, labels, chunk_size=16)
+    got = torch.autograd.grad(ours, (hidden, weight))
+    assert sum(seen) == 24  # not 4 x 136
+    torch.testing.assert_close(ours, plain, rtol=1e-6, atol=1e-6)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -98,6 +98,13 @@ def chunked_cross_entropy(
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, D)
     labels = labels.reshape(-1)  # (N,)
+    keep = labels != IGNORE_INDEX
+    if not bool(keep.all()):
+        # Only labelled rows reach the projection: answer-only fine-tuning labels a few tokens per
+        # example (a passkey row: 6 of ~130), and the three (rows x V) matmuls are then most of
+        # the step. The gather's backward scatters the gradient back, zeros elsewhere.
+        rows = keep.nonzero().squeeze(1)
+        hidden, labels = hidden.index_select(0, rows), labels.index_select(0, rows)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         total = _LinearCrossEntropy.apply(hidden, weight, labels, chunk_size)
     else:  # evaluation: the same chunks, no gradients kept

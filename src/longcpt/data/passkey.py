@@ -107,6 +107,13 @@ class PasskeyPromptBuilder:
         # One unit per filler sentence, each with its leading space (the filler is space-joined).
         self.units = [encode(" " + s) for s in FILLER_SENTENCES]
         self.tail = encode("\n" + QUESTION)
+        # With split_digits only the key's digits vary between needles: the pieces are encoded once
+        # (a byte-level pre-tokenizer cuts before every " word" and ".", so the text around the key
+        # is tokenized as in the whole sentence).
+        before, middle, after = NEEDLE.split("{key}")
+        self._needle_parts = (encode("\n" + before.rstrip(" ")), encode(middle.rstrip(" ")), encode(after + "\n"))
+        self._digits = {d: encode(d) for d in "0123456789"}
+        self._first_digits = {d: encode(" " + d) for d in "0123456789"}
         if split_digits:
             probe = 10 ** KEY_DIGITS - 1 - 12345
             if tokenizer.decode(self._key_ids(probe)) != f" {probe}":
@@ -125,19 +132,14 @@ class PasskeyPromptBuilder:
         if not self.split_digits:
             return self._encode(f" {key}")
         digits = str(key)
-        return self._encode(" " + digits[0]) + [t for d in digits[1:] for t in self._encode(d)]
+        return self._first_digits[digits[0]] + [t for d in digits[1:] for t in self._digits[d]]
 
     def _needle(self, key: int) -> list[int]:
         if not self.split_digits:
             return self._encode("\n" + NEEDLE.format(key=key) + "\n")
-        # The text around the key is tokenized as in the whole sentence: a byte-level pre-tokenizer
-        # cuts before every " word" and ".", so only the key's tokens differ.
-        before, middle, after = NEEDLE.split("{key}")
+        before, middle, after = self._needle_parts
         key_ids = self._key_ids(key)
-        return (
-            self._encode("\n" + before.rstrip(" ")) + key_ids + self._encode(middle.rstrip(" ")) + key_ids
-            + self._encode(after + "\n")
-        )
+        return before + key_ids + middle + key_ids + after
 
     def needle_length(self, key: int) -> int:
         """Tokens of the needle sentence for `key` (it starts at `PasskeyExample.needle_start`)."""

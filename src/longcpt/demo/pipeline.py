@@ -58,11 +58,11 @@ class DemoPlan:
     vocab_size: int = 2048
     val_fraction: float = 0.08
     ppl_docs: int = 8
-    passkey_train_lengths: tuple[int, ...] = tuple(range(96, 257, 16))
-    passkey_train_n: int = 300
-    passkey_lengths: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192)
+    passkey_train_lengths: tuple[int, ...] = tuple(range(96, 129, 4))
+    passkey_train_n: int = 3000
+    passkey_lengths: tuple[int, ...] = (128, 256, 512, 1024, 2048, 4096)
     passkey_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-    passkey_trials: int = 3
+    passkey_trials: int = 4
     overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 

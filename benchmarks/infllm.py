@@ -90,11 +90,11 @@ def stream(kind: str, length: int, marks: list[int], chunk: int, window: int, de
     state: dict = {}
     rows, position, timed, started, cpu_started = [], 0, 0, None, 0.0
     while position < length:
-        n = min(chunk, length - position)
+        next_mark = min(m for m in marks if m > position)
+        n = min(chunk, next_mark - position)  # a call ends at every mark, whatever the chunk size
         ids = torch.randint(0, MODEL["vocab_size"], (1, n), generator=g).to(device)
         positions = torch.arange(position, position + n, device=device)[None]
-        next_mark = min(m for m in marks if m > position)
-        if started is None and position >= next_mark - window:
+        if started is None and position + n > next_mark - window:  # the call reaches into the window
             started, cpu_started, timed = time.perf_counter(), time.process_time(), 0
         model.hidden_states(ids, position_ids=positions, state=state)
         position += n

@@ -57,7 +57,6 @@ OPTIONS = dict(n_init=64, n_local=1024, block_size=64, topk=8, repr_topk=4, exc_
 MIB = 2**20
 
 
-
 def peak_bytes(device: str) -> int:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -149,7 +148,6 @@ def in_subprocess(task: dict) -> list[dict]:
     if result.returncode != 0 or not lines:
         raise RuntimeError(f"measurement {task} failed (exit {result.returncode})")
     return json.loads(lines[-1][len("RESULT "):])
-
 
 
 def main() -> None:

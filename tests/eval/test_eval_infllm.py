@@ -16,8 +16,6 @@ OPTIONS = {"n_init": 4, "n_local": 128, "block_size": 16, "topk": 2, "repr_topk"
            "max_cached_block": 2}
 
 
-
-
 def test_passkey_with_infllm_records_options_kv_kept_and_needle_visibility(model_dir, tokenizer, tmp_path):
     lo = PasskeyPromptBuilder(tokenizer).min_length + 5
     out = tmp_path / "pk"

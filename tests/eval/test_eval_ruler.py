@@ -130,8 +130,6 @@ def test_predictions_file_resumes_and_extends(monkeypatch, tokenizer, tmp_path):
         evaluate_ruler(None, tokenizer, gen, ["vt"], [600], 1, out, _settings(seed=1))
 
 
-
-
 def test_cli_writes_spec_outputs(model_dir, tokenizer, tmp_path, one_thread):
     """A real tiny model end to end: ruler.json, predictions.jsonl and ruler.png as docs/reference.md fixes them."""
     out = tmp_path / "r"

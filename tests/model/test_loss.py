@@ -36,6 +36,10 @@ def test_sum_reduction_and_all_ignored():
     assert loss.item() == 0.0
     loss.backward()  # still connected to the graph
     assert torch.count_nonzero(hidden.grad) == 0
+    with torch.no_grad():  # evaluation: a tensor too (sequence parallelism all-reduces it)
+        for reduction in ("sum", "mean"):
+            value = chunked_cross_entropy(hidden, weight, labels, chunk_size=3, reduction=reduction)
+            assert isinstance(value, torch.Tensor) and value.item() == 0.0
     labels[:4] = torch.tensor([0, 1, 2, 3])
     total = chunked_cross_entropy(hidden, weight, labels, chunk_size=3, reduction="sum")
     mean = chunked_cross_entropy(hidden, weight, labels, chunk_size=3)

@@ -107,14 +107,14 @@ class PasskeyPromptBuilder:
         # One unit per filler sentence, each with its leading space (the filler is space-joined).
         self.units = [encode(" " + s) for s in FILLER_SENTENCES]
         self.tail = encode("\n" + QUESTION)
-        # With split_digits only the key's digits vary between needles: the pieces are encoded once
-        # (a byte-level pre-tokenizer cuts before every " word" and ".", so the text around the key
-        # is tokenized as in the whole sentence).
-        before, middle, after = NEEDLE.split("{key}")
-        self._needle_parts = (encode("\n" + before.rstrip(" ")), encode(middle.rstrip(" ")), encode(after + "\n"))
-        self._digits = {d: encode(d) for d in "0123456789"}
-        self._first_digits = {d: encode(" " + d) for d in "0123456789"}
         if split_digits:
+            # Only the key's digits vary between needles: the pieces are encoded once (a byte-level
+            # pre-tokenizer cuts before every " word" and ".", so the text around the key is
+            # tokenized as in the whole sentence).
+            before, middle, after = NEEDLE.split("{key}")
+            self._needle_parts = (encode("\n" + before.rstrip(" ")), encode(middle.rstrip(" ")), encode(after + "\n"))
+            self._digits = {d: encode(d) for d in "0123456789"}
+            self._first_digits = {d: encode(" " + d) for d in "0123456789"}
             probe = 10 ** KEY_DIGITS - 1 - 12345
             if tokenizer.decode(self._key_ids(probe)) != f" {probe}":
                 raise LongcptError(

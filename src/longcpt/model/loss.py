@@ -25,15 +25,15 @@ from longcpt.model.attention.ulysses import all_reduce_sum
 
 
 def _chunk_log_probs(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor):
-    """Log-probabilities (n, V) in float32, the kept-row mask (n,) and the summed loss of one chunk."""
+    """Log-probabilities (n, V) in float32 and the summed loss of one chunk (every row labelled)."""
     logp = F.linear(h, weight).float().log_softmax(dim=-1)  # fp32 for a stable log-softmax
-    keep = y != IGNORE_INDEX
-    loss = -logp[keep, y[keep]].sum()
-    return logp, keep, loss
+    loss = -logp.gather(1, y.unsqueeze(1)).sum()
+    return logp, loss
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """sum_t CE(hidden_t @ weight.T, label_t) with gradients computed chunk by chunk in the forward."""
+    """sum_t CE(hidden_t @ weight.T, label_t) with gradients computed chunk by chunk in the forward.
+    Every row is labelled: `chunked_cross_entropy` drops the ignored ones first."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_size: int):
@@ -44,17 +44,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         for start in range(0, hidden.shape[0], chunk_size):
             h, y = hidden[start : start + chunk_size], labels[start : start + chunk_size]
-            logp, keep, loss = _chunk_log_probs(h, weight, y)
+            logp, loss = _chunk_log_probs(h, weight, y)
             total += loss
             if not (want_h or want_w):
                 continue
-            # d(sum CE)/d(logits) = softmax - onehot, zero on ignored rows (in place on logp)
+            # d(sum CE)/d(logits) = softmax - onehot (in place on logp)
             d_logits = logp.exp_()  # (n, V)
             del logp  # one name for the tensor, so that casting d_logits below frees the float32 copy
-            rows = keep.nonzero().squeeze(1)
-            d_logits[rows, y[rows]] -= 1.0
-            if rows.numel() < keep.numel():
-                d_logits.mul_(keep.unsqueeze(1))  # ignored rows contribute nothing
+            d_logits[torch.arange(y.shape[0], device=y.device), y] -= 1.0
             d_logits = d_logits.to(h.dtype)
             if want_h:
                 grad_hidden[start : start + chunk_size] = d_logits @ weight.to(h.dtype)
@@ -107,12 +104,13 @@ def chunked_cross_entropy(
         hidden, labels = hidden.index_select(0, rows), labels.index_select(0, rows)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         total = _LinearCrossEntropy.apply(hidden, weight, labels, chunk_size)
-    else:  # evaluation: the same chunks, no gradients kept
+    else:  # evaluation: the same chunks, no gradients kept (a tensor even when no row is labelled)
         total = sum(
-            _chunk_log_probs(hidden[i : i + chunk_size], weight, labels[i : i + chunk_size])[2]
-            for i in range(0, hidden.shape[0], chunk_size)
+            (_chunk_log_probs(hidden[i : i + chunk_size], weight, labels[i : i + chunk_size])[1]
+             for i in range(0, hidden.shape[0], chunk_size)),
+            torch.zeros((), dtype=torch.float32, device=hidden.device),
         )
-    count = (labels != IGNORE_INDEX).sum()
+    count = keep.sum()
     if group is not None:
         # Sequence parallelism: the window's loss is (sum of every rank's token losses) / (label
         # tokens of every rank). A mean of per-rank means would weigh a rank holding few labels

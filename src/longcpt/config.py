@@ -400,6 +400,9 @@ def _other_problems(cfg: Config) -> list[str]:
         problems.append(f"optim.min_lr_ratio={optim.min_lr_ratio}: must be in [0, 1]")
     if not (devices == "auto" or (isinstance(devices, int) and devices >= 1)):
         problems.append(f"trainer.devices={devices!r}: must be a positive integer or 'auto'")
+    if cfg.data.task == "pretrain" and cfg.data.train_on_input:
+        problems.append("data.train_on_input=true: applies to task fine-tuning only (data.task: passkey, booksum, "
+                        "...); pretraining already puts the loss on every token. Remove it or set data.task")
     if not cfg.trainer.timeout_minutes > 0:
         problems.append(f"trainer.timeout_minutes={cfg.trainer.timeout_minutes!r}: must be > 0 (minutes a collective "
                         "may wait for the slowest rank, e.g. 30; longer than the slowest step or checkpoint save)")

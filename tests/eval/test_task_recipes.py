@@ -77,3 +77,10 @@ def test_task_order_deals_disjoint_examples_to_ranks():
     first_epoch = sorted(x for r in ranks for x in r[:3])
     assert first_epoch == sorted(set(first_epoch)) and len(first_epoch) == 9
     assert list(itertools.islice(task_order(10, 1, 0, 3, start=2), 4)) == ranks[0][2:6]
+
+
+def test_train_on_input_is_refused_for_pretraining():
+    from longcpt.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.train_on_input=true: applies to task fine-tuning only"):
+        load_config(REPO / "recipes/tiny_cpu.yaml", ["data.train_on_input=true"], check_paths=False)

@@ -6,11 +6,10 @@ import json
 import os
 import re
 import socket
-import stat
 import time
 
 import pytest
-from lit_helpers import tiny_overrides
+from lit_helpers import fake_scontrol, tiny_overrides
 
 from longcpt.lit.faults import requeue_after_fault
 
@@ -50,14 +49,6 @@ def test_two_processes_one_sleeps_in_a_step(forkserver, tmp_path, tokenizer_dir)
     assert "Traceback" not in log
     assert waited < TIMEOUT_S + 20, waited  # the timeout and the teardown, not the 600 s sleep
     assert os.readlink(out / "checkpoints" / "last") == "step-00000002.ckpt"
-
-
-def fake_scontrol(folder):
-    folder.mkdir()
-    script = folder / "scontrol"
-    script.write_text(f'#!/bin/sh\necho "$@" >> {folder / "calls.txt"}\n')
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    return folder
 
 
 def test_slurm_requeue_after_a_fault_is_bounded(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ continues with exactly the next batch.
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -175,3 +176,19 @@ def run_train(overrides: list[str], *flags: str, env: dict | None = None, timeou
     if not wait:
         return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def train_ok(overrides: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """`run_train` that must succeed; a failure shows the end of the run's output."""
+    result = run_train(overrides, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result
+
+
+def fake_scontrol(folder: Path) -> Path:
+    """A folder holding an `scontrol` (put it on PATH) that records its arguments in calls.txt."""
+    folder.mkdir()
+    script = folder / "scontrol"
+    script.write_text(f'#!/bin/sh\necho "$@" >> {folder / "calls.txt"}\n')
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return folder

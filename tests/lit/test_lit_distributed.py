@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from lit_helpers import run_train, tiny_overrides
+from lit_helpers import tiny_overrides, train_ok
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from longcpt.export.convert import read_checkpoint
@@ -22,9 +22,7 @@ def launch(out, corpus, steps, **extra):
     # Constant LR after warmup, so a run stopped at step 2 and resumed follows the same schedule.
     args = tiny_overrides(out, None, corpus, trainer__devices=2, trainer__max_steps=steps,
                           optim__min_lr_ratio=1.0, trainer__export_hf="true", **extra)
-    result = run_train(args, timeout=600)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return result
+    return train_ok(args)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ they log is the whole window's.
 
 import pytest
 import torch
-from lit_helpers import read_metrics, run_train, tiny_overrides
+from lit_helpers import read_metrics, tiny_overrides, train_ok
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import longcpt
@@ -39,9 +39,7 @@ def pretrained(folder, tokenizer):
 def launch(out, corpus, model, devices, steps, **extra):
     args = tiny_overrides(out, None, corpus, model__pretrained=str(model), attention__kind="anchor",
                           trainer__devices=devices, trainer__max_steps=steps, optim__min_lr_ratio=1.0, **extra)
-    result = run_train(args, timeout=600)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return result
+    return train_ok(args)
 
 
 @pytest.fixture(scope="module")

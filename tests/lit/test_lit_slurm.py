@@ -3,24 +3,14 @@
 import os
 import re
 import signal
-import stat
 from types import SimpleNamespace
 
 import pytest
-from lit_helpers import run_train, tiny_overrides
+from lit_helpers import fake_scontrol, run_train, tiny_overrides
 
 from longcpt.lit.callbacks import StopAtStepBoundary, request_requeue, slurm_job_id
 
 pytestmark = pytest.mark.slow
-
-
-def fake_scontrol(folder):
-    """An `scontrol` on PATH that records its arguments."""
-    folder.mkdir()
-    script = folder / "scontrol"
-    script.write_text(f'#!/bin/sh\necho "$@" >> {folder / "calls.txt"}\n')
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    return folder
 
 
 def slurm_env(bin_dir):

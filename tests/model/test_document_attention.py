@@ -493,17 +493,20 @@ def test_torch_varlen_call(monkeypatch):
         return _varlen_reference(q, k, v, cu_q, max_q, causal=window_size == (-1, 0))
 
     monkeypatch.setattr(varlen, "varlen_attn", fake)
-    rows = random_window(random.Random(8), batch=2, seq_len=64, max_doc=30)
-    _, cu, _, _ = pack(rows, 64)
-    q, k, v = (torch.randn(2, h, 64, 8) for h in (4, 2, 2))
-    layout = document_layout(cu, 2, 64)
+    _kernel_matches_dense("varlen", seed=8, batch=2, seq_len=64, max_doc=30, kv_heads=2)
+
+
+def _kernel_matches_dense(name: str, seed: int, batch: int, seq_len: int, max_doc: int, kv_heads: int) -> None:
+    """`document._KERNELS[name]` on a random packed window equals the dense document-masked reference."""
     from longcpt.model.attention import document
 
-    out = document._KERNELS["varlen"](
-        *(x.transpose(1, 2).reshape(128, x.shape[1], 8) for x in (q, k, v)), layout
-    )
+    rows = random_window(random.Random(seed), batch=batch, seq_len=seq_len, max_doc=max_doc)
+    _, cu, _, _ = pack(rows, seq_len)
+    q, k, v = (torch.randn(batch, h, seq_len, 8) for h in (4, kv_heads, kv_heads))
+    tokens = lambda x: x.transpose(1, 2).reshape(batch * seq_len, x.shape[1], 8)  # noqa: E731
+    out = document._KERNELS[name](tokens(q), tokens(k), tokens(v), document_layout(cu, batch, seq_len))
     ref = dense_document_attention(q, k, v, cu)
-    torch.testing.assert_close(out.view(2, 64, 4, 8).transpose(1, 2), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.view(batch, seq_len, 4, 8).transpose(1, 2), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_flash_attn_call(monkeypatch):
@@ -515,14 +518,4 @@ def test_flash_attn_call(monkeypatch):
         return _varlen_reference(q, k, v, cu_q, max_q, causal)
 
     monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=fake))
-    rows = random_window(random.Random(9), batch=1, seq_len=96, max_doc=40)
-    _, cu, _, _ = pack(rows, 96)
-    q, k, v = (torch.randn(1, h, 96, 8) for h in (4, 1, 1))
-    from longcpt.model.attention import document
-
-    layout = document_layout(cu, 1, 96)
-    out = document._KERNELS["flash_attn"](
-        *(x.transpose(1, 2).reshape(96, x.shape[1], 8) for x in (q, k, v)), layout
-    )
-    ref = dense_document_attention(q, k, v, cu)
-    torch.testing.assert_close(out.view(1, 96, 4, 8).transpose(1, 2), ref, atol=1e-5, rtol=1e-5)
+    _kernel_matches_dense("flash_attn", seed=9, batch=1, seq_len=96, max_doc=40, kv_heads=1)

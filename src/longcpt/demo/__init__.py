@@ -1,7 +1,7 @@
 """`python -m longcpt.demo --output demo` (what `make demo` runs): continual pretraining on a CPU.
 
     demo corpus (the standard library's sources and docstrings) -> BPE tokenizer -> train/held-out
-      -> pretraining at 1K tokens with AnchorAttention          recipes/tiny_cpu.yaml
+      -> pretraining at 512 tokens with AnchorAttention         recipes/tiny_cpu.yaml
       -> perplexity by position at 4K (before)                  longcpt eval ppl
       -> context extension to 4K, rope_theta raised             recipes/tiny_cpu_extend.yaml
       -> perplexity by position at 4K (after)
@@ -11,7 +11,7 @@
       -> loss.png, ppl.png, passkey/passkey.png and summary.txt: the measured numbers, every
          artifact, stage times and the commands to go further
 
-Sized for 2 CPU cores (about 11 minutes on a quiet machine); every core is used
+Sized for 2 CPU cores (about 9 minutes of stages on a quiet machine); every core is used
 (`use_all_cores`). Each training run is exported to Hugging Face format (`RUN/hf`).
 
 Resuming: every stage writes its outputs completely or not at all and then a marker

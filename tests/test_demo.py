@@ -107,6 +107,24 @@ def test_bad_override_is_reported_before_any_stage_runs(tmp_path, capsys):
     assert not (tmp_path / "demo" / "stages").exists() and not (tmp_path / "demo" / "demo.json").exists()
 
 
+def test_a_folder_made_with_other_recipes_is_refused(tmp_path):
+    from longcpt.errors import LongcptError
+
+    d = Demo(tmp_path / "demo", QUICK)
+    d.out.mkdir()
+    d.check_settings()
+    d.check_settings()  # the same settings again: accepted
+    path = d.out / "demo.json"
+    saved = json.loads(path.read_text())
+    assert sorted(saved["recipes"]) == sorted(TRAINING)
+    saved["recipes"]["finetune"] = "0" * 16  # as if recipes/tiny_cpu_passkey.yaml had changed since
+    path.write_text(json.dumps(saved))
+    with pytest.raises(LongcptError, match=r"other recipes for finetune \(recipes/ changed since that run\)"):
+        d.check_settings()
+    with pytest.raises(LongcptError, match="other settings"):
+        Demo(tmp_path / "demo", QUICK, ["trainer.max_steps=3"]).check_settings()
+
+
 def test_overrides_go_to_one_stage_or_to_all():
     split = split_overrides(["trainer.max_steps=5", "extend.optim.lr=5e-4", "warmup.data.micro_batch_size=2"])
     assert split["pretrain"] == ["trainer.max_steps=5"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -167,20 +168,31 @@ class Demo:
     # -- stages --------------------------------------------------------------------------------
 
     def check_settings(self) -> None:
-        """Refuse to mix runs: the folder's first run recorded its plan and overrides."""
-        settings = {"plan": dataclasses.asdict(self.plan), "overrides": self.user_overrides}
+        """Refuse to mix runs: the folder's first run recorded its plan, its overrides and a digest
+        of each training stage's resolved recipe, so that stages finished with other recipes (an
+        older checkout of recipes/) are not continued with these."""
+        from longcpt.config import to_yaml
+
+        recipes = {stage: hashlib.sha256(to_yaml(self.config(stage, check_paths=False)).encode()).hexdigest()[:16]
+                   for stage in TRAINING}
+        settings = {"plan": dataclasses.asdict(self.plan), "overrides": self.user_overrides, "recipes": recipes}
         settings = json.loads(json.dumps(settings))  # tuples -> lists, as read back
         path = self.out / "demo.json"
-        if path.is_file():
-            before = json.loads(path.read_text())
-            if before != settings:
-                raise LongcptError(
-                    f"{self.out} holds a demo run with other settings (plan {before['plan']['name']!r}, "
-                    f"overrides {before['overrides']}); rerun with those, or pass another --output "
-                    f"(or delete {self.out}) to start a new one"
-                )
-        else:
+        if not path.is_file():
             atomic_write_json(path, settings)
+            return
+        before = json.loads(path.read_text())
+        if before == settings:
+            return
+        fix = f"pass another --output (or delete {self.out}) to start a new one"
+        if before.get("plan") == settings["plan"] and before.get("overrides") == settings["overrides"]:
+            changed = [stage for stage in TRAINING if (before.get("recipes") or {}).get(stage) != recipes[stage]]
+            raise LongcptError(f"{self.out} holds a demo run made with other recipes for {', '.join(changed)} "
+                               f"(recipes/ changed since that run); {fix}")
+        raise LongcptError(
+            f"{self.out} holds a demo run with other settings (plan {before['plan']['name']!r}, "
+            f"overrides {before['overrides']}); rerun with those, or {fix}"
+        )
 
     def build_corpus(self) -> dict:
         from longcpt.data import build_demo_corpus

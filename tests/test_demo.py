@@ -123,6 +123,10 @@ def test_a_folder_made_with_other_recipes_is_refused(tmp_path):
         d.check_settings()
     with pytest.raises(LongcptError, match="other settings"):
         Demo(tmp_path / "demo", QUICK, ["trainer.max_steps=3"]).check_settings()
+    del saved["recipes"]  # a folder of a version that did not record them
+    path.write_text(json.dumps(saved))
+    with pytest.raises(LongcptError, match="older longcpt that did not record its recipes"):
+        d.check_settings()
 
 
 def test_overrides_go_to_one_stage_or_to_all():

@@ -186,6 +186,9 @@ class Demo:
             return
         fix = f"pass another --output (or delete {self.out}) to start a new one"
         if before.get("plan") == settings["plan"] and before.get("overrides") == settings["overrides"]:
+            if "recipes" not in before:
+                raise LongcptError(f"{self.out} holds a demo run of an older longcpt that did not record its "
+                                   f"recipes, so it cannot be continued safely; {fix}")
             changed = [stage for stage in TRAINING if (before.get("recipes") or {}).get(stage) != recipes[stage]]
             raise LongcptError(f"{self.out} holds a demo run made with other recipes for {', '.join(changed)} "
                                f"(recipes/ changed since that run); {fix}")

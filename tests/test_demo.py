@@ -112,21 +112,23 @@ def test_a_folder_made_with_other_recipes_is_refused(tmp_path):
 
     d = Demo(tmp_path / "demo", QUICK)
     d.out.mkdir()
-    d.check_settings()
-    d.check_settings()  # the same settings again: accepted
+    configs = {stage: d.config(stage, check_paths=False) for stage in TRAINING}
+    d.check_settings(configs)
+    d.check_settings(configs)  # the same settings again: accepted
     path = d.out / "demo.json"
     saved = json.loads(path.read_text())
     assert sorted(saved["recipes"]) == sorted(TRAINING)
     saved["recipes"]["finetune"] = "0" * 16  # as if recipes/tiny_cpu_passkey.yaml had changed since
     path.write_text(json.dumps(saved))
     with pytest.raises(LongcptError, match=r"other recipes for finetune \(recipes/ changed since that run\)"):
-        d.check_settings()
+        d.check_settings(configs)
+    other = Demo(tmp_path / "demo", QUICK, ["trainer.max_steps=3"])
     with pytest.raises(LongcptError, match="other settings"):
-        Demo(tmp_path / "demo", QUICK, ["trainer.max_steps=3"]).check_settings()
+        other.check_settings({stage: other.config(stage, check_paths=False) for stage in TRAINING})
     del saved["recipes"]  # a folder of a version that did not record them
     path.write_text(json.dumps(saved))
     with pytest.raises(LongcptError, match="older longcpt that did not record its recipes"):
-        d.check_settings()
+        d.check_settings(configs)
 
 
 def test_overrides_go_to_one_stage_or_to_all():

@@ -167,14 +167,14 @@ class Demo:
 
     # -- stages --------------------------------------------------------------------------------
 
-    def check_settings(self) -> None:
+    def check_settings(self, configs: dict) -> None:
         """Refuse to mix runs: the folder's first run recorded its plan, its overrides and a digest
-        of each training stage's resolved recipe, so that stages finished with other recipes (an
-        older checkout of recipes/) are not continued with these."""
+        of each training stage's resolved recipe (`configs`, stage -> `config(stage)`), so that
+        stages finished with other recipes (an older checkout of recipes/) are not continued with
+        these."""
         from longcpt.config import to_yaml
 
-        recipes = {stage: hashlib.sha256(to_yaml(self.config(stage, check_paths=False)).encode()).hexdigest()[:16]
-                   for stage in TRAINING}
+        recipes = {stage: hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:16] for stage, cfg in configs.items()}
         settings = {"plan": dataclasses.asdict(self.plan), "overrides": self.user_overrides, "recipes": recipes}
         settings = json.loads(json.dumps(settings))  # tuples -> lists, as read back
         path = self.out / "demo.json"
@@ -189,7 +189,7 @@ class Demo:
             if "recipes" not in before:
                 raise LongcptError(f"{self.out} holds a demo run of an older longcpt that did not record its "
                                    f"recipes, so it cannot be continued safely; {fix}")
-            changed = [stage for stage in TRAINING if (before.get("recipes") or {}).get(stage) != recipes[stage]]
+            changed = [stage for stage in TRAINING if before["recipes"].get(stage) != recipes[stage]]
             raise LongcptError(f"{self.out} holds a demo run made with other recipes for {', '.join(changed)} "
                                f"(recipes/ changed since that run); {fix}")
         raise LongcptError(
@@ -268,11 +268,11 @@ class Demo:
         stopped early by `stop_after`)."""
         from longcpt.demo import summary
 
-        for stage in TRAINING:  # every recipe problem before the first stage, not 5 minutes in
-            self.config(stage, check_paths=False)
+        # Every recipe problem before the first stage, not 5 minutes in.
+        configs = {stage: self.config(stage, check_paths=False) for stage in TRAINING}
         self.out.mkdir(parents=True, exist_ok=True)
-        self.check_settings()
-        pre, ext = self.config("pretrain", False), self.config("extend", False)
+        self.check_settings(configs)
+        pre, ext = configs["pretrain"], configs["extend"]
         old, new = pre.data.seq_len, ext.data.seq_len
         theta_old = pre.model.rope_theta or pre.model.config.get("rope_theta", 10000.0)
         theta_new = ext.model.rope_theta or theta_old

@@ -68,6 +68,7 @@ class DataConfig:
     val_batches: int = 8  # validation windows evaluated each time
     bfd_buffer: int = 1024  # packing=bfd: documents sorted and placed together (memory bound)
     train_on_input: bool = False  # task fine-tuning: loss on the prompt too, not only the answer
+    pack_examples: bool = False  # task fine-tuning: several examples per row (best-fit decreasing)
 
 
 @dataclass
@@ -403,6 +404,12 @@ def _other_problems(cfg: Config) -> list[str]:
     if cfg.data.task == "pretrain" and cfg.data.train_on_input:
         problems.append("data.train_on_input=true: applies to task fine-tuning only (data.task: passkey, booksum, "
                         "...); pretraining already puts the loss on every token. Remove it or set data.task")
+    if cfg.data.task == "pretrain" and cfg.data.pack_examples:
+        problems.append("data.pack_examples=true: applies to task fine-tuning only (data.task: passkey, booksum, "
+                        "...); pretraining windows are packed by data.packing. Remove it or set data.task")
+    if cfg.data.pack_examples and cfg.attention.kind == "full":
+        problems.append("data.pack_examples=true with attention.kind=full: examples sharing a row would see each "
+                        "other; use a document-masking kind (anchor, intra_doc) or remove data.pack_examples")
     if not cfg.trainer.timeout_minutes > 0:
         problems.append(f"trainer.timeout_minutes={cfg.trainer.timeout_minutes!r}: must be > 0 (minutes a collective "
                         "may wait for the slowest rank, e.g. 30; longer than the slowest step or checkpoint save)")

@@ -125,21 +125,38 @@ def _best_fit_decreasing(docs: list[tuple[int, int]], seq_len: int) -> Iterator[
             yield [Piece(doc, lo, lo + seq_len - 1)]
             lo += seq_len - 1
         pieces.append(Piece(doc, lo, body))
-    pieces.sort(key=lambda p: -p.size)  # stable: equal sizes keep stream order
-    windows: list[list[Piece]] = []
-    room: list[tuple[int, int]] = []  # sorted (free slots, window index) of the open windows
-    for piece in pieces:
-        i = bisect.bisect_left(room, (piece.size, -1))  # the tightest window that still fits
-        if i == len(room):
-            windows.append([piece])
-            free, w = seq_len - piece.size, len(windows) - 1
+    for window in best_fit_decreasing([p.size for p in pieces], seq_len):
+        yield [pieces[i] for i in window]
+
+
+def best_fit_decreasing(sizes: Sequence[int], capacity: int) -> list[list[int]]:
+    """Bins of at most `capacity` for items of `sizes` (each <= capacity), by best-fit decreasing.
+
+    Items are placed longest first (ties in input order) into the open bin with the least room
+    that still fits them. Returns the bins in order of opening, each a list of item indices in
+    the order they were placed; deterministic.
+
+    Example::
+
+        >>> best_fit_decreasing([3, 5, 2, 4], 8)
+        [[1, 0], [3, 2]]
+    """
+    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])  # stable: equal sizes keep input order
+    bins: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # sorted (free slots, bin index) of the open bins
+    for i in order:
+        size = sizes[i]
+        j = bisect.bisect_left(room, (size, -1))  # the tightest bin that still fits
+        if j == len(room):
+            bins.append([i])
+            free, b = capacity - size, len(bins) - 1
         else:
-            free, w = room.pop(i)
-            windows[w].append(piece)
-            free -= piece.size
+            free, b = room.pop(j)
+            bins[b].append(i)
+            free -= size
         if free > 0:
-            bisect.insort(room, (free, w))
-    yield from windows
+            bisect.insort(room, (free, b))
+    return bins
 
 
 def materialize_window(

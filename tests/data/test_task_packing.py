@@ -12,7 +12,7 @@ from tiny import tiny_args
 from longcpt.config import ConfigError, load_config
 from longcpt.data.collate import Collator
 from longcpt.data.packing import best_fit_decreasing
-from longcpt.data.task import TaskDataModule, answer_only_row, pack_examples, packed_row, task_order
+from longcpt.data.task import TaskDataModule, answer_only_row, pack_examples, packed_row
 from longcpt.model import CausalLM
 
 
@@ -58,7 +58,10 @@ def _datamodule(pairs, seq_len, *extra):
 
 def test_packed_datamodule_resumes_after_the_rows_it_consumed():
     pairs = [([1] + [5] * (i % 13 + 1), [7, 2]) for i in range(50)]
-    rows = lambda dm: [r for b in itertools.islice(iter(dm.train_dataloader()), 12) for r in b["input_ids"].tolist()]
+
+    def rows(dm):
+        return [r for b in itertools.islice(iter(dm.train_dataloader()), 12) for r in b["input_ids"].tolist()]
+
     whole = rows(_datamodule(pairs, 32))
     resumed = _datamodule(pairs, 32)
     resumed._resumed_at = (6, 0)  # 3 steps of 2 rows consumed before the restart

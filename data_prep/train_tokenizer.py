@@ -20,12 +20,14 @@ def main(argv=None) -> int:
     parser.add_argument("--output", required=True, help="tokenizer folder to write")
     parser.add_argument("--text-field", default="text", help="field holding the text (default: text)")
     parser.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge")
+    parser.add_argument("--split-digits", action="store_true",
+                        help="every digit a token of its own (as Llama's and Mistral's tokenizers)")
     args = parser.parse_args(argv)
     try:
         from longcpt.data.tokenizer import train_tokenizer
 
         info = train_tokenizer(args.input, args.vocab_size, args.output, text_field=args.text_field,
-                               min_frequency=args.min_frequency)
+                               min_frequency=args.min_frequency, split_digits=args.split_digits)
     except LongcptError as e:
         print(f"train_tokenizer: error: {e}", file=sys.stderr)
         return 2

@@ -49,6 +49,23 @@ def test_trained_folder_loads_with_plain_transformers(corpus, tmp_path):
     assert tok(text, add_special_tokens=False)["input_ids"] == ids[1:]
 
 
+def test_split_digits_makes_every_digit_a_token(corpus, tmp_path):
+    from transformers import AutoTokenizer
+
+    numbers = tmp_path / "numbers.jsonl"  # numbers frequent enough for the default to merge digits
+    numbers.write_text(json.dumps({"text": "x = 1000000, year 2024; " * 300}) + "\n")
+    train_tokenizer([corpus, numbers], 400, tmp_path / "tok", split_digits=True)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    text = "key 2024 is 90817, x = 1000000"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    pieces = [tok.decode([i]) for i in ids]
+    assert [p for p in pieces if any(c.isdigit() for c in p)] == list("2024" "90817" "1000000")
+    assert tok.decode(ids) == text
+    train_tokenizer([corpus, numbers], 400, tmp_path / "merged")  # the default merges digits
+    merged = AutoTokenizer.from_pretrained(str(tmp_path / "merged"))
+    assert len(merged(text, add_special_tokens=False)["input_ids"]) < len(ids)
+
+
 def test_vocab_too_small_and_missing_input_are_errors(corpus, tmp_path):
     with pytest.raises(LongcptError, match="--vocab-size 100"):
         train_tokenizer([corpus], 100, tmp_path / "tok")

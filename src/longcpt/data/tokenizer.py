@@ -30,6 +30,7 @@ def train_tokenizer(
     *,
     text_field: str = "text",
     min_frequency: int = 2,
+    split_digits: bool = False,
 ) -> dict:
     """Train a byte-level BPE tokenizer on text records and save it as a Hugging Face folder.
 
@@ -39,6 +40,9 @@ def train_tokenizer(
         output: folder to write (appears only when complete).
         text_field: field holding the text in JSON/Parquet records.
         min_frequency: minimum pair count for a merge.
+        split_digits: every digit is a token of its own, as in Llama's and Mistral's tokenizers
+            (numbers are then spelled digit by digit: a model copies a passkey or a RULER value
+            one digit per token, whatever merges the corpus would have made).
 
     Returns:
         A summary: `{"output", "vocab_size", "records", "rejected", "bos_id", "eos_id", "pad_id"}`.
@@ -60,7 +64,9 @@ def train_tokenizer(
             yield text
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -112,3 +112,26 @@ def test_links_between_documents_resolve():
     broken = [f"{page.relative_to(REPO)} -> {target}" for page in pages for target, _ in link.findall(page.read_text())
               if "://" not in target and not (page.parent / target).exists()]
     assert len(pages) > 5 and not broken, broken
+
+
+# torch keywords longcpt passes, and the torch release that added them (torch's release notes).
+TORCH_KEYWORDS_SINCE = {
+    ("scaled_dot_product_attention", "enable_gqa"): "2.5",
+}
+
+
+def test_declared_torch_floor_has_every_torch_keyword_we_pass():
+    """A CUDA user may install any torch the floor allows; a keyword that torch lacks is a
+    TypeError on every attention call (SDPA's `enable_gqa` arrived in 2.5)."""
+    from packaging.version import Version
+
+    floor = Version(re.search(r'^\s*"torch>=([0-9.]+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1))
+    used = set()
+    for file in (SRC / "longcpt").rglob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text(), str(file))):
+            if isinstance(node, ast.Call):
+                func = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+                used |= {(func, kw.arg) for kw in node.keywords if (func, kw.arg) in TORCH_KEYWORDS_SINCE}
+    assert ("scaled_dot_product_attention", "enable_gqa") in used  # the scan finds what it looks for
+    for key in used:
+        assert floor >= Version(TORCH_KEYWORDS_SINCE[key]), f"pyproject says torch>={floor}, {key} needs {TORCH_KEYWORDS_SINCE[key]}"

@@ -28,7 +28,9 @@ WORKER = Path(__file__).with_name("zero3_memory_worker.py")
 # 16 layers x 1024 wide (MLP 2816), vocab 8192: 206M parameters. The largest single tensor (an MLP
 # matrix, 11 MiB) is small against the model, as in real checkpoints.
 BIG = {"model_type": "llama", "vocab_size": 8192, "hidden_size": 1024, "intermediate_size": 2816,
-       "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 8, "max_position_embeddings": 256}
+       "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 8, "max_position_embeddings": 256,
+       # YaRN's table was rounded to bf16 when built inside zero.Init (its ramp came from a float arange)
+       "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}}
 BOUND = 0.75
 
 
@@ -77,4 +79,5 @@ def test_each_rank_holds_less_than_three_quarters_of_a_copy(memory):
         assert grow["new"]["model"] < BOUND * copy_mib
         assert grow["old"]["model"] > BOUND * copy_mib  # the former path fails the same check
         assert new["parameters"] == n
-        assert new["rope_inv_freq_fp32"]  # zero.Init casts nothing it should not
+        assert new["rope_scaling"]["rope_type"] == "yarn"
+        assert new["rope_inv_freq_exact"]  # the table built inside zero.Init equals a fresh fp32 one

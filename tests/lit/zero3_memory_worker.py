@@ -26,6 +26,7 @@ import longcpt.strategies  # noqa: E402
 from longcpt.config import load_config  # noqa: E402
 from longcpt.lit.module import LitCausalLM  # noqa: E402
 from longcpt.lit.train import train  # noqa: E402
+from longcpt.model.rope import RotaryEmbedding  # noqa: E402
 
 MIB = 2**20
 record: dict = {}
@@ -44,7 +45,10 @@ class Stop(Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         record["engine_peak_mib"] = peak_mib()
-        record["rope_inv_freq_fp32"] = pl_module.model.model.rotary_emb.inv_freq.dtype == torch.float32
+        rope = pl_module.model.model.rotary_emb
+        fresh = RotaryEmbedding(rope.head_dim, rope.theta, rope.scaling, rope.max_position_embeddings)
+        record["rope_scaling"] = rope.scaling
+        record["rope_inv_freq_exact"] = torch.equal(rope.inv_freq.cpu(), fresh.inv_freq)
         record["parameters"] = sum(int(getattr(p, "ds_numel", p.numel())) for p in pl_module.model.parameters())
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
         trainer.strategy.barrier()

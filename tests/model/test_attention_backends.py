@@ -4,6 +4,9 @@
   raises ImportError ("undefined symbol") at import, and torch's varlen kernel is used instead.
 * FlexAttention is compiled once for every shape: compiled per shape, each new window length
   recompiles until dynamo's recompile limit, after which torch runs it eagerly (dense scores).
+* Compiled FlexAttention honours the block mask's block structure; eager FlexAttention evaluates
+  `mask_mod` densely and cannot see a wrong `BlockMask`. Inductor compiles the forward on CPU,
+  so the CUDA code path is run here with the real compiler.
 """
 
 from __future__ import annotations
@@ -94,3 +97,52 @@ def test_flex_attention_compiles_once_for_every_length(monkeypatch):
         torch.testing.assert_close(out, dense_reference(q, k, v, cu), atol=1e-5, rtol=1e-5)
     torch._dynamo.reset()
     assert counter.frame_count <= 2 * 2 < 2 * len(lengths), counter.frame_count
+
+
+# Two rows whose documents cross the 128-token blocks differently: in row 0 no token after 128
+# sees a token before it, in row 1 the second document spans both blocks. A block mask with
+# B=None (one block structure for every row) is built from row 0 and skips row 1's cross-block work.
+BLOCK_ROWS_CU = [0, 100, 128, 200, 256, 256 + 40, 256 + 190, 512]
+
+
+def _compiled_flex_error(q, k, v, cu) -> float:
+    with torch.no_grad():  # the CPU flex kernel has no backward (torch 2.13)
+        out = document_attention(q, k, v, document_layout(cu, 2, 256), backend="flex")
+    return float((out - dense_reference_rows(q, k, v, cu)).abs().max())
+
+
+def dense_reference_rows(q, k, v, cu):
+    """`dense_reference` for every row of a packed batch."""
+    t = q.shape[2]
+    return torch.cat([dense_reference(q[r:r + 1], k[r:r + 1], v[r:r + 1], cu_row)
+                      for r, cu_row in enumerate(_row_boundaries(cu, q.shape[0], t))])
+
+
+def _row_boundaries(cu, batch, t):
+    bounds = cu.tolist()
+    return [torch.tensor([b - r * t for b in bounds if r * t <= b <= (r + 1) * t]) for r in range(batch)]
+
+
+@pytest.mark.slow
+def test_compiled_flex_attention_on_cpu_equals_dense_and_sees_the_block_mask(monkeypatch, inductor_cache):
+    """longcpt's compiled flex path (CUDA's) with the real inductor on CPU equals the dense
+    reference; the same path with a block mask built for B=None must not (the control shows that
+    this test sees block structure: eager flex would pass it, off by 1.9e-7)."""
+    monkeypatch.setattr(document, "_COMPILED_DEVICES", ("cpu", "cuda"))
+    torch._dynamo.reset()
+    cu = torch.tensor(BLOCK_ROWS_CU, dtype=torch.int32)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 256, 16, generator=g) for h in (4, 2, 2))
+    assert _compiled_flex_error(q, k, v, cu) < 1e-5
+
+    compiled = document._compiled
+
+    def block_mask_for_every_row(name):
+        fn = compiled(name)
+        if name != "create_block_mask":
+            return fn
+        return lambda mask_mod, batch, heads, *args, **kwargs: fn(mask_mod, None, heads, *args, **kwargs)
+
+    monkeypatch.setattr(document, "_compiled", block_mask_for_every_row)
+    assert _compiled_flex_error(q, k, v, cu) > 0.1
+    torch._dynamo.reset()

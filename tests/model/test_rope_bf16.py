@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from tiny import tiny_args
+from tiny import ROPE_TYPES, tiny_args
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from longcpt.model import CausalLM, ModelArgs
@@ -150,3 +150,67 @@ def test_relative_property_ours_vs_transformers_bf16(window):
     assert dev_ours * 1.4 < dev_hf
     assert dev_ours * 100 < dev_bad
     assert dev_ours < 0.15
+
+
+# ---------------------------------------------------------------------------------------------
+# The table does not depend on where the module is built. DeepSpeed's `zero.Init` (ZeRO-3 with
+# `model.pretrained`) wraps torch's tensor factories (arange, tensor, zeros, ...) and casts every
+# floating result to bf16 while the model is constructed; nothing recomputes the table after it.
+
+ROPE_CASES = {**ROPE_TYPES, "yarn-untruncated-mscale": {
+    "rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 4096, "truncate": False,
+    "mscale": 1.0, "mscale_all_dim": 0.5}}
+LONG = torch.tensor([[0, 1, 4095, 65_535, 131_071]])
+
+
+@pytest.fixture(scope="module")
+def zero_init(tmp_path_factory):
+    """`deepspeed.zero.Init` with bf16 on a one-process gloo group (as ZeRO-3 under bf16-mixed)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    env = pytest.MonkeyPatch()
+    for name, value in (("DS_ACCELERATOR", "cpu"), ("LOCAL_RANK", "0"), ("RANK", "0"), ("WORLD_SIZE", "1")):
+        env.setenv(name, value)
+    import deepspeed
+
+    store = tmp_path_factory.mktemp("zero_init") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    config = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
+    yield lambda: deepspeed.zero.Init(config_dict_or_path=config)
+    dist.destroy_process_group()
+    env.undo()
+
+
+def _tables(rope: RotaryEmbedding):
+    cos, sin = rope(LONG)
+    return rope.inv_freq, rope.attention_factor, cos, sin
+
+
+@pytest.mark.parametrize("rope", ROPE_CASES)
+def test_rope_table_is_the_same_inside_zero_init(zero_init, rope):
+    """Built inside zero.Init or not, every rope type gives bit-identical fp32 tables."""
+    args = (HEAD_DIM, 1e6, ROPE_CASES[rope], 131_072)
+    ref = _tables(RotaryEmbedding(*args))
+    with zero_init():
+        inside = _tables(RotaryEmbedding(*args))
+    assert inside[0].dtype == torch.float32
+    assert inside[1] == ref[1]
+    for name, a, b in zip(("inv_freq", "cos", "sin"), (inside[0], *inside[2:]), (ref[0], *ref[2:])):
+        assert torch.equal(a, b), f"{rope}: {name} differs by up to {float((a - b).abs().max()):.2e}"
+
+
+@pytest.mark.parametrize("default_dtype", [torch.bfloat16, torch.float64])
+def test_rope_table_ignores_the_default_dtype(default_dtype):
+    for rope, scaling in ROPE_CASES.items():
+        ref = _tables(RotaryEmbedding(HEAD_DIM, 1e6, scaling, 131_072))
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(default_dtype)
+        try:
+            built = _tables(RotaryEmbedding(HEAD_DIM, 1e6, scaling, 131_072))
+        finally:
+            torch.set_default_dtype(previous)
+        assert built[1] == ref[1], rope
+        for a, b in zip((built[0], *built[2:]), (ref[0], *ref[2:])):
+            assert torch.equal(a, b), rope

@@ -4,7 +4,8 @@ Layout: Hugging Face "rotate half" (the two halves of the head dim form the comp
 weights move between longcpt and transformers without permutation.
 
 The BF16 fixes (arXiv 2411.13476; measured in docs/rope_bf16.md) live here:
-  * `inv_freq` and the angles are float32 whatever the module is cast to. A buffer that
+  * `inv_freq` and the angles are float32 whatever the module is cast to, and the same whatever
+    context it is built in (`_float_range`: inside DeepSpeed's `zero.Init` or not). A buffer that
     `model.to(torch.bfloat16)` converts (as `bf16-true` and DeepSpeed do) is the classic bug
     (transformers PRs #25681, #29285): bf16 angles destroy the relative property at long positions.
     `RotaryEmbedding._apply` therefore restores the fp32 table after every cast.
@@ -31,6 +32,17 @@ from torch import nn
 ROPE_PRECISIONS = ("fp32", "model")
 
 
+def _float_range(start: int, end: int, step: int = 1) -> torch.Tensor:
+    """float32 `arange` built from integers, whatever context the module is constructed in.
+
+    A float `torch.arange` is not context-free: DeepSpeed's `zero.Init` (ZeRO-3 with a pretrained
+    model) wraps torch's tensor factories and casts every floating result to bf16, which rounded
+    YaRN's ramp and moved 16 of its 64 frequencies by up to 1%; a bf16 default dtype would do the
+    same. Integer results are left alone, and `.float()` is not a factory.
+    """
+    return torch.arange(start, end, step, dtype=torch.int64).float()
+
+
 def rope_frequencies(
     head_dim: int,
     theta: float,
@@ -47,7 +59,7 @@ def rope_frequencies(
         max_position_embeddings: the model's configured context length (dynamic NTK reference).
         seq_len: current sequence length; used by `dynamic` only.
     """
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    exponents = _float_range(0, head_dim, 2) / head_dim
     rope_type = scaling["rope_type"] if scaling else "default"
     if rope_type == "default":
         return 1.0 / (theta**exponents), 1.0
@@ -105,8 +117,8 @@ def _yarn_frequencies(dim: int, theta: float, s: dict[str, Any]) -> tuple[torch.
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
-    pos_freqs = theta ** (torch.arange(0, dim, 2).float() / dim)
+    ramp = torch.clamp((_float_range(0, dim // 2) - low) / (high - low), 0, 1)
+    pos_freqs = theta ** (_float_range(0, dim, 2) / dim)
     extrapolation = 1 - ramp
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
     return inv_freq, float(attention_factor)

@@ -7,12 +7,17 @@ At each mark (16K, 64K, 256K, 1M tokens by default) a row reports:
     that length, not averaged from the start); cpu us/token: the process's CPU time over the same
     tokens, which other processes on a shared machine barely disturb (run with OMP_NUM_THREADS=1
     to compare kinds on one core);
-  * device MiB: what the layer states keep on the compute device (`full`: the KV cache; `infllm`:
-    sinks, window, pending tokens and scores, block cache);
-  * host MiB: the blocks the InfLLM store holds in host memory (grows linearly with the stream;
-    pages are allocated ahead but become resident as blocks fill them, so the blocks are counted);
+  * device MiB: what the layer states keep on the compute device that does not grow with the
+    stream (`full`: the KV cache, which does; `infllm`: sinks, window, pending tokens and scores,
+    block cache);
+  * reps MiB: InfLLM's block representatives, on the compute device (they grow with the stream,
+    Hq * D / block_size values per token and layer);
+  * host MiB: the block keys and values the InfLLM store holds in host memory (grows linearly with
+    the stream; pages are allocated ahead but become resident as blocks fill them, so the blocks
+    are counted);
   * work MiB: the peak resident set above the resident size before the stream, minus the host
-    store: activations, scores and the device state (on CUDA: peak allocated memory);
+    store and, on a CPU, the representatives: activations, scores and the bounded device state
+    (on CUDA: peak allocated memory minus the representatives);
 `full` runs up to `--full-max` tokens (its KV cache grows linearly and each token attends to all
 before it). A third table times one retrieval over the blocks of the longest stream: torch
 (`retrieve_topk`: one matrix product and `topk`) against faiss's exact inner-product index
@@ -64,15 +69,16 @@ def peak_bytes(device: str) -> int:
     return max_resident_bytes()
 
 
-def state_bytes(state: dict) -> tuple[int, int]:
-    """(device, host) bytes held by the layer states."""
-    device = host = 0
+def state_bytes(state: dict) -> tuple[int, int, int]:
+    """(device, representatives, host) bytes held by the layer states."""
+    device = reps = host = 0
     for s in state.values():
         if hasattr(s, "device_bytes"):
             device, host = device + s.device_bytes(), host + s.host_bytes(stored=True)
+            reps += s.reps_bytes()
         else:  # full: a KVCache, its allocated buffers
             device += sum(t.numel() * t.element_size() for t in (s.k, s.v) if t is not None)
-    return device, host
+    return device, reps, host
 
 
 @torch.no_grad()
@@ -103,12 +109,12 @@ def stream(kind: str, length: int, marks: list[int], chunk: int, window: int, de
             if device == "cuda":
                 torch.cuda.synchronize()
             seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-            dev, host = state_bytes(state)
-            work = peak_bytes(device) - base - (host if device != "cuda" else 0)
+            dev, reps, host = state_bytes(state)
+            work = peak_bytes(device) - base - reps - (host if device != "cuda" else 0)
             rows.append({"kind": kind, "length": position, "us_per_token": round(1e6 * seconds / timed, 1),
                          "cpu_us_per_token": round(1e6 * cpu / timed, 1),
-                         "device_mib": round(dev / MIB, 2), "host_mib": round(host / MIB, 1),
-                         "work_mib": round(work / MIB, 1)})
+                         "device_mib": round(dev / MIB, 2), "reps_mib": round(reps / MIB, 2),
+                         "host_mib": round(host / MIB, 1), "work_mib": round(work / MIB, 1)})
             print("ROW " + json.dumps(rows[-1]), file=sys.stderr, flush=True)
             started = None
     return rows
@@ -124,6 +130,11 @@ def retrieval(n_blocks: int, reps: int) -> dict:
     start = time.perf_counter()
     ours = [retrieve_topk(keys, q, k) for q in queries]
     out = {"blocks": n_blocks, "torch_us": round(1e6 * (time.perf_counter() - start) / reps, 1), "faiss_us": None}
+    keys16, queries16 = keys.bfloat16(), queries.bfloat16()  # repr_dtype=bfloat16
+    start = time.perf_counter()
+    half = [retrieve_topk(keys16, q, k) for q in queries16]
+    out["torch_bf16_us"] = round(1e6 * (time.perf_counter() - start) / reps, 1)
+    out["bf16_same_blocks"] = sum(h.tolist() == o.tolist() for h, o in zip(half, ours)) / reps
     try:
         import faiss
     except ImportError:
@@ -176,21 +187,23 @@ def main() -> None:
     search = retrieval(marks[-1] // OPTIONS["block_size"], reps=50)
 
     print(f"device={args.device} model={MODEL}\ninfllm options={OPTIONS}")
-    print(f"{'kind':<7} {'tokens':>7} {'us/token':>9} {'cpu us/tok':>11} {'device MiB':>11} {'host MiB':>9} "
-          f"{'work MiB':>9} {'full/infllm cpu':>16} {'wall':>6}")
+    print(f"{'kind':<7} {'tokens':>7} {'us/token':>9} {'cpu us/tok':>11} {'device MiB':>11} {'reps MiB':>9} "
+          f"{'host MiB':>9} {'work MiB':>9} {'full/infllm cpu':>16} {'wall':>6}")
     full = {r["length"]: r for r in rows if r["kind"] == "full"}
     for r in sorted(rows, key=lambda r: (r["length"], r["kind"])):
         peer = full.get(r["length"]) if r["kind"] == "infllm" else None
         cpu_ratio = f"{peer['cpu_us_per_token'] / r['cpu_us_per_token']:.2f}x" if peer else ""
         wall_ratio = f"{peer['us_per_token'] / r['us_per_token']:.2f}x" if peer else ""
         print(f"{r['kind']:<7} {size_label(r['length']):>7} {r['us_per_token']:>9.1f} {r['cpu_us_per_token']:>11.1f} "
-              f"{r['device_mib']:>11.2f} {r['host_mib']:>9.1f} {r['work_mib']:>9.1f} {cpu_ratio:>16} {wall_ratio:>6}")
+              f"{r['device_mib']:>11.2f} {r['reps_mib']:>9.2f} {r['host_mib']:>9.1f} {r['work_mib']:>9.1f} "
+              f"{cpu_ratio:>16} {wall_ratio:>6}")
     host_rows = [r for r in rows if r["kind"] == "infllm" and r["host_mib"]]
     host_per_token = round(host_rows[-1]["host_mib"] * MIB / host_rows[-1]["length"], 1) if host_rows else None
     print(f"host store: {host_per_token} bytes per token")
     ratio = (f"{search['faiss_us'] / search['torch_us']:.2f}x faiss/torch time" if search["faiss_us"] else
              "faiss not installed")
     print(f"retrieval of top-{OPTIONS['topk']} of {search['blocks']} blocks: torch {search['torch_us']} us, "
+          f"bf16 representatives {search['torch_bf16_us']} us (same blocks in {search['bf16_same_blocks']:.0%}), "
           f"faiss {search['faiss_us']} us ({ratio})")
     mid = 65536 if 65536 in marks[:-1] else marks[0]
     ours = {r["length"]: r for r in rows if r["kind"] == "infllm"}

@@ -153,7 +153,7 @@ def test_infllm_applies_to_a_training_checkpoint(trained):
 
     result, keep = trained
     options = {"n_init": 4, "n_local": 32, "block_size": 8, "topk": 2, "repr_topk": 2, "exc_block_size": 16,
-               "max_cached_block": 2}
+               "max_cached_block": 2, "repr_dtype": "float32"}
     model, _ = load_model(result.out_dir, for_inference=True, attention="infllm", attention_options=options)
     assert model.args.attention == "infllm" and model.args.attention_options == options
     ids = torch.randint(0, 96, (2, 32), generator=torch.Generator().manual_seed(0))

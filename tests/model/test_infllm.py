@@ -46,7 +46,8 @@ def options(**overrides) -> dict:
 
 def test_defaults_are_the_reference_mistral_config():
     assert {k: o.default for k, o in OPTIONS.items()} == dict(
-        block_size=128, n_init=128, n_local=4096, topk=16, repr_topk=4, exc_block_size=512, max_cached_block=32)
+        block_size=128, n_init=128, n_local=4096, topk=16, repr_topk=4, exc_block_size=512, max_cached_block=32,
+        repr_dtype="float32")
 
 
 @pytest.mark.parametrize("bad,named", [
@@ -58,6 +59,7 @@ def test_defaults_are_the_reference_mistral_config():
     ({"n_init": -1}, "n_init=-1: must be an integer >= 0"),
     ({"n_local": 1.5}, "n_local=1.5: must be a positive integer"),
     ({"window": 3}, "window: not an option of attention kind 'infllm'"),
+    ({"repr_dtype": "float16"}, "repr_dtype='float16': must be one of float32, bfloat16"),
 ])
 def test_bad_options_are_named(bad, named):
     with pytest.raises(LongcptError, match=named.replace("(", r"\(").replace(")", r"\)")):
@@ -166,7 +168,7 @@ def test_lru_cache_hits_evictions_and_read_back():
     store = BlockStore(batch=2, n_heads=2, n_kv_heads=1, block_size=4, head_dim=3, dtype=torch.float32)
     k, v = torch.randn(2, 150, 1, 4, 3, generator=g), torch.randn(2, 150, 1, 4, 3, generator=g)
     store.append(k, v, torch.zeros(2, 150, 2, 3))  # 150 blocks: three pages
-    cache = BlockCache(store, capacity=5, device="cpu")
+    cache = BlockCache(store, capacity=5, device="cpu", staging=2)  # misses travel two blocks at a time
     rng = random.Random(1)
     model = [OrderedDict() for _ in range(2)]  # brute-force LRU: block -> None, least recent first
     hits = misses = evictions = 0
@@ -266,12 +268,12 @@ def test_all_blocks_retrieved_equals_one_softmax_with_assigned_positions(monkeyp
         stored_k, _ = s.store.block(1, n)
         assert torch.equal(stored_k, k[1, :, lo : lo + 8])
         want_reps = block_representatives(k[:, :, None, lo : lo + 8], score[:, :, None, lo : lo + 8], 2)[:, 0]
-        assert torch.allclose(s.store.reps[:, n], want_reps, atol=1e-5)
+        assert torch.allclose(s.store.reps.all()[:, n], want_reps, atol=1e-5)
 
 
 def test_retrieval_limits_attention_to_sinks_selected_blocks_and_pending(monkeypatch):
-    for name, value in (("QUERY_TILE", 6), ("PAGE_BLOCKS", 4), ("REPS_PAGE_BLOCKS", 5)):  # several pages
-        monkeypatch.setattr(infllm, name, value)
+    for name, value in (("QUERY_TILE", 6), ("PAGE_BLOCKS", 4), ("REPS_PAGE_BLOCKS", 5), ("REPS_FIRST_BLOCKS", 2)):
+        monkeypatch.setattr(infllm, name, value)  # several pages, and the newest one grown in place
     rope = RotaryEmbedding(8, 10000.0, None, 64)
     opts = options(topk=2, max_cached_block=2)
     q, k, v = layer_inputs(t=181)
@@ -286,15 +288,144 @@ def test_retrieval_limits_attention_to_sinks_selected_blocks_and_pending(monkeyp
         for n in s.selected[row].tolist():
             lo = opts["n_init"] + 8 * n
             visible[row, lo : lo + 8] = True
-    want, _ = dense_reference(q, k, v, rope, opts["n_local"], visible)
+    want, probs = dense_reference(q, k, v, rope, opts["n_local"], visible)
     assert (got[:, :, -1] - want[:, :, -1]).abs().max().item() <= 1e-5
     # the retrieved blocks are the best by the brute-force score of the step's memory query
     cos, sin = rope(torch.arange(opts["n_local"])[None])
     q_mem = rotate(q[:, :, -1:], cos[:, -1:], sin[:, -1:])[:, :, 0]  # (B, Hq, D)
-    blocks = [[sum(float(s.store.reps[b, n, h] @ q_mem[b, h]) for h in range(4)) for n in range(s.store.n)]
+    reps = s.store.reps.all()
+    assert reps.shape == (2, s.store.n, 4, 8) and len(s.store.reps.pages) == -(-s.store.n // 5)
+    blocks = [[sum(float(reps[b, n, h] @ q_mem[b, h]) for h in range(4)) for n in range(s.store.n)]
               for b in range(2)]
     assert s.selected.tolist() == [sorted(sorted(range(len(x)), key=lambda n: -x[n])[:2]) for x in blocks]
-    assert s.visible_share(0, 0, 181, since=180) == pytest.approx(visible[0].float().mean().item())
+    assert s.visible_share(0, torch.arange(181), since=180) == pytest.approx(visible[0].float().mean().item())
+    some = torch.tensor([0, 1, 30, 31, 32, 100, 150, 170, 180])
+    assert s.visible_share(1, some, since=180) == pytest.approx(visible[1, some].float().mean().item())
+    # the attention mass of the last query: the dense softmax's probabilities, mean over heads
+    for row, positions in ((0, some), (1, torch.arange(181)), (1, torch.arange(4, 60))):
+        assert s.attention_on(row, positions) == pytest.approx(probs[row, :, -1, positions].sum(-1).mean().item(),
+                                                               abs=1e-5)
+
+
+def test_representatives_grow_in_pages_on_the_device_dtype(monkeypatch):
+    """Appends of any size land in pages that double up to REPS_PAGE_BLOCKS; retrieval scans them all."""
+    monkeypatch.setattr(infllm, "REPS_PAGE_BLOCKS", 8)
+    monkeypatch.setattr(infllm, "REPS_FIRST_BLOCKS", 2)
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        reps = infllm.Representatives(2, 3, 4, dtype, torch.device("cpu"))
+        added = [torch.randn(2, n, 3, 4, generator=g) for n in (1, 1, 3, 9, 2, 17)]
+        for x in added:
+            reps.append(x)
+        want = torch.cat(added, 1).to(dtype)
+        assert reps.n == 33 and torch.equal(reps.all(), want) and reps.all().dtype == dtype
+        assert [p.shape[1] for p in reps.pages] == [8, 8, 8, 8, 2]  # the newest page grew 2 -> ... only to fit
+        query = torch.randn(2, 3, 4, generator=g)
+        assert torch.equal(reps.search(query, 5), retrieve_topk(want, query.to(dtype), 5))
+
+
+def brute_force_infllm(q, k, v, rope, opts: dict, calls: list[int]):
+    """InfLLM by its rules, query by query, in loops and dense softmaxes (no code of the module).
+
+    Each call is cut into steps of exc_block_size queries from its first token. Before a step, the
+    sinks and blocks are the reference's bookkeeping after the previous steps (`reference_layout`);
+    a block's representative for head h is the mean key of its repr_topk tokens with the most
+    window attention from h (complete by then: its tokens have left every later query's window);
+    the step's queries, rotated at the memory angle n_local - 1 and averaged, score the blocks
+    (dot product summed over heads) and the topk best are chosen (all while there are at most
+    topk). Each query then attends, in one softmax, to the sinks, the chosen blocks and every
+    pending token up to itself, at distance i - j inside its window and n_local - 1 outside.
+
+    Returns:
+        (out (B, Hq, T, D), chosen blocks per step: [[blocks of row 0], [row 1], ...] per step).
+    """
+    b, hq, t, d = q.shape
+    g = hq // k.shape[1]
+    n_init, n_local, size = opts["n_init"], opts["n_local"], opts["block_size"]
+    cos, sin = rope(torch.arange(n_local)[None])  # (1, n_local, D)
+    k0 = rotate(k, cos[:, :1], sin[:, :1]).repeat_interleave(g, 1)  # keys at angle 0, per query head
+    vq = v.repeat_interleave(g, 1)
+    q_mem = torch.stack([rotate(q[:, :, i : i + 1], cos[:, -1:], sin[:, -1:])[:, :, 0] for i in range(t)], 2)
+    window_score = torch.zeros(b, hq, t)  # attention each key received while in a query's window
+    out, chosen_per_step, done = torch.zeros_like(q), [], []
+    steps = [(at + s0, min(opts["exc_block_size"], c - s0))
+             for at, c in zip([sum(calls[:i]) for i in range(len(calls))], calls)
+             for s0 in range(0, c, opts["exc_block_size"])]
+    for first, c in steps:
+        n_sinks, n_blocks = reference_layout(done, n_init, n_local, size) if done else (0, 0)
+        chosen = [[] for _ in range(b)]
+        if n_blocks:
+            mean_q = q_mem[:, :, first : first + c].mean(2)  # (B, Hq, D)
+            for row in range(b):
+                scores = []
+                for n in range(n_blocks):
+                    lo, total = n_sinks + n * size, 0.0
+                    for h in range(hq):
+                        best = sorted(range(lo, lo + size), key=lambda j: -window_score[row, h, j].item())
+                        rep = torch.stack([k[row, h // g, j] for j in best[: opts["repr_topk"]]]).mean(0)
+                        total += float(rep @ mean_q[row, h])
+                    scores.append(total)
+                top = sorted(range(n_blocks), key=lambda n: -scores[n])[: opts["topk"]]
+                chosen[row] = sorted(top)
+        chosen_per_step.append(chosen)
+        pending_start = n_sinks + n_blocks * size
+        for i in range(first, first + c):
+            visible = torch.zeros(b, i + 1, dtype=torch.bool)
+            visible[:, :n_sinks] = True
+            visible[:, pending_start:] = True
+            for row in range(b):
+                for n in chosen[row]:
+                    visible[row, n_sinks + n * size : n_sinks + (n + 1) * size] = True
+            q_at = rotate(q[:, :, i : i + 1].expand(b, hq, n_local, d), cos, sin)  # q_i at every distance
+            dist = (i - torch.arange(i + 1)).clamp(max=n_local - 1)
+            logits = (q_at[:, :, dist] * k0[:, :, : i + 1]).sum(-1) * d**-0.5  # (B, Hq, i+1)
+            p = torch.softmax(logits.masked_fill(~visible[:, None], float("-inf")), -1)
+            out[:, :, i] = (p[..., None] * vq[:, :, : i + 1]).sum(2)
+            in_window = torch.arange(i + 1) > i - n_local
+            window_score[:, :, : i + 1] += p * in_window
+        done.append(c)
+    return out, chosen_per_step
+
+
+@pytest.mark.parametrize("calls", [[400], [150, 7, 243], [399, 1]])
+def test_prefill_with_fewer_blocks_retrieved_than_stored_equals_brute_force(calls):
+    """topk < blocks in steps of many queries: every position, and every step's choice, equal the
+    brute force (a retrieval with another query than the step's mean memory query fails here)."""
+    rope = RotaryEmbedding(8, 10000.0, None, 512)
+    opts = options(topk=2, max_cached_block=2)
+    q, k, v = layer_inputs(t=400, seed=5)
+    state: dict = {}
+    got = run_layer(core_for(opts), q, k, v, state, rope, calls)
+    want, chosen = brute_force_infllm(q, k, v, rope, opts, calls)
+    s = state[0]
+    assert s.store.n > 4 * opts["topk"]
+    assert (got - want).abs().max().item() <= 1e-5
+    logged = [selected.tolist() for *_, selected in s.log if selected is not None]
+    assert logged == [c for c in chosen if c[0]][-len(logged):]
+    assert sum(len(set(map(tuple, c))) > 1 for c in chosen) > 3  # rows often choose different blocks
+
+
+def test_generation_reads_the_last_prompt_token_alone_like_the_reference():
+    """generate(): the query that predicts the first new token retrieves with its own query, as the
+    reference's generation (prefill all but the last token, then the last alone); the whole prompt
+    in one call would retrieve with the mean of its last step and attend to other blocks."""
+    model = tiny("infllm", **{**SMALL, "topk": 2, "max_cached_block": 2})
+    model.model.layers = model.model.layers[:1]  # one layer: q/k/v do not depend on earlier retrievals
+    ids = torch.randint(0, 64, (2, 301), generator=torch.Generator().manual_seed(4))
+    core, seen = model.model.layers[0].self_attn.core, []
+    hook = core.register_forward_hook(lambda mod, args, out: seen.append((args[0], args[1], args[2], out)))
+    try:
+        generate(model, ids, 1, prefill_chunk=128)
+    finally:
+        hook.remove()
+    q, k, v, got = (torch.cat([call[i] for call in seen], 2) for i in range(4))
+    assert [call[0].shape[2] for call in seen] == [128, 128, 44, 1]
+    rope = model.model.rotary_emb
+    want, chosen = brute_force_infllm(q, k, v, rope, core.options, [128, 128, 44, 1])
+    assert (got[:, :, -1] - want[:, :, -1]).abs().max().item() <= 1e-5
+    whole, chosen_whole = brute_force_infllm(q, k, v, rope, core.options, [301])
+    assert chosen_whole[-1] != chosen[-1]  # this prompt tells the two protocols apart
+    assert (whole[:, :, -1] - want[:, :, -1]).abs().max().item() > 1e-3
 
 
 def test_batch_rows_are_independent_and_the_cache_path_is_exact():
@@ -333,13 +464,13 @@ def test_device_state_is_bounded_while_streaming_256k_tokens():
         device_peak = max(device_peak, state[0].device_bytes())
     s = state[0]
     assert device_peak <= bound and s.store.n == layout(total, 16, 256, 64)[1]
-    # the host store: whole pages of K/V and of representatives, nothing else
-    kv_pages, rep_pages = -(-s.store.n // infllm.PAGE_BLOCKS), -(-s.store.n // infllm.REPS_PAGE_BLOCKS)
-    assert s.host_bytes() == 4 * (kv_pages * infllm.PAGE_BLOCKS * 64 * 2 * hk * d
-                                  + rep_pages * infllm.REPS_PAGE_BLOCKS * hq * d)
-    assert s.host_bytes(stored=True) == s.store.n * 4 * (64 * 2 * hk * d + hq * d)  # what the pages hold
+    # the host store: whole pages of K/V, nothing else; the representatives are on the device
+    kv_pages = -(-s.store.n // infllm.PAGE_BLOCKS)
+    assert s.host_bytes() == 4 * kv_pages * infllm.PAGE_BLOCKS * 64 * 2 * hk * d
+    assert s.host_bytes(stored=True) == s.store.n * 4 * 64 * 2 * hk * d  # what the pages hold
+    assert s.store.n * 4 * hq * d <= s.reps_bytes() <= 2 * s.store.n * 4 * hq * d  # at most one page unfilled
     per_token = 4 * (2 * hk * d + hq * d / opts["block_size"])
-    print(f"host store {per_token:.1f} bytes/token (K/V {8 * hk * d}, representatives {4 * hq * d / 64:.2f}), "
+    print(f"{per_token:.1f} bytes/token (host K/V {8 * hk * d}, device representatives {4 * hq * d / 64:.2f}), "
           f"{s.host_bytes() / total:.1f} allocated; device state <= {device_peak} bytes (bound {bound})")
 
 

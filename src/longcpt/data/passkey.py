@@ -141,6 +141,13 @@ class PasskeyPromptBuilder:
         key_ids = self._key_ids(key)
         return before + key_ids + middle + key_ids + after
 
+    def key_positions(self, example: PasskeyExample) -> list[int]:
+        """Indices in `example.input_ids` of the needle's tokens that carry a digit of the key (both
+        mentions; the needle's text has no other digits)."""
+        needle = self._needle(example.key)
+        return [example.needle_start + i for i, t in enumerate(needle)
+                if any(ch.isdigit() for ch in self.tokenizer.decode([t]))]
+
     def needle_length(self, key: int) -> int:
         """Tokens of the needle sentence for `key` (it starts at `PasskeyExample.needle_start`)."""
         return len(self._needle(key))

@@ -14,6 +14,7 @@ Outputs: `OUT/passkey.json` = {"results": [{"length", "depth", "accuracy",
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 from longcpt.data.passkey import PasskeyPromptBuilder, passkey_key
 from longcpt.errors import LongcptError
 from longcpt.fsio import atomic_write_json
-from longcpt.model.generation import DEFAULT_PREFILL_CHUNK, generate, kv_kept, visible_share
+from longcpt.model.generation import DEFAULT_PREFILL_CHUNK, attention_on, generate, kv_kept, visible_share
 
 _INTEGER = re.compile(r"\d+")
 
@@ -32,6 +33,11 @@ def first_integer(text: str) -> int | None:
     """The first run of digits in `text` as an int, or None (how an answer is read)."""
     match = _INTEGER.search(text)
     return int(match.group()) if match else None
+
+
+def _key_attention(state: dict, keys: list[list[int]], into: list) -> None:
+    """`into[row]` = the attention mass the last query read gave the key tokens `keys[row]`."""
+    into[:] = [attention_on(state, row, positions) for row, positions in enumerate(keys)]
 
 
 def check_sweep(lengths: list[int], depths: list[float], min_length: int) -> None:
@@ -82,8 +88,12 @@ def evaluate_passkey(
         {"results": [{"length", "depth", "accuracy", "trials"}], "samples": [...],
         "by_length": {length: accuracy}, "seconds", "tokens_per_second", "kv_kept" (mean share of
         the KV cache an evicting kind kept, else None), ...}. With a kind that attends part of the
-        context (InfLLM), every result and sample also has "needle_visible": the share of needle
-        tokens the model could attend while answering (mean over layers; `visible_share`).
+        context (InfLLM), every result and sample also has "key_visible": the share of the key's
+        digit tokens in the needle that the model could attend while answering (the last prompt
+        token's step and the answer's; mean over steps and layers, `visible_share`), and
+        "key_attention": the attention mass those tokens received from the last prompt token, the
+        query that predicts the answer's first digit (mean over query heads and layers,
+        `attention_on`).
 
     Raises:
         LongcptError: a length too short for the tokenizer or a depth outside [0, 1].
@@ -98,13 +108,16 @@ def evaluate_passkey(
         per_batch = max(1, batch_tokens // length)
         for depth in depths:
             examples = [builder.build(length, depth, passkey_key(seed, length, depth, t)) for t in range(trials)]
-            correct, visible = 0, []
+            correct, visible, attended = 0, [], []
             for first in range(0, trials, per_batch):
                 group = examples[first : first + per_batch]
                 ids = torch.tensor([ex.input_ids for ex in group])  # (B, length)
                 new_tokens = max(len(ex.answer_ids) for ex in group) + 3
+                keys = [builder.key_positions(ex) for ex in group]
+                mass: list[float | None] = [None] * len(group)  # filled after the prompt, before the answer
                 state: dict = {}
-                out = generate(model, ids, new_tokens, eos_id=eos, prefill_chunk=prefill_chunk, state=state)  # (B, N)
+                out = generate(model, ids, new_tokens, eos_id=eos, prefill_chunk=prefill_chunk, state=state,
+                               on_prompt=functools.partial(_key_attention, keys=keys, into=mass))
                 if (share := kv_kept(state)) is not None:
                     kept.append(share)
                 for trial, (ex, row) in enumerate(zip(group, out.tolist()), first):
@@ -113,18 +126,22 @@ def evaluate_passkey(
                     correct += ok
                     sample = {"length": length, "depth": depth, "trial": trial, "key": ex.key,
                               "needle_depth": round(ex.needle_depth, 4), "generated": text, "correct": ok}
-                    # A memory that attends part of the context: was the needle among it while answering?
-                    end = ex.needle_start + builder.needle_length(ex.key)
-                    if (seen := visible_share(state, trial - first, ex.needle_start, end, length - 1)) is not None:
-                        sample["needle_visible"] = round(seen, 4)
+                    # A memory that attends part of the context: was the key among it, and attended?
+                    if (seen := visible_share(state, trial - first, keys[trial - first], length - 1)) is not None:
+                        sample["key_visible"] = round(seen, 4)
                         visible.append(seen)
+                    if mass[trial - first] is not None:
+                        sample["key_attention"] = round(mass[trial - first], 4)
+                        attended.append(mass[trial - first])
                     samples.append(sample)
                 tokens += length * len(group)
                 if progress:
                     progress.advance(task, length * len(group))
             results.append({"length": length, "depth": depth, "accuracy": correct / trials, "trials": trials})
             if visible:
-                results[-1]["needle_visible"] = round(sum(visible) / len(visible), 4)
+                results[-1]["key_visible"] = round(sum(visible) / len(visible), 4)
+            if attended:
+                results[-1]["key_attention"] = round(sum(attended) / len(attended), 4)
     seconds = time.perf_counter() - start
     by_length = {
         str(n): sum(r["accuracy"] for r in results if r["length"] == n) / len(depths) for n in lengths

@@ -7,8 +7,13 @@ under their layer index. `full` keeps a KV cache (`attention/full.py`); Infini-a
 compressive memory, so its memory stays bounded however long the input.
 
 A prompt is fed in chunks of `prefill_chunk` tokens (bounded activation memory, and the natural
-unit of streaming), then one token per step. Greedy decoding equals transformers' `generate`
-with `do_sample=False` on the same weights (tests/eval/test_generation.py).
+unit of streaming), all but its last token; the last prompt token then runs as a call of its own,
+then one token per step (`prefill`). The separate last token matters to memories that choose what
+to attend once per step of queries (InfLLM retrieves blocks with the mean query of a step): the
+query that predicts the first answer token then chooses for itself, as InfLLM's reference
+generation does (`inf_llm/utils/greedy_search.py`). For every other kind it is the same
+computation cut differently. Greedy decoding equals transformers' `generate` with
+`do_sample=False` on the same weights (tests/eval/test_generation.py).
 
 Shapes: B batch, T tokens, C hidden size, V vocab.
 """
@@ -33,18 +38,31 @@ def kv_kept(state: dict) -> float | None:
     return sum(shares) / len(shares) if shares else None
 
 
-def visible_share(state: dict, row: int, begin: int, end: int, since: int) -> float | None:
-    """Share of positions `begin` .. `end`-1 of `row` that the last steps could attend, mean over layers.
+def visible_share(state: dict, row: int, positions: torch.Tensor, since: int) -> float | None:
+    """Share of `positions` (1-D) of `row` that the last steps could attend, mean over layers.
 
     A layer state that attends only part of the context (InfLLM: sinks, window, retrieved blocks)
-    reports it through `visible_share(row, begin, end, since)` for its recent steps whose queries
+    reports it through `visible_share(row, positions, since)` for its recent steps whose queries
     reach position `since` (e.g. the last prompt token and the answer). Returns None when no layer
     state selects what it attends (`full`, Infini-attention). The passkey evaluation uses it to log
-    whether the needle was retrieved.
+    whether the key was retrieved.
     """
-    shares = [s.visible_share(row, begin, end, since) for s in state.values() if hasattr(s, "visible_share")]
+    shares = [s.visible_share(row, positions, since) for s in state.values() if hasattr(s, "visible_share")]
     shares = [x for x in shares if x is not None]
     return sum(shares) / len(shares) if shares else None
+
+
+def attention_on(state: dict, row: int, positions: torch.Tensor) -> float | None:
+    """Attention mass the last query read put on `positions` (1-D) of `row`, mean over layers.
+
+    A layer state that can tell (InfLLM) reports it through `attention_on(row, positions)`: the
+    query's softmax probabilities summed over those keys, mean over query heads. Read right after
+    `prefill` (the `on_prompt` hook of `generate`), it is the attention the query predicting the
+    first new token gave them. Returns None when no layer state reports it.
+    """
+    masses = [s.attention_on(row, positions) for s in state.values() if hasattr(s, "attention_on")]
+    masses = [x for x in masses if x is not None]
+    return sum(masses) / len(masses) if masses else None
 
 
 def forward_chunks(
@@ -102,6 +120,36 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def prefill(
+    model,
+    input_ids: torch.Tensor,
+    state: dict,
+    chunk_size: int = DEFAULT_PREFILL_CHUNK,
+    progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Read a prompt into `state`: all but its last token in chunks, then the last token alone.
+
+    Args:
+        model: a longcpt `CausalLM`.
+        input_ids: (B, T) prompt tokens, T >= 1; rows share positions (no padding).
+        state: an empty dict the attention cores fill.
+        chunk_size: tokens per model call before the last token.
+        progress: called with the number of tokens read after every model call.
+
+    Returns:
+        (B, C) final hidden state of the last prompt token (what predicts the first new token).
+    """
+    b, t = input_ids.shape
+    for _, hidden in forward_chunks(model, input_ids[:, :-1], state, chunk_size):
+        if progress is not None:
+            progress(hidden.shape[1])
+    positions = torch.full((b, 1), t - 1, device=input_ids.device)
+    hidden = model.hidden_states(input_ids[:, -1:], position_ids=positions, state=state)  # (B, 1, C)
+    if progress is not None:
+        progress(1)
+    return hidden[:, -1]
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -114,6 +162,7 @@ def generate(
     generator: torch.Generator | None = None,
     progress: Callable[[int], None] | None = None,
     state: dict | None = None,
+    on_prompt: Callable[[dict], None] | None = None,
 ) -> torch.Tensor:
     """Continue `input_ids` (B, T) by up to `max_new_tokens` tokens.
 
@@ -130,6 +179,9 @@ def generate(
         progress: called with the number of tokens processed after every model call.
         state: an empty dict to fill (the attention cores' state), for callers that inspect it
             afterwards (e.g. `kv_kept`); default a private one.
+        on_prompt: called with `state` once the whole prompt is read, before the first token is
+            chosen (what the memory attended for that token can be read there; see
+            `attention_on`).
 
     Returns:
         (B, N) generated tokens, N <= max_new_tokens (the prompt is not included).
@@ -138,16 +190,15 @@ def generate(
         raise ValueError(f"input_ids must be a non-empty (B, T) tensor, got shape {tuple(input_ids.shape)}")
     eos = [eos_id] if isinstance(eos_id, int) else list(eos_id or [])
     state = {} if state is None else state
-    hidden = None
-    for _, hidden in forward_chunks(model, input_ids, state, prefill_chunk):
-        if progress is not None:
-            progress(hidden.shape[1])
+    last = prefill(model, input_ids, state, prefill_chunk, progress)  # (B, C)
+    if on_prompt is not None:
+        on_prompt(state)
     position = input_ids.shape[1]
     b = input_ids.shape[0]
     finished = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
     out: list[torch.Tensor] = []
     for step in range(max_new_tokens):
-        logits = model.lm_head(hidden[:, -1])  # (B, V)
+        logits = model.lm_head(last)  # (B, V)
         token = sample_next(logits, temperature, top_p, generator)  # (B,)
         if eos:
             token = torch.where(finished, torch.full_like(token, eos[0]), token)
@@ -156,7 +207,7 @@ def generate(
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
         positions = torch.full((b, 1), position, device=input_ids.device)
-        hidden = model.hidden_states(token[:, None], position_ids=positions, state=state)  # (B, 1, C)
+        last = model.hidden_states(token[:, None], position_ids=positions, state=state)[:, -1]  # (B, C)
         position += 1
         if progress is not None:
             progress(1)

@@ -39,18 +39,38 @@ from its first token, like the reference's `ContextManager.append`). One step:
   6. Eviction: tokens that leave the window fill the sinks first, then form whole blocks.
 
 Storage: the sinks, the pending tokens and their scores stay on the compute device (bounded:
-n_init + n_local + block_size + exc_block_size tokens); block keys/values and representatives go
-to host memory (`BlockStore`, growing linearly with the stream). On an accelerator an LRU cache of
-`max_cached_block` blocks per row (`BlockCache`) keeps recently retrieved blocks on the device; on
-a CPU the host is the device and blocks are read in place.
+n_init + n_local + block_size + exc_block_size tokens), and so do the block representatives
+(`Representatives`, one D-vector per query head per block: they grow with the stream, by
+Hq * D / block_size values per token, and retrieval scans them where the queries are, as the
+reference does). Only the block keys and values go to host memory (`BlockStore`, growing linearly
+with the stream). On an accelerator an LRU cache of `max_cached_block` blocks per row
+(`BlockCache`) keeps recently retrieved blocks on the device, filled through a small pinned
+staging buffer; on a CPU the host is the device and blocks are read in place.
+
+Generation runs a prompt's last token as a step of its own (`longcpt.model.generation.prefill`),
+as the reference's does, so the query that predicts the first answer token retrieves its own
+blocks rather than sharing the mean query of a step of up to `exc_block_size` prompt tokens.
 
 Differences from the reference (thunlp/InfLLM), all deliberate:
+  * memory during a multi-query step is masked per query: a pending token is memory for a query
+    only once it has left *that* query's window. The released reference gives every query of a
+    step the memory of the step's last query, so the step's earlier queries see up to
+    exc_block_size - 1 tokens twice in one softmax (in the window at their distance and in memory
+    at n_local - 1; its open issue #61). This code equals the reference with the fix proposed
+    there; decoding (one query per step) is the same in both;
   * batches: every row has its own blocks, retrieval and cache (the reference's generation
     asserts batch 1, `inf_llm/utils/greedy_search.py`);
-  * the representatives live in host memory (the reference grows a GPU tensor with the stream);
-  * scores and representatives are float32 (the reference keeps scores in the model dtype);
+  * scores are float32 and so are the representatives by default (`repr_dtype`: "bfloat16"
+    halves them); the reference keeps both in the model dtype, so near-ties can break differently;
   * the memory keys are rotated by angle 0 instead of left alone, which is the same thing unless
-    the RoPE type scales cos/sin (YaRN's attention factor then applies to memory scores too).
+    the RoPE type scales cos/sin (YaRN's attention factor then applies to memory scores too);
+  * host pages are never pinned; the reference pins them when asked (`pin_memory`, off by
+    default), here a bounded staging buffer is pinned instead;
+  * `max_cached_block >= topk` is required, which refuses the reference's
+    `config/mistral-inf-llm-12k.yaml` (topk 64, max_cached_block 32);
+  * not offered: the reference's per-head retrieval (`perhead`), retrieval computed ahead for
+    several steps at once (`chunk_topk_calc`), the `lru-s` cache strategy and faiss search (all
+    off in its configurations; the last two change no result).
 Within n_local tokens nothing leaves the window and `infllm` equals `full` attention.
 
 Shapes: B batch, Hq query heads, Hk KV heads, G = Hq / Hk, D head dim, c queries of a step,
@@ -66,7 +86,7 @@ import torch
 from torch import nn
 
 from longcpt.errors import LongcptError
-from longcpt.model.attention import NON_NEGATIVE_INT, POSITIVE_INT, Option, register
+from longcpt.model.attention import NON_NEGATIVE_INT, POSITIVE_INT, Option, one_of, register
 from longcpt.model.rope import rotate
 
 # The reference's defaults for Mistral-7B (config/mistral-inf-llm.yaml).
@@ -78,6 +98,8 @@ OPTIONS = {
     "repr_topk": Option(4, POSITIVE_INT, "representative keys averaged into each block's retrieval key"),
     "exc_block_size": Option(512, POSITIVE_INT, "queries per step (one retrieval per step)"),
     "max_cached_block": Option(32, POSITIVE_INT, "blocks per row in the LRU cache on an accelerator"),
+    "repr_dtype": Option("float32", one_of("float32", "bfloat16"),
+                         "dtype of the block representatives (bfloat16 halves their memory and the scan)"),
 }
 _ROPE_KEY = "infllm_rope"
 # Logit of a hidden key: finite, so that a query with no visible key in one part stays NaN-free.
@@ -85,12 +107,15 @@ MASKED = -1e30
 # Queries attended together: a step of c queries is cut into tiles of this many, so that the
 # masked corners (keys a query's window or memory does not reach yet) stay small.
 QUERY_TILE = 128
-# Recent steps whose visibility is kept for `visible_share` (covers a prompt's last step and a
+# Recent steps whose visibility is kept for `visible_share` (covers a prompt's last token and a
 # short answer).
 LOG_STEPS = 32
 # Blocks per page of the host store: it grows a page at a time, never copying what it holds.
 PAGE_BLOCKS = 64
+# Blocks per page of representatives on the device; a new page starts with room for
+# REPS_FIRST_BLOCKS and doubles until full.
 REPS_PAGE_BLOCKS = 4096
+REPS_FIRST_BLOCKS = 64
 # Window masks kept per layer state (a long stream reuses one per query tile).
 MASK_CACHE = 16
 
@@ -227,56 +252,104 @@ def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[tor
 # Storage: blocks in host memory, and the LRU cache of blocks on the device.
 
 
-class BlockStore:
-    """Keys, values and representatives of every memory block of one layer, in host memory.
+class Representatives:
+    """Retrieval keys of the stored blocks, on the compute device: (B, N, Hq, D) in pages.
 
-    Everything grows a page at a time and nothing held is ever copied again: keys and values in
-    pages of `PAGE_BLOCKS` blocks, representatives (one D-vector per query head per block) in
-    pages of `REPS_PAGE_BLOCKS`, few enough that a retrieval is a handful of matrix products.
+    A page holds up to `REPS_PAGE_BLOCKS` blocks. The newest page starts small and doubles its
+    capacity as blocks arrive (copying only itself), so a short stream does not reserve a whole
+    page per layer and a long one never copies what the full pages hold; a retrieval is one matrix
+    product per page, on the device, as the reference does (`VectorTensor`).
+    """
+
+    def __init__(self, batch: int, n_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.shape = (batch, n_heads, head_dim)
+        self.dtype, self.device = dtype, device
+        self.pages: list[torch.Tensor] = []  # each (B, capacity, Hq, D); all full but the last
+        self.n = 0
+
+    def append(self, reps: torch.Tensor) -> None:
+        """Add the representatives (B, n, Hq, D) of n new blocks."""
+        reps = reps.to(self.device, self.dtype)
+        done = 0
+        while done < reps.shape[1]:
+            held = self.n - (len(self.pages) - 1) * REPS_PAGE_BLOCKS if self.pages else REPS_PAGE_BLOCKS
+            if held == REPS_PAGE_BLOCKS:  # the last page is full (or there is none): a new small page
+                self.pages.append(self._page(REPS_FIRST_BLOCKS))
+                held = 0
+            page = self.pages[-1]
+            take = min(reps.shape[1] - done, REPS_PAGE_BLOCKS - held)
+            if held + take > page.shape[1]:  # grow the last page: double its capacity, up to a page
+                capacity = min(REPS_PAGE_BLOCKS, max(2 * page.shape[1], held + take))
+                grown = self._page(capacity)
+                grown[:, :held] = page[:, :held]
+                self.pages[-1] = page = grown
+            page[:, held : held + take] = reps[:, done : done + take]
+            done += take
+            self.n += take
+
+    def _page(self, capacity: int) -> torch.Tensor:
+        b, hq, d = self.shape
+        return torch.empty(b, capacity, hq, d, dtype=self.dtype, device=self.device)
+
+    def all(self) -> torch.Tensor:
+        """Every representative (B, N, Hq, D) (a copy; retrieval reads the pages in place)."""
+        b, hq, d = self.shape
+        if not self.n:
+            return torch.empty(b, 0, hq, d, dtype=self.dtype, device=self.device)
+        return torch.cat([p[:, : self.n - i * REPS_PAGE_BLOCKS] for i, p in enumerate(self.pages)], dim=1)
+
+    def search(self, query: torch.Tensor, topk: int) -> torch.Tensor:
+        """`retrieve_topk` over every stored block for query (B, Hq, D): (B, k) on the device."""
+        query = query.to(self.dtype)
+        scores = [retrieval_scores(page[:, : self.n - i * REPS_PAGE_BLOCKS], query)
+                  for i, page in enumerate(self.pages)]
+        return top_blocks(scores[0] if len(scores) == 1 else torch.cat(scores, dim=1), topk)
+
+    def nbytes(self) -> int:
+        """Bytes allocated on the device."""
+        return sum(p.numel() * p.element_size() for p in self.pages)
+
+
+class BlockStore:
+    """Keys and values of every memory block of one layer in host memory, and their retrieval keys
+    on the compute device (`Representatives`).
+
+    Keys and values grow a page of `PAGE_BLOCKS` blocks at a time and nothing held is ever copied
+    again. The pages are ordinary (pageable) memory: pinning all of them would lock the whole
+    stream's KV in RAM (about 128 GiB at 1M tokens on an 8B model); the block cache copies through
+    a small pinned staging buffer instead (`BlockCache`).
     """
 
     def __init__(self, batch: int, n_heads: int, n_kv_heads: int, block_size: int, head_dim: int,
-                 dtype: torch.dtype, pin: bool = False):
+                 dtype: torch.dtype, device: torch.device | str = "cpu", reps_dtype: torch.dtype = torch.float32):
         self.shape = (batch, PAGE_BLOCKS, n_kv_heads, block_size, head_dim)
-        self.reps_shape = (batch, REPS_PAGE_BLOCKS, n_heads, head_dim)
-        self.dtype, self.pin = dtype, pin
-        self.pages_k: list[torch.Tensor] = []  # each (B, PAGE_BLOCKS, Hk, S, D)
+        self.dtype = dtype
+        self.pages_k: list[torch.Tensor] = []  # each (B, PAGE_BLOCKS, Hk, S, D), host memory
         self.pages_v: list[torch.Tensor] = []
-        self.pages_reps: list[torch.Tensor] = []  # each (B, REPS_PAGE_BLOCKS, Hq, D) float32
+        self.reps = Representatives(batch, n_heads, head_dim, reps_dtype, torch.device(device))
         self.n = 0
 
     def append(self, k: torch.Tensor, v: torch.Tensor, reps: torch.Tensor) -> None:
         """Add blocks: k/v (B, n, Hk, S, D) on any device, reps (B, n, Hq, D)."""
-        k, v, reps = k.to("cpu"), v.to("cpu"), reps.to("cpu", torch.float32)
+        self.reps.append(reps)
+        k, v = k.to("cpu"), v.to("cpu")
         for i in range(k.shape[1]):
             page, slot = divmod(self.n, PAGE_BLOCKS)
             if page == len(self.pages_k):
-                self.pages_k.append(torch.empty(self.shape, dtype=self.dtype, pin_memory=self.pin))
-                self.pages_v.append(torch.empty(self.shape, dtype=self.dtype, pin_memory=self.pin))
+                self.pages_k.append(torch.empty(self.shape, dtype=self.dtype))
+                self.pages_v.append(torch.empty(self.shape, dtype=self.dtype))
             self.pages_k[page][:, slot] = k[:, i]
             self.pages_v[page][:, slot] = v[:, i]
-            page, slot = divmod(self.n, REPS_PAGE_BLOCKS)
-            if page == len(self.pages_reps):
-                self.pages_reps.append(torch.empty(self.reps_shape))
-            self.pages_reps[page][:, slot] = reps[:, i]
             self.n += 1
 
-    @property
-    def reps(self) -> torch.Tensor:
-        """All representatives (B, N, Hq, D) (a copy; retrieval reads the pages in place)."""
-        return torch.cat(self.pages_reps, dim=1)[:, : self.n] if self.n else torch.empty(self.reps_shape)[:, :0]
-
     def block(self, row: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values (Hk, S, D) of block `index` of `row`."""
+        """Keys and values (Hk, S, D) of block `index` of `row` (host memory)."""
         page, slot = divmod(index, PAGE_BLOCKS)
         return self.pages_k[page][row, slot], self.pages_v[page][row, slot]
 
     def search(self, query: torch.Tensor, topk: int) -> torch.Tensor:
-        """`retrieve_topk` over the stored blocks for query (B, Hq, D): (B, k) on the host."""
-        query = query.to("cpu", torch.float32)
-        scores = [retrieval_scores(page[:, : self.n - i * REPS_PAGE_BLOCKS], query)
-                  for i, page in enumerate(self.pages_reps)]
-        return top_blocks(scores[0] if len(scores) == 1 else torch.cat(scores, dim=1), topk)
+        """The `topk` blocks (B, k) for query (B, Hq, D), on the representatives' device."""
+        return self.reps.search(query, topk)
 
     def gather(self, selected: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (B, Hk, k*S, D) on `device` of the blocks `selected` (B, k) of each row."""
@@ -286,19 +359,18 @@ class BlockStore:
         for pages in (self.pages_k, self.pages_v):
             rows = [torch.stack([pages[i // PAGE_BLOCKS][row, i % PAGE_BLOCKS] for i in indices], dim=1)
                     for row, indices in enumerate(selected.tolist())]  # each (Hk, k, S, D)
-            out.append(torch.stack(rows).to(device, non_blocking=True).view(b, hk, k * s, d))
+            out.append(torch.stack(rows).to(device).view(b, hk, k * s, d))
         return out[0], out[1]
 
     def nbytes(self) -> int:
-        """Bytes of the pages allocated so far."""
-        return sum(p.numel() * p.element_size() for p in (*self.pages_k, *self.pages_v, *self.pages_reps))
+        """Bytes of the host pages allocated so far (keys and values)."""
+        return sum(p.numel() * p.element_size() for p in (*self.pages_k, *self.pages_v))
 
     def stored_bytes(self) -> int:
-        """Bytes of the blocks stored. A page is allocated whole but its memory becomes resident as
-        blocks fill it, so this, not `nbytes`, is what the store adds to the resident set."""
+        """Bytes of the blocks stored in host memory. A page is allocated whole but its memory becomes
+        resident as blocks fill it, so this, not `nbytes`, is what the store adds to the resident set."""
         b, _, hk, s, d = self.shape
-        per_block = 2 * b * hk * s * d * torch.empty((), dtype=self.dtype).element_size() + 4 * b * self.reps_shape[2] * d
-        return self.n * per_block
+        return self.n * 2 * b * hk * s * d * torch.empty((), dtype=self.dtype).element_size()
 
 
 class BlockCache:
@@ -306,22 +378,30 @@ class BlockCache:
 
     A fetch marks its blocks used in the order given; a missing block takes a free slot or evicts
     the least recently used block that the same fetch does not ask for (so `capacity` >= k).
+    Missing blocks travel host -> device through one staging buffer of `staging` blocks, pinned on
+    CUDA so the copy is asynchronous; before the buffer is refilled the previous copy must have
+    finished (an event), which bounds the locked memory to the buffer whatever the stream length.
 
     Attributes:
         hits, misses, evictions: counters over all fetches and rows.
     """
 
-    def __init__(self, store: BlockStore, capacity: int, device: torch.device | str):
+    def __init__(self, store: BlockStore, capacity: int, device: torch.device | str, staging: int | None = None):
         b, _, hk, s, d = store.shape
+        device = torch.device(device)
         self.store, self.capacity = store, capacity
         self.k = torch.empty(b, capacity, hk, s, d, dtype=store.dtype, device=device)  # (B, cap, Hk, S, D)
         self.v = torch.empty_like(self.k)
+        staging = staging or b * capacity  # at most one fetch's misses: k per row
+        pin = device.type == "cuda"
+        self.stage = torch.empty(2, staging, hk, s, d, dtype=store.dtype, pin_memory=pin)  # K and V
+        self._copied = torch.cuda.Event() if pin else None  # the last staging -> device copy
         self.slots: list[OrderedDict[int, int]] = [OrderedDict() for _ in range(b)]  # block -> slot, LRU first
         self.hits = self.misses = self.evictions = 0
 
     def fetch(self, selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (B, Hk, k*S, D) on the device of the blocks `selected` (B, k)."""
-        rows = []
+        rows, missing = [], []  # missing: (row, slot, block)
         for row, indices in enumerate(selected.tolist()):
             table, wanted, slots = self.slots[row], set(indices), []
             for index in indices:
@@ -336,12 +416,12 @@ class BlockCache:
                         victim = next(i for i in table if i not in wanted)
                         slot = table.pop(victim)
                         self.evictions += 1
-                    bk, bv = self.store.block(row, index)
-                    self.k[row, slot].copy_(bk, non_blocking=True)
-                    self.v[row, slot].copy_(bv, non_blocking=True)
                     table[index] = slot
+                    missing.append((row, slot, index))
                 slots.append(table[index])
             rows.append(slots)
+        for at in range(0, len(missing), self.stage.shape[1]):
+            self._load(missing[at : at + self.stage.shape[1]])
         b, k = selected.shape
         _, _, hk, s, d = self.k.shape
         slot_index = torch.tensor(rows, device=self.k.device)  # (B, k)
@@ -350,7 +430,25 @@ class BlockCache:
         out_v = self.v[row_index, slot_index].transpose(1, 2)
         return out_k.reshape(b, hk, k * s, d), out_v.reshape(b, hk, k * s, d)
 
+    def _load(self, missing: list[tuple[int, int, int]]) -> None:
+        """Copy blocks (row, slot, block) from the host store into their cache slots."""
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous copy has left the staging buffer
+        m = len(missing)
+        for i, (row, _, index) in enumerate(missing):
+            bk, bv = self.store.block(row, index)
+            self.stage[0, i].copy_(bk)
+            self.stage[1, i].copy_(bv)
+        moved = self.stage[:, :m].to(self.k.device, non_blocking=True)  # (2, m, Hk, S, D)
+        if self._copied is not None:
+            self._copied.record()
+        row_index = torch.tensor([r for r, _, _ in missing], device=self.k.device)
+        slot_index = torch.tensor([s for _, s, _ in missing], device=self.k.device)
+        self.k[row_index, slot_index] = moved[0]
+        self.v[row_index, slot_index] = moved[1]
+
     def nbytes(self) -> int:
+        """Bytes on the device (the cache slots)."""
         return 2 * self.k.numel() * self.k.element_size()
 
 
@@ -381,15 +479,19 @@ class InfLLMState:
         self.pend_k, self.pend_v = empty.clone(), empty.clone()  # (B, Hk, L, D) un-rotated
         self.pend_score = torch.empty(batch, n_heads, 0, device=device)  # (B, Hq, L) float32
         device = torch.device(device)
-        self.store = BlockStore(batch, n_heads, n_kv_heads, options["block_size"], head_dim, dtype,
-                                pin=device.type == "cuda")
+        self.store = BlockStore(batch, n_heads, n_kv_heads, options["block_size"], head_dim, dtype, device,
+                                getattr(torch, options["repr_dtype"]))
         use_cache = device.type != "cpu" if use_cache is None else use_cache
-        self.cache = BlockCache(self.store, options["max_cached_block"], device) if use_cache else None
+        self.cache = (BlockCache(self.store, options["max_cached_block"], device, staging=batch * options["topk"])
+                      if use_cache else None)
         self.selected: torch.Tensor | None = None
         self._masks: dict[tuple, torch.Tensor] = {}  # window masks by (offset, queries, keys)
         self._bands: dict[int, torch.Tensor] = {}  # memory mask bands by tile size
         # (first position, queries, sinks, first pending position, selected) of recent steps
         self.log: deque[tuple[int, int, int, int, torch.Tensor | None]] = deque(maxlen=LOG_STEPS)
+        # what the last query of the last step attended: (memory mass (B, M), window mass (B, W'),
+        # sinks, selected, first pending position, position of the first window key)
+        self.last_attention: tuple | None = None
 
     @property
     def pending_start(self) -> int:
@@ -461,13 +563,17 @@ class InfLLMState:
                 # j <= (first + t0 - n_local - start) + i; sinks and retrieved blocks are seen by all
                 bias = self._memory_mask(first + t0 - n_local - start, t1 - t0, fixed, late, dev)
                 m = fixed + late
-                o_mem, lse_mem, _ = attend(q_mem[:, :, t0:t1], k_mem[:, :, :m], v_mem[:, :, :m], bias, scale)
+                o_mem, lse_mem, p_mem = attend(q_mem[:, :, t0:t1], k_mem[:, :, :m], v_mem[:, :, :m], bias, scale)
                 parts.append((o_mem, lse_mem))
             out, lse = merge_attention(parts)
             outs.append(out)
             # 5. Attention each window key received, from the joint softmax, summed over queries.
             weight = torch.exp(lse_loc - lse).unsqueeze(2)  # (B, Hq, 1, t)
             self.pend_score[:, :, w0 + a0 : w0 + a1] += (weight @ p_loc).squeeze(2)
+            if t1 == c:  # what the step's last query attended, in the joint softmax, mean over heads
+                win = (p_loc[:, :, -1] * weight[:, :, 0, -1:]).mean(1)  # (B, a1 - a0)
+                mem = (p_mem[:, :, -1] * torch.exp(lse_mem - lse)[:, :, -1:]).mean(1) if fixed + late else None
+                self.last_attention = (mem, win, self.sink_k.shape[2], self.selected, start, start + w0 + a0)
 
         self.log.append((first, c, self.sink_k.shape[2], start, self.selected))
         self.length += c
@@ -529,14 +635,20 @@ class InfLLMState:
     # -- what the state holds -------------------------------------------------------------------
 
     def device_bytes(self) -> int:
-        """Bytes on the compute device: sinks, pending tokens and scores, the block cache."""
+        """Bytes on the compute device that do not grow with the stream: sinks, pending tokens and
+        scores, the block cache (the representatives, which do, are `reps_bytes`)."""
         tensors = (self.sink_k, self.sink_v, self.pend_k, self.pend_v, self.pend_score)
         held = sum(t.numel() * t.element_size() for t in tensors)
         return held + (self.cache.nbytes() if self.cache is not None else 0)
 
+    def reps_bytes(self) -> int:
+        """Bytes of the block representatives on the compute device (one D-vector per query head per
+        block: Hq * D / block_size values per token)."""
+        return self.store.reps.nbytes()
+
     def host_bytes(self, stored: bool = False) -> int:
-        """Bytes of the host store (grows linearly with the stream): the pages allocated, or with
-        `stored` the blocks they hold (the part that is resident)."""
+        """Bytes of the host store's keys and values (grows linearly with the stream): the pages
+        allocated, or with `stored` the blocks they hold (the part that is resident)."""
         return self.store.stored_bytes() if stored else self.store.nbytes()
 
     def kept_fraction(self) -> float:
@@ -546,24 +658,44 @@ class InfLLMState:
         retrieved = 0 if self.selected is None else self.selected.shape[1] * self.options["block_size"]
         return min(1.0, (self.sink_k.shape[2] + retrieved + self.pend_k.shape[2]) / self.length)
 
-    def visible_share(self, row: int, begin: int, end: int, since: int = 0) -> float | None:
-        """Share of positions begin .. end-1 of `row` that recent steps could attend, averaged over
-        the logged steps whose queries reach position `since` (None when no such step is logged).
+    def visible_share(self, row: int, positions: torch.Tensor, since: int = 0) -> float | None:
+        """Share of `positions` (1-D) of `row` that recent steps could attend, averaged over the logged
+        steps whose queries reach position `since` (None when no such step is logged).
 
         A position is visible to a step when it is a sink, pending (window or remainder), or in a
-        block the step retrieved. Used to explain passkey results (was the needle retrieved?).
+        block the step retrieved. Used to explain passkey results (was the key retrieved?).
         """
         size, shares = self.options["block_size"], []
-        positions = torch.arange(begin, end)
+        positions = torch.as_tensor(positions).cpu()
         for first, c, n_sinks, start, selected in self.log:
             if first + c <= since:
                 continue
             seen = (positions < n_sinks) | (positions >= start)
             if selected is not None:
                 block = torch.div(positions - n_sinks, size, rounding_mode="floor")
-                seen |= (positions >= n_sinks) & torch.isin(block, selected[row].to(positions.device))
+                seen |= (positions >= n_sinks) & torch.isin(block, selected[row].cpu())
             shares.append(seen.float().mean().item())
         return sum(shares) / len(shares) if shares else None
+
+    def attention_on(self, row: int, positions: torch.Tensor) -> float | None:
+        """Attention mass the last query of the last step put on `positions` (1-D) of `row`: its
+        joint-softmax probabilities over window and memory summed over those keys, mean over
+        query heads (None before any step). Memory keys all sit at distance n_local - 1, so a
+        visible key may still receive little of the mass; this says how much it did."""
+        if self.last_attention is None:
+            return None
+        mem, win, n_sinks, selected, start, win_first = self.last_attention
+        want = torch.as_tensor(positions).cpu()
+        total = float(win[row].cpu()[torch.isin(win_first + torch.arange(win.shape[1]), want)].sum())
+        if mem is not None:
+            size = self.options["block_size"]
+            keys = [torch.arange(n_sinks)]
+            if selected is not None:
+                keys.append((n_sinks + selected[row].cpu()[:, None] * size + torch.arange(size)).flatten())
+            late = mem.shape[1] - sum(len(x) for x in keys)
+            keys.append(start + torch.arange(late))
+            total += float(mem[row].cpu()[torch.isin(torch.cat(keys), want)].sum())
+        return total
 
 
 @register("infllm", options=OPTIONS, positions="arange", trainable=False, inference_memory=True,

@@ -119,9 +119,9 @@ class NammPasskeyConfig:
     """Passkey prompts NAMM evolution scores on (`longcpt.data.passkey`); keep them within the
     model's trained length and the seed apart from the evaluation's (0)."""
 
-    lengths: list[int] = field(default_factory=lambda: [1024])
+    lengths: list[int] = field(default_factory=lambda: [1024])  # each >= namm.update_every
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    trials: int = 2  # prompts per (length, depth)
+    trials: int = 2  # prompts per (length, depth), new keys every generation; as many for validation
     split_digits: bool = False  # as the model was fine-tuned (make_passkey.py --split-digits)
     seed: int = 1
 
@@ -130,7 +130,8 @@ class NammPasskeyConfig:
 class NammConfig:
     """`longcpt namm train`: evolve a NAMM (`longcpt.namm`) for the frozen `model.pretrained`."""
 
-    scorer: str = "bam"  # bam | mlp
+    scorer: str = "bam"  # bam (the reference's) | mlp (this project's cheaper one)
+    selection: str = "reference"  # reference (same count in every head of a layer) | per_head (score >= 0)
     hidden: int = 32  # BAM attention width
     update_every: int = 512  # tokens between evictions (a multiple of 16, the spectrogram hop)
     population: int = 32
@@ -140,7 +141,7 @@ class NammConfig:
     seed: int = 0
     workers: int = 0  # processes evaluating the population; 0 = one per GPU, else one per CPU core
     tasks: list[str] = field(default_factory=lambda: ["passkey"])
-    cache_weight: float = 0.0  # fitness -= cache_weight * kv_kept: favours a smaller cache
+    cache_weight: float = 0.0  # fitness -= cache_weight * kv_kept_mean: favours a smaller cache
     init: str | None = None  # policy file to start from (a previous stage), else the all-zero policy
     passkey: NammPasskeyConfig = field(default_factory=NammPasskeyConfig)
 
@@ -422,6 +423,7 @@ def _namm_problems(namm: NammConfig) -> list[str]:
 
     problems = (
         _choice("namm.scorer", namm.scorer, ("bam", "mlp"))
+        + _choice("namm.selection", namm.selection, ("reference", "per_head"))
         + _choice("namm.covariance", namm.covariance, ("diagonal", "full"))
     )
     if namm.update_every < 16 or namm.update_every % 16:
@@ -435,6 +437,11 @@ def _namm_problems(namm: NammConfig) -> list[str]:
         problems += _choice("namm.tasks", task, tuple(TASKS))
     if not namm.passkey.lengths or min(namm.passkey.lengths) < 1:
         problems.append(f"namm.passkey.lengths={namm.passkey.lengths}: give prompt lengths in tokens, e.g. [1024]")
+    elif "passkey" in namm.tasks and min(namm.passkey.lengths) < namm.update_every:
+        short = [n for n in namm.passkey.lengths if n < namm.update_every]
+        problems.append(f"namm.passkey.lengths={namm.passkey.lengths}: {short} shorter than namm.update_every="
+                        f"{namm.update_every}; such a prompt ends before the first eviction, so no policy can change "
+                        "its score (use lengths >= namm.update_every, or a smaller namm.update_every)")
     if not namm.passkey.depths or not all(0 <= d <= 1 for d in namm.passkey.depths):
         problems.append(f"namm.passkey.depths={namm.passkey.depths}: give depths in [0, 1], e.g. [0, 0.5, 1]")
     if namm.init is not None and not Path(namm.init).is_file():

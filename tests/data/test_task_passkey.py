@@ -224,3 +224,14 @@ def test_split_digits_rows_and_script(tmp_path, tok, subprocess_env):
            "--lengths", "150", "--depths", "0.5", "--n", "3", "--seed", "2", "--split-digits", "--output", str(out)]
     subprocess.run(cmd, check=True, env=subprocess_env(), capture_output=True)
     assert [json.loads(line)["answer_ids"] for line in out.read_text().splitlines()] == [r["answer_ids"] for r in rows]
+
+
+def test_filler_offset_starts_the_cycle_at_another_sentence(tok):
+    """Another offset: the same needle, key and length, other filler tokens around it (unseen filler)."""
+    plain, shifted = PasskeyPromptBuilder(tok), PasskeyPromptBuilder(tok, filler_offset=2)
+    a, b = plain.build(plain.min_length + 60, 0.5, 12345), shifted.build(plain.min_length + 60, 0.5, 12345)
+    assert len(a.input_ids) == len(b.input_ids) and a.input_ids != b.input_ids
+    first = len(plain.bos) + len(plain.head)
+    assert b.input_ids[first : first + len(shifted.units[2])] == shifted.units[2]  # "The sun is yellow."
+    needle = plain.needle_length(12345)
+    assert a.input_ids[a.needle_start : a.needle_start + needle] == b.input_ids[b.needle_start : b.needle_start + needle]

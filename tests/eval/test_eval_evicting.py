@@ -23,6 +23,8 @@ def test_passkey_records_kind_options_and_kv_kept(model_dir, tokenizer, tmp_path
     assert report["attention_options"] == {"cache_size": 24, "sinks": 4, "update_every": 16}
     # after the last update 24 tokens were kept, and fewer than 16 came after it, of >= length seen
     assert 0 < report["kv_kept"] < (24 + 16) / length
+    # the largest cache: 24 kept + 16 new just before an update, of length + (fewer than 16) answer tokens
+    assert report["kv_kept"] < report["kv_kept_mean"] < 1 and 40 / (length + 16) < report["kv_peak"] <= 40 / length
 
 
 def test_ppl_records_kv_kept(model_dir, tmp_path):
@@ -35,6 +37,11 @@ def test_ppl_records_kv_kept(model_dir, tmp_path):
     report = json.loads((out / "ppl.json").read_text())
     # evictions after 32, 64 and 96 tokens: 32 kept + the 24 after the last one, of 120
     assert report["kv_kept"] == pytest.approx(56 / 120)
+    # through the text: the slots each token saw (1..32, twice 33..64, then 33..56) against the full
+    # cache's (1..120), and the largest cache, 64 just before an eviction
+    seen = sum(range(1, 33)) + 2 * sum(range(33, 65)) + sum(range(33, 57))
+    assert report["kv_kept_mean"] == pytest.approx(seen / sum(range(1, 121)))
+    assert report["kv_peak"] == pytest.approx(64 / 120)
     assert report["attention"] == "h2o" and report["attention_options"]["recent"] is None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from eviction_reference import run_model, simulate
 from tiny import tiny_hf_model
 
 import longcpt
@@ -11,7 +12,7 @@ from longcpt.errors import LongcptError
 from longcpt.model import CausalLM, ModelArgs
 from longcpt.model.attention.evict import EvictingCache
 from longcpt.model.attention.full import KVCache
-from longcpt.model.generation import forward_chunks, generate, kv_kept
+from longcpt.model.generation import cache_use, forward_chunks, generate, kv_kept
 from longcpt.model.rope import apply_rotary
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -118,6 +119,46 @@ def test_h2o_keeps_recent_and_heaviest_hitters_like_brute_force():
     assert state[0].kept_fraction() == cache_size / every
 
 
+def h2o_select(cache_size: int, recent: int):
+    """H2O's update by brute force: a head over `cache_size` keeps its tokens of the last `recent`
+    positions, then those with the most attention received since they entered (summed over queries)."""
+
+    def select(kept, weights, last):
+        new = []
+        for b, row in enumerate(kept):
+            new.append([])
+            for h, positions in enumerate(row):
+                if len(positions) <= cache_size:
+                    new[-1].append(positions)
+                    continue
+                newest = positions[-1]
+                recent_ones = [j for j in positions if j > newest - recent]
+                received = {j: float(weights[b, h, : last + 1, j].sum()) for j in positions}
+                heavy = sorted((j for j in positions if j not in recent_ones), key=lambda j: -received[j])
+                new[-1].append(sorted(recent_ones + heavy[: cache_size - len(recent_ones)]))
+        return new
+
+    return select
+
+
+def test_h2o_keeps_what_a_brute_force_h2o_keeps_over_several_updates():
+    """Every layer, row and KV head after each of 5 updates: the kept positions equal a brute-force
+    H2O's, whose scores carry over evictions (attention received since entry, by dense softmaxes)."""
+    cache_size, recent, every = 24, 6, 16
+    _, model = _pair("h2o", cache_size=cache_size, recent=recent, update_every=every)
+    ids = _ids(80)
+    inputs, kept, state = run_model(model, ids, every)
+    for layer, (q, k, v) in inputs.items():
+        want, _ = simulate(q, k, v, every, h2o_select(cache_size, recent))
+        assert kept[layer] == want, layer
+        assert len(want) == 5 and all(len(x) == cache_size for x in want[-1][0])
+    use = cache_use(state)  # after the last update at 79: 24 slots of 80 tokens
+    assert use["kv_kept"] == pytest.approx(24 / 80)
+    # the slots each token saw: 1..16, 17..32, then 24 + 1..16 after each update; the largest 40
+    want_mean = (sum(range(1, 33)) + 3 * sum(range(25, 41))) / (80 * 81 / 2)
+    assert use["kv_kept_mean"] == pytest.approx(want_mean) and use["kv_peak"] == pytest.approx(40 / 80)
+
+
 def test_cache_keep_is_exact_bookkeeping_with_ragged_heads():
     """Per-head different kept sets: left-padded, positions/keys/values/extras follow their tokens."""
     g = torch.Generator().manual_seed(0)
@@ -142,7 +183,8 @@ def test_cache_keep_is_exact_bookkeeping_with_ragged_heads():
             assert torch.equal(cache.k[b, h, 10 - n :], k[b, h, slots])
             assert torch.equal(cache.v[b, h, 10 - n :], v[b, h, slots])
             assert torch.equal(cache.extra["score"][b, h, 10 - n :], score[b, h, slots])
-    assert cache.kept_fraction() == pytest.approx(mask.sum(-1).float().mean().item() / 10)
+    # a row holds its longest head's entries (the others are padded to it), as the reference counts
+    assert cache.kept_fraction() == pytest.approx(mask.sum(-1).amax(-1).float().mean().item() / 10)
     cache.append(k[:, :, :2], v[:, :, :2], torch.arange(110, 112))
     assert cache.pos[0, 0, -2:].tolist() == [110, 111] and cache.extra["score"][..., -2:, :].abs().sum() == 0
 

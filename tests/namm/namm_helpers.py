@@ -34,9 +34,9 @@ def register_continue_task(model_dir: Path) -> None:
     from longcpt.model import from_pretrained
     from longcpt.model.generation import generate
 
-    def build(namm, tokenizer) -> list[Example]:
+    def build(namm, tokenizer, draw: int) -> list[Example]:
         model = from_pretrained(model_dir, attention="full").eval()
-        g = torch.Generator().manual_seed(namm.seed)
+        g = torch.Generator().manual_seed(namm.seed * 1000 + draw + 1)  # a new sample every draw
         prompts = torch.randint(3, len(tokenizer), (N_EXAMPLES, PROMPT_LEN), generator=g)
         answers = generate(model, prompts, ANSWER_LEN)
         return [Example("continue", tuple(p.tolist()), tuple(a.tolist())) for p, a in zip(prompts, answers)]

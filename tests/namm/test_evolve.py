@@ -73,14 +73,15 @@ def test_resumed_evolution_equals_an_uninterrupted_run(tmp_path, continue_task, 
     policy = load_policy(tmp_path / "straight" / "namm" / "policy.pt")
     assert torch.equal(policy.params, load_policy(tmp_path / "resumed" / "namm" / "policy.pt").params)
     # outputs: the best-scoring mean so far, its feature statistics, the curve and the logs
-    best = max(a["history"], key=lambda h: h["center_fitness"])
-    assert policy.info["fitness"] == best["center_fitness"] and policy.info["kv_kept"] == best["center_kv_kept"]
-    assert a["history"][0]["center_fitness"] == pytest.approx(1.0 - 0.5)  # the zero policy is the full cache
+    best = max(a["history"], key=lambda h: h["validation_fitness"])
+    assert policy.info["fitness"] == best["validation_fitness"] and policy.info["kv_kept"] == best["validation_kv_kept"]
+    # the zero policy is the full cache: ratio 1, minus 0.5 x the whole cache held through the prompts
+    assert a["history"][0]["validation_fitness"] == pytest.approx(1.0 - 0.5)
     assert policy.feature_std.min() > 0 and policy.spec.update_every == 16
     assert (tmp_path / "straight" / "namm" / "fitness.png").read_bytes()[:4] == b"\x89PNG"
     rows = list(csv.DictReader(open(next((tmp_path / "straight" / "namm" / "logs" / "csv").glob("*/metrics.csv")))))
     assert [float(r["namm/fitness_best"]) for r in rows] == [h["fitness_best"] for h in a["history"]]
-    assert all(0 < float(r["namm/kv_kept"]) <= 1 for r in rows)
+    assert all(0 < float(r["namm/kv_kept_mean"]) <= 1 for r in rows)
 
 
 @pytest.mark.slow
@@ -106,16 +107,52 @@ def test_kill_9_loses_nothing_and_resumes_exactly(tmp_path, continue_task, one_t
     assert done.returncode == 0, done.stderr
     assert "resuming after generation" in done.stdout
     a, b = _state(tmp_path, "reference"), _state(tmp_path, "killed")
-    assert [h["center_fitness"] for h in a["history"]] == [h["center_fitness"] for h in b["history"]]
+    assert [h["validation_fitness"] for h in a["history"]] == [h["validation_fitness"] for h in b["history"]]
     assert np.array_equal(a["optimizer"].mean, b["optimizer"].mean)
+
+
+def test_every_generation_draws_new_prompts_and_validation_chooses_the_policy(tmp_path, continue_task, one_thread,
+                                                                              monkeypatch):
+    from longcpt.data.fitness import TASKS, VALIDATION
+
+    draws, build = [], TASKS["continue"]
+    monkeypatch.setitem(TASKS, "continue", lambda namm, tok, draw: draws.append(draw) or build(namm, tok, draw))
+    train(load_config(_recipe(tmp_path, continue_task, "draws", generations=3)))
+    assert draws == [VALIDATION, 0, 1, 2]  # the validation draw once, then a fresh draw per generation
+    history = _state(tmp_path, "draws")["history"]
+    assert [h["generation"] for h in history] == [0, 1, 2] and all(h["train_examples"] > 0 for h in history)
+    policy = load_policy(tmp_path / "draws" / "namm" / "policy.pt")
+    best = max(history, key=lambda h: h["validation_fitness"])  # chosen on validation, not on the draws
+    assert policy.info["generation"] == best["generation"] and policy.info["fitness"] == best["validation_fitness"]
+
+
+def test_calibration_runs_where_the_trainer_would(monkeypatch):
+    from longcpt.namm.evolve import namm_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert namm_device(load_config(None, ["model.pretrained=/x", "trainer.accelerator=auto"])) == "cuda:0"
+    assert namm_device(load_config(None, ["model.pretrained=/x", "trainer.accelerator=gpu"])) == "cuda:0"
+    assert namm_device(load_config(None, ["model.pretrained=/x", "trainer.accelerator=cpu"])) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert namm_device(load_config(None, ["model.pretrained=/x", "trainer.accelerator=auto"])) == "cpu"
+
+
+def test_prompts_shorter_than_update_every_are_refused_naming_the_key():
+    """They used to crash calibration with KeyError: 'namm_ema' (no update ever ran)."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model.pretrained=/x", "namm.passkey.lengths=[256,1024]", "namm.update_every=512"])
+    text = str(e.value)
+    assert "namm.passkey.lengths=[256, 1024]: [256] shorter than namm.update_every=512" in text
+    load_config(None, ["model.pretrained=/x", "namm.passkey.lengths=[512]", "namm.update_every=512"])  # one eviction
 
 
 def test_recipe_problems_are_named(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(None, ["model.pretrained=/x", "namm.update_every=40", "namm.scorer=bamm", "namm.tasks=[ruler]",
-                           "namm.sigma=0", "namm.init=/nope.pt"])
+                           "namm.sigma=0", "namm.init=/nope.pt", "namm.selection=top"])
     text = str(e.value)
     assert "namm.update_every=40: must be a positive multiple of 16" in text
     assert "namm.scorer='bamm': must be one of bam, mlp; did you mean bam?" in text
     assert "namm.tasks='ruler': must be one of passkey" in text
     assert "namm.sigma=0" in text and "namm.init='/nope.pt': no such policy file" in text
+    assert "namm.selection='top': must be one of reference, per_head" in text

@@ -1,8 +1,12 @@
 """Fitness tasks for NAMM evolution (`longcpt namm train`): (prompt, answer) examples from this
 project's generators.
 
-A task is a function `(namm config, tokenizer) -> list[Example]` registered under its name in
-`TASKS`; a recipe lists the ones to use in `namm.tasks`. Every task is scored the same way
+A task is a function `(namm config, tokenizer, draw) -> list[Example]` registered under its name
+in `TASKS`; a recipe lists the ones to use in `namm.tasks`. `draw` picks the sample: generation g
+of the evolution scores its members on draw g (a fresh sample every generation, as the reference
+resamples its prompts every step), and the policy to report is chosen on draw `VALIDATION`,
+which no generation draws. A draw is a pure function of its number, so a resumed run sees the
+same prompts. Every task is scored the same way
 (`longcpt.namm.evolve`): the model reads the prompt and the answer (teacher forcing) through the
 evicting cache, and an example's score is the answer's per-token geometric-mean probability.
 Adding the RULER-style tasks is one more registered function that builds their prompts and
@@ -27,6 +31,7 @@ class Example:
 
 
 TASKS: dict[str, Callable[..., list[Example]]] = {}
+VALIDATION = -1  # the draw that chooses the policy; training draws are the generations 0, 1, ...
 
 
 def register_task(name: str) -> Callable:
@@ -40,8 +45,10 @@ def register_task(name: str) -> Callable:
 
 
 @register_task("passkey")
-def passkey_examples(namm, tokenizer) -> list[Example]:
-    """Passkey prompts (`namm.passkey`: lengths x depths x trials), keys drawn from its own seed."""
+def passkey_examples(namm, tokenizer, draw: int) -> list[Example]:
+    """Passkey prompts (`namm.passkey`: lengths x depths x trials) with keys of its own seed: draw d
+    uses the keys of trials d * trials .. (d + 1) * trials - 1, so no two draws share a trial (the
+    validation draw -1 takes trials -trials .. -1)."""
     from longcpt.data.passkey import PasskeyPromptBuilder, passkey_key
 
     settings = namm.passkey
@@ -53,11 +60,12 @@ def passkey_examples(namm, tokenizer) -> list[Example]:
     for length in settings.lengths:
         for depth in settings.depths:
             for trial in range(settings.trials):
-                ex = builder.build(length, float(depth), passkey_key(settings.seed, length, depth, trial))
+                key = passkey_key(settings.seed, length, depth, draw * settings.trials + trial)
+                ex = builder.build(length, float(depth), key)
                 examples.append(Example("passkey", tuple(ex.input_ids), tuple(ex.answer_ids)))
     return examples
 
 
-def build_examples(namm, tokenizer) -> list[Example]:
-    """Every example of the tasks `namm.tasks` names, task by task."""
-    return [ex for name in namm.tasks for ex in TASKS[name](namm, tokenizer)]
+def build_examples(namm, tokenizer, draw: int) -> list[Example]:
+    """Every example of draw `draw` of the tasks `namm.tasks` names, task by task."""
+    return [ex for name in namm.tasks for ex in TASKS[name](namm, tokenizer, draw)]

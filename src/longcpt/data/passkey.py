@@ -92,15 +92,19 @@ class PasskeyPromptBuilder:
     Args:
         tokenizer: a transformers tokenizer.
         split_digits: write the key one digit per token (module docstring).
+        filler_offset: the filler sentence the cycle starts with (0 = "The grass is green.");
+            another offset lays out other filler tokens around the needle, e.g. to evaluate on
+            prompts whose filler was never seen in training.
 
     Attributes:
         min_length: a length that fits every key tried (no filler): the instruction, the longest of
             a sample of needles and the question. A key's own minimum is `fixed_tokens(key)`.
     """
 
-    def __init__(self, tokenizer, split_digits: bool = False):
+    def __init__(self, tokenizer, split_digits: bool = False, filler_offset: int = 0):
         self.tokenizer = tokenizer
         self.split_digits = split_digits
+        self.filler_offset = filler_offset
         encode = self._encode
         self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         self.head = encode(TASK + "\n")
@@ -170,7 +174,7 @@ class PasskeyPromptBuilder:
         boundaries = [0]
         i = 0
         while len(tokens) < n:
-            tokens += self.units[i % len(self.units)]
+            tokens += self.units[(i + self.filler_offset) % len(self.units)]
             boundaries.append(len(tokens))
             i += 1
         boundaries = [b for b in boundaries if b < n] + [n]

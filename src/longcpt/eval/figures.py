@@ -138,12 +138,13 @@ def loss_plot(
 
 
 def fitness_curve(history: Sequence[dict], title: str, path) -> Path:
-    """NAMM evolution: population fitness (mean, std band, best) and the reported policy's fitness per
-    generation, with the share of the KV cache kept on a second axis.
+    """NAMM evolution: population fitness on each generation's draw (mean, std band, best) and the
+    reported policy's fitness on the validation draw, with the share of the KV cache it held through
+    the prompts on a second axis.
 
     Args:
         history: one dict per generation with `generation`, `fitness_mean`, `fitness_std`,
-            `fitness_best`, `center_fitness`, `kv_kept` and `center_kv_kept`.
+            `fitness_best`, `validation_fitness` and `validation_kv_kept_mean`.
         title: figure title.
         path: output PNG.
     """
@@ -156,14 +157,14 @@ def fitness_curve(history: Sequence[dict], title: str, path) -> Path:
                     color="tab:blue", label="population mean +- std")
     ax.plot(gens, mean, color="tab:blue", linewidth=1.5)
     ax.plot(gens, [h["fitness_best"] for h in history], color="tab:green", linewidth=1, label="population best")
-    ax.plot(gens, [h["center_fitness"] for h in history], color="black", marker=".", linewidth=1.5,
-            label="reported policy (CMA-ES mean)")
+    ax.plot(gens, [h["validation_fitness"] for h in history], color="black", marker=".", linewidth=1.5,
+            label="CMA-ES mean on the validation prompts")
     ax.set_xlabel("generation")
     ax.set_ylabel("fitness")
     ax.grid(True, alpha=0.3)
     kept = ax.twinx()
-    kept.plot(gens, [h["center_kv_kept"] for h in history], color="tab:red", linestyle="--", linewidth=1,
-              label="kv_kept of the reported policy")
+    kept.plot(gens, [h["validation_kv_kept_mean"] for h in history], color="tab:red", linestyle="--", linewidth=1,
+              label="its cache through the prompts (kv_kept_mean)")
     kept.set_ylabel("share of the KV cache kept", color="tab:red")
     kept.set_ylim(0, 1.05)
     lines = ax.get_legend_handles_labels()

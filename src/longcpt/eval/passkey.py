@@ -24,7 +24,14 @@ import torch
 from longcpt.data.passkey import PasskeyPromptBuilder, passkey_key
 from longcpt.errors import LongcptError
 from longcpt.fsio import atomic_write_json
-from longcpt.model.generation import DEFAULT_PREFILL_CHUNK, attention_on, generate, kv_kept, visible_share
+from longcpt.model.generation import (
+    DEFAULT_PREFILL_CHUNK,
+    attention_on,
+    cache_use,
+    generate,
+    mean_cache_use,
+    visible_share,
+)
 
 _INTEGER = re.compile(r"\d+")
 
@@ -86,8 +93,9 @@ def evaluate_passkey(
 
     Returns:
         {"results": [{"length", "depth", "accuracy", "trials"}], "samples": [...],
-        "by_length": {length: accuracy}, "seconds", "tokens_per_second", "kv_kept" (mean share of
-        the KV cache an evicting kind kept, else None), ...}. With a kind that attends part of the
+        "by_length": {length: accuracy}, "seconds", "tokens_per_second", "kv_kept", "kv_kept_mean",
+        "kv_peak" (an evicting kind's cache at the end, through the prompt and at its largest, as
+        shares of the full cache: `cache_use`; else None), ...}. With a kind that attends part of the
         context (InfLLM), every result and sample also has "key_visible": the share of the key's
         digit tokens in the needle that the model could attend while answering (the last prompt
         token's step and the answer's; mean over steps and layers, `visible_share`), and
@@ -118,8 +126,8 @@ def evaluate_passkey(
                 state: dict = {}
                 out = generate(model, ids, new_tokens, eos_id=eos, prefill_chunk=prefill_chunk, state=state,
                                on_prompt=functools.partial(_key_attention, keys=keys, into=mass))
-                if (share := kv_kept(state)) is not None:
-                    kept.append(share)
+                if (use := cache_use(state)) is not None:
+                    kept.append(use)
                 for trial, (ex, row) in enumerate(zip(group, out.tolist()), first):
                     text = tokenizer.decode(row, skip_special_tokens=True)
                     ok = first_integer(text) == ex.key
@@ -157,7 +165,7 @@ def evaluate_passkey(
         "split_digits": split_digits,
         "seconds": round(seconds, 2),
         "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
-        "kv_kept": sum(kept) / len(kept) if kept else None,
+        **mean_cache_use(kept),
         "samples": samples,
     }
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from longcpt.errors import LongcptError
 from longcpt.fsio import atomic_write_json
-from longcpt.model.generation import DEFAULT_PREFILL_CHUNK, forward_chunks, kv_kept
+from longcpt.model.generation import DEFAULT_PREFILL_CHUNK, cache_use, forward_chunks, mean_cache_use
 
 LOGIT_CHUNK = 1024  # hidden states turned into logits this many at a time ((t, V) float32 each)
 
@@ -145,8 +145,8 @@ def evaluate_ppl(model, tokenizer, docs: list[list[int]], seq_len: int, width: i
         advance = (lambda n: progress.advance(task, n)) if progress else None
         state: dict = {}
         losses.append(token_losses(model, ids, chunk, advance, state))
-        if (share := kv_kept(state)) is not None:
-            kept.append(share)
+        if (use := cache_use(state)) is not None:
+            kept.append(use)
     seconds = time.perf_counter() - start
     overall = math.exp(torch.cat(losses).double().mean().item())
     return {
@@ -156,7 +156,7 @@ def evaluate_ppl(model, tokenizer, docs: list[list[int]], seq_len: int, width: i
         "seq_len": seq_len,
         "bucket": width,
         "tokens_per_second": round(seq_len * len(docs) / seconds, 1) if seconds > 0 else None,
-        "kv_kept": sum(kept) / len(kept) if kept else None,
+        **mean_cache_use(kept),
     }
 
 

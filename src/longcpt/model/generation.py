@@ -31,11 +31,35 @@ def kv_kept(state: dict) -> float | None:
     """Mean share of the KV cache an evicting attention kind kept, over the layers of `state`.
 
     A layer state that evicts (InfLLM, NAMM, H2O, StreamingLLM) reports its own share through a
-    `kept_fraction()` method: entries held for attention / tokens seen, averaged over rows and KV
-    heads. Returns None when no layer state evicts anything (`full`, Infini-attention).
+    `kept_fraction()` method: entries held for attention / tokens seen, averaged over rows (an
+    evicting cache counts the entries of a row's longest KV head, as the NAMM reference counts its
+    cache). Returns None when no layer state evicts anything (`full`, Infini-attention).
     """
     shares = [s.kept_fraction() for s in state.values() if hasattr(s, "kept_fraction")]
     return sum(shares) / len(shares) if shares else None
+
+
+def cache_use(state: dict) -> dict[str, float] | None:
+    """What the layer states keep, mean over layers: `kv_kept` (at the end, as `kv_kept`), and for
+    evicting caches their size through the sequence: `kv_kept_mean` (the cache each token saw,
+    relative to the full cache's) and `kv_peak` (the largest cache / tokens seen); see
+    `EvictingCache.cache_use`. None when no layer state evicts anything (`full`: all are 1).
+    """
+    kept = kv_kept(state)
+    if kept is None:
+        return None
+    uses = [s.cache_use() for s in state.values() if hasattr(s, "cache_use")]
+    through = {key: sum(u[key] for u in uses) / len(uses) for key in ("kv_kept_mean", "kv_peak")} if uses else {}
+    return {"kv_kept": kept, **through}
+
+
+def mean_cache_use(uses: list[dict[str, float]]) -> dict[str, float | None]:
+    """Mean of `cache_use` results over prompts, key by key (None for a key no prompt reports)."""
+    out = {}
+    for key in ("kv_kept", "kv_kept_mean", "kv_peak"):
+        values = [u[key] for u in uses if key in u]
+        out[key] = sum(values) / len(values) if values else None
+    return out
 
 
 def visible_share(state: dict, row: int, positions: torch.Tensor, since: int) -> float | None:

@@ -5,35 +5,39 @@
 The model (`model.pretrained`) never changes; only the NAMM's flat parameter vector (a few
 thousand numbers, `longcpt.model.attention.namm`) evolves, because keep/evict has no gradient.
 
-One generation:
-  1. CMA-ES proposes `namm.population` parameter vectors (random numbers seeded by the recipe's
-     seed and the generation number, so a resumed run draws the same ones).
-  2. Worker processes score them and the current CMA-ES mean: every example (`longcpt.data.fitness`)
-     is read through the `namm` kind, prompt then answer (teacher forcing); an example's score is
-     the answer's geometric-mean token probability divided by the full cache's on that example.
+One generation g:
+  1. A fresh sample of examples, draw g of the fitness tasks (`longcpt.data.fitness`): the
+     reference resamples its prompts every step, so the population is never tuned to a fixed set.
+     The all-zero policy (it keeps every token: the full cache) reads them first; its answer
+     probabilities are the references and the examples it gets wrong are left out (they carry no
+     signal).
+  2. CMA-ES proposes `namm.population` parameter vectors (random numbers seeded by the recipe's
+     seed and the generation number, so a resumed run draws the same ones). Worker processes score
+     them: every example is read through the `namm` kind, prompt then answer (teacher forcing); an
+     example's score is the answer's geometric-mean token probability divided by the full cache's.
      A member's fitness is the mean over tasks of its mean example ratio, minus
-     `namm.cache_weight` x the share of the KV cache it kept (`kv_kept`).
-  3. CMA-ES updates its mean from the better half of the population (`cmaes`: the reference's
-     recombination weights, elite ratio 0.5).
-  4. The optimiser state goes to `out_dir/namm/es_state` and then the reported policy to
+     `namm.cache_weight` x the share of the KV cache it held through the prompts (`kv_kept_mean`:
+     a policy cannot keep everything until the last update and still look small).
+  3. CMA-ES updates its mean from the better half of the population (`cmaes`, elite ratio 0.5).
+  4. The CMA-ES mean (the reference's prefer_mean_to_best) is scored on the validation draw, fixed
+     and never drawn for training; `policy.pt` is the mean with the best validation fitness so
+     far. The optimiser state goes to `out_dir/namm/es_state` and then the policy to
      `out_dir/namm/policy.pt`, each atomically; the fitness curve to `fitness.png`; metrics to the
      CSV/TensorBoard logs under `out_dir/namm/logs`.
+Launching the same command again resumes after the last completed generation and gives the same
+result as an uninterrupted run (tests/namm/test_evolve.py kills a run with SIGKILL).
 
-The reported policy is the CMA-ES mean (the reference's prefer_mean_to_best), scored every
-generation; `policy.pt` holds the best-scoring mean so far. Launching the same command again
-resumes after the last completed generation and gives the same result as an uninterrupted run
-(tests/namm/test_evolve.py kills a run with SIGKILL).
-
-Before generation 0 the all-zero policy (it keeps every token, so it is the full cache) reads
-every example once: its answer probabilities are the references, examples the full cache gets
-wrong are left out (they carry no signal), and the mean and standard deviation of the
-spectrogram features it sees become the policy's fixed feature normalisation.
+Before generation 0 the all-zero policy reads the validation draw: its reference scores, the
+examples it answers, and the mean and standard deviation of the spectrogram features it sees at
+every update (every layer, head and valid token) become the policy's fixed feature normalisation.
+It runs where the trainer would (`trainer.accelerator`: the first GPU unless `cpu`).
 
 Optimiser: `cmaes` (CyberAgent's, the library behind Optuna's CMA-ES sampler): small, numpy
-only, ask/tell, picklable, and its weights are the ones the reference uses. `namm.covariance:
-diagonal` (the default) is sep-CMA-ES, linear in the number of parameters; `full` is the
-reference's full covariance, whose eigendecomposition of a 3,347 x 3,347 matrix per generation
-takes minutes on a small CPU.
+only, ask/tell, picklable. `namm.covariance: full` (`cmaes.CMA`) is the reference's full
+covariance with its recombination weights (positive and active negative ones); `diagonal` (the
+default) is sep-CMA-ES, linear in the number of parameters, whose weights are the positive ones
+only. A full eigendecomposition of the 4,172 x 4,172 covariance per generation takes minutes on a
+small CPU.
 
 Workers: `namm.workers` processes (0 = one per GPU, else one per CPU core), each with the model
 loaded once; on GPUs each worker owns one device.
@@ -57,14 +61,14 @@ import numpy as np
 import torch
 
 from longcpt.config import Config, load_config, validate
-from longcpt.data.fitness import Example, build_examples
+from longcpt.data.fitness import VALIDATION, Example, build_examples
 from longcpt.errors import ConfigError, LongcptError
 from longcpt.model.attention.namm import NammPolicy, NammSpec, load_policy
 
 NAMM_DIR = "namm"
 ES_STATE = "es_state"
 POLICY = "policy.pt"
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,46 +81,42 @@ class PolicyScorer:
     Args:
         model_dir: the HF folder of the frozen model.
         spec: the NAMM architecture.
-        examples: what to score.
         feature_mean, feature_std: the policy's feature normalisation.
         device: where the model runs.
     """
 
-    def __init__(self, model_dir: str, spec: NammSpec, examples: list[Example], feature_mean: torch.Tensor,
-                 feature_std: torch.Tensor, device: str = "cpu"):
+    def __init__(self, model_dir: str, spec: NammSpec, feature_mean: torch.Tensor, feature_std: torch.Tensor,
+                 device: str = "cpu"):
         from longcpt.model import from_pretrained
 
         self.policy = NammPolicy.zeros(spec)
         self.policy.feature_mean, self.policy.feature_std = feature_mean.clone(), feature_std.clone()
+        self.policy.to_(device)
         self.model = from_pretrained(model_dir, attention="namm", policy=self.policy, dtype=torch.float32)
         self.model = self.model.to(device).eval()
         self.device = device
-        # Examples of equal prompt and answer lengths run as one batch (rows evict independently).
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, ex in enumerate(examples):
-            groups.setdefault((len(ex.prompt), len(ex.answer)), []).append(i)
-        self.groups = [(idx, torch.tensor([examples[i].prompt + examples[i].answer for i in idx]), answer)
-                       for (_, answer), idx in groups.items()]
-        self.n = len(examples)
 
     @torch.inference_mode()
-    def run(self, params: np.ndarray | None, collect_features: bool = False) -> dict[str, Any]:
-        """Score one parameter vector (None: the all-zero policy).
+    def run(self, params: np.ndarray | None, examples: list[Example], collect_features: bool = False) -> dict[str, Any]:
+        """Score one parameter vector (None: the all-zero policy, i.e. the full cache) on `examples`.
 
         Returns:
             {"scores": per-example geometric-mean answer probability, "correct": per-example
-            greedy answer right, "kv_kept": mean share kept, and with `collect_features` the
-            feature sums "sum", "sumsq", "count" over every layer's cached tokens}.
+            greedy answer right, "kv_kept", "kv_kept_mean", "kv_peak": the cache held at the end,
+            through the sequence and at its largest (`cache_use`), mean over examples, and with
+            `collect_features` the feature sums "sum", "sumsq", "count" over every update}.
         """
-        from longcpt.model.generation import kv_kept
+        from longcpt.model.generation import cache_use, mean_cache_use
 
-        flat = torch.zeros_like(self.policy.params) if params is None else torch.as_tensor(params, dtype=torch.float32)
+        flat = torch.zeros(self.policy.params.shape) if params is None else torch.as_tensor(params, dtype=torch.float32)
         self.policy.params.copy_(flat)
-        scores, correct = [0.0] * self.n, [False] * self.n
-        kept, weights = 0.0, 0
-        stats = {"sum": 0.0, "sumsq": 0.0, "count": 0}
-        for idx, ids, answer_len in self.groups:
-            ids = ids.to(self.device)  # (B, L + A): prompt then answer
+        self.policy.feature_sums = {} if collect_features else None
+        scores, correct, uses = [0.0] * len(examples), [False] * len(examples), []
+        groups: dict[tuple[int, int], list[int]] = {}  # equal lengths run as one batch (rows evict apart)
+        for i, ex in enumerate(examples):
+            groups.setdefault((len(ex.prompt), len(ex.answer)), []).append(i)
+        for (_, answer_len), idx in groups.items():
+            ids = torch.tensor([examples[i].prompt + examples[i].answer for i in idx], device=self.device)  # (B, L+A)
             state: dict = {}
             hidden = self.model.hidden_states(ids[:, :-1], state=state)  # (B, L + A - 1, C)
             logits = self.model.lm_head(hidden[:, -answer_len:]).float()  # (B, A, V)
@@ -125,33 +125,26 @@ class PolicyScorer:
             for row, i in enumerate(idx):
                 scores[i] = math.exp(float(logp[row].mean()))
                 correct[i] = bool((logits[row].argmax(-1) == target[row]).all())
-            share = kv_kept(state)
-            kept += (1.0 if share is None else share) * len(idx)
-            weights += len(idx)
-            if collect_features:
-                for cache in state.values():
-                    ema = cache.extra["namm_ema"][cache.valid]  # (tokens, K)
-                    stats["sum"] = stats["sum"] + ema.double().sum(0)
-                    stats["sumsq"] = stats["sumsq"] + ema.double().pow(2).sum(0)
-                    stats["count"] += ema.shape[0]
-        out = {"scores": scores, "correct": correct, "kv_kept": kept / weights}
+            uses += [cache_use(state) or {"kv_kept": 1.0, "kv_kept_mean": 1.0, "kv_peak": 1.0}] * len(idx)
+        out = {"scores": scores, "correct": correct, **mean_cache_use(uses)}
         if collect_features:
-            out.update(stats)
+            out.update(self.policy.feature_sums)
+            self.policy.feature_sums = None
         return out
 
 
 _WORKER: PolicyScorer | None = None
 
 
-def _init_worker(model_dir, spec, examples, mean, std, devices, threads: int) -> None:
+def _init_worker(model_dir, spec, mean, std, devices, threads: int) -> None:
     global _WORKER
     torch.set_num_threads(threads)
     device = devices.get() if devices is not None else "cpu"
-    _WORKER = PolicyScorer(model_dir, spec, examples, mean, std, device)
+    _WORKER = PolicyScorer(model_dir, spec, mean, std, device)
 
 
-def _score_in_worker(params: np.ndarray) -> dict[str, Any]:
-    return _WORKER.run(params)
+def _score_in_worker(job: tuple[np.ndarray | None, list[Example]]) -> dict[str, Any]:
+    return _WORKER.run(*job)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,7 +165,7 @@ class NammResult:
 
 def spec_of(cfg: Config) -> NammSpec:
     n = cfg.namm
-    return NammSpec(scorer=n.scorer, hidden=n.hidden, update_every=n.update_every)
+    return NammSpec(scorer=n.scorer, selection=n.selection, hidden=n.hidden, update_every=n.update_every)
 
 
 def _fingerprint(cfg: Config) -> dict[str, Any]:
@@ -180,18 +173,20 @@ def _fingerprint(cfg: Config) -> dict[str, Any]:
     n = dataclasses.asdict(cfg.namm)
     n.pop("generations")
     n.pop("workers")
+    tokenizer = cfg.model.tokenizer or cfg.model.pretrained
     return {"model.pretrained": str(Path(cfg.model.pretrained).resolve()),
-            **{f"namm.{k}": v for k, v in n.items()}}
+            "model.tokenizer": str(Path(tokenizer).resolve()), **{f"namm.{k}": v for k, v in n.items()}}
 
 
 def fitness_of(result: dict[str, Any], reference: list[float], tasks: list[str], examples: list[Example],
                cache_weight: float) -> float:
-    """Mean over tasks of the mean score / reference ratio, minus `cache_weight` x kv_kept."""
+    """Mean over tasks of the mean score / reference ratio, minus `cache_weight` x kv_kept_mean (the
+    share of the cache held through the prompts)."""
     per_task: dict[str, list[float]] = {}
     for ex, score, ref in zip(examples, result["scores"], reference):
         per_task.setdefault(ex.task, []).append(score / ref)
     task_means = [sum(v) / len(v) for t in tasks if (v := per_task.get(t))]
-    return sum(task_means) / len(task_means) - cache_weight * result["kv_kept"]
+    return sum(task_means) / len(task_means) - cache_weight * result["kv_kept_mean"]
 
 
 def _new_optimizer(cfg: Config, mean: np.ndarray):
@@ -252,24 +247,41 @@ def _load_state(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | Non
     return state
 
 
-def _calibrate(cfg: Config, spec: NammSpec, examples: list[Example]) -> dict[str, Any]:
-    """The full-cache pass: reference scores, usable examples and feature statistics (module docstring)."""
+def namm_device(cfg: Config) -> str:
+    """Where the full-cache pass runs: the first GPU when there is one, unless trainer.accelerator
+    is cpu (as the trainer decides)."""
+    return "cuda:0" if cfg.trainer.accelerator != "cpu" and torch.cuda.is_available() else "cpu"
+
+
+def reference_pass(scorer: PolicyScorer, examples: list[Example], collect_features: bool = False) -> dict[str, Any]:
+    """The full cache (the all-zero policy) on `examples`: its scores and the examples it answers."""
+    ref = scorer.run(None, examples, collect_features=collect_features)
+    ref["used"] = [i for i, ok in enumerate(ref["correct"]) if ok]
+    return ref
+
+
+def _calibrate(cfg: Config, spec: NammSpec, validation: list[Example]) -> dict[str, Any]:
+    """The full-cache pass over the validation draw: its reference scores, the examples it answers
+    and the feature statistics (module docstring)."""
     k = spec.frequencies
-    scorer = PolicyScorer(cfg.model.pretrained, spec, examples, torch.zeros(k), torch.ones(k), "cpu")
-    ref = scorer.run(None, collect_features=True)
-    used = [i for i, ok in enumerate(ref["correct"]) if ok]
-    if not used:
+    scorer = PolicyScorer(cfg.model.pretrained, spec, torch.zeros(k), torch.ones(k), namm_device(cfg))
+    ref = reference_pass(scorer, validation, collect_features=True)
+    if not ref["used"]:
         raise LongcptError(
             f"model.pretrained={cfg.model.pretrained!r}: with the full cache the model answers none of the "
-            f"{len(examples)} training prompts; NAMM training needs prompts the model can do (shorter "
+            f"{len(validation)} validation prompts; NAMM training needs prompts the model can do (shorter "
             "namm.passkey.lengths, or namm.passkey.split_digits as it was fine-tuned)")
+    if not ref.get("count"):
+        raise LongcptError(f"namm.update_every={cfg.namm.update_every}: no validation prompt reached an eviction, so "
+                           "there are no features to normalise (prompts must be at least update_every tokens)")
     mean = ref["sum"] / ref["count"]
     std = (ref["sumsq"] / ref["count"] - mean**2).clamp_min(0).sqrt()
-    return {"reference": ref["scores"], "used": used, "feature_mean": mean.float(), "feature_std": std.float()}
+    return {"validation_reference": ref["scores"], "validation_used": ref["used"], "feature_mean": mean.float(),
+            "feature_std": std.float()}
 
 
-def _fresh_state(cfg: Config, spec: NammSpec, examples: list[Example], fingerprint: dict) -> dict[str, Any]:
-    calibration = _calibrate(cfg, spec, examples)
+def _fresh_state(cfg: Config, spec: NammSpec, validation: list[Example], fingerprint: dict) -> dict[str, Any]:
+    calibration = _calibrate(cfg, spec, validation)
     init = np.zeros(spec.param_count())
     if cfg.namm.init is not None:
         start = load_policy(cfg.namm.init)
@@ -286,12 +298,12 @@ def _policy(spec: NammSpec, params: np.ndarray, state: dict[str, Any], info: dic
 
 
 class _Evaluator:
-    """Scores lists of parameter vectors in worker processes (or in-process with one worker)."""
+    """Scores (parameters, examples) jobs in worker processes (or in-process with one worker)."""
 
-    def __init__(self, cfg: Config, spec: NammSpec, examples: list[Example], state: dict[str, Any]):
-        args = (cfg.model.pretrained, spec, examples, state["feature_mean"], state["feature_std"])
+    def __init__(self, cfg: Config, spec: NammSpec, state: dict[str, Any]):
+        args = (cfg.model.pretrained, spec, state["feature_mean"], state["feature_std"])
         workers, devices = cfg.namm.workers, None
-        gpus = torch.cuda.device_count()
+        gpus = torch.cuda.device_count() if namm_device(cfg) != "cpu" else 0
         if workers == 0:
             workers = gpus or os.cpu_count() or 1
         self.pool = None
@@ -307,12 +319,12 @@ class _Evaluator:
         self.pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                                                            initargs=(*args, devices, threads))
 
-    def map(self, jobs: list[np.ndarray], done=None) -> list[dict[str, Any]]:
+    def map(self, jobs: list[tuple[np.ndarray | None, list[Example]]], done=None) -> list[dict[str, Any]]:
         """Results in job order; `done()` is called as each finishes."""
         if self.pool is None:
             results = []
             for job in jobs:
-                results.append(self.local.run(job))
+                results.append(self.local.run(*job))
                 if done:
                     done()
             return results
@@ -363,52 +375,67 @@ def train(cfg: Config) -> NammResult:
     out = Path(cfg.trainer.out_dir).resolve() / NAMM_DIR
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.pretrained)
-    examples = build_examples(n, tokenizer)
+    validation = build_examples(n, tokenizer, VALIDATION)
     spec = spec_of(cfg)
     fingerprint = _fingerprint(cfg)
     state = _load_state(out / ES_STATE, fingerprint)
     if state is None:
-        state = _fresh_state(cfg, spec, examples, fingerprint)
+        state = _fresh_state(cfg, spec, validation, fingerprint)
         _save_state(out / ES_STATE, state)
-        print(f"namm: {len(state['used'])} of {len(examples)} examples answered by the full cache; "
-              f"{spec.param_count()} parameters ({spec.scorer}); population {n.population}", flush=True)
+        print(f"namm: the full cache answers {len(state['validation_used'])} of {len(validation)} validation "
+              f"examples; {spec.param_count()} parameters ({spec.scorer}, {spec.selection} selection); "
+              f"population {n.population}", flush=True)
     else:
         print(f"namm: resuming after generation {state['generation']} ({out / ES_STATE})", flush=True)
     if state["best"] is not None:  # a kill between the two writes leaves policy.pt one generation behind
         _policy(spec, state["best"]["params"], state, state["best"]["info"]).save(out / POLICY)
     loggers = run_loggers(out)
     es = state["optimizer"]
-    used = [examples[i] for i in state["used"]]  # only these are scored from now on
-    reference = [state["reference"][i] for i in state["used"]]
-    evaluator = _Evaluator(cfg, spec, used, state) if state["generation"] < n.generations else None
+    val_examples = [validation[i] for i in state["validation_used"]]  # only these choose the policy
+    val_reference = [state["validation_reference"][i] for i in state["validation_used"]]
+    evaluator = _Evaluator(cfg, spec, state) if state["generation"] < n.generations else None
     model_name = "/".join(Path(cfg.model.pretrained).parts[-2:])  # exports are mostly .../hf
     title = f"NAMM ({spec.scorer}) for {model_name}, population {n.population}, cache_weight {n.cache_weight}"
     try:
         with _progress() as progress:
-            task = progress.add_task("namm", total=(n.generations - state["generation"]) * (n.population + 1))
+            task = progress.add_task("namm", total=(n.generations - state["generation"]) * (n.population + 2))
             while state["generation"] < n.generations:
                 g = state["generation"]
                 t0 = time.perf_counter()
                 progress.update(task, description=f"generation {g}")
+                sample = build_examples(n, tokenizer, g)  # a fresh draw every generation
+                ref = evaluator.map([(None, sample)], done=lambda: progress.advance(task))[0]
+                used = [i for i, ok in enumerate(ref["correct"]) if ok]
+                if not used:
+                    raise LongcptError(f"generation {g}: the full cache answers none of the {len(sample)} prompts of "
+                                       "this draw; raise namm.passkey.trials (more prompts per draw) or use prompts "
+                                       "the model can do")
+                train_examples, train_reference = [sample[i] for i in used], [ref["scores"][i] for i in used]
 
-
-                def evaluate(jobs):
+                def evaluate(vectors, train_examples=train_examples, train_reference=train_reference):
+                    jobs = [(vectors[0], val_examples)] + [(v, train_examples) for v in vectors[1:]]
                     results = evaluator.map(jobs, done=lambda: progress.advance(task))
-                    return [(fitness_of(r, reference, n.tasks, used, n.cache_weight), r) for r in results]
+                    center = fitness_of(results[0], val_reference, n.tasks, val_examples, n.cache_weight)
+                    return [(center, results[0])] + [
+                        (fitness_of(r, train_reference, n.tasks, train_examples, n.cache_weight), r) for r in results[1:]]
 
                 fit, params, results = evolve_step(es, n.seed, g, n.population, evaluate)
                 center = params[0]
-                population, kept = np.array(fit[1:]), np.array([r["kv_kept"] for r in results[1:]])
+                population = np.array(fit[1:])
+                kept = np.array([r["kv_kept_mean"] for r in results[1:]])
                 seconds = time.perf_counter() - t0
                 state["seconds"] += seconds
                 record = {"generation": g, "fitness_mean": float(population.mean()), "fitness_std": float(population.std()),
-                          "fitness_best": float(population.max()), "kv_kept": float(kept.mean()),
-                          "center_fitness": fit[0], "center_kv_kept": results[0]["kv_kept"],
-                          "best_kv_kept": float(kept[population.argmax()]), "seconds": seconds}
+                          "fitness_best": float(population.max()), "kv_kept_mean": float(kept.mean()),
+                          "best_kv_kept_mean": float(kept[population.argmax()]), "train_examples": len(used),
+                          "validation_fitness": fit[0], "validation_kv_kept": results[0]["kv_kept"],
+                          "validation_kv_kept_mean": results[0]["kv_kept_mean"],
+                          "validation_kv_peak": results[0]["kv_peak"], "seconds": seconds}
                 state["history"].append(record)
                 if state["best"] is None or fit[0] >= state["best"]["fitness"]:
                     info = {"generation": g, "fitness": fit[0], "kv_kept": results[0]["kv_kept"],
-                            "model": str(cfg.model.pretrained), "tasks": list(n.tasks), "population": n.population}
+                            "kv_kept_mean": results[0]["kv_kept_mean"], "model": str(cfg.model.pretrained),
+                            "tasks": list(n.tasks), "population": n.population}
                     state["best"] = {"params": center, "fitness": fit[0], "info": info}
                 state["generation"] = g + 1
                 _save_state(out / ES_STATE, state)
@@ -418,7 +445,8 @@ def train(cfg: Config) -> NammResult:
                     logger.save()
                 fitness_curve(state["history"], title, out / "fitness.png")
                 print(f"generation {g + 1}/{n.generations}  fitness mean {record['fitness_mean']:.4f} "
-                      f"best {record['fitness_best']:.4f}  policy {fit[0]:.4f} (kv_kept {results[0]['kv_kept']:.3f})  "
+                      f"best {record['fitness_best']:.4f} ({len(used)} prompts)  policy on validation {fit[0]:.4f} "
+                      f"(kv_kept {results[0]['kv_kept']:.3f}, through the prompt {results[0]['kv_kept_mean']:.3f})  "
                       f"{seconds:.0f}s", file=sys.stdout, flush=True)
     finally:
         if evaluator is not None:

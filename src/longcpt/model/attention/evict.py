@@ -62,8 +62,10 @@ class EvictingCache:
         valid: (B, Hk, S) bool, False for padding slots.
         extra: per-entry buffers of the policy, each (B, Hk, S, ...); new entries get zeros and
             eviction gathers them with the keys.
-        pending: what the policy collected since its last update (e.g. attention rows).
+        scratch: what else the policy keeps between calls (e.g. a counter).
         seen: tokens appended so far.
+        slot_sum, slot_peak: (B,) over the tokens appended, the sum and the largest of the slots
+            each one saw in its row (`slots`), itself included: the cache's size through time.
     """
 
     def __init__(self) -> None:
@@ -72,16 +74,27 @@ class EvictingCache:
         self.pos: torch.Tensor | None = None
         self.valid: torch.Tensor | None = None
         self.extra: dict[str, torch.Tensor] = {}
-        self.pending: list[torch.Tensor] = []
+        self.scratch: dict[str, object] = {}
         self.seen = 0
+        self.slot_sum: torch.Tensor | None = None
+        self.slot_peak: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
         return 0 if self.k is None else self.k.shape[2]
 
+    def slots(self) -> torch.Tensor:
+        """(B,) entries a row holds: its longest KV head, padding of the others included (what the
+        rectangle of that row alone would need; the reference's cache size)."""
+        return self.valid.sum(-1).amax(-1)
+
     def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         """Add k/v (B, Hk, t, D) of the tokens at `positions` (t,)."""
         b, hk, t, _ = k.shape
+        before = self.slots().double() if self.valid is not None else k.new_zeros(b, dtype=torch.float64)
+        added = t * before + t * (t + 1) / 2  # token i of the block sees before + i + 1 slots
+        self.slot_sum = added if self.slot_sum is None else self.slot_sum + added
+        self.slot_peak = before + t if self.slot_peak is None else torch.maximum(self.slot_peak, before + t)
         pos = positions.view(1, 1, t).expand(b, hk, t)  # (B, Hk, t)
         valid = torch.ones(b, hk, t, dtype=torch.bool, device=k.device)
         if self.k is None:
@@ -115,10 +128,21 @@ class EvictingCache:
         self.extra = {name: _gather_entries(buf, order) for name, buf in self.extra.items()}
 
     def kept_fraction(self) -> float:
-        """Valid entries / tokens seen, averaged over rows and KV heads (1.0 before any token)."""
+        """Entries held / tokens seen, mean over rows (1.0 before any token): a row holds the
+        entries of its longest KV head, as the reference counts its cache (`slots`)."""
         if self.valid is None or self.seen == 0:
             return 1.0
-        return float(self.valid.sum(-1).float().mean()) / self.seen
+        return float(self.slots().float().mean()) / self.seen
+
+    def cache_use(self) -> dict[str, float]:
+        """The cache through time, as shares of the full cache's: `kv_kept` now (`kept_fraction`),
+        `kv_kept_mean` = the slots each token saw summed over the tokens / the same sum for the
+        full cache (seen (seen + 1) / 2), `kv_peak` = the most slots ever held / tokens seen."""
+        if not self.seen:
+            return {"kv_kept": 1.0, "kv_kept_mean": 1.0, "kv_peak": 1.0}
+        full = self.seen * (self.seen + 1) / 2
+        return {"kv_kept": self.kept_fraction(), "kv_kept_mean": float(self.slot_sum.mean()) / full,
+                "kv_peak": float(self.slot_peak.mean()) / self.seen}
 
 
 def _gather_entries(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -216,7 +240,6 @@ class EvictingAttention(nn.Module):
                 mask = self.select(cache)
                 if mask is not None:
                     cache.keep(mask)
-                cache.pending.clear()
             start = end
         return torch.cat(outs, dim=2)  # (B, Hq, T, D)
 

@@ -3,54 +3,76 @@
 A NAMM is a tiny network, shared by every layer and KV head, that looks at how each cached token
 has been attended to and decides whether to keep it. It is trained by evolution
 (`longcpt.namm`), because keep/evict is not differentiable; the model stays frozen. What follows
-is the reference's configuration (SakanaAI/evo-memory, `namm_bam_i1`), rewritten.
+is the reference's configuration (SakanaAI/evo-memory, `namm_bam_i1`), rewritten; the
+differences are listed at the end.
 
-Every `update_every` (512) new tokens, for every layer and KV head (the eviction schedule and the
-cache layout are `evict.py`'s):
+As attention runs (`evict.py` gives each block of queries' weights to `observe`):
 
-  1. Attention weights A (n new queries x S cached tokens), averaged over the query heads of the
-     KV head. `evict.py` computes them block by block, so nothing bigger than n x S exists.
-  2. Spectrogram: each cached token's column A[:, j], prefixed by the last n_fft - hop values of
-     its previous column (zeros for a token new in this update), goes through a short-time
-     Fourier transform: `n_fft` 32, hop 16, periodic Hann window, no centering, magnitudes.
-     That gives n / hop frames of n_fft/2 + 1 = 17 frequencies; thanks to the carried prefix the
-     frames of consecutive updates are exactly the frames of one STFT over the whole column.
-  3. EMA over the frames, coefficient `ema` (0.99) per token, i.e. a = ema^hop per frame:
-         e <- e * ema^n + sum_f (1 - a) a^(F-1-f) |STFT|_f          (F = n / hop frames)
-     carried across updates, so two updates equal one pass over the concatenated column.
-     (The reference also masks frames older than a new token; those frames only see the zeros
-     of causal attention, so the mask changes nothing and is left out.)
+  1. Attention weights A (queries x S cached tokens), averaged over the query heads of the KV
+     head. `evict.py` computes them block by block, so nothing bigger than a block x S exists.
+  2. Spectrogram: each cached token's column A[:, j] (zeros before the token existed) goes
+     through a short-time Fourier transform: `n_fft` 32, hop 16, periodic Hann window, no
+     centering, magnitudes; a frame ends at every query position p with (p + 1) % hop == 0 and
+     covers A[p - n_fft + 1 .. p, j]. That gives n_fft/2 + 1 = 17 frequencies per frame.
+  3. EMA over the frames, coefficient `ema` (0.99) per query, i.e. a = ema^hop per frame:
+         e <- a e + (1 - a) |STFT|_f
+     Each frame is folded in as soon as its queries exist, so per token the policy holds only the
+     EMA and the last n_fft - 1 attention values (the carried n_fft - hop and the frame being
+     filled), never the attention rows since the last update. (The reference also masks frames
+     older than a new token; those frames only see the zeros of causal attention, so the mask
+     changes nothing and is left out.)
+Every `update_every` (512) tokens, for every layer and KV head (the schedule and the cache layout
+are `evict.py`'s):
   4. Features: the EMA normalised with fixed statistics stored in the policy (the reference
      normalises online and freezes the statistics after its first iteration; `longcpt namm train`
-     measures them once with the full cache), after an 8-dim sinusoidal embedding of the token's
-     age (newest position - its position; 4 geometric frequencies with base 50000, as the reference).
+     measures them once, over every update of a full-cache pass), after an 8-dim sinusoidal
+     embedding of the token's age (newest position - its position; 4 geometric frequencies with
+     base 50000, as the reference's run configuration, whose `start_recency_from` is 0).
   5. Scorer, parameters shared across layers and heads, all in one flat vector:
-       * `bam` (backward attention memory): x <- x + Attn(x), one head, hidden 32, biases, no RoPE,
-         with a *backward* mask (a token attends only to itself and newer tokens), then a linear
-         layer to a scalar (the reference's residual MLP of depth 1);
-       * `mlp` (the reference's simpler variant): x <- x + relu(W1 x + b1), then a linear layer.
-  6. Keep a token iff its score >= 0 (the reference's threshold, so the all-zero policy, the
-     first CMA-ES mean, keeps everything); the newest token is always kept.
+       * `bam` (backward attention memory), the reference's: [r, m] = Attn(x) with one head of
+         width 32, biases, no RoPE, a *backward* mask (a token attends only to itself and newer
+         tokens) and an output of twice the feature width; then x <- x * (1 + m) + r (the
+         reference's `residual` and `mult` with no gate non-linearity) and a linear layer to a
+         scalar (its MLP of depth 1). 4,172 parameters for 25 features;
+       * `mlp`, this project's own cheaper variant (not one of the reference's scorers):
+         x <- x + relu(W1 x + b1), then a linear layer. 676 parameters.
+  6. Selection (`selection`):
+       * `reference` (default), the reference's `BinarySelection`: in every row, each KV head of
+         the layer keeps the same number K of tokens, K = the largest number of scores >= 0 over
+         the layer's heads, and each head keeps its K best-scored tokens (some may score < 0);
+       * `per_head`: each head keeps exactly its tokens scored >= 0 (heads then differ in length
+         and the shorter ones are padded).
+     Either way the all-zero policy (the first CMA-ES mean) keeps everything, and the newest
+     token always stays.
 
 The backward mask (lower triangle masked) is a causal mask over the reversed sequence, so the
 BAM runs as SDPA's `is_causal` kernel on the flipped tokens; the cache's left padding lands at the
 end of the flipped sequence, where no valid token looks.
 
-Policy file (`torch.save`, read with `weights_only=True`), version 1:
+Differences from the reference, deliberate:
+  * K is taken per batch row (the reference takes the maximum over the rows of its batch too, so
+    a prompt's cache would depend on the prompts batched with it; it evolves with batch 1);
+  * the feature statistics are measured once on the full cache, not updated online during the
+    first iteration; attention weights feed the features in float32 (the reference: bfloat16);
+  * the spectrogram is computed as a windowed-DFT matrix product, not `torch.stft` (equal,
+    tested).
 
-    {"format": "longcpt-namm", "version": 1,
-     "spec": {"scorer", "n_fft", "hop", "ema", "recency_dim", "recency_max_freq", "hidden",
-              "update_every"},
+Policy file (`torch.save`, read with `weights_only=True`), version 2:
+
+    {"format": "longcpt-namm", "version": 2,
+     "spec": {"scorer", "selection", "n_fft", "hop", "ema", "recency_dim", "recency_max_freq",
+              "hidden", "update_every"},
      "params": float32 (P,), "feature_mean": (n_fft/2+1,), "feature_std": (n_fft/2+1,),
      "info": {...}}          # free-form: generation, fitness, kv_kept, model, ...
 
-Shapes: B batch, Hk KV heads, S cached tokens, n new queries, F frames, K = n_fft/2 + 1
+Shapes: B batch, Hk KV heads, S cached tokens, t new queries, F frames, K = n_fft/2 + 1
 frequencies, E features per token, H scorer hidden size, N = B * Hk scorer sequences.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -65,11 +87,13 @@ from longcpt.model.attention import POSITIVE_INT, Constraint, Option, optional, 
 from longcpt.model.attention.evict import EvictingAttention, EvictingCache
 
 POLICY_FORMAT = "longcpt-namm"
-POLICY_VERSION = 1
+POLICY_VERSION = 2
 SCORERS = ("bam", "mlp")
-_EMA = "namm_ema"  # per-entry EMA of the spectrogram (B, Hk, S, K)
-_TAIL = "namm_tail"  # per-entry last n_fft - hop attention values (B, Hk, S, n_fft - hop)
-_SPEC_BLOCK = 1 << 22  # (token, frame) pairs per spectrogram block: bounds the STFT's memory
+SELECTIONS = ("reference", "per_head")
+EMA = "namm_ema"  # per-entry EMA of the spectrogram (B, Hk, S, K)
+TAIL = "namm_tail"  # per-entry last n_fft - hop attention values of the last finished frame (B, Hk, S, n_fft - hop)
+PARTIAL = "namm_partial"  # attention rows of the frame being filled, fewer than hop (cache.scratch)
+_SPEC_BLOCK = 1 << 22  # values per spectrogram block: bounds the STFT's memory
 
 
 @dataclass(frozen=True)
@@ -77,6 +101,7 @@ class NammSpec:
     """The architecture of a NAMM: everything needed to read its flat parameter vector."""
 
     scorer: str = "bam"
+    selection: str = "reference"
     n_fft: int = 32
     hop: int = 16
     ema: float = 0.99
@@ -96,8 +121,8 @@ class NammSpec:
     def shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         """Names and shapes of the parameters, in their order in the flat vector."""
         e, h = self.features, self.hidden
-        if self.scorer == "bam":
-            return [("qkv.weight", (3 * h, e)), ("qkv.bias", (3 * h,)), ("o.weight", (e, h)), ("o.bias", (e,)),
+        if self.scorer == "bam":  # the attention's output is [r, m], twice the feature width
+            return [("qkv.weight", (3 * h, e)), ("qkv.bias", (3 * h,)), ("o.weight", (2 * e, h)), ("o.bias", (2 * e,)),
                     ("out.weight", (e,)), ("out.bias", (1,))]
         return [("fc.weight", (e, e)), ("fc.bias", (e,)), ("out.weight", (e,)), ("out.bias", (1,))]
 
@@ -109,8 +134,10 @@ class NammSpec:
         problems = []
         if self.scorer not in SCORERS:
             problems.append(f"scorer={self.scorer!r}: must be one of {', '.join(SCORERS)}")
-        if self.n_fft < 2 or self.n_fft % 2 or not 0 < self.hop <= self.n_fft:
-            problems.append(f"n_fft={self.n_fft}, hop={self.hop}: n_fft must be even and 0 < hop <= n_fft")
+        if self.selection not in SELECTIONS:
+            problems.append(f"selection={self.selection!r}: must be one of {', '.join(SELECTIONS)}")
+        if self.n_fft < 2 or self.n_fft % 2 or not 0 < self.hop <= self.n_fft or self.n_fft % self.hop:
+            problems.append(f"n_fft={self.n_fft}, hop={self.hop}: n_fft must be even and a multiple of hop > 0")
         elif self.update_every % self.hop:
             problems.append(f"update_every={self.update_every}: must be a multiple of hop={self.hop} "
                             "(the spectrogram advances hop queries per frame)")
@@ -134,6 +161,15 @@ class NammPolicy:
     feature_mean: torch.Tensor
     feature_std: torch.Tensor
     info: dict[str, Any] = field(default_factory=dict)
+    # With a dict: every update adds the sums of the features it sees ("sum", "sumsq", "count"),
+    # as `longcpt namm train` measures the normalisation on a full-cache pass.
+    feature_sums: dict[str, Any] | None = None
+
+    def to_(self, device: torch.device | str) -> NammPolicy:
+        """Move the parameters and statistics to `device`, in place (every layer shares the object)."""
+        self.params = self.params.to(device)
+        self.feature_mean, self.feature_std = self.feature_mean.to(device), self.feature_std.to(device)
+        return self
 
     @classmethod
     def zeros(cls, spec: NammSpec) -> NammPolicy:
@@ -174,8 +210,10 @@ def policy_from_dict(data: Any, source: str) -> NammPolicy:
     if not isinstance(data, dict) or data.get("format") != POLICY_FORMAT:
         raise LongcptError(f"policy {source}: not a NAMM policy file (train one with `longcpt namm train RECIPE`)")
     if data.get("version") != POLICY_VERSION:
+        why = (" (version 1 policies had a residual-only BAM and per-head selection; the scorer is now the "
+               "reference's)") if data.get("version") == 1 else ""
         raise LongcptError(f"policy {source}: format version {data.get('version')!r}; this longcpt reads version "
-                           f"{POLICY_VERSION} (retrain it, or use the longcpt version that wrote it)")
+                           f"{POLICY_VERSION}{why} (retrain it, or use the longcpt version that wrote it)")
     try:
         spec = NammSpec(**data["spec"])
         params, mean, std = data["params"], data["feature_mean"], data["feature_std"]
@@ -221,20 +259,32 @@ def stft_magnitudes(signal: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
     """|STFT| of `signal` (..., L): periodic Hann window, no centering -> (..., F, n_fft/2 + 1).
 
     Equals `torch.stft(x, n_fft, hop, window=torch.hann_window(n_fft), center=False,
-    return_complex=True).abs().transpose(-1, -2)` (tests/model/test_namm.py). A 32-point DFT is
-    cheaper as two small matmuls (windowed cosine and sine tables) than as an FFT followed by the
-    magnitude of complex numbers: 20x on a CPU for the cache sizes NAMM sees.
+    return_complex=True).abs().transpose(-1, -2)` (tests/model/test_namm.py) for hop dividing
+    n_fft. A 32-point DFT is cheaper as small matmuls (windowed cosine and sine tables) than as an
+    FFT followed by the magnitude of complex numbers: 20x on a CPU for the cache sizes NAMM sees.
+    The overlapping frames are never copied out: the signal is cut into pieces of `hop` values
+    (a view) and frame f's spectrum is the sum over its r = n_fft / hop pieces of piece f + i
+    times rows i*hop .. (i+1)*hop - 1 of the table.
     """
-    table = _dft_table(n_fft, signal.dtype, signal.device)  # (n_fft, 2K), window included
-    frames = signal.unfold(-1, n_fft, hop)  # (..., F, n_fft), a view
-    parts = frames.reshape(-1, n_fft) @ table  # (frames, 2K): one GEMM over every frame
-    k = n_fft // 2 + 1
-    return torch.hypot(parts[:, :k], parts[:, k:]).view(*frames.shape[:-1], k)  # (..., F, K)
+    r, k = n_fft // hop, n_fft // 2 + 1
+    frames = (signal.shape[-1] - n_fft) // hop + 1
+    p = frames + r - 1  # pieces the frames cover
+    table = dft_table(n_fft, signal.dtype, signal.device)  # (n_fft, 2K), window included
+    if signal.shape[-1] != p * hop:
+        signal = signal[..., : p * hop]
+    flat = signal.reshape(-1, hop)  # (M * P, hop): a view of a contiguous signal
+    parts = None
+    for i in range(r):  # frame f: pieces f .. f + r - 1, piece f + i against rows i*hop .. (i+1)*hop - 1
+        part = (flat @ table[i * hop : (i + 1) * hop]).view(-1, p, 2 * k)[:, i : i + frames]  # (M, F, 2K)
+        parts = part if parts is None else parts.add_(part)
+    parts.square_()
+    return (parts[..., :k] + parts[..., k:]).sqrt_().view(*signal.shape[:-1], frames, k)  # (..., F, K)
 
 
-def _dft_table(n_fft: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """Hann-windowed real-DFT table [cos | sin] (n_fft, 2K): a frame times it gives the real and
-    (minus) imaginary parts of its spectrum."""
+@functools.lru_cache(maxsize=16)
+def dft_table(n_fft: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Hann-windowed real-DFT table [cos | sin] (n_fft, 2K), built once per device and dtype: a
+    frame times it gives the real and (minus) imaginary parts of its spectrum."""
     n = torch.arange(n_fft, dtype=torch.float64)
     k = torch.arange(n_fft // 2 + 1, dtype=torch.float64)
     angle = 2 * math.pi * n[:, None] * k[None, :] / n_fft  # (n_fft, K)
@@ -242,19 +292,56 @@ def _dft_table(n_fft: int, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.cat([window * angle.cos(), window * angle.sin()], dim=1).to(device, dtype)
 
 
-def ema_frame_weights(frames: int, ema: float, hop: int, device=None) -> torch.Tensor:
+@functools.lru_cache(maxsize=64)
+def ema_frame_weights(frames: int, ema: float, hop: int, device: torch.device) -> torch.Tensor:
     """Weight (1 - a) a^(F-1-f) of frame f in the EMA (a = ema^hop), oldest frame first: (F,)."""
     a = ema**hop
-    exponents = torch.arange(frames - 1, -1, -1, dtype=torch.float64, device=device)
-    return ((1 - a) * a**exponents).float()
+    exponents = torch.arange(frames - 1, -1, -1, dtype=torch.float64)
+    return ((1 - a) * a**exponents).float().to(device)
 
 
 def ema_update(previous: torch.Tensor | None, spectrogram: torch.Tensor, ema: float, hop: int) -> torch.Tensor:
-    """The EMA after F more frames: previous (..., K) * ema^(F hop) + weighted frames (..., F, K)."""
+    """The EMA after F more frames: previous (..., K) * ema^(F hop) + weighted frames (..., F, K)
+    (F steps of e <- a e + (1 - a) x with a = ema^hop)."""
     frames = spectrogram.shape[-2]
     w = ema_frame_weights(frames, ema, hop, spectrogram.device)  # (F,)
-    new = torch.einsum("...fk,f->...k", spectrogram, w)
+    new = w @ spectrogram  # (..., K)
     return new if previous is None else previous * ema ** (frames * hop) + new
+
+
+def fold_attention(cache: EvictingCache, rows: torch.Tensor, spec: NammSpec) -> None:
+    """Fold the attention `rows` (B, Hk, t, S) of t new queries into every cached token's EMA.
+
+    Per token, `cache.extra[TAIL]` holds the last n_fft - hop values of the last finished frame
+    (zero for a token newer than them: causal attention gave it nothing). Every frame the new
+    queries finish is transformed and folded into `cache.extra[EMA]` at once; the rows of the
+    frame still being filled (fewer than hop) wait in `cache.scratch[PARTIAL]`. Updates fall on
+    frame ends, so nothing is waiting when the cache is compacted.
+    """
+    b, hk, t, s = rows.shape
+    carry = spec.n_fft - spec.hop
+    if EMA not in cache.extra:  # the first block: nothing folded yet
+        cache.extra[EMA] = rows.new_zeros(b, hk, s, spec.frequencies)
+        cache.extra[TAIL] = rows.new_zeros(b, hk, s, carry)
+    partial = cache.scratch.setdefault(PARTIAL, [])  # each (B, Hk, t', S at the time)
+    filled = sum(p.shape[2] for p in partial)
+    frames = (filled + t) // spec.hop
+    if not frames:
+        partial.append(rows)
+        return
+    if partial:  # tokens that arrived since a waiting row was computed got nothing from it
+        rows = torch.cat([F.pad(p, (0, s - p.shape[-1])) for p in partial] + [rows], dim=2)  # (B, Hk, filled + t, S)
+    done = frames * spec.hop  # rows inside finished frames
+    columns = rows[:, :, :done].transpose(-1, -2)  # (B, Hk, S, done), a view
+    ema, tail = cache.extra[EMA], cache.extra[TAIL]  # (B, Hk, S, K), (B, Hk, S, carry)
+    block = max(1, _SPEC_BLOCK // max(1, b * hk * (carry + done)))
+    for j in range(0, s, block):  # bounded memory: the signals of `block` tokens at a time
+        signal = torch.cat([tail[:, :, j : j + block], columns[:, :, j : j + block]], dim=-1)  # (B, Hk, s', carry + done)
+        spectrogram = stft_magnitudes(signal, spec.n_fft, spec.hop)  # (B, Hk, s', frames, K)
+        ema[:, :, j : j + block] = ema_update(ema[:, :, j : j + block], spectrogram, spec.ema, spec.hop)
+        if carry:
+            tail[:, :, j : j + block] = signal[..., -carry:]
+    cache.scratch[PARTIAL] = [rows[:, :, done:].clone()] if rows.shape[2] > done else []
 
 
 def recency_embedding(age: torch.Tensor, dim: int, max_freq: float) -> torch.Tensor:
@@ -265,45 +352,19 @@ def recency_embedding(age: torch.Tensor, dim: int, max_freq: float) -> torch.Ten
     return torch.cat([angles.sin(), angles.cos()], dim=-1).float()
 
 
-def update_features(cache: EvictingCache, rows: torch.Tensor, spec: NammSpec) -> torch.Tensor:
-    """Advance the per-token EMA spectrogram with the attention `rows` (B, Hk, n, S) of n new queries.
-
-    Updates `cache.extra` (EMA and carried prefix) and returns the EMA (B, Hk, S, K), unnormalised.
-    """
-    b, hk, n, s = rows.shape
-    carry = spec.n_fft - spec.hop
-    if n % spec.hop:
-        raise LongcptError(f"namm: an update over {n} queries is not a multiple of hop={spec.hop}")
-    columns = rows.transpose(-1, -2)  # (B, Hk, S, n)
-    tail = cache.extra.get(_TAIL, columns.new_zeros(b, hk, s, carry))  # (B, Hk, S, carry)
-    signal = torch.cat([tail, columns], dim=-1)  # (B, Hk, S, carry + n)
-    previous = cache.extra.get(_EMA)  # (B, Hk, S, K) or None
-    block = max(1, _SPEC_BLOCK // max(1, b * hk * (n // spec.hop)))
-    pieces = []
-    for j in range(0, s, block):  # bounded memory: the frames of `block` tokens at a time
-        spectrogram = stft_magnitudes(signal[:, :, j : j + block], spec.n_fft, spec.hop)  # (B, Hk, s', F, K)
-        old = None if previous is None else previous[:, :, j : j + block]
-        pieces.append(ema_update(old, spectrogram, spec.ema, spec.hop))
-    ema = torch.cat(pieces, dim=2)  # (B, Hk, S, K)
-    cache.extra[_TAIL] = signal[..., signal.shape[-1] - carry :].contiguous()
-    cache.extra[_EMA] = ema
-    return ema
-
-
 def token_features(cache: EvictingCache, ema: torch.Tensor, policy: NammPolicy) -> torch.Tensor:
     """Scorer input (B, Hk, S, E): recency embedding, then the normalised EMA spectrogram."""
     spec = policy.spec
     newest = cache.pos[..., -1:]  # (B, Hk, 1): the newest token sits in the last slot
     age = newest - cache.pos  # (B, Hk, S)
-    mean, std = policy.feature_mean.to(ema.device), policy.feature_std.to(ema.device)
-    normalised = (ema - mean) / std.clamp_min(1e-7)
+    normalised = (ema - policy.feature_mean) / policy.feature_std.clamp_min(1e-7)
     if spec.recency_dim == 0:
         return normalised
     return torch.cat([recency_embedding(age, spec.recency_dim, spec.recency_max_freq), normalised], dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------
-# Scorers: flat parameters -> one score per token.
+# Scorers: flat parameters -> one score per token; selection: scores -> keep mask.
 
 
 def backward_attention(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -314,25 +375,43 @@ def backward_attention(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Ten
         token 1  . x x x
         token 3  . . . x          (the "backward" mask: tril(-1) masked)
 
-    Runs as a causal SDPA over the reversed sequence. Returns (N, S, E), the o-projection output.
+    Runs as a causal SDPA over the reversed sequence. Returns the o-projection output (N, S, O).
     """
     h = w["qkv.weight"].shape[0] // 3
     qkv = F.linear(x.flip(1), w["qkv.weight"], w["qkv.bias"])  # (N, S, 3H), newest token first
     q, k, v = qkv.unsqueeze(1).split(h, dim=-1)  # each (N, 1, S, H): one head
     y = F.scaled_dot_product_attention(q, k, v, is_causal=True).squeeze(1).flip(1)  # (N, S, H)
-    return F.linear(y, w["o.weight"], w["o.bias"])  # (N, S, E)
+    return F.linear(y, w["o.weight"], w["o.bias"])
 
 
 def score_tokens(features: torch.Tensor, policy: NammPolicy) -> torch.Tensor:
     """Scores (B, Hk, S) of the features (B, Hk, S, E) under `policy`'s scorer."""
     b, hk, s, e = features.shape
     x = features.reshape(b * hk, s, e)  # (N, S, E)
-    w = {name: t.to(x.device, x.dtype) for name, t in policy.weights().items()}
+    w = {name: t.to(x.device, x.dtype) for name, t in policy.weights().items()}  # no copy once on the device
     if policy.spec.scorer == "bam":
-        x = x + backward_attention(x, w)
+        r, m = backward_attention(x, w).chunk(2, dim=-1)  # each (N, S, E)
+        x = x * (1 + m) + r
     else:
         x = x + F.relu(F.linear(x, w["fc.weight"], w["fc.bias"]))
     return (x @ w["out.weight"] + w["out.bias"]).view(b, hk, s)
+
+
+def keep_mask(scores: torch.Tensor, valid: torch.Tensor, selection: str) -> torch.Tensor:
+    """Which cached tokens stay (B, Hk, S), from their scores (B, Hk, S) and validity.
+
+    `per_head`: a head keeps its tokens scored >= 0. `reference`: every head of a row keeps the
+    same number K = the largest count of scores >= 0 over the row's heads, its K best-scored
+    tokens. The newest token counts as kept in both (the cache keeps it whatever the mask says).
+    """
+    s = scores.masked_fill(~valid, float("-inf"))
+    s[..., -1] = float("inf")
+    if selection == "per_head":
+        return s >= 0
+    k = (s >= 0).sum(-1).amax(-1)  # (B,)
+    order = s.argsort(dim=-1, descending=True, stable=True)  # (B, Hk, S)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(s.shape[-1], device=s.device).expand_as(order))
+    return rank < k[:, None, None]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,11 +456,21 @@ class NammAttention(EvictingAttention):
                                f"policy's hop={self.policy.spec.hop}")
 
     def observe(self, cache: EvictingCache, weights: torch.Tensor) -> None:
-        cache.pending.append(weights)  # (B, Hk, t, S at the time); padded to the final S at the update
+        if self.policy.params.device != weights.device:
+            self.policy.to_(weights.device)  # once: every layer shares the policy object
+        fold_attention(cache, weights, self.policy.spec)  # (B, Hk, t, S)
 
     def select(self, cache: EvictingCache) -> torch.Tensor:
-        s = cache.length
-        rows = torch.cat([F.pad(w, (0, s - w.shape[-1])) for w in cache.pending], dim=2)  # (B, Hk, n, S)
-        ema = update_features(cache, rows, self.policy.spec)
+        ema = cache.extra[EMA]  # every frame is folded: updates fall on frame ends
+        if self.policy.feature_sums is not None:
+            _add_feature_sums(self.policy.feature_sums, ema[cache.valid])
         scores = score_tokens(token_features(cache, ema, self.policy), self.policy)  # (B, Hk, S)
-        return scores >= 0
+        return keep_mask(scores, cache.valid, self.policy.spec.selection)
+
+
+def _add_feature_sums(sums: dict[str, Any], ema: torch.Tensor) -> None:
+    """Add the features (tokens, K) of one update to `sums` (float64, on the host)."""
+    ema = ema.double()
+    sums["sum"] = sums.get("sum", 0.0) + ema.sum(0).cpu()
+    sums["sumsq"] = sums.get("sumsq", 0.0) + ema.pow(2).sum(0).cpu()
+    sums["count"] = sums.get("count", 0) + ema.shape[0]

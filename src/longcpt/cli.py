@@ -13,6 +13,7 @@ import importlib
 import json
 import sys
 
+from longcpt import early_signals  # standard library only
 from longcpt.data.ruler import TASKS as RULER_TASKS  # standard library only: --help stays instant
 from longcpt.errors import LongcptError
 
@@ -208,6 +209,9 @@ def add_model_arguments(task: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     name = args.command_name
+    if name == "train" and early_signals.in_slurm_job():
+        # Before the imports and the model build: SLURM's requeue signal would end the process.
+        early_signals.record()
     try:
         try:
             module = importlib.import_module(COMMANDS[name])

@@ -11,6 +11,8 @@ continues with exactly the next batch.
 from __future__ import annotations
 
 import os
+import re
+import signal
 import stat
 import subprocess
 import sys
@@ -192,3 +194,26 @@ def fake_scontrol(folder: Path) -> Path:
     script.write_text(f'#!/bin/sh\necho "$@" >> {folder / "calls.txt"}\n')
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     return folder
+
+
+def catches_sigusr1_before_torch(pid: int) -> bool | None:
+    """Has process `pid` a handler for SIGUSR1 while it has not loaded torch yet (the early start of
+    `longcpt train`, long before the training loop's own handler)? None once the process is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    caught = int(re.search(r"^SigCgt:\s*([0-9a-f]+)$", status, re.M).group(1), 16)
+    return bool(caught & (1 << (signal.SIGUSR1 - 1))) and "libtorch" not in maps
+
+
+def wait_for_early_start(pids: list[int], timeout: float = 30.0) -> bool:
+    """Wait until every process in `pids` catches SIGUSR1 before loading torch; False after
+    `timeout` seconds without that (a version that installs no handler so early never gets there)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(catches_sigusr1_before_torch(pid) for pid in pids):
+            return True
+        time.sleep(0.01)
+    return False

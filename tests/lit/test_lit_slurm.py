@@ -3,10 +3,12 @@
 import os
 import re
 import signal
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
-from lit_helpers import fake_scontrol, run_train, tiny_overrides
+from lit_helpers import REPO, fake_scontrol, run_train, tiny_overrides, wait_for_early_start
 
 from longcpt.lit.callbacks import StopAtStepBoundary, request_requeue, slurm_job_id
 
@@ -49,6 +51,40 @@ def test_sigusr1_checkpoints_and_requeues(tmp_path, tokenizer_dir):
     again = run_train(args, "--synthetic", env=slurm_env(bin_dir))
     assert again.returncode == 0, again.stdout[-3000:]
     assert f"resuming from {out / 'checkpoints' / last}" in again.stdout and "step=30 requeued=False" in again.stdout
+
+
+def test_sigusr1_during_start_up_checkpoints_after_the_first_step_and_requeues(tmp_path, corpus):
+    """A SIGUSR1 that comes while `longcpt train` is still importing (a job whose --time is not longer
+    than its --signal lead, a slow model load) used to end the process: the loop's handler did not
+    exist yet, so under srun every rank died with no checkpoint and no requeue."""
+    bin_dir = fake_scontrol(tmp_path / "bin")
+    out = tmp_path / "run"
+    args = tiny_overrides(out, None, corpus, trainer__max_steps=6, trainer__save_every_n_steps=1000)
+    env = {**os.environ, **slurm_env(bin_dir), "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "longcpt", "train", str(REPO / "recipes" / "tiny_cpu.yaml"), *args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    early = wait_for_early_start([proc.pid])
+    proc.send_signal(signal.SIGUSR1)
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, f"exit status {proc.returncode}: {log[-3000:]}"
+    assert early, "no SIGUSR1 handler before torch was imported"
+    assert re.search(r"SIGUSR1 received during start-up \(\d+\.\d s after `longcpt train` began\), before training", log), log[-3000:]
+    assert "stopped for requeue at step 1" in log
+    assert (bin_dir / "calls.txt").read_text() == "requeue 4242\n"
+    assert os.readlink(out / "checkpoints" / "last") == "step-00000001.ckpt"
+
+
+def test_sigusr1_outside_slurm_keeps_its_default_action(tmp_path, corpus):
+    """Only a SLURM job records SIGUSR1: elsewhere nothing would act on it, so it ends the process as before."""
+    args = tiny_overrides(tmp_path / "run", None, corpus, trainer__max_steps=6)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.Popen([sys.executable, "-m", "longcpt", "train", str(REPO / "recipes" / "tiny_cpu.yaml"), *args],
+                            env={**env, "PYTHONPATH": str(REPO / "src")}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    assert not wait_for_early_start([proc.pid], timeout=1.0)
+    proc.send_signal(signal.SIGUSR1)
+    proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGUSR1
 
 
 def test_job_id_of_array_jobs(monkeypatch):

@@ -46,6 +46,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from longcpt import early_signals
 from longcpt.errors import LongcptError
 from longcpt.lit.checkpoint_io import CheckpointWriteError, RunCheckpointIO, WriteFailure, free_bytes, human
 from longcpt.lit.module import batch_stats
@@ -436,7 +437,8 @@ class StopAtStepBoundary(Callback):
     * The DataModule's `missing_data()` names a folder that is gone: checkpoint (every window
       trained on so far was read before it vanished), then `LongcptError` naming it.
 
-    Lightning's own handlers act inside the signal handler: its SLURM handler saves mid-step (with
+    A requeue signal `longcpt train` recorded before this callback existed (`longcpt.early_signals`,
+    during start-up) counts as received. Lightning's own handlers act inside the signal handler: its SLURM handler saves mid-step (with
     DeepSpeed, possibly mid-collective on some ranks), and its SIGTERM handler kills the other local
     ranks and exits without a checkpoint. Here the handlers only set a flag. They are installed in
     `on_train_start`, after Lightning has installed its own, and the previous ones come back at the
@@ -466,6 +468,14 @@ class StopAtStepBoundary(Callback):
         # From here on a signal is remembered (the requeue signal would otherwise end the process).
         for signum in self.signals:
             self._previous[signum] = signal.signal(signum, self._handler)
+        # `longcpt train` recorded the requeue signal since its first line: one that came during
+        # start-up is acted on at the first step boundary.
+        since = early_signals.take(self.requeue_signal) if self.requeue_signal is not None else None
+        if since is not None:
+            self.flags[1] = True
+            rank_zero_info(f"{signal.Signals(self.requeue_signal).name} received during start-up ({since:.1f} s after "
+                           "`longcpt train` began), before training: checkpointing at the first step boundary and "
+                           "requeueing (a job whose --time is not longer than its --signal lead gets it at every start)")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning has meanwhile wrapped ours in its own SIGTERM handler: take it back.

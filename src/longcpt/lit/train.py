@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from longcpt import early_signals
 from longcpt.config import Config, load_config, save_config, validate
 from longcpt.errors import LongcptError
 
@@ -170,8 +171,11 @@ def _callbacks(cfg: Config, out: Path, extra: list):
         # Ranks and addresses from SLURM; its requeue signal handled by StopAtStepBoundary.
         plugins.append(SLURMEnvironment(auto_requeue=False))
         if t.export_hf and _is_rank_zero():
-            print("trainer.export_hf=true: the export runs at the end of this job, after the requeue handler is gone "
-                  "(a late SIGUSR1 kills it); for large models export with slurm/convert.sbatch instead", flush=True)
+            print("trainer.export_hf=true: the export runs at the end of this job, after training stopped acting on "
+                  "the requeue signal (a time limit reached during it ends the job without an export); for large "
+                  "models export with slurm/convert.sbatch instead", flush=True)
+    else:  # nothing acts on SIGUSR1 here: its default action again (the CLI recorded it under any SLURM job)
+        early_signals.release(signal.SIGUSR1)
     stop = StopAtStepBoundary(checkpoints, requeue_signal=signal.SIGUSR1 if slurm else None)
     callbacks.append(stop)
     callbacks.append(ProgressBar() if _interactive() else StepPrinter(t.log_every_n_steps))

@@ -1,6 +1,7 @@
 # Two commands set up a fresh machine on their own (README, "Setup"):
 #   make demo   - venv, CPU torch, the project, then the embedded end-to-end run
-#   make test   - the same setup plus the test tools, then the test suite (.ci/run calls exactly this)
+#   make test   - the same setup plus the test tools, then the test suite (.ci/run calls it)
+#   make test-slurm - slurm/*.sbatch under a real one-node SLURM (.ci/run calls it after make test)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -13,7 +14,7 @@ DEV_STAMP := $(VENV)/.longcpt-dev-installed
 TORCH_SPEC      ?= torch==2.13.0+cpu
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-slurm lint bench clean
 
 setup: $(DEV_STAMP)
 
@@ -33,6 +34,12 @@ demo: $(STAMP)
 
 test: $(DEV_STAMP)
 	$(PY) -m pytest -q
+
+# tests/slurm/cluster.sh installs slurmctld, slurmd and munge with apt-get when missing (as root),
+# starts a private one-node cluster, runs the `slurm` tests against it and stops it; where it cannot
+# (not root, no apt-get) it says why and skips. -rP prints each test's job timeline.
+test-slurm: $(DEV_STAMP)
+	tests/slurm/cluster.sh run $(PY) -m pytest -q -rP -m slurm tests/slurm
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks data_prep

@@ -25,7 +25,7 @@ gradient partition. ZeRO-2's buckets, allocated at each backward, are left out: 
 allocates them in full (`reduce_bucket_size`) but on CPU their pages become resident only as
 gradients are written into them. Each case is a fresh set of processes.
 
-Run:  python benchmarks/plan_memory.py                # 19 cases: tiny and 4-layer x 256, 2K-16K
+Run:  python benchmarks/plan_memory.py                # 23 cases: tiny, 4-layer x 256 and wide, 256-16K
       python benchmarks/plan_memory.py --quick        # tiny model, 2K, one case per strategy
       python benchmarks/plan_memory.py --case JSON    # one case (what the tests call)
 Prints a table and one JSON line.
@@ -54,6 +54,9 @@ MODELS = {
     # The benchmarks' 4-layer x 256 Llama (benchmarks/train_step.py, infini_memory.py).
     "4x256": "{model_type: llama, vocab_size: 8192, hidden_size: 256, intermediate_size: 688, num_hidden_layers: 4,"
              " num_attention_heads: 8, num_key_value_heads: 4, max_position_embeddings: 65536}",
+    # Parameters outweigh activations at short windows (as a 7B model's do on a GPU): 68M parameters.
+    "wide": "{model_type: llama, vocab_size: 8192, hidden_size: 1024, intermediate_size: 2816, num_hidden_layers: 4,"
+            " num_attention_heads: 8, num_key_value_heads: 4, max_position_embeddings: 65536}",
 }
 STRATEGIES = {  # name -> (overrides, devices)
     "single": (["strategy.name=auto"], 1),
@@ -85,6 +88,7 @@ def case_overrides(case: dict, out_dir: Path, tokenizer: Path) -> list[str]:
         "trainer.val_every_n_steps=1000",
         "trainer.log_every_n_steps=1",
         *strategy,
+        *case.get("overrides", []),
     ]
 
 
@@ -238,7 +242,9 @@ def ratios(result: dict) -> dict:
 
 def grid(quick: bool) -> list[dict]:
     """The cases: tiny and 4-layer x 256 at 2K-16K, full and anchor, ZeRO-0/2/3, a few with
-    activation checkpointing and bf16 (DeepSpeed's bf16 and autocast on CPU), and Infini."""
+    activation checkpointing and bf16 (DeepSpeed's bf16 and autocast on CPU), Infini, and a wide
+    model at 256 tokens whose parameters outweigh its activations. A case may add recipe
+    `overrides`."""
     quick_cases = [{"model": "tiny", "kind": k, "seq_len": 2048, "strategy": s}
                    for s, k in (("zero0", "anchor"), ("zero2", "full"), ("zero3", "anchor"))]
     if quick:
@@ -262,6 +268,12 @@ def grid(quick: bool) -> list[dict]:
         {"model": m, "kind": "full", "seq_len": 8192, "strategy": "zero0"},
         {"model": m, "kind": "infini", "seq_len": 8192, "strategy": "zero0"},
         {"model": m, "kind": "infini", "seq_len": 8192, "strategy": "zero0", "checkpointing": True},
+        {"model": "tiny", "kind": "full", "seq_len": 2048, "strategy": "zero2", "precision": "bf16-mixed"},
+        {"model": "tiny", "kind": "anchor", "seq_len": 2048, "strategy": "zero3", "precision": "bf16-mixed"},
+        # the optimizer step is the peak: DeepSpeed's float32 gradient copies show
+        {"model": "wide", "kind": "anchor", "seq_len": 256, "strategy": "zero3", "precision": "bf16-mixed"},
+        {"model": "wide", "kind": "anchor", "seq_len": 256, "strategy": "zero2", "precision": "bf16-mixed",
+         "overrides": ["strategy.deepspeed={zero_optimization: {reduce_bucket_size: 20000000}}"]},
     ]
 
 

@@ -107,7 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="memory of one GPU, e.g. 80GiB, 40GB, 24576MiB (default: 80GiB)")
     plan.add_argument("--gpu-tflops", type=_positive_float, default=None, metavar="TFLOPS",
                       help="dense peak TFLOP/s of one GPU (default: A100, 312 in bf16, 156 in 32-true)")
-    plan.add_argument("--mfu", type=_fraction, default=0.4, help="assumed model FLOPs utilisation (default: 0.4)")
+    plan.add_argument("--host-memory", default=None, metavar="SIZE",
+                      help="host memory of one node: offload is suggested only where it fits (default: no limit; "
+                      "the plan states the host memory offload needs)")
+    plan.add_argument("--mfu", type=_fraction, default=0.4,
+                      help="assumed model FLOPs utilisation: model FLOPs only, recomputation excluded (default: 0.4)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(command_name="plan")
 

@@ -78,22 +78,44 @@ def test_zero_stages_shard_the_model_states():
     p = 6_738_415_616
     ddp = states("strategy.name=ddp", "trainer.precision=bf16-mixed")  # float32 weights under autocast
     assert ddp == {"parameters": (4 * p, True), "gradients": (4 * p, True), "AdamW moments": (8 * p, True)}
-    # DeepSpeed's own estimate (2 + 18/N bytes per parameter at stage 2) less the float32 gradient
-    # copy that exists only in the optimizer step; ZeRO-2's gradient partition comes and goes.
+    # longcpt's DeepSpeed config accumulates gradients in float32: 4 B per parameter / N, at stage 2
+    # from the backward to the end of the step, at stage 3 for the whole run.
     zero2 = states("strategy.name=deepspeed", "strategy.stage=2")
-    assert zero2 == {"parameters": (2 * p, True), "gradient partition": (2 * p // 8, False),
+    assert zero2 == {"parameters": (2 * p, True), "gradient partition": (4 * p // 8, False),
                      "float32 master weights": (4 * p // 8, True), "Adam moments": (8 * p // 8, True)}
     zero3 = states("strategy.name=deepspeed", "strategy.stage=3")
     small = 65 * 4096  # the RMSNorm weights stay gathered (<= 1e5 elements each)
     largest = 32000 * 4096  # the embedding (and the LM head)
     assert zero3["parameter shard"] == (2 * p // 8, True)
     assert zero3["persistent small parameters"] == (2 * small, True)
-    assert zero3["gathered parameters"] == (2 * (10**9 + largest), False)
-    assert zero3["gradient partition"] == (2 * p // 8, True)
+    assert zero3["gathered parameters: one module"] == (2 * largest, False)
+    assert zero3["gathered parameters: kept live"] == (2 * 10**9, False)
+    assert zero3["gradient partition"] == (4 * p // 8, True)
     assert zero3["gathered gradients"] == (2 * largest, False)
+    bf16_accumulation = states("strategy.name=deepspeed", "strategy.stage=3",
+                               "strategy.deepspeed={data_types: {grad_accum_dtype: bf16}}")
+    assert bf16_accumulation["gradient partition"] == (2 * p // 8, True)
     offload = states("strategy.name=deepspeed", "strategy.stage=3", "strategy.offload_optimizer=true",
                      "strategy.offload_parameters=true")
-    assert set(offload) == {"persistent small parameters", "gathered parameters", "gathered gradients"}
+    assert set(offload) == {"persistent small parameters", "gathered parameters: one module",
+                            "gathered parameters: kept live", "gathered gradients"}
+
+
+def test_deepspeed_buffers_are_in_the_configs_dtypes():
+    """ZeRO-3's bucket is allocated once in the communication dtype (float32 here), ZeRO-2's in the
+    parameters' dtype at each backward, and converted to the communication dtype while reduced."""
+    from longcpt.plan.estimate import _layout
+    from longcpt.plan.memory import buffer_items, precision_of
+
+    def buffers(stage):
+        cfg = tiny("trainer.devices=2", "strategy.name=deepspeed", f"strategy.stage={stage}",
+                   "trainer.precision=bf16-mixed")
+        shape = ModelShape.from_args(model_args(cfg))
+        return {i.name: (i.bytes, i.when) for i in buffer_items(cfg, shape, precision_of(cfg), _layout(cfg)[0])}
+
+    assert buffers(3) == {"gradient reduce bucket": (4 * 500_000_000, ())}
+    assert buffers(2) == {"gradient reduce buckets": (2 * 2 * 500_000_000, ("backward",)),  # overlap_comm: two
+                          "bucket being reduced, in the communication dtype": (4 * 500_000_000, ("backward",))}
 
 
 def test_checkpointing_and_sequence_parallel_cut_activations():
@@ -206,3 +228,103 @@ def test_plan_reports_recipe_problems_exactly_as_train_does(tmp_path, capsys):
     assert plan_err.removeprefix("longcpt plan") == train_err.removeprefix("longcpt train")
     for words in ("max_stepz", "optim.lr=0", "strategy.sequence_parallel=2 with attention.kind='infini'"):
         assert words in plan_err
+
+
+# ----------------------------------------------------------------------------------------------
+# Against DeepSpeed's own estimators, MFU and host memory
+
+
+def _deepspeed_estimate(stage: int, shape: ModelShape, world: int, offload: str) -> tuple[int, int]:
+    """(host bytes per node, GPU bytes) from `estimate_zero{2,3}_model_states_mem_needs`, the
+    functions DeepSpeed's `estimate_zero{2,3}_model_states_mem_needs_all_cold` tabulate."""
+    if stage == 2:
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+        return estimate_zero2_model_states_mem_needs(shape.parameters, min(world, 8), max(1, world // 8),
+                                                     cpu_offload=bool(offload))
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+        shape.parameters, shape.largest_module, min(world, 8), max(1, world // 8),
+        cpu_offload=bool(offload), cpu_offload_params=offload == "all", zero_init=True)
+    return cpu, gpu
+
+
+@pytest.mark.parametrize("model", ["Llama-2-7b-hf", "Meta-Llama-3-8B"])
+@pytest.mark.parametrize("stage, offload", [(2, ""), (3, ""), (3, "optimizer"), (3, "all")])
+@pytest.mark.parametrize("world", [8, 16])
+def test_model_states_agree_with_deepspeeds_estimators(monkeypatch, model, stage, offload, world):
+    """Model states as DeepSpeed's estimators count them: the sharded states plus, at stage 3, one
+    module gathered with its gradients (`kept live` is the plan's allowance for
+    stage3_max_live_parameters, which the estimator leaves out). At stage 2 DeepSpeed's 18 bytes per
+    parameter / N include a 16-bit gradient partition ("2_grads_16bit") that longcpt's float32
+    gradient accumulation does not allocate: the plan is lower by exactly that."""
+    from longcpt.plan.estimate import _layout
+    from longcpt.plan.memory import model_state_items, precision_of
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    cfg = load_config(None, [f"model.pretrained={FIXTURES / model}", "trainer.accelerator=gpu",
+                             f"trainer.devices={min(world, 8)}", f"trainer.num_nodes={max(1, world // 8)}",
+                             "strategy.name=deepspeed", f"strategy.stage={stage}", "trainer.precision=bf16-mixed",
+                             f"strategy.offload_optimizer={bool(offload)}",
+                             f"strategy.offload_parameters={offload == 'all'}"])
+    shape = ModelShape.from_args(model_args(cfg))
+    items = model_state_items(cfg, shape, precision_of(cfg), _layout(cfg)[0])
+    ours = sum(i.bytes for i in items if i.name != "gathered parameters: kept live")
+    _, deepspeed = _deepspeed_estimate(stage, shape, world, offload)
+    if stage == 2:
+        deepspeed -= 2 * shape.parameters // world
+    assert ours == pytest.approx(deepspeed, rel=0.05)
+
+
+@pytest.mark.parametrize("stage, offload", [(2, "optimizer"), (3, "optimizer"), (3, "all")])
+def test_offload_plans_host_memory_and_deepspeed_says_more(monkeypatch, stage, offload):
+    """With offload the plan states host memory per node; DeepSpeed's estimator (which adds 50% and,
+    at stage 2, a float32 model copy per rank) asks for more, never less."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    cfg = load_config(REPO / "recipes" / "anchor_llama2_7b_64k.yaml", [
+        f"model.pretrained={FIXTURES / 'Llama-2-7b-hf'}", f"strategy.stage={stage}", "strategy.offload_optimizer=true",
+        f"strategy.offload_parameters={offload == 'all'}"])
+    plan = estimate(cfg)
+    p, shard = plan.parameters, -(-plan.parameters // 8)
+    offloaded = (4 + 8 + (4 if stage == 2 else 4)) * shard + (2 * shard if offload == "all" else 0)
+    assert sum(i.bytes for i in plan.host_items if i.persistent) >= offloaded
+    assert plan.host_per_node >= 8 * offloaded
+    host, _ = _deepspeed_estimate(stage, plan.shape, 8, offload)
+    assert plan.host_per_node <= host
+    if stage == 2:  # each rank builds and loads the whole model (bf16) before DeepSpeed shards it
+        assert any(i.when == ("load",) and i.bytes == 2 * p for i in plan.host_items)
+    assert plan.to_json()["host_bytes_per_node"] == plan.host_per_node
+
+
+def test_offload_is_suggested_only_where_the_host_memory_fits(capsys):
+    recipe = str(REPO / "recipes" / "anchor_llama2_7b_64k.yaml")
+    args = [recipe, f"model.pretrained={FIXTURES / 'Llama-2-7b-hf'}", "data.seq_len=4096", "--gpu-memory", "16GiB"]
+    assert main(["plan", *args]) == 0
+    change = capsys.readouterr().out.split("\nchange")[-1]
+    assert "strategy.offload_optimizer=true" in change and "host 100.41 GiB per node" in change
+    assert main(["plan", *args, "--host-memory", "64GiB", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["host_memory_bytes"] == 64 * GIB and doc["suggestion"] is None
+    offloads = [c for c in doc["tried"] if any("offload" in o for o in c["overrides"])]
+    assert offloads and all(c["host_bytes_per_node"] > 64 * GIB and not c["fits"] for c in offloads)
+
+
+def test_mfu_counts_model_flops_only_and_hfu_adds_recomputation():
+    """PaLM's MFU: model FLOPs / (devices x peak x step time); recomputation (activation
+    checkpointing) shows in the hardware FLOPs utilisation, not in the step time at a given MFU."""
+    cfg = load_config(REPO / "recipes" / "anchor_llama2_7b_64k.yaml", [f"model.pretrained={FIXTURES / 'Llama-2-7b-hf'}"])
+    step = estimate(cfg, mfu=0.4).step
+    assert cfg.trainer.activation_checkpointing and step.recompute_flops > 0
+    assert step.model_flops / (8 * step.peak_flops * step.seconds) == pytest.approx(0.4)
+    assert step.hfu == pytest.approx((step.model_flops + step.recompute_flops) / (8 * step.peak_flops * step.seconds))
+    assert step.hfu == pytest.approx(0.4 * 4 / 3)  # one forward recomputed: 4 passes' worth instead of 3
+
+
+def test_plan_json_with_a_missing_model_folder_is_still_json(tmp_path, capsys):
+    recipe = str(REPO / "recipes" / "anchor_llama2_7b_64k.yaml")
+    assert main(["plan", recipe, f"model.pretrained={tmp_path / 'absent'}", "--json"]) == 2
+    out, err = capsys.readouterr()
+    doc = json.loads(out)
+    assert doc["recipe"] == recipe and "model.pretrained" in doc["error"] and doc["problems"]
+    assert "no config.json" in err

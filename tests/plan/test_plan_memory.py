@@ -1,5 +1,6 @@
 """`longcpt plan` against the measured memory of real training steps: two CPU processes running
-`longcpt.lit.train.train` under DDP ("ZeRO-0"), DeepSpeed ZeRO-2 and ZeRO-3, the tiny model, 2K
+`longcpt.lit.train.train` under DDP ("ZeRO-0", float32), DeepSpeed ZeRO-2 and ZeRO-3 (bf16-mixed:
+bf16 parameters, float32 gradient partitions and, at stage 3, a float32 bucket), the tiny model, 2K
 windows. `benchmarks/plan_memory.py` measures (its docstring says exactly what); it runs the larger
 grid (4-layer x 256 model, 2K-16K, checkpointing, bf16) whose figures docs/plan.md records.
 """
@@ -24,10 +25,12 @@ def _benchmark():
     return module
 
 
-@pytest.mark.parametrize("strategy, kind", [("zero0", "anchor"), ("zero2", "full"), ("zero3", "anchor")])
-def test_plan_agrees_with_measured_memory_of_a_real_step(strategy, kind):
+@pytest.mark.parametrize("strategy, kind, precision", [
+    ("zero0", "anchor", "32-true"), ("zero2", "full", "bf16-mixed"), ("zero3", "anchor", "bf16-mixed")])
+def test_plan_agrees_with_measured_memory_of_a_real_step(strategy, kind, precision):
     bench = _benchmark()
-    result = bench.measure({"model": "tiny", "kind": kind, "seq_len": 2048, "strategy": strategy})
+    result = bench.measure({"model": "tiny", "kind": kind, "seq_len": 2048, "strategy": strategy,
+                            "precision": precision})
     assert len(result["ranks"]) == 2
     ratios = bench.ratios(result)  # plan / measured, worst rank
     detail = f"plan {result['plan']}, measured {result['ranks']}"

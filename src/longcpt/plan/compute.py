@@ -15,9 +15,13 @@ The document pieces come from the recipe's own data (`data.train`, planned by
 document per window is assumed (the most attention a window can cost).
 
 Recomputation (activation checkpointing, Infini's per-segment checkpoint) adds one forward, which
-the step pays for but model FLOPs utilisation (MFU, PaLM's definition) does not count:
+the hardware executes but model FLOPs utilisation does not count (MFU, PaLM appendix B: model
+FLOPs per second over peak). The step time follows from the assumed MFU; the hardware FLOPs
+utilisation (HFU, recomputation included, the figure profilers and DeepSpeed's FLOPs profiler
+report) is then higher by (model + recomputed) / model:
 
-    step time = (model FLOPs + recomputed FLOPs) / (devices x peak FLOP/s x MFU)
+    step time = model FLOPs / (devices x peak FLOP/s x MFU)
+    HFU       = (model FLOPs + recomputed FLOPs) / (devices x peak FLOP/s x step time)
 """
 
 from __future__ import annotations
@@ -112,9 +116,15 @@ class StepTime:
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
 
+    @property
+    def hfu(self) -> float:
+        """Hardware FLOPs utilisation at this step time: recomputed FLOPs counted too."""
+        return self.mfu * (self.model_flops + self.recompute_flops) / self.model_flops if self.model_flops else 0.0
+
 
 def step_time(cfg, shape, world: int, peak_flops: float, mfu: float) -> StepTime:
-    """Model and recomputed FLOPs of one optimizer step and its time at `mfu` of `peak_flops` per device."""
+    """Model and recomputed FLOPs of one optimizer step and its time at model FLOPs utilisation `mfu`
+    of `peak_flops` per device (module docstring)."""
     t, mb = cfg.data.seq_len, cfg.data.micro_batch_size
     sp = cfg.strategy.sequence_parallel
     windows = mb * (world // sp) * cfg.optim.accumulate_grad_batches  # per optimizer step, all devices
@@ -130,5 +140,5 @@ def step_time(cfg, shape, world: int, peak_flops: float, mfu: float) -> StepTime
     model = 3 * forward
     recomputes = int(cfg.trainer.activation_checkpointing) + int(cfg.attention.kind == "infini")
     recompute = recomputes * forward
-    seconds = (model + recompute) / (world * peak_flops * mfu)
+    seconds = model / (world * peak_flops * mfu)
     return StepTime(model, recompute, tokens, seconds, peak_flops, mfu, pairs)

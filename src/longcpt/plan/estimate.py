@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from longcpt.plan.compute import StepTime, step_time
-from longcpt.plan.memory import GIB, Item, Layout, memory_plan, precision_of
+from longcpt.plan.memory import GIB, Item, Layout, host_bytes, host_items, memory_plan, precision_of
 from longcpt.plan.shape import ModelShape, model_args
 
 CATEGORIES = ("weights", "gradients", "optimizer", "activations", "other")
@@ -37,6 +37,7 @@ class Change:
     fits: bool
     seconds: float
     tokens_per_second: float
+    host_per_node: int = 0
 
 
 @dataclass
@@ -46,8 +47,11 @@ class Plan:
     Attributes:
         parameters: trainable parameters of the model.
         per_gpu_bytes: weights, gradients, optimizer, activations, other and their total.
-        fits: total <= gpu_memory.
+        fits: total <= gpu_memory, and the host memory per node <= host_memory when that is given.
         items: every term behind `per_gpu_bytes` (category, name, bytes, how it was counted).
+        host_items: one rank's host memory terms (`longcpt.plan.memory.host_items`).
+        host_per_node: host memory of one node: ranks per node x one rank's peak.
+        host_memory: the host memory of one node the verdict compares against (None: not checked).
         peak_at: the moment of the step's peak: "loss", "backward" or "optimizer step".
         moments: bytes by category of what exists only at each of those moments.
         layout: device kind, world size, sequence parallel degree, micro-batch, window.
@@ -71,6 +75,9 @@ class Plan:
     shape: ModelShape
     kind: str
     strategy: str
+    host_items: list[Item] = field(default_factory=list)
+    host_per_node: int = 0
+    host_memory: int | None = None
     suggestion: Change | None = None
     tried: list[Change] = field(default_factory=list)
     assumptions: list[str] = field(default_factory=list)
@@ -82,6 +89,9 @@ class Plan:
             "parameters": self.parameters,
             "per_gpu_bytes": dict(self.per_gpu_bytes),
             "gpu_memory_bytes": self.gpu_memory,
+            "host_bytes_per_node": self.host_per_node,
+            "host_memory_bytes": self.host_memory,
+            "host_items": [dataclasses.asdict(i) for i in self.host_items],
             "fits": self.fits,
             "peak_at": self.peak_at,
             "moments": self.moments,
@@ -100,6 +110,7 @@ class Plan:
                 "tokens_per_second": step.tokens_per_second,
                 "peak_flops_per_device": step.peak_flops,
                 "mfu": step.mfu,
+                "hfu": step.hfu,
                 "attention_pairs_per_window": step.pairs.pairs,
                 "attention_pairs_source": step.pairs.source,
             },
@@ -111,13 +122,15 @@ class Plan:
 
 def _change_json(change: Change) -> dict[str, Any]:
     return {"overrides": list(change.overrides), "total_bytes": change.total, "fits": change.fits,
-            "step_seconds": change.seconds, "tokens_per_second": change.tokens_per_second}
+            "host_bytes_per_node": change.host_per_node, "step_seconds": change.seconds,
+            "tokens_per_second": change.tokens_per_second}
 
 
 def estimate(
     cfg,
     *,
-    gpu_memory: int = DEFAULT_GPU_MEMORY,
+    gpu_memory: int | None = DEFAULT_GPU_MEMORY,
+    host_memory: int | None = None,
     peak_flops: float | None = None,
     mfu: float = DEFAULT_MFU,
     suggest: bool = True,
@@ -127,9 +140,11 @@ def estimate(
 
     Args:
         cfg: the recipe, as `longcpt train` would run it.
-        gpu_memory: bytes of memory per device the verdict compares against.
+        gpu_memory: bytes of memory per device the verdict compares against (None: 80 GiB).
+        host_memory: bytes of host memory per node the verdict compares against (None: not
+            checked; the plan still states what the recipe needs, offload above all).
         peak_flops: dense peak FLOP/s of one device (default: an A100's for the precision).
-        mfu: assumed model FLOPs utilisation of a step.
+        mfu: assumed model FLOPs utilisation of a step (model FLOPs only: `longcpt.plan.compute`).
         suggest: when it does not fit, try changes and name the smallest that fits.
 
     Raises:
@@ -139,6 +154,7 @@ def estimate(
     from longcpt.config import validate
 
     validate(cfg)  # a recipe built in Python gets the checks `load_config` runs (and its options resolved)
+    gpu_memory = DEFAULT_GPU_MEMORY if gpu_memory is None else gpu_memory
     shape = _shape or ModelShape.from_args(model_args(cfg))
     layout, assumptions = _layout(cfg)
     prec = precision_of(cfg)
@@ -152,11 +168,20 @@ def estimate(
             assumptions.append("trainer.accelerator=cpu: the step time uses an A100's peak FLOP/s; pass "
                                "--gpu-tflops with your processor's")
     step = step_time(cfg, shape, layout.world, peak_flops, mfu)
-    plan = Plan(shape.parameters, totals, gpu_memory, totals["total"] <= gpu_memory, items, peak_at, memory.moments,
-                layout, prec.name, step, shape, cfg.attention.kind, _strategy_name(cfg), assumptions=assumptions)
+    host = host_items(cfg, shape, prec, layout)
+    host_per_node = _ranks_per_node(cfg) * host_bytes(host)
+    fits = totals["total"] <= gpu_memory and (host_memory is None or host_per_node <= host_memory)
+    plan = Plan(shape.parameters, totals, gpu_memory, fits, items, peak_at, memory.moments,
+                layout, prec.name, step, shape, cfg.attention.kind, _strategy_name(cfg), host, host_per_node,
+                host_memory, assumptions=assumptions)
     if suggest and not plan.fits:
-        plan.suggestion, plan.tried = _smallest_change(cfg, shape, gpu_memory, peak_flops, mfu)
+        plan.suggestion, plan.tried = _smallest_change(cfg, shape, gpu_memory, host_memory, peak_flops, mfu)
     return plan
+
+
+def _ranks_per_node(cfg) -> int:
+    """Processes on one node (`trainer.devices`; `auto` is planned as 1, as `_layout` says)."""
+    return cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1
 
 
 def _strategy_name(cfg) -> str:
@@ -238,8 +263,8 @@ def _with(cfg, overrides: list[str]):
     return new
 
 
-def _smallest_change(cfg, shape: ModelShape, gpu_memory: int, peak_flops: float, mfu: float
-                     ) -> tuple[Change | None, list[Change]]:
+def _smallest_change(cfg, shape: ModelShape, gpu_memory: int, host_memory: int | None, peak_flops: float,
+                     mfu: float) -> tuple[Change | None, list[Change]]:
     """The first single change that fits (cheapest knob first), else the first pair of knobs."""
     world = _layout(cfg)[0].world
     candidates = _candidates(cfg, world)
@@ -249,9 +274,10 @@ def _smallest_change(cfg, shape: ModelShape, gpu_memory: int, peak_flops: float,
         new = _with(cfg, overrides)
         if new is None:
             return None
-        plan = estimate(new, gpu_memory=gpu_memory, peak_flops=peak_flops, mfu=mfu, suggest=False, _shape=shape)
+        plan = estimate(new, gpu_memory=gpu_memory, host_memory=host_memory, peak_flops=peak_flops, mfu=mfu,
+                        suggest=False, _shape=shape)
         change = Change(tuple(overrides), plan.per_gpu_bytes["total"], plan.fits, plan.step.seconds,
-                        plan.step.tokens_per_second)
+                        plan.step.tokens_per_second, plan.host_per_node)
         tried.append(change)
         return change
 

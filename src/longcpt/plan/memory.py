@@ -44,7 +44,10 @@ CUDA_RUNTIME_BYTES = 1 * GIB
 ALLOCATOR_SLACK = 0.05
 # DeepSpeed's defaults for the keys this plan reads (deepspeed/runtime/zero/config.py, 0.15-0.19).
 DEEPSPEED_DEFAULTS = {"reduce_bucket_size": 500_000_000, "overlap_comm": False, "contiguous_gradients": True,
-                      "stage3_max_live_parameters": 1_000_000_000, "stage3_param_persistence_threshold": 100_000}
+                      "stage3_max_live_parameters": 1_000_000_000, "stage3_param_persistence_threshold": 100_000,
+                      "sub_group_size": 1_000_000_000}
+# Bytes per element of the dtype names DeepSpeed's config takes (`data_types`, `communication_data_type`).
+_DTYPE_BYTES = {"fp32": 4, "float32": 4, "float": 4, "fp16": 2, "float16": 2, "half": 2, "bf16": 2, "bfloat16": 2}
 # torch.optim.AdamW keeps two moments per parameter, in the parameter's dtype.
 ADAM_MOMENTS = 2
 
@@ -137,13 +140,14 @@ def model_state_items(cfg, shape, prec: Precision, layout: Layout) -> list[Item]
 
     Without DeepSpeed (auto, DDP) every rank holds everything: parameters, gradients (DDP's buckets
     are the gradients themselves: `gradient_as_bucket_view`) and AdamW's two moments, all in the
-    parameter dtype. Under DeepSpeed (as its `estimate_zero2/3_model_states_mem_needs` count them):
-    the parameters in the training dtype (a full copy at stage 2; at stage 3 a 1/world shard plus
-    what is gathered), a gradient partition in the same dtype, and float32 master weights and Adam
-    moments, all sharded over the world; offloading moves the sharded parts to host memory. The
-    float32 copy of the gradient partition exists only during the optimizer step
-    (`optimizer_step_items`). Measured on DeepSpeed 0.19: ZeRO-2 allocates its gradient partition
-    in the backward and frees it after the step; ZeRO-3 keeps it.
+    parameter dtype. Under DeepSpeed: the parameters in the training dtype (a full copy at stage
+    2; at stage 3 a 1/world shard plus what is gathered), a gradient partition in DeepSpeed's
+    gradient accumulation dtype (`data_types.grad_accum_dtype`, float32 in longcpt's config), and
+    float32 master weights and Adam moments, all sharded over the world; offloading moves the
+    sharded parts to host memory (`host_items`). Read from DeepSpeed 0.19's code and measured on
+    CPU: ZeRO-2 allocates its gradient partition in the backward and frees it after the step (on
+    the GPU even with optimizer offload when it accumulates in float32 from 16-bit parameters);
+    ZeRO-3 allocates it once, next to the optimizer state.
     """
     p, s, w = shape.parameters, cfg.strategy, prec.param
     world = layout.world
@@ -154,51 +158,83 @@ def model_state_items(cfg, shape, prec: Precision, layout: Layout) -> list[Item]
             Item("optimizer", "AdamW moments", ADAM_MOMENTS * p * w, f"2 x {p:,} x {w} B"),
         ]
     shard = -(-p // world)
+    accum, _ = gradient_dtypes(cfg, prec)
     items = []
     if s.stage == 3:
         zero = _zero(cfg)
         if not s.offload_parameters:
             items.append(Item("weights", "parameter shard", shard * w, f"{p:,} / {world} ranks x {w} B"))
         # Parameters under the persistence threshold stay gathered on every rank. The others are
-        # gathered module by module and kept while fewer than stage3_max_live_parameters are live
-        # (and for a reuse within stage3_max_reuse_distance), so around the turn from forward to
-        # backward up to that many are gathered.
+        # gathered module by module (the largest module bounds one gather) and kept while fewer than
+        # stage3_max_live_parameters are live (and for a reuse within stage3_max_reuse_distance), so
+        # around the turn from forward to backward up to that many more are gathered.
         small = sum(n for n in shape.parameter_sizes if n <= int(zero["stage3_param_persistence_threshold"]))
-        live = min(p - small, int(zero["stage3_max_live_parameters"]) + shape.largest_module)
+        one = min(p - small, shape.largest_module)
+        live = min(p - small, int(zero["stage3_max_live_parameters"]) + shape.largest_module) - one
         if small:
             items.append(Item("weights", "persistent small parameters", small * w,
                               f"{small:,} x {w} B (tensors <= stage3_param_persistence_threshold)"))
-        items.append(Item("weights", "gathered parameters", live * w,
-                          f"min(rest, stage3_max_live_parameters + largest module) = {live:,} x {w} B", MOMENTS))
+        items.append(Item("weights", "gathered parameters: one module", one * w,
+                          f"the largest module, {one:,} x {w} B", MOMENTS))
+        if live:
+            items.append(Item("weights", "gathered parameters: kept live", live * w,
+                              f"min(rest, stage3_max_live_parameters) = {live:,} x {w} B", MOMENTS))
         items.append(Item("gradients", "gathered gradients", shape.largest_module * w,
                           "one module's full gradients before the reduce-scatter", _LATE))
+        if not s.offload_optimizer:
+            items.append(Item("gradients", "gradient partition", shard * accum, f"{p:,} / {world} x {accum} B"))
     else:
         items.append(Item("weights", "parameters", p * w, f"{p:,} x {w} B (every rank holds all of them at stage 2)"))
+        if not s.offload_optimizer or accum != w:
+            items.append(Item("gradients", "gradient partition", shard * accum, f"{p:,} / {world} x {accum} B", _LATE))
     if not s.offload_optimizer:
-        when = () if s.stage == 3 else _LATE
-        items.append(Item("gradients", "gradient partition", shard * w, f"{p:,} / {world} x {w} B", when))
         items.append(Item("optimizer", "float32 master weights", shard * 4, f"{p:,} / {world} x 4 B"))
         items.append(Item("optimizer", "Adam moments", shard * 8, f"2 x {p:,} / {world} x 4 B"))
     return items
 
 
+def gradient_dtypes(cfg, prec: Precision) -> tuple[int, int]:
+    """Bytes per element of DeepSpeed's gradient accumulation and gradient communication.
+
+    Both come from the config `longcpt train` passes (`longcpt.strategies.deepspeed_config`: float32
+    for both); unset, DeepSpeed uses the parameters' dtype.
+    """
+    from longcpt.strategies import deepspeed_config
+
+    config = deepspeed_config(cfg)
+    accum = (config.get("data_types") or {}).get("grad_accum_dtype")
+    comm = config.get("communication_data_type")
+    return _DTYPE_BYTES.get(str(accum).lower(), prec.param), _DTYPE_BYTES.get(str(comm).lower(), prec.param)
+
+
 def optimizer_step_items(cfg, shape, prec: Precision, layout: Layout) -> list[Item]:
     """Temporaries of the optimizer step (activations are gone by then).
 
-    DeepSpeed converts the rank's gradient partition to a float32 flat copy; AdamW's update makes
-    one parameter-sized temporary (the square root of the second moment) per tensor it updates:
-    DeepSpeed's flat partition, or every parameter at once with the foreach implementation torch
-    uses on GPUs (one parameter at a time on CPU).
+    DeepSpeed hands the optimizer a float32 flat copy of the rank's gradient partition: ZeRO-3
+    always copies (it flattens the per-parameter gradient partitions, one sub-group of at most
+    `sub_group_size` elements at a time, then converts them to float32); ZeRO-2 uses its float32
+    partition as it is, and copies only a 16-bit one. AdamW's update makes one parameter-sized
+    temporary (the square root of the second moment) per tensor it updates: DeepSpeed's flat
+    partition, or every parameter at once with the foreach implementation torch uses on GPUs (one
+    parameter at a time on CPU). With optimizer offload the step runs on the host.
     """
     p, s = shape.parameters, cfg.strategy
     if s.name == "deepspeed":
         if s.offload_optimizer:
             return []
-        shard = -(-p // layout.world)
-        return [Item("activations", "optimizer step: float32 gradient partition", 4 * shard,
-                     f"{p:,} / {layout.world} x 4 B", ("optimizer step",)),
-                Item("activations", "optimizer step: AdamW temporaries", 2 * 4 * shard,
-                     f"2 x {p:,} / {layout.world} x 4 B", ("optimizer step",))]
+        world = layout.world
+        shard = -(-p // world)
+        accum, _ = gradient_dtypes(cfg, prec)
+        chunk = min(shard, int(_zero(cfg)["sub_group_size"])) if s.stage == 3 else shard
+        items = []
+        if s.stage == 3 or accum != 4:
+            copies = 4 + (accum if s.stage == 3 and accum != 4 else 0)  # a 16-bit flat copy, then its float32 one
+            items.append(Item("activations", "optimizer step: float32 gradient copy", copies * chunk,
+                              f"{chunk:,} x {copies} B (min(partition, sub_group_size))" if s.stage == 3
+                              else f"{p:,} / {world} x 4 B", ("optimizer step",)))
+        items.append(Item("activations", "optimizer step: AdamW temporaries", 2 * 4 * chunk,
+                          f"2 x {chunk:,} x 4 B", ("optimizer step",)))
+        return items
     updated = p if layout.device == "gpu" else shape.largest_module
     return [Item("activations", "optimizer step: AdamW temporaries", updated * prec.param,
                  f"{updated:,} x {prec.param} B", ("optimizer step",))]
@@ -212,18 +248,34 @@ def _zero(cfg) -> dict:
 
 
 def buffer_items(cfg, shape, prec: Precision, layout: Layout) -> list[Item]:
-    """DeepSpeed's gradient buckets and the sequence-parallel all-to-all copies."""
+    """DeepSpeed's gradient buckets and the sequence-parallel all-to-all copies.
+
+    ZeRO-3 allocates one bucket of `reduce_bucket_size` elements in the communication dtype once,
+    with or without offload. ZeRO-2 allocates its buckets (two with `overlap_comm`) in the
+    parameters' dtype at the start of every backward and frees them at its end; a bucket is
+    converted to the communication dtype while it is reduced.
+    """
     items = []
     s = cfg.strategy
-    if s.name == "deepspeed" and not s.offload_optimizer:
+    if s.name == "deepspeed":
         zero = _zero(cfg)
         bucket = int(zero["reduce_bucket_size"])  # allocated in full, however small the model
-        count = 1 if s.stage == 3 or not zero["overlap_comm"] else 2
-        if zero["contiguous_gradients"] or s.stage == 3:
-            # ZeRO-3 allocates its bucket once; ZeRO-2 at the start of every backward (freed after the step)
-            items.append(Item("other", "gradient reduce buckets", count * bucket * prec.param,
-                              f"{count} x reduce_bucket_size {bucket:,} x {prec.param} B",
-                              () if s.stage == 3 else _LATE))
+        _, comm = gradient_dtypes(cfg, prec)
+        if s.stage == 3:
+            items.append(Item("other", "gradient reduce bucket", bucket * comm,
+                              f"reduce_bucket_size {bucket:,} x {comm} B (communication dtype)"))
+        elif zero["contiguous_gradients"]:
+            w = prec.param
+            count = 2 if zero["overlap_comm"] else 1
+            items.append(Item("other", "gradient reduce buckets", count * bucket * w,
+                              f"{count} x reduce_bucket_size {bucket:,} x {w} B", ("backward",)))
+            if comm != w:
+                items.append(Item("other", "bucket being reduced, in the communication dtype", bucket * comm,
+                                  f"reduce_bucket_size {bucket:,} x {comm} B", ("backward",)))
+        if s.stage == 2 and s.offload_optimizer:
+            largest = max(shape.parameter_sizes, default=shape.largest_module)
+            items.append(Item("other", "offload staging buffer", largest * prec.param,
+                              f"the largest parameter, {largest:,} x {prec.param} B"))
     sp = layout.sequence_parallel
     if sp > 1:
         n = layout.tokens
@@ -231,6 +283,50 @@ def buffer_items(cfg, shape, prec: Precision, layout: Layout) -> list[Item]:
         items.append(Item("other", "all-to-all send/receive copies", 2 * n * per_token,
                           f"q, k, v of one layer, {n:,} tokens, sent and received", MOMENTS[:2]))
     return items
+
+
+def host_items(cfg, shape, prec: Precision, layout: Layout) -> list[Item]:
+    """Host memory of one rank: what DeepSpeed offloads, and the whole-model copy of loading.
+
+    Offloaded states are pinned (page-locked) host memory: with `offload_optimizer` the float32
+    master weights, the Adam moments and the gradient partition (ZeRO-3's in the accumulation
+    dtype, ZeRO-2's in float32) plus ZeRO-2's staging buffer of the largest parameter; with
+    `offload_parameters` (stage 3) the 16-bit parameter shard. Loading, before training starts
+    (`when` = ("load",)): a rank that builds the whole model (every strategy except ZeRO-3 with
+    `model.pretrained`, which fills its partition from rank 0's reads) holds one copy of it in the
+    dtype it loads in (`longcpt.strategies.load_dtype`) until it moves to the GPU. Python, CUDA and
+    the data loaders' own memory are not counted.
+    """
+    from longcpt.strategies import builds_partitioned, load_dtype
+
+    p, s = shape.parameters, cfg.strategy
+    shard = -(-p // layout.world)
+    items = []
+    if not builds_partitioned(cfg):
+        w = 2 if load_dtype(cfg) == "bf16" else 4
+        items.append(Item("host", "whole model while loading", p * w, f"{p:,} x {w} B, on every rank", ("load",)))
+    if s.name != "deepspeed":
+        return items
+    if s.offload_optimizer:
+        accum, _ = gradient_dtypes(cfg, prec)
+        grad = accum if s.stage == 3 else 4
+        items += [Item("host", "float32 master weights (offloaded)", shard * 4, f"{p:,} / {layout.world} x 4 B"),
+                  Item("host", "Adam moments (offloaded)", shard * 8, f"2 x {p:,} / {layout.world} x 4 B"),
+                  Item("host", "gradient partition (offloaded)", shard * grad, f"{p:,} / {layout.world} x {grad} B")]
+        if s.stage == 2:
+            largest = max(shape.parameter_sizes, default=shape.largest_module)
+            items.append(Item("host", "offload staging buffer", largest * prec.param,
+                              f"the largest parameter, {largest:,} x {prec.param} B"))
+    if s.offload_parameters:
+        items.append(Item("host", "parameter shard (offloaded)", shard * prec.param,
+                          f"{p:,} / {layout.world} x {prec.param} B"))
+    return items
+
+
+def host_bytes(items: list[Item]) -> int:
+    """One rank's host peak: the offloaded states, or the loading copy when that is larger."""
+    states = sum(i.bytes for i in items if i.persistent)
+    return max(states, sum(i.bytes for i in items if "load" in i.when))
 
 
 def runtime_items(prec: Precision, layout: Layout, subtotal: int) -> list[Item]:

@@ -71,17 +71,19 @@ def format_plan(plan: Plan, title: str = "") -> str:
     lines.append(f"{'total':<12}{'':<{width}}{gib(plan.per_gpu_bytes['total']):>8}   of {gib(plan.gpu_memory)} GiB: "
                  f"{verdict} ({'margin' if margin >= 0 else 'short by'} {gib(abs(margin))} GiB); "
                  f"peak at the {plan.peak_at}")
+    lines.append(_host_line(plan))
     lines.append("")
     recompute = f" + {step.recompute_flops:.3g} recomputed" if step.recompute_flops else ""
     lines.append(f"step       {step.tokens:,} tokens: {step.model_flops:.3g} model FLOPs{recompute}; "
-                 f"{step.seconds:.3g} s at {step.mfu:.0%} MFU of {step.peak_flops / 1e12:.0f} TFLOP/s per device "
-                 f"({step.tokens_per_second:,.0f} tokens/s)")
+                 f"{step.seconds:.3g} s at {step.mfu:.0%} MFU{f' ({step.hfu:.0%} HFU)' if step.recompute_flops else ''} "
+                 f"of {step.peak_flops / 1e12:.0f} TFLOP/s per device ({step.tokens_per_second:,.0f} tokens/s)")
     lines.append(f"attention  {step.pairs.pairs:.4g} (query, key) pairs per window: {step.pairs.source}")
     if not plan.fits:
         if plan.suggestion is not None:
             c = plan.suggestion
+            host = f", host {gib(c.host_per_node)} GiB per node" if any("offload" in o for o in c.overrides) else ""
             lines.append(f"change     smallest change that fits: {' '.join(c.overrides)} "
-                         f"({gib(c.total)} GiB, {c.tokens_per_second:,.0f} tokens/s)")
+                         f"({gib(c.total)} GiB{host}, {c.tokens_per_second:,.0f} tokens/s)")
         else:
             lines.append(f"change     nothing tried fits ({len(plan.tried)} changes of checkpointing, micro-batch, "
                          "sequence parallelism, ZeRO stage and offload): use more devices or a shorter data.seq_len")
@@ -90,19 +92,53 @@ def format_plan(plan: Plan, title: str = "") -> str:
     return "\n".join(lines)
 
 
-def run(args) -> int:
-    """Entry point of `longcpt plan` (see `longcpt.cli`)."""
-    from longcpt.config import load_config
+def _host_line(plan: Plan) -> str:
+    """Host memory per node: ranks per node x the larger of a rank's offloaded states and its loading copy."""
+    offloaded = sum(i.bytes for i in plan.host_items if i.persistent)
+    loading = sum(i.bytes for i in plan.host_items if "load" in i.when)
+    per_rank = max(offloaded, loading)
+    verdict = "" if plan.host_memory is None else (
+        f" of {gib(plan.host_memory)} GiB: {'fits' if plan.host_per_node <= plan.host_memory else 'does NOT fit'}")
+    if not per_rank:
+        return f"{'host':<12}0 GiB per node{verdict} (nothing offloaded, no rank loads the whole model)"
+    what = [f"{gib(offloaded)} GiB offloaded (pinned)"] if offloaded else []
+    what += [f"{gib(loading)} GiB whole model while loading"] if loading else []
+    return (f"{'host':<12}{gib(plan.host_per_node)} GiB per node{verdict}: {plan.host_per_node // per_rank} ranks x "
+            f"{gib(per_rank)} GiB ({'; '.join(what)}); Python, CUDA and data loaders not counted")
 
+
+def run(args) -> int:
+    """Entry point of `longcpt plan` (see `longcpt.cli`).
+
+    With `--json`, a plan that cannot be made (a bad recipe, a model folder without config.json)
+    still prints one JSON document, `{"recipe", "overrides", "error", "problems"}`, before the
+    error goes to stderr and the command exits with status 2.
+    """
+    head = {"recipe": args.recipe, "overrides": list(args.overrides)}
     try:
-        gpu_memory = parse_size(args.gpu_memory)
-    except ValueError as e:
-        raise LongcptError(f"--gpu-memory {e}") from None
-    cfg = load_config(args.recipe, args.overrides)
-    plan = estimate(cfg, gpu_memory=gpu_memory, peak_flops=args.gpu_tflops * 1e12 if args.gpu_tflops else None,
-                    mfu=args.mfu)
+        plan = _plan(args)
+    except LongcptError as e:
+        if args.json:
+            problems = getattr(e, "problems", [str(e)])
+            print(json.dumps({**head, "error": str(e), "problems": problems}, indent=2))
+        raise
     if args.json:
-        print(json.dumps({"recipe": args.recipe, "overrides": list(args.overrides), **plan.to_json()}, indent=2))
+        print(json.dumps({**head, **plan.to_json()}, indent=2))
     else:
         print(format_plan(plan, " ".join([args.recipe, *args.overrides])))
     return 0
+
+
+def _plan(args) -> Plan:
+    from longcpt.config import load_config
+
+    sizes = {}
+    for flag in ("gpu_memory", "host_memory"):
+        text = getattr(args, flag)
+        try:
+            sizes[flag] = None if text is None else parse_size(text)
+        except ValueError as e:
+            raise LongcptError(f"--{flag.replace('_', '-')} {e}") from None
+    cfg = load_config(args.recipe, args.overrides)
+    return estimate(cfg, gpu_memory=sizes["gpu_memory"], host_memory=sizes["host_memory"],
+                    peak_flops=args.gpu_tflops * 1e12 if args.gpu_tflops else None, mfu=args.mfu)

@@ -21,6 +21,9 @@ import copy
 import functools
 import json
 import os
+import socket
+import warnings
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,7 @@ _DERIVED_DEEPSPEED_KEYS = {
     "bf16": "trainer.precision",
     "fp16": "trainer.precision",
     "train_batch_size": "data.micro_batch_size (times devices and accumulation)",
+    "sequence_parallel_size": "strategy.sequence_parallel",
     "optimizer": "optim.* (longcpt builds AdamW with its parameter groups)",
     "scheduler": "optim.warmup_steps / optim.min_lr_ratio",
 }
@@ -120,11 +124,19 @@ def data_parallel_coordinates(global_rank: int, world_size: int, sequence_parall
     return global_rank // sequence_parallel, world_size // sequence_parallel
 
 
-def sequence_parallel_group(size: int):
+def sequence_parallel_group(size: int, timeout_minutes: float | None = None):
     """This rank's process group of `size` consecutive ranks (see `data_parallel_coordinates`).
 
     Call on every rank after `torch.distributed` is initialised: each rank creates every group,
-    in the same order, as `torch.distributed.new_group` requires.
+    in the same order, as `torch.distributed.new_group` requires. The groups get the run's
+    collective timeout (`trainer.timeout_minutes`), as the world group does: without it torch
+    gives them its backend default (10 minutes for NCCL), so a hung all-to-all would end the run on
+    another schedule than every other collective. A group whose ranks sit on more than one node
+    is correct but slow (two all-to-alls per layer cross the network): a warning says so.
+
+    Args:
+        size: N, `strategy.sequence_parallel`.
+        timeout_minutes: `trainer.timeout_minutes` (None: torch's default).
 
     Raises:
         ConfigError: the world size, known only now with `trainer.devices=auto`, is not a
@@ -139,12 +151,38 @@ def sequence_parallel_group(size: int):
     members: dict[int, list[int]] = {}
     for r in range(world):
         members.setdefault(data_parallel_coordinates(r, world, size)[0], []).append(r)
+    timeout = None if timeout_minutes is None else timedelta(minutes=timeout_minutes)
     mine = None
     for ranks in members.values():
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             mine = group
+    hosts: list[str | None] = [None] * world
+    dist.all_gather_object(hosts, socket.gethostname())
+    spanning = groups_spanning_nodes(list(members.values()), hosts)
+    if spanning and rank == 0:
+        ranks, names = spanning[0]
+        warnings.warn(
+            f"strategy.sequence_parallel={size}: {len(spanning)} of {len(members)} sequence-parallel groups span "
+            f"nodes (ranks {ranks[0]}-{ranks[-1]} on {', '.join(names)}); their all-to-alls cross the network, "
+            "which is slow. Keep N <= GPUs per node (trainer.devices) and launch ranks in blocks per node "
+            "(SLURM's default block distribution, not cyclic)", RuntimeWarning, stacklevel=2)
     return mine
+
+
+def groups_spanning_nodes(groups: list[list[int]], hosts: list[str | None]) -> list[tuple[list[int], list[str]]]:
+    """The groups whose ranks are on more than one host, each with its hosts in rank order.
+
+    Args:
+        groups: ranks of each group.
+        hosts: host name of every rank (index = global rank).
+    """
+    out = []
+    for ranks in groups:
+        names = list(dict.fromkeys(str(hosts[r]) for r in ranks))
+        if len(names) > 1:
+            out.append((ranks, names))
+    return out
 
 
 def _head_counts(cfg) -> tuple[int | None, int | None]:
@@ -200,6 +238,13 @@ def deepspeed_config(cfg) -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
     }
+    if s.sequence_parallel > 1:
+        # N ranks share each window, so a step holds micro x accumulation x world / N windows.
+        # DeepSpeed's config divides its world size by this key when no model-parallel unit is
+        # given, for `train_batch_size` (and the samples it counts) only; its ZeRO optimizers
+        # average gradients over their own groups, which stay the whole world (the N-fold
+        # gradient of the sequence-parallel loss relies on that: `longcpt.model.loss.chunked_cross_entropy`).
+        config["sequence_parallel_size"] = s.sequence_parallel
     return _deep_merge(config, s.deepspeed)
 
 
@@ -322,8 +367,6 @@ def build_strategy(cfg, accelerator: str):
     Returns:
         "auto" (one process), a `DDPStrategy`, or a (CPU) `DeepSpeedStrategy`.
     """
-    from datetime import timedelta
-
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
     name = cfg.strategy.name

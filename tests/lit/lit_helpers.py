@@ -98,15 +98,21 @@ def restart_positions(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 class SyntheticDataModule(pl.LightningDataModule):
+    """Windows by data-parallel rank: the `sequence_parallel` ranks of a group read the same ones."""
+
     def __init__(self, seq_len: int, micro_batch_size: int, seed: int = 0, val: bool = True,
-                 restart: bool = False):
+                 restart: bool = False, sequence_parallel: int = 1):
         super().__init__()
         self.seq_len, self.batch, self.seed, self.val = seq_len, micro_batch_size, seed, val
         self.collate = (lambda rows: restart_positions(collate(rows))) if restart else collate
+        self.sequence_parallel = sequence_parallel
         self.consumed = 0
 
     def train_dataloader(self):
-        rank, world = self.trainer.global_rank, self.trainer.world_size
+        from longcpt.strategies import data_parallel_coordinates
+
+        rank, world = data_parallel_coordinates(self.trainer.global_rank, self.trainer.world_size,
+                                                self.sequence_parallel)
         sampler = FromBatch(self.consumed, self.batch, rank, world)
         return DataLoader(Windows(self.seq_len, self.seed), batch_size=self.batch, sampler=sampler,
                           collate_fn=self.collate)

@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(None, overrides, check_paths=not args.synthetic)
     if args.die_in_save is not None:
         die_in_save(args.die_in_save)
-    dm = SyntheticDataModule(cfg.data.seq_len, cfg.data.micro_batch_size, cfg.trainer.seed) if args.synthetic else None
+    dm = (SyntheticDataModule(cfg.data.seq_len, cfg.data.micro_batch_size, cfg.trainer.seed,
+                              sequence_parallel=cfg.strategy.sequence_parallel) if args.synthetic else None)
     extra = [SleepInStep(args.sleep_in_step)] if args.sleep_in_step else []
     try:
         result = train(cfg, datamodule=dm, callbacks=extra)

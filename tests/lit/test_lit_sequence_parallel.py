@@ -13,7 +13,7 @@ they log is the whole window's.
 
 import pytest
 import torch
-from lit_helpers import read_metrics, tiny_overrides, train_ok
+from lit_helpers import read_metrics, run_train, tiny_overrides, train_ok
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import longcpt
@@ -84,3 +84,26 @@ def test_zero3_export_loads_in_transformers_with_the_one_process_logits(runs):
     ids = torch.randint(3, 250, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(exported(ids).logits, reference.eval()(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_data_and_sequence_parallel_together_equal_one_process(tmp_path, tokenizer_dir):
+    """4 processes, DeepSpeed ZeRO-2: 2 data-parallel groups x 2 ranks per window (each holding 16
+    of 32 tokens). Group d reads windows d, d+2, ... (one per step), so a step trains on the two
+    windows one process reads as two accumulated micro-batches, and the weights must be the same.
+    DeepSpeed counts the step's 2 windows (`global_samples` in its checkpoint), not 4."""
+    common = dict(trainer__max_steps=3, optim__min_lr_ratio=1.0, data__micro_batch_size=1,
+                  trainer__save_every_n_steps=3)
+    one = tiny_overrides(tmp_path / "one", tokenizer_dir, optim__accumulate_grad_batches=2, **common)
+    both = tiny_overrides(tmp_path / "dp2sp2", tokenizer_dir, trainer__devices=4, strategy__name="deepspeed",
+                          strategy__stage=2, strategy__sequence_parallel=2, **common)
+    for overrides in (one, both):
+        result = run_train(overrides, "--synthetic", timeout=900)
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    ref, _ = read_checkpoint(tmp_path / "one")
+    got, meta = read_checkpoint(tmp_path / "dp2sp2")
+    assert meta["config"]["strategy"]["sequence_parallel"] == 2 and ref.keys() == got.keys()
+    for k in ref:  # three AdamW steps at lr 3e-3 move weights by ~1e-2; float32 noise is ~1e-6
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=2e-5, msg=k)
+    states = torch.load(tmp_path / "dp2sp2" / "checkpoints" / "step-00000003.ckpt" / "checkpoint"
+                        / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    assert states["global_samples"] == 3 * 2

@@ -121,3 +121,69 @@ def test_pretrained_weights_load_in_the_dtype_the_strategy_gives_them(tmp_path, 
     # The same bits DeepSpeed's own cast of the fp32 weights gives.
     for name, p in model.named_parameters():
         torch.testing.assert_close(p, hf.state_dict()[name].to(dtype), rtol=0, atol=0)
+
+
+def test_deepspeed_counts_the_windows_of_a_step_under_sequence_parallelism(monkeypatch):
+    """8 ranks in groups of 4: a step holds micro x accumulation x 8 / 4 windows, and DeepSpeed's
+    `train_batch_size` (its samples and throughput counters) says so; without sequence parallelism
+    it is micro x accumulation x 8."""
+    import deepspeed.runtime.config as ds_config
+
+    monkeypatch.setattr(ds_config.dist, "get_world_size", lambda *a, **k: 8)
+    monkeypatch.setattr(ds_config.dist, "get_rank", lambda *a, **k: 0)
+    base = [SP_MODEL, "strategy.name=deepspeed", "trainer.devices=8", "data.seq_len=64", "data.micro_batch_size=3"]
+    for sp, windows in ((4, 3 * 2 * 8 // 4), (1, 3 * 2 * 8)):
+        ds = deepspeed_config(cfg(*base, f"strategy.sequence_parallel={sp}"))
+        parsed = ds_config.DeepSpeedConfig({**ds, "gradient_accumulation_steps": 2})  # as Lightning adds it
+        assert parsed.train_batch_size == windows
+    with pytest.raises(ConfigError, match="strategy.sequence_parallel"):
+        cfg(*base, "strategy.deepspeed={sequence_parallel_size: 2}")
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield dist
+    dist.destroy_process_group()
+
+
+def test_sequence_parallel_groups_get_the_runs_timeout(one_process_group):
+    from datetime import timedelta
+
+    from longcpt.strategies import sequence_parallel_group
+
+    group = sequence_parallel_group(1, timeout_minutes=7)
+    assert group._get_backend(torch.device("cpu")).options._timeout == timedelta(minutes=7)
+
+
+def test_a_sequence_parallel_group_across_nodes_is_warned_about(monkeypatch):
+    """4 ranks in groups of 2 with a cyclic placement over two nodes: every group spans both."""
+    import torch.distributed as dist
+
+    from longcpt.strategies import groups_spanning_nodes, sequence_parallel_group
+
+    assert groups_spanning_nodes([[0, 1], [2, 3]], ["a", "a", "b", "b"]) == []
+    assert groups_spanning_nodes([[0, 1], [2, 3]], ["a", "b", "a", "b"]) == [([0, 1], ["a", "b"]), ([2, 3], ["a", "b"])]
+    made = []
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: 4)
+    monkeypatch.setattr(dist, "get_rank", lambda *a: 0)
+    monkeypatch.setattr(dist, "new_group", lambda ranks, timeout=None: made.append((ranks, timeout)) or ranks)
+    monkeypatch.setattr(dist, "all_gather_object", lambda out, obj: out.__setitem__(slice(None), ["a", "b", "a", "b"]))
+    with pytest.warns(RuntimeWarning, match=r"2 of 2 sequence-parallel groups span nodes \(ranks 0-1 on a, b\)"):
+        assert sequence_parallel_group(2, timeout_minutes=30) == [0, 1]
+    assert [ranks for ranks, _ in made] == [[0, 1], [2, 3]]
+
+
+def test_a_window_the_group_size_does_not_divide_is_refused():
+    """Sharding 5 tokens over 2 ranks would drop the last one without a word."""
+    from longcpt.errors import LongcptError
+    from longcpt.model.attention.ulysses import SequenceParallel
+
+    sp = SequenceParallel(group=None, size=2, rank=1)
+    assert sp.shard(torch.arange(8)[None]).tolist() == [[4, 5, 6, 7]]
+    with pytest.raises(LongcptError, match="window length divisible by 2; this window has 5 tokens"):
+        sp.shard(torch.arange(5)[None])

@@ -84,7 +84,8 @@ class LitCausalLM(pl.LightningModule):
         """Under `strategy.sequence_parallel`, make this rank's group (torch.distributed is up now)."""
         n = self.cfg.strategy.sequence_parallel
         if n > 1 and self._sequence_parallel is None:
-            self._sequence_parallel = SequenceParallel.of(sequence_parallel_group(n))
+            group = sequence_parallel_group(n, timeout_minutes=self.cfg.trainer.timeout_minutes)
+            self._sequence_parallel = SequenceParallel.of(group)
 
     def configure_model(self) -> None:
         """Build the model if it was deferred; give it its sequence-parallel group.

@@ -37,6 +37,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from longcpt.errors import LongcptError
+
 
 class _AllToAll(torch.autograd.Function):
     """`dist.all_to_all_single` over dim 0 in equal blocks; the backward sends the gradients back
@@ -104,7 +106,17 @@ class SequenceParallel:
         return cls(group, dist.get_world_size(group), dist.get_rank(group))
 
     def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        """This rank's T/N consecutive tokens of a whole-window tensor (tokens along `dim`)."""
+        """This rank's T/N consecutive tokens of a whole-window tensor (tokens along `dim`).
+
+        Raises:
+            LongcptError: N does not divide the window length T (the last T mod N tokens would
+                belong to no rank and be dropped without a word).
+        """
+        if x.shape[dim] % self.size:
+            raise LongcptError(
+                f"sequence parallelism over {self.size} ranks needs a window length divisible by {self.size}; "
+                f"this window has {x.shape[dim]} tokens: make data.seq_len (or the window passed to the model) "
+                f"a multiple of {self.size}")
         t = x.shape[dim] // self.size
         return x.narrow(dim, self.rank * t, t)
 

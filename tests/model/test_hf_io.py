@@ -131,3 +131,70 @@ def test_bf16_cast_keeps_rope_tables_fp32(hf):
     assert rope.inv_freq.dtype == torch.float32
     cos, _ = rope(torch.arange(70000).unsqueeze(0))
     assert cos.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# ZeRO-3 loading (`partitioned=True`, inside deepspeed.zero.Init)
+
+
+def test_partitioned_loading_skips_the_init_pass_and_loads_exactly(zero_init, hf, monkeypatch):
+    """Under zero.Init every `Module.apply` gathers each module on all ranks and broadcasts it back:
+    the init pass is a whole-model round trip that the loading then overwrites."""
+    import deepspeed
+
+    from longcpt.model.llama import CausalLM
+
+    model, path = hf
+    calls = []
+    init = CausalLM._init_weights
+    monkeypatch.setattr(CausalLM, "_init_weights", lambda self, module: calls.append(module) or init(self, module))
+    with zero_init():
+        ours = longcpt.from_pretrained(path, partitioned=True)
+    assert calls == []
+    want = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    params = dict(ours.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        for name, p in params.items():
+            assert torch.equal(p.detach(), want[name]), name
+    assert CausalLM(ours.args) is not None and calls  # without weights to load, the init still runs
+
+
+def test_old_non_zip_bin_is_refused_where_every_rank_would_read_it_whole(tmp_path, hf):
+    model, path = hf
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "config.json").write_text((path / "config.json").read_text())
+    torch.save(model.state_dict(), legacy / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    ids = torch.randint(0, 128, (1, 20))
+    torch.testing.assert_close(_logits(longcpt.from_pretrained(legacy), ids), _logits(model, ids))  # one process: read
+    with pytest.raises(LongcptError, match=r"pytorch_model.bin: an old non-zip PyTorch file .* safetensors"):
+        longcpt.from_pretrained(legacy, partitioned=True)
+
+
+@pytest.mark.slow
+def test_a_read_error_on_rank_0_stops_every_rank_with_its_message(tmp_path, hf, subprocess_env):
+    """2 processes: rank 0 fails to read one tensor in the middle of the model; both ranks raise at
+    once with rank 0's message (the other rank would otherwise wait in the next gather: with NCCL
+    until the collective timeout)."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, path = hf
+    worker = Path(__file__).with_name("zero3_load_worker.py")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    bad = "model.layers.1.mlp.up_proj.weight"
+    procs = [subprocess.Popen([sys.executable, str(worker), str(path), str(tmp_path), bad], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env=subprocess_env(RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                                 MASTER_PORT=port, OMP_NUM_THREADS="1"))
+             for r in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r, result in enumerate(results):
+        assert result["raised"] == "LongcptError", (result, logs[r][-3000:])
+        assert f"rank 0 could not read {bad} (OSError" in result["message"] and "Input/output error" in result["message"]
+    assert results[0]["message"] == results[1]["message"]

@@ -163,26 +163,6 @@ ROPE_CASES = {**ROPE_TYPES, "yarn-untruncated-mscale": {
 LONG = torch.tensor([[0, 1, 4095, 65_535, 131_071]])
 
 
-@pytest.fixture(scope="module")
-def zero_init(tmp_path_factory):
-    """`deepspeed.zero.Init` with bf16 on a one-process gloo group (as ZeRO-3 under bf16-mixed)."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    env = pytest.MonkeyPatch()
-    for name, value in (("DS_ACCELERATOR", "cpu"), ("LOCAL_RANK", "0"), ("RANK", "0"), ("WORLD_SIZE", "1")):
-        env.setenv(name, value)
-    import deepspeed
-
-    store = tmp_path_factory.mktemp("zero_init") / "store"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    config = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
-    yield lambda: deepspeed.zero.Init(config_dict_or_path=config)
-    dist.destroy_process_group()
-    env.undo()
-
-
 def _tables(rope: RotaryEmbedding):
     cos, sin = rope(LONG)
     return rope.inv_freq, rope.attention_factor, cos, sin

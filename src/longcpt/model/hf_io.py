@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -54,14 +55,20 @@ class WeightFiles(Mapping[str, torch.Tensor]):
     Opening reads only the file headers (names and shapes). A safetensors tensor is read by opening
     its file for that one read, so the memory map is released right after and the file's pages do
     not pile up in the process's resident memory; `.bin` files are loaded with
-    `torch.load(mmap=True)` (old non-zip files whole). So every rank can list and check the tensors
-    of a 70B folder, and the rank that fills the model holds one tensor at a time.
+    `torch.load(mmap=True)`. So every rank can list and check the tensors of a 70B folder, and the
+    rank that fills the model holds one tensor at a time. An old non-zip `.bin` (torch < 1.6's
+    format) cannot be memory-mapped and is read whole, only where `whole_files` allows it.
+
+    Args:
+        path: the HF folder.
+        whole_files: accept old non-zip `.bin` files, read whole into memory when opened.
 
     Raises:
-        LongcptError: no weight file, or an index naming a missing shard.
+        LongcptError: no weight file, an index naming a missing shard, or an old non-zip `.bin`
+            where `whole_files` is False.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, whole_files: bool = True):
         self.path = Path(path)
         self._source: dict[str, Path | dict[str, torch.Tensor]] = {}  # name -> safetensors file or .bin dict
         self._shape: dict[str, tuple[int, ...]] = {}
@@ -71,7 +78,7 @@ class WeightFiles(Mapping[str, torch.Tensor]):
                     for name in f.keys():
                         self._source[name], self._shape[name] = file, tuple(f.get_slice(name).get_shape())
             else:
-                loaded = _load_bin(file)
+                loaded = _load_bin(file, whole_files)
                 for name, tensor in loaded.items():
                     self._source[name], self._shape[name] = loaded, tuple(tensor.shape)
 
@@ -127,11 +134,16 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {name: weights[name] for name in weights}
 
 
-def _load_bin(file: Path) -> dict[str, torch.Tensor]:
-    try:
+def _load_bin(file: Path, whole_files: bool) -> dict[str, torch.Tensor]:
+    if zipfile.is_zipfile(file):
         return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
-        return torch.load(file, map_location="cpu", weights_only=True)
+    if not whole_files:
+        raise LongcptError(
+            f"{file}: an old non-zip PyTorch file (saved by torch < 1.6), which cannot be read one tensor at a "
+            "time: under ZeRO-3 every rank would hold the whole model. Convert the folder once to safetensors: "
+            "python -c \"import longcpt, sys; longcpt.save_pretrained(longcpt.from_pretrained(sys.argv[1]), "
+            "sys.argv[2])\" IN_FOLDER OUT_FOLDER, and point model.pretrained at OUT_FOLDER")
+    return torch.load(file, map_location="cpu", weights_only=True)
 
 
 def build_model(
@@ -156,7 +168,9 @@ def build_model(
     if state is None:
         return CausalLM(args)
     if partitioned:
-        model = CausalLM(args)  # partitioned as it is built
+        # Partitioned as it is built. No init pass: under zero.Init every `apply` gathers each
+        # module on all ranks and broadcasts it back, a whole-model pass the loading overwrites.
+        model = CausalLM(args, init_weights=False)
         given, _ = _checked_keys(model, args, state, source)
         _fill_partitioned(model, state, given, source)
         return model
@@ -213,7 +227,13 @@ def _fill_partitioned(model: CausalLM, state: Mapping[str, torch.Tensor], given:
     (Lightning#19259: "size mismatch ... torch.Size([0])").
 
     Every rank checks the shapes first (from the file headers), so a bad file fails on all ranks
-    together instead of leaving the others waiting for rank 0.
+    together instead of leaving the others waiting for rank 0. A read that fails on rank 0 (an I/O
+    error, a corrupt tensor) is sent to every rank once the module's broadcast is done, and every
+    rank raises with rank 0's message: the others would otherwise wait in the next gather until
+    the collective timeout.
+
+    Raises:
+        LongcptError: shapes that do not fit, or rank 0 failing to read a tensor (on every rank).
     """
     import deepspeed
     import torch.distributed as dist
@@ -232,14 +252,27 @@ def _fill_partitioned(model: CausalLM, state: Mapping[str, torch.Tensor], given:
             continue
         seen.update(id(p) for p in own.values())
         keys = {n: f"{prefix}.{n}" if prefix else n for n in own}
+        failure: list[str | None] = [None]
         with deepspeed.zero.GatheredParameters(list(own.values()), modifier_rank=0), torch.no_grad():
-            if not filler:
-                continue
-            for n, p in own.items():
-                if keys[n] in given:
-                    p.copy_(state[keys[n]])
-            if any(keys[n] not in given for n in own):  # the attention kind's own new parameters
-                module.reset_parameters()
+            if filler:
+                failure[0] = _fill_module(module, own, keys, state, given)
+        dist.broadcast_object_list(failure, src=0)
+        if failure[0] is not None:
+            raise LongcptError(f"{source or 'state dict'}: rank 0 could not read {failure[0]}; every rank stops")
+
+
+def _fill_module(module, own: dict, keys: dict[str, str], state: Mapping[str, torch.Tensor], given: set[str]):
+    """Rank 0's copy of one module's stored tensors (or kind-new parameters' init); None when it
+    worked, else "NAME (ERROR)" for the tensor whose read failed (the caller tells every rank)."""
+    for n, p in own.items():
+        if keys[n] in given:
+            try:
+                p.copy_(state[keys[n]])
+            except Exception as e:  # noqa: BLE001  (any failure must reach the other ranks, not hang them)
+                return f"{keys[n]} ({type(e).__name__}: {e})"
+    if any(keys[n] not in given for n in own):  # the attention kind's own new parameters
+        module.reset_parameters()
+    return None
 
 
 def _few(keys: list[str], n: int = 8) -> str:
@@ -292,7 +325,7 @@ def from_pretrained(
         args.rope_theta = float(rope_theta)
     if rope_scaling is not None:
         args.rope_scaling = normalise_rope_scaling(rope_scaling, args.max_position_embeddings, "rope_scaling override")
-    weights = WeightFiles(path)
+    weights = WeightFiles(path, whole_files=not partitioned)
     if infini_options is not None and attention != "infini":  # e.g. an ablation without memory
         weights.drop(k for k in list(weights) if k.endswith(".core.gate"))
     model = build_model(args, weights, source=str(path), partitioned=partitioned)

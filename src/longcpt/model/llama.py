@@ -143,6 +143,8 @@ class CausalLM(nn.Module):
     Args:
         args: architecture, attention kind and its options (checked and completed with the kind's
             defaults; `self.args` holds the result).
+        init_weights: draw the initial weights (`initializer_range`); False leaves each layer's
+            own default init, for a model whose weights are loaded next.
 
     Attributes:
         activation_checkpointing: recompute each block in the backward (set by the trainer).
@@ -152,7 +154,7 @@ class CausalLM(nn.Module):
             whole window through all-to-alls, and `loss` is the whole window's loss.
     """
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, init_weights: bool = True):
         super().__init__()
         # The kind's options with its defaults filled in and checked (one owner: the registry).
         args = dataclasses.replace(args, attention_options=resolve_options(args.attention, args.attention_options))
@@ -162,7 +164,8 @@ class CausalLM(nn.Module):
         self.tie_weights()
         self.activation_checkpointing = False
         self.sequence_parallel: SequenceParallel | None = None
-        self.apply(self._init_weights)
+        if init_weights:  # off when every weight is about to be loaded (`longcpt.model.hf_io`)
+            self.apply(self._init_weights)
 
     def tie_weights(self) -> None:
         """Share the embedding with the LM head when the config says so (again after `to_empty`)."""

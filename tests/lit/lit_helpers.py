@@ -202,24 +202,29 @@ def fake_scontrol(folder: Path) -> Path:
     return folder
 
 
-def catches_sigusr1_before_torch(pid: int) -> bool | None:
-    """Has process `pid` a handler for SIGUSR1 while it has not loaded torch yet (the early start of
-    `longcpt train`, long before the training loop's own handler)? None once the process is gone."""
+def start_up_state(pid: int) -> tuple[bool, bool] | None:
+    """(catches SIGUSR1, has loaded torch) for process `pid`; None once it is gone. The status is
+    read before the memory map, so (True, False) means the handler was there before torch."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
         maps = Path(f"/proc/{pid}/maps").read_text()
     except (FileNotFoundError, ProcessLookupError):
         return None
     caught = int(re.search(r"^SigCgt:\s*([0-9a-f]+)$", status, re.M).group(1), 16)
-    return bool(caught & (1 << (signal.SIGUSR1 - 1))) and "libtorch" not in maps
+    return bool(caught & (1 << (signal.SIGUSR1 - 1))), "libtorch" in maps
 
 
 def wait_for_early_start(pids: list[int], timeout: float = 30.0) -> bool:
-    """Wait until every process in `pids` catches SIGUSR1 before loading torch; False after
-    `timeout` seconds without that (a version that installs no handler so early never gets there)."""
+    """Wait until each process in `pids` catches SIGUSR1 or has loaded torch, whichever comes first
+    (the start of `longcpt train`, long before the training loop's own handler). True if every one
+    caught SIGUSR1 before loading torch; False if one loaded torch first (a version that installs no
+    handler so early, which a SIGUSR1 sent now kills), is gone, or `timeout` seconds passed."""
+    early: dict[int, bool] = {}
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all(catches_sigusr1_before_torch(pid) for pid in pids):
-            return True
+    while len(early) < len(pids) and time.monotonic() < deadline:
+        for pid in set(pids) - set(early):
+            state = start_up_state(pid)
+            if state is None or any(state):
+                early[pid] = state is not None and state == (True, False)
         time.sleep(0.01)
-    return False
+    return len(early) == len(pids) and all(early.values())

@@ -220,7 +220,7 @@ def test_usr1_to_the_batch_shell_during_start_up_requeues_after_the_first_step(w
     pids = job.wait(lambda info: len(p := rank_pids(job)) == 2 and p, "two training tasks", 120)
     early = wait_for_early_start(pids)
     slurm("scancel", "--batch", "--signal=USR1", job.id)
-    job.note(f"scancel --batch --signal=USR1 {job.id} (ranks {'recording SIGUSR1, torch not loaded' if early else 'not ready'})")
+    job.note(f"scancel --batch --signal=USR1 {job.id} (each rank caught SIGUSR1 before loading torch: {early})")
     job.release_requeued()
     job.finish()
     log = job.text()

@@ -1,7 +1,8 @@
 """Passkey prompts through one attention kind: exact match, answer probability and cache use.
 
-    python docs/namm_demo_eval.py MODEL KIND OPTIONS_JSON OUT.json --lengths 128,192 --depths 0,0.5 \
+    python docs/namm_demo_eval.py eval MODEL KIND OPTIONS_JSON OUT.json --lengths 128,192 --depths 0,0.5 \
         [--trials 8] [--seed 0] [--filler-offset 0] [--every 32]
+    python docs/namm_demo_eval.py match KV_MEAN --lengths 128,192 [--every 32] [--answer 5]
 
 For every prompt (lengths x depths x trials, keys of --seed, filler cycle starting at sentence
 --filler-offset, key written one digit per token):
@@ -15,6 +16,10 @@ For every prompt (lengths x depths x trials, keys of --seed, filler cycle starti
     token saw / the same mean for the full cache (`mean`), and the largest slot count / tokens
     read (`peak`); mean over layers. `full` is 1.0 for all three.
 Writes OUT.json with the per-prompt rows and their means.
+
+`match` prints the `cache_size` at which H2O and StreamingLLM (which hold min(cache_size, what
+they have) after every update) hold the cache share KV_MEAN through prompts of those lengths plus
+the answer, i.e. the size that compares them with a NAMM at the same memory through the prompt.
 """
 
 from __future__ import annotations
@@ -84,19 +89,49 @@ def evaluate(model, builder, example, every: int, eos) -> dict:
     return row
 
 
+def mean_share(cache_size: int, total: int, every: int) -> float:
+    """The share a fixed-size eviction holds through `total` tokens: slots after each token, capped
+    at cache_size after every update, summed, over the full cache's sum."""
+    slots = held = 0
+    for i in range(total):
+        slots += 1
+        held += slots
+        if (i + 1) % every == 0:
+            slots = min(slots, cache_size)
+    return held / (total * (total + 1) / 2)
+
+
+def match(target: float, lengths: list[int], every: int, answer: int) -> int:
+    """The smallest cache_size whose mean share over `lengths` (+ answer - 1 tokens read) reaches `target`."""
+    for size in range(1, max(lengths) + answer):
+        if sum(mean_share(size, n + answer - 1, every) for n in lengths) / len(lengths) >= target:
+            return size
+    return max(lengths) + answer
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("model")
-    parser.add_argument("kind")
-    parser.add_argument("options")
-    parser.add_argument("out")
-    parser.add_argument("--lengths", required=True)
-    parser.add_argument("--depths", required=True)
-    parser.add_argument("--trials", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--filler-offset", type=int, default=0)
-    parser.add_argument("--every", type=int, default=32, help="tokens per call: the eviction interval")
+    sub = parser.add_subparsers(dest="command", required=True)
+    fit = sub.add_parser("match")
+    fit.add_argument("kv_mean", type=float)
+    fit.add_argument("--lengths", required=True)
+    fit.add_argument("--every", type=int, default=32)
+    fit.add_argument("--answer", type=int, default=5, help="answer tokens (read by teacher forcing)")
+    ev = sub.add_parser("eval")
+    ev.add_argument("model")
+    ev.add_argument("kind")
+    ev.add_argument("options")
+    ev.add_argument("out")
+    ev.add_argument("--lengths", required=True)
+    ev.add_argument("--depths", required=True)
+    ev.add_argument("--trials", type=int, default=8)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--filler-offset", type=int, default=0)
+    ev.add_argument("--every", type=int, default=32, help="tokens per call: the eviction interval")
     args = parser.parse_args()
+    if args.command == "match":
+        print(match(args.kv_mean, [int(x) for x in args.lengths.split(",")], args.every, args.answer))
+        return
     torch.set_num_threads(1)
     options = json.loads(args.options)
     model = longcpt.from_pretrained(args.model, attention=args.kind, **options).eval()

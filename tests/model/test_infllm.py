@@ -446,6 +446,25 @@ def test_batch_rows_are_independent_and_the_cache_path_is_exact():
     assert cache.hits > 0 and cache.evictions > 0
 
 
+@pytest.mark.gpu
+def test_on_cuda_retrieval_stays_on_the_device_and_only_the_staging_buffer_is_pinned():
+    """The representatives and the top-k live on the GPU; the host pages are pageable; the cache path
+    (pinned staging buffer, asynchronous copies) gives the CPU's outputs."""
+    rope = RotaryEmbedding(8, 10000.0, None, 64)
+    opts = options(topk=2, max_cached_block=3)
+    q, k, v = layer_inputs(b=2, t=300, seed=3)
+    chunks = [64] * 4 + [1] * 44
+    want = run_layer(core_for(opts), q, k, v, {}, rope, chunks)
+    state: dict = {}
+    got = run_layer(core_for(opts), q.cuda(), k.cuda(), v.cuda(), state, RotaryEmbedding(8, 10000.0, None, 64).cuda(),
+                    chunks)
+    s = state[0]
+    assert (got.cpu() - want).abs().max().item() <= 1e-4
+    assert all(p.is_cuda for p in s.store.reps.pages) and s.selected.is_cuda
+    assert not any(p.is_pinned() for p in s.store.pages_k + s.store.pages_v)
+    assert s.cache.stage.is_pinned() and s.cache.stage.shape[1] == 2 * opts["topk"]
+
+
 def test_device_state_is_bounded_while_streaming_256k_tokens():
     """Sinks + pending + scores stay under their bound at every call; the host store grows linearly."""
     opts = options(n_init=16, n_local=256, block_size=64, topk=2, repr_topk=2, exc_block_size=256, max_cached_block=2)

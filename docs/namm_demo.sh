@@ -10,7 +10,8 @@
 # STAGE         any of: data evolve eval ppl summary (default: all, in order)
 #
 # Settings (environment): LENGTHS / DEPTHS the evolution prompts (96,112,128 / 0,0.2,...,1), TRIALS (8)
-# keys per evaluation cell, EVERY (32) tokens between evictions, GENERATIONS (25), PYTHON.
+# keys per evaluation cell, EVERY (32) tokens between evictions, GENERATIONS (25), WORKERS (2) evolution
+# processes, PYTHON.
 #
 # Stages:
 #   data     32 passkey texts of 128 tokens (keys of seed 2, random depths, prompt + answer) for perplexity:
@@ -33,6 +34,7 @@ STAGES=("$@")
 PY=${PYTHON:-python}
 HERE=$(cd "$(dirname "$0")" && pwd)
 GENERATIONS=${GENERATIONS:-25}
+WORKERS=${WORKERS:-2}
 EVERY=${EVERY:-32}
 TRIALS=${TRIALS:-8}
 LENGTHS=${LENGTHS:-96,112,128}
@@ -78,7 +80,7 @@ PYEOF
       ;;
     evolve)
       $PY -m longcpt namm train recipes/namm_passkey_tiny.yaml model.pretrained="$MODEL" \
-          trainer.out_dir="$WORK/namm" namm.generations="$GENERATIONS" namm.update_every="$EVERY" \
+          trainer.out_dir="$WORK/namm" namm.generations="$GENERATIONS" namm.workers="$WORKERS" namm.update_every="$EVERY" \
           "namm.passkey.lengths=[$LENGTHS]" "namm.passkey.depths=[$DEPTHS]" 2>&1 | tee -a "$WORK/evolve.log" ;;
     eval)
       for set in seen unseen; do

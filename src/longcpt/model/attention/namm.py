@@ -93,7 +93,7 @@ SELECTIONS = ("reference", "per_head")
 EMA = "namm_ema"  # per-entry EMA of the spectrogram (B, Hk, S, K)
 TAIL = "namm_tail"  # per-entry last n_fft - hop attention values of the last finished frame (B, Hk, S, n_fft - hop)
 PARTIAL = "namm_partial"  # attention rows of the frame being filled, fewer than hop (cache.scratch)
-_SPEC_BLOCK = 1 << 22  # values per spectrogram block: bounds the STFT's memory
+_SPEC_BLOCK = 1 << 24  # values per spectrogram block: bounds the STFT's memory (64 MiB in float32)
 
 
 @dataclass(frozen=True)
@@ -260,25 +260,32 @@ def stft_magnitudes(signal: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
 
     Equals `torch.stft(x, n_fft, hop, window=torch.hann_window(n_fft), center=False,
     return_complex=True).abs().transpose(-1, -2)` (tests/model/test_namm.py) for hop dividing
-    n_fft. A 32-point DFT is cheaper as small matmuls (windowed cosine and sine tables) than as an
-    FFT followed by the magnitude of complex numbers: 20x on a CPU for the cache sizes NAMM sees.
-    The overlapping frames are never copied out: the signal is cut into pieces of `hop` values
-    (a view) and frame f's spectrum is the sum over its r = n_fft / hop pieces of piece f + i
-    times rows i*hop .. (i+1)*hop - 1 of the table.
+    n_fft; `frame_magnitudes` does the work.
     """
-    r, k = n_fft // hop, n_fft // 2 + 1
     frames = (signal.shape[-1] - n_fft) // hop + 1
-    p = frames + r - 1  # pieces the frames cover
-    table = dft_table(n_fft, signal.dtype, signal.device)  # (n_fft, 2K), window included
-    if signal.shape[-1] != p * hop:
-        signal = signal[..., : p * hop]
-    flat = signal.reshape(-1, hop)  # (M * P, hop): a view of a contiguous signal
-    parts = None
-    for i in range(r):  # frame f: pieces f .. f + r - 1, piece f + i against rows i*hop .. (i+1)*hop - 1
-        part = (flat @ table[i * hop : (i + 1) * hop]).view(-1, p, 2 * k)[:, i : i + frames]  # (M, F, 2K)
-        parts = part if parts is None else parts.add_(part)
+    pieces = signal[..., : (frames + n_fft // hop - 1) * hop].unflatten(-1, (-1, hop))  # (..., P, hop)
+    return frame_magnitudes(pieces.unsqueeze(-1), n_fft).squeeze(-1)  # (..., F, K)
+
+
+def frame_magnitudes(pieces: torch.Tensor, n_fft: int) -> torch.Tensor:
+    """|DFT| of the frames made of consecutive pieces: pieces (..., P, hop, S) -> (..., P - r + 1, K, S).
+
+    Frame f is pieces f .. f + r - 1 (r = n_fft / hop) of S independent signals (the last dim:
+    one per cached token), Hann-windowed. A 32-point DFT is cheaper as small matmuls (windowed
+    cosine and sine tables) than as an FFT followed by the magnitude of complex numbers, and
+    the overlapping frames are never copied out: piece f + i is multiplied by rows
+    i*hop .. (i+1)*hop - 1 of the table and the products are summed. The signals stay in the
+    last dim, as the attention rows come, so nothing is transposed.
+    """
+    hop = pieces.shape[-2]
+    r, k = n_fft // hop, n_fft // 2 + 1
+    frames = pieces.shape[-3] - r + 1
+    table = dft_table(n_fft, pieces.dtype, pieces.device).T  # (2K, n_fft): [cos | sin] rows, window included
+    parts = table[:, :hop] @ pieces[..., :frames, :, :]  # (..., F, 2K, S)
+    for i in range(1, r):
+        parts += table[:, i * hop : (i + 1) * hop] @ pieces[..., i : i + frames, :, :]
     parts.square_()
-    return (parts[..., :k] + parts[..., k:]).sqrt_().view(*signal.shape[:-1], frames, k)  # (..., F, K)
+    return (parts[..., :k, :] + parts[..., k:, :]).sqrt_()  # (..., F, K, S)
 
 
 @functools.lru_cache(maxsize=16)
@@ -319,28 +326,36 @@ def fold_attention(cache: EvictingCache, rows: torch.Tensor, spec: NammSpec) -> 
     frame ends, so nothing is waiting when the cache is compacted.
     """
     b, hk, t, s = rows.shape
-    carry = spec.n_fft - spec.hop
+    carry, hop = spec.n_fft - spec.hop, spec.hop
     if EMA not in cache.extra:  # the first block: nothing folded yet
         cache.extra[EMA] = rows.new_zeros(b, hk, s, spec.frequencies)
         cache.extra[TAIL] = rows.new_zeros(b, hk, s, carry)
     partial = cache.scratch.setdefault(PARTIAL, [])  # each (B, Hk, t', S at the time)
     filled = sum(p.shape[2] for p in partial)
-    frames = (filled + t) // spec.hop
+    frames = (filled + t) // hop
     if not frames:
         partial.append(rows)
         return
     if partial:  # tokens that arrived since a waiting row was computed got nothing from it
         rows = torch.cat([F.pad(p, (0, s - p.shape[-1])) for p in partial] + [rows], dim=2)  # (B, Hk, filled + t, S)
-    done = frames * spec.hop  # rows inside finished frames
-    columns = rows[:, :, :done].transpose(-1, -2)  # (B, Hk, S, done), a view
+    done = frames * hop  # rows inside finished frames
     ema, tail = cache.extra[EMA], cache.extra[TAIL]  # (B, Hk, S, K), (B, Hk, S, carry)
-    block = max(1, _SPEC_BLOCK // max(1, b * hk * (carry + done)))
-    for j in range(0, s, block):  # bounded memory: the signals of `block` tokens at a time
-        signal = torch.cat([tail[:, :, j : j + block], columns[:, :, j : j + block]], dim=-1)  # (B, Hk, s', carry + done)
-        spectrogram = stft_magnitudes(signal, spec.n_fft, spec.hop)  # (B, Hk, s', frames, K)
-        ema[:, :, j : j + block] = ema_update(ema[:, :, j : j + block], spectrogram, spec.ema, spec.hop)
-        if carry:
-            tail[:, :, j : j + block] = signal[..., -carry:]
+    pieces = rows[:, :, :done].unflatten(2, (frames, hop))  # (B, Hk, F, hop, S), a view
+    head = tail.transpose(-1, -2).unflatten(2, (-1, hop))  # (B, Hk, r - 1, hop, S): the carried pieces
+    r = head.shape[2] + 1
+    weights = ema_frame_weights(frames, spec.ema, hop, rows.device)  # (F,)
+    acc = ema.transpose(-1, -2) * spec.ema ** (frames * hop)  # (B, Hk, K, S): the old EMA, decayed
+    step = max(1, _SPEC_BLOCK // max(1, b * hk * 2 * spec.frequencies * s))  # frames per block: bounded memory
+    for f0 in range(0, frames, step):
+        f1 = min(frames, f0 + step)
+        # pieces f0 .. f1 + r - 2 of [carried | new]: a view of the rows, but for the first block
+        block = pieces[:, :, f0 - (r - 1) : f1] if f0 >= r - 1 else torch.cat([head[:, :, f0:], pieces[:, :, :f1]], 2)
+        magnitudes = frame_magnitudes(block, spec.n_fft)  # (B, Hk, f1 - f0, K, S)
+        acc += torch.einsum("f,bhfks->bhks", weights[f0:f1], magnitudes)
+    ema.copy_(acc.transpose(-1, -2))
+    if carry:  # the last n_fft - hop values of [carried | new rows]
+        last = rows[:, :, done - carry : done] if done >= carry else torch.cat([head.flatten(2, 3), rows[:, :, :done]], 2)
+        tail.copy_(last[:, :, -carry:].transpose(-1, -2))
     cache.scratch[PARTIAL] = [rows[:, :, done:].clone()] if rows.shape[2] > done else []
 
 

@@ -25,9 +25,10 @@ Two measurements, side by side in one run:
    tokens on top of S cached tokens (S = 4K, 8K, 16K by default), the block that ends at an
    update: `full` (SDPA over a KV cache) against `namm` (BAM, the all-zero policy: every step runs,
    nothing is evicted, so S stays S), both from the same prepared cache. It reports the block's
-   time for each, the NAMM policy's time (fold + update) and the policy / `full` ratio (target:
-   <= 15% at 8K), and the whole `namm` block / `full` (its attention is computed explicitly in
-   float32 to get the weights, which costs more than SDPA before any policy work).
+   CPU time for each (run with OMP_NUM_THREADS=1: one thread, whose CPU time other jobs on a
+   shared machine barely change), the NAMM policy's (fold + update) and the policy / `full` ratio
+   (target: <= 15% at 8K), and the whole `namm` block / `full` (its attention is computed
+   explicitly in float32 to get the weights, which costs more than SDPA before any policy work).
 
 Run:
     python benchmarks/namm.py                                   # tiny model at 4K, 16K, 32K; 8B layer at 4K-16K
@@ -99,8 +100,8 @@ class PolicyTimer:
     """Accumulates the time spent in NAMM's `observe` (folding attention into the EMA) and `select`
     (features + scorer + selection at an update), and counts the updates."""
 
-    def __init__(self):
-        self.seconds, self.calls = 0.0, 0
+    def __init__(self, clock=time.perf_counter):
+        self.seconds, self.calls, self.clock = 0.0, 0, clock
         self._methods = {name: getattr(namm_module.NammAttention, name) for name in ("observe", "select")}
 
     def __enter__(self):
@@ -110,9 +111,9 @@ class PolicyTimer:
             method = timer._methods[name]
 
             def run(core, *args):
-                t0 = time.perf_counter()
+                t0 = timer.clock()
                 out = method(core, *args)
-                timer.seconds += time.perf_counter() - t0
+                timer.seconds += timer.clock() - t0
                 timer.calls += name == "select"
                 return out
 
@@ -217,7 +218,7 @@ def layer_rows(sizes: list[int], reps: int) -> list[dict]:
         ids = torch.randint(0, LAYER_8B["vocab_size"], (1, block), generator=g)
         positions = torch.arange(cached, cached + block)[None]
         prepared = {kind: layer_state(kind, cached, m, g) for kind, m in models.items()}
-        timer = PolicyTimer()
+        timer = PolicyTimer(time.process_time)  # CPU time: other processes on the machine barely disturb it
         policy_best = float("inf")
         best = dict.fromkeys(models, float("inf"))
         for _ in range(reps + 1):  # the first round warms up; kinds alternate, so load hits both alike
@@ -225,9 +226,9 @@ def layer_rows(sizes: list[int], reps: int) -> list[dict]:
                 state = copy.deepcopy(prepared[kind])  # the same cache every time
                 timer.seconds = 0.0
                 with timer, torch.inference_mode():
-                    t0 = time.perf_counter()
+                    t0 = time.process_time()
                     model.hidden_states(ids, position_ids=positions, state=state)
-                    seconds = time.perf_counter() - t0
+                    seconds = time.process_time() - t0
                 best[kind] = min(best[kind], seconds)
                 if kind == "namm":
                     policy_best = min(policy_best, timer.seconds)
@@ -268,8 +269,8 @@ def main() -> None:
             print(f"{label:>5} {name:<12} {r['seconds']:>9.2f} {r['vs_full']:>6.2f}x {r['kv_mib']:>8.2f} "
                   f"{r['policy_mib']:>11.2f} {r['kv_kept']:>8.3f} {r['kv_kept_mean']:>13.3f} {policy}")
     if layers:
-        print(f"\none Llama-3-8B-shaped layer, a 512-token block ending at an update on S cached tokens (CPU, "
-              f"{torch.get_num_threads()} threads, best of {args.reps})")
+        print(f"\none Llama-3-8B-shaped layer, a 512-token block ending at an update on S cached tokens (CPU "
+              f"seconds, {torch.get_num_threads()} threads, best of {args.reps})")
         print(f"{'S':>5} {'full s':>8} {'namm s':>8} {'policy s':>9} {'policy / full':>14} {'namm / full - 1':>16}")
         for r in layers:
             print(f"{size_label(r['cached']):>5} {r['full_s']:>8.2f} {r['namm_s']:>8.2f} {r['policy_s']:>9.2f} "

@@ -55,7 +55,7 @@ def subpackage(module: str) -> str:
 
 def test_no_import_cycle_between_modules():
     graph = import_graph()
-    assert len(graph) > 40 and "longcpt.model.llama" in graph["longcpt.model.infini"]  # the walk sees imports
+    assert len(graph) > 40 and "longcpt.model.attention" in graph["longcpt.model.llama"]  # the walk sees imports
     try:
         graphlib.TopologicalSorter(graph).prepare()
     except graphlib.CycleError as e:

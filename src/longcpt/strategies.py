@@ -78,8 +78,7 @@ def _sequence_parallel_problems(cfg) -> list[str]:
     problems = []
     spec = KINDS.get(cfg.attention.kind)
     if spec is not None and not spec.sequence_parallel:
-        why = (" (its memory is already constant in the window length, so it does not need it)"
-               if cfg.attention.kind == "infini" else "")
+        why = f" ({spec.hooks.no_sequence_parallel})" if spec.hooks.no_sequence_parallel else ""
         supported = ", ".join(name for name, other in KINDS.items() if other.sequence_parallel)
         problems.append(f"{key} with attention.kind={cfg.attention.kind!r}: not supported{why}; "
                         f"sequence parallelism works with {supported}")

@@ -2,14 +2,16 @@
 
 import torch
 
-from longcpt.doctor import kernels
+from longcpt.doctor.kernels import KindCheckTools
 from longcpt.doctor.report import FAIL, PASS
-from longcpt.model.attention import document
+from longcpt.model.attention.document import doctor as document_doctor
+from longcpt.model.attention.document import kernels as document
 
 
 def test_a_leaking_kernel_fails_and_the_real_one_passes(monkeypatch):
     cpu = torch.device("cpu")
-    assert kernels.check_backend("sdpa", "bf16", cpu, quick=True).status == PASS
+    tools = KindCheckTools(cpu, quick=True)
+    assert document_doctor.check_backend("sdpa", "bf16", cpu, True, tools).status == PASS
 
     def whole_row_causal(q, k, v, layout):  # attends across documents: the bug the check exists for
         b, t = layout.batch, layout.seq_len
@@ -18,6 +20,6 @@ def test_a_leaking_kernel_fails_and_the_real_one_passes(monkeypatch):
         return y.transpose(1, 2).reshape(b * t, q.shape[1], q.shape[2])
 
     monkeypatch.setitem(document._KERNELS, "sdpa", whole_row_causal)
-    result = kernels.check_backend("sdpa", "bf16", cpu, quick=True)
+    result = document_doctor.check_backend("sdpa", "bf16", cpu, True, tools)
     assert result.status == FAIL and "beyond tolerance" in result.detail
     assert result.data["errors"]["mha"]["out"] > 0.1

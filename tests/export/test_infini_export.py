@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from longcpt.export import infini_hf
 from longcpt.export.hf import save_pretrained
 from longcpt.model import CausalLM, ModelArgs, from_pretrained
 from longcpt.model.attention.infini import InfiniAttention
-from longcpt.model.infini_config import AUTO_MAP
+from longcpt.model.attention.infini import export as infini_hf
+from longcpt.model.attention.infini.hf_config import AUTO_MAP
 
 VOCAB = 61
 SEGMENT = 8
@@ -242,7 +242,7 @@ def test_evaluation_loads_an_infini_export_without_asking_to_run_its_code(export
 def test_shipped_rope_equals_ours_for_every_scaling_type(rope, seq_len):
     from tiny import ROPE_TYPES
 
-    from longcpt.export.infini_remote import modeling_longcpt_infini as shipped
+    from longcpt.model.attention.infini.remote import modeling_longcpt_infini as shipped
     from longcpt.model.rope import rope_frequencies
 
     scaling = ROPE_TYPES[rope]
@@ -255,8 +255,8 @@ def test_shipped_rope_equals_ours_for_every_scaling_type(rope, seq_len):
 
 
 def test_shipped_config_defaults_are_the_kinds_defaults():
-    from longcpt.export.infini_remote.configuration_longcpt_infini import LongcptInfiniConfig
     from longcpt.model.attention.infini import OPTIONS
+    from longcpt.model.attention.infini.remote.configuration_longcpt_infini import LongcptInfiniConfig
 
     config = LongcptInfiniConfig()
     assert {name: getattr(config, f"infini_{name}") for name in OPTIONS} == {k: o.default for k, o in OPTIONS.items()}

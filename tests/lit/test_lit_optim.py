@@ -17,14 +17,12 @@ def tiny_model(**kw) -> CausalLM:
 
 
 def test_groups_split_matrices_vectors_and_gates():
-    model = tiny_model()
-    # Stand-in for the Infini engineer's per-head gate (named as the interface says).
-    model.model.layers[0].self_attn.core.gate = nn.Parameter(torch.zeros(4))
+    model = tiny_model(attention="infini")  # its gates: the kind's own group (its param_groups hook)
     optim = OptimConfig(lr=1e-3, weight_decay=0.1, gate_lr=1e-2)
     groups = {g["name"]: g for g in param_groups(model, optim)}
 
     assert set(groups) == {"decay", "no_decay", "gate"}
-    assert groups["gate"]["param_names"] == ["model.layers.0.self_attn.core.gate"]
+    assert groups["gate"]["param_names"] == [f"model.layers.{i}.self_attn.core.gate" for i in range(2)]
     assert (groups["gate"]["lr"], groups["gate"]["weight_decay"]) == (1e-2, 0.0)
     assert groups["no_decay"]["weight_decay"] == 0.0 and groups["decay"]["weight_decay"] == 0.1
     no_decay = set(groups["no_decay"]["param_names"])
@@ -35,6 +33,27 @@ def test_groups_split_matrices_vectors_and_gates():
     # Every trainable parameter is in exactly one group.
     names = [n for g in groups.values() for n in g["param_names"]]
     assert sorted(names) == sorted(n for n, _ in model.named_parameters())
+
+
+def test_a_kind_without_the_hook_gets_no_group_of_its_own(monkeypatch):
+    """The groups come from the kind's hook, not from parameter names: a core parameter of a kind
+    without `param_groups` is an ordinary vector (no decay)."""
+    import dataclasses
+
+    from longcpt.model.attention import KINDS, KindHooks, ParamGroup
+
+    model = tiny_model()
+    model.model.layers[0].self_attn.core.scale = nn.Parameter(torch.zeros(4))
+    groups = {g["name"]: g for g in param_groups(model, OptimConfig())}
+    assert set(groups) == {"decay", "no_decay"} and "model.layers.0.self_attn.core.scale" in groups["no_decay"]["param_names"]
+
+    def own(options, optim):
+        return [ParamGroup("scale", ("scale",), 0.5, 0.25)]
+
+    monkeypatch.setitem(KINDS, "full", dataclasses.replace(KINDS["full"], hooks=KindHooks(param_groups=own)))
+    groups = {g["name"]: g for g in param_groups(model, OptimConfig())}
+    assert groups["scale"]["param_names"] == ["model.layers.0.self_attn.core.scale"]
+    assert (groups["scale"]["lr"], groups["scale"]["weight_decay"]) == (0.5, 0.25)
 
 
 def test_tied_embedding_appears_once():
@@ -66,8 +85,7 @@ def test_no_warmup_starts_at_peak():
 
 
 def test_build_optimizer_applies_schedule_per_group():
-    model = tiny_model()
-    model.model.layers[0].self_attn.core.gate = nn.Parameter(torch.zeros(4))
+    model = tiny_model(attention="infini")
     optim = OptimConfig(lr=1e-3, gate_lr=1e-2, warmup_steps=4, min_lr_ratio=0.1)
     opt, sched = build_optimizer(model, optim, max_steps=20)
     assert isinstance(opt, torch.optim.AdamW)

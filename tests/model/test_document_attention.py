@@ -477,7 +477,7 @@ KV_HEADS = {"mha": 4, "gqa": 2, "mqa": 1}
 @pytest.fixture
 def cuda_backends_on_cpu(monkeypatch):
     """`document_attention` may pick the CUDA-only backends for CPU tensors (their kernels are doubles)."""
-    from longcpt.model.attention import document
+    from longcpt.model.attention.document import kernels as document
 
     monkeypatch.setattr(document, "available_backends", lambda device, dtype: ["flash_attn", "varlen", "flex", "sdpa"])
 

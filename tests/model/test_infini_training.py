@@ -15,7 +15,7 @@ from longcpt.batch import position_ids
 from longcpt.config import load_config
 from longcpt.errors import LongcptError
 from longcpt.model import CausalLM, ModelArgs
-from longcpt.model.infini import gate_stats, gate_values
+from longcpt.model.attention.infini.training import gate_stats, gate_values
 
 VOCAB = 64
 REPO = Path(__file__).resolve().parents[2]

@@ -204,7 +204,7 @@ class PretrainDataModule(ResumableDataModule):
         num_workers: int = 0,
         val_batches: int = 8,
         seed: int = 0,
-        attention_kind: str = "anchor",
+        attention_kind: str,
         bos_id: int,
         eos_id: int,
         pad_id: int,

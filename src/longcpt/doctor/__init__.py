@@ -6,9 +6,10 @@ The first command to run on a new machine or cluster (docs/doctor.md). It checks
                with memory and compute capability; flash-attn (does it *load*), torch varlen and
                FlexAttention; DeepSpeed's ops (its `ds_report` table, through its Python API);
                SLURM variables and the cores srun really gave; free disk at trainer.out_dir
-  kernels      every document-attention backend of the device, forward and backward in bf16 and
-               fp16 at a few shapes (GQA, 1-token documents) against a dense reference; intra_doc
-               and anchor through a tiny model; Infini memory under bf16 autocast
+  kernels      what every trainable attention kind declares (its `doctor` hook): the document
+               kernels of the device, forward and backward in bf16 and fp16 at a few shapes (GQA,
+               1-token documents) against a dense reference; each kind through a tiny model; the
+               Infini memory under bf16 autocast
   training     a real `longcpt train` step per strategy (one device; DDP and DeepSpeed ZeRO-2/3
                on 2 GPUs, or 2 CPU processes over gloo without --quick) whose loss must equal the
                CPU float32 loss of the same batch; then tokens/s and MFU of the recipe's model
@@ -34,25 +35,23 @@ def build_checks(cfg, device, quick: bool, scratch: Path, peak: float | None = N
     """The checks for this machine, in the order they run (see the module docstring)."""
     import torch
 
+    from longcpt.config import Config
     from longcpt.doctor import environment as env
     from longcpt.doctor import kernels, steps
 
     precision = cfg.trainer.precision if cfg is not None else ("bf16-mixed" if _bf16_ok(device) else "32-true")
-    kind = cfg.attention.kind if cfg is not None else "anchor"
-    kind = kind if kind in ("full", "intra_doc", "anchor", "infini") else "anchor"
+    kind = cfg.attention.kind if cfg is not None else Config().attention.kind  # the recipes' default kind
     strategy = cfg.strategy if cfg is not None else None
+    kind_checks = kernels.kind_checks(device, quick, cfg.attention.options if cfg is not None else None)
     checks = [
         Check(env.SECTION, "torch", env.check_torch),
         Check(env.SECTION, "GPUs", lambda: env.check_gpus(precision)),
-        Check(env.SECTION, "attention libraries", lambda: env.check_attention_libraries(
-            cfg.attention.options.get("backend") if cfg is not None else None)),
+        *(c for c in kind_checks if c.section == env.SECTION),
         Check(env.SECTION, "DeepSpeed", lambda: env.check_deepspeed(
             strategy.name if strategy else None, bool(strategy and strategy.offload_optimizer))),
         Check(env.SECTION, "SLURM", env.check_slurm),
         Check(env.SECTION, "disk", lambda: _check_disk(cfg)),
-        Check(kernels.SECTION, "document kernels", lambda: kernels.check_kernels(device, quick)),
-        Check(kernels.SECTION, "intra_doc / anchor", lambda: kernels.check_document_kinds(device, quick)),
-        Check(kernels.SECTION, "infini memory", lambda: kernels.check_infini_memory(device, quick)),
+        *(c for c in kind_checks if c.section != env.SECTION),
     ]
     accelerator = "gpu" if device.type == "cuda" else "cpu"
 

@@ -118,38 +118,6 @@ def check_gpus(precision: str | None) -> Result:
 
 
 # ----------------------------------------------------------------------------------------------
-# Attention kernels
-
-
-def check_attention_libraries(backend_option: str | None) -> list[Result]:
-    """flash-attn (loads, version), torch's varlen kernel and FlexAttention (importable)."""
-    from longcpt.model.attention.document import flash_attn_status
-
-    status = flash_attn_status()
-    if status.usable:
-        flash = Result(SECTION, "flash-attn", PASS, f"flash-attn {status.version} loads", {"version": status.version})
-    elif status.installed:
-        flash = Result(SECTION, "flash-attn", FAIL, f"installed but does not load ({status.error}): torch varlen is "
-                       "used instead; install the flash-attn wheel built for this torch/CUDA, or uninstall it",
-                       {"error": status.error})
-    else:
-        need = backend_option == "flash_attn"
-        flash = Result(SECTION, "flash-attn", FAIL if need else SKIP,
-                       "not installed" + (" but attention.backend=flash_attn asks for it: pip install flash-attn "
-                                          "--no-build-isolation" if need else " (optional: torch varlen is used)"))
-    results = [flash]
-    for name, module in (("torch varlen", "torch.nn.attention.varlen"),
-                         ("FlexAttention", "torch.nn.attention.flex_attention")):
-        try:
-            __import__(module)
-        except ImportError as e:
-            results.append(Result(SECTION, name, SKIP, f"not in torch {torch.__version__} ({e})"))
-        else:
-            results.append(Result(SECTION, name, PASS, f"{module} in torch {torch.__version__}"))
-    return results
-
-
-# ----------------------------------------------------------------------------------------------
 # DeepSpeed
 
 

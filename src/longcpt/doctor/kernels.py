@@ -1,60 +1,35 @@
-"""Kernel checks: every document-attention backend the device has, against a dense reference.
+"""Kernel checks: what every trainable attention kind asks `longcpt doctor` to check.
 
-For each backend (`flash_attn`, `varlen`, `flex`, `sdpa`: what `available_backends` lists for
-the device) and each 16-bit dtype, forward and backward at a few shapes (multi-head, GQA, with a
-1-token document and a long one in every row) are compared with a dense float64 reference run on
-the CPU from the same rounded inputs:
+Each kind declares its checks through its `doctor` hook (`longcpt.model.attention.KindHooks`):
+the document kinds check their kernels against a dense float64 reference and run through a tiny
+model, Infini-attention streams its memory under bf16 autocast, `full` runs through a tiny model.
+This module gives them the shared pieces (`KindCheckTools`): a tiny model's arguments, packed
+batches, relative errors, and the model check every kind can use:
 
-    error = max |kernel - reference| / max |reference|     (outputs, and dq, dk, dv)
-    tolerance = 8 x the dtype's machine epsilon (bf16: 8 x 2^-7 = 6.2e-2, fp16: 8 x 2^-10 = 7.8e-3)
+    a tiny model's loss and parameter gradients on the device under bf16 autocast (what
+    `bf16-mixed` runs), against the same model in float64 on the CPU
 
-Measured on a CPU with the SDPA path: at most 0.8 eps (gradients, GQA). A mask that leaks across
-documents or drops a token is off by O(1). FlexAttention has no backward on CPU, so there
-only its forward is checked.
+    MODEL_LOSS_TOL = 1e-2 (relative), MODEL_GRAD_TOL = 5e-2 (|g - g_ref| / |g_ref| over all
+    parameter gradients). Measured on CPU: 5e-5 and 9e-3; a mask leaking across documents gives a
+    gradient error of 1.1, intra_doc positions fed to anchor 0.15 (init std 0.05 keeps attention
+    sharp enough for positions to matter).
 
-`intra_doc` and `anchor` share that kernel and differ in positions only, so they are checked
-through a tiny model: loss and gradients on the device under bf16 autocast (what `bf16-mixed`
-runs) against the float64 model on the CPU. Infini-attention's memory must stay float32 and
-finite under bf16 autocast while streaming many segments.
+A kind's check that raises is a FAIL row naming the exception, like every other check.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from longcpt.doctor.report import FAIL, PASS, SKIP, Result
+from longcpt.doctor.environment import SECTION as ENVIRONMENT
+from longcpt.doctor.report import FAIL, PASS, SKIP, Check, Result
 
 SECTION = "kernels"
-EPS_FACTOR = 8
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# Model-level checks under bf16 autocast: relative loss error, and |g - g_ref| / |g_ref| over all
-# parameter gradients. Measured on CPU: 5e-5 and 9e-3; a mask leaking across documents gives a
-# gradient error of 1.1, intra_doc positions fed to anchor 0.15 (init std 0.05 keeps attention sharp
-# enough for positions to matter).
 MODEL_LOSS_TOL = 1e-2
 MODEL_GRAD_TOL = 5e-2
-
-
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    batch: int
-    seq_len: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-
-
-def shapes(device: torch.device, quick: bool) -> list[Shape]:
-    """Multi-head and GQA shapes; longer on a GPU, shorter with --quick (the float64 reference on
-    the CPU holds a (B, H, T, T) score matrix, which bounds T)."""
-    t = 1024 if device.type == "cuda" else 256
-    t = t // 4 if quick else t
-    return [Shape("mha", 2, t // 2, 4, 4, 64), Shape("gqa", 1, t, 8, 2, 128)]
 
 
 def document_lengths(seq_len: int, generator: torch.Generator) -> list[int]:
@@ -67,105 +42,16 @@ def document_lengths(seq_len: int, generator: torch.Generator) -> list[int]:
     return lens
 
 
-def cu_seqlens_of(rows: list[list[int]]) -> torch.Tensor:
-    from longcpt.batch import cu_seqlens_for
-
-    return cu_seqlens_for(rows)
-
-
-def dense_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """The reference: causal attention inside each document from an explicit (B, 1, T, T) mask.
-
-    q (B, Hq, T, D), k/v (B, Hk, T, D); documents from `cu_seqlens` over the flattened B*T tokens.
-    """
-    b, _, t, _ = q.shape
-    doc = torch.searchsorted(cu_seqlens[1:].long().cpu(), torch.arange(b * t), right=True).view(b, t)
-    doc = doc.to(q.device)
-    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    mask = (doc[:, None, :, None] == doc[:, None, None, :]) & causal  # (B, 1, T, T)
-    rep = q.shape[1] // k.shape[1]
-    return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask)
-
-
 def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |got - ref| / max |ref| (inf when `got` is not finite)."""
     got = got.detach().double().cpu()
     if not bool(torch.isfinite(got).all()):
         return float("inf")
     return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
-def kernel_errors(backend: str, dtype: torch.dtype, device: torch.device, shape: Shape, seed: int = 0,
-                  backward: bool = True) -> dict[str, float]:
-    """Relative errors of one backend at one shape: `out` and, with `backward`, `dq`, `dk`, `dv`."""
-    from longcpt.model.attention.document import document_attention, document_layout
-
-    g = torch.Generator().manual_seed(seed)
-    rows = [document_lengths(shape.seq_len, g) for _ in range(shape.batch)]
-    cu = cu_seqlens_of(rows)
-    b, t, d = shape.batch, shape.seq_len, shape.head_dim
-    base = [torch.randn(b, h, t, d, generator=g).to(dtype) for h in (shape.heads, shape.kv_heads, shape.kv_heads)]
-    upstream = torch.randn(b, shape.heads, t, d, generator=g).to(dtype)
-
-    ref_in = [x.double().requires_grad_(backward) for x in base]
-    ref = dense_document_attention(*ref_in, cu)
-    if backward:
-        (ref * upstream.double()).sum().backward()
-
-    xs = [x.to(device).requires_grad_(backward) for x in base]
-    out = document_attention(*xs, document_layout(cu.to(device), b, t, device), backend=backend)
-    errors = {"out": relative_error(out, ref.detach())}
-    if backward:
-        (out * upstream.to(device)).sum().backward()
-        for name, x, r in zip(("dq", "dk", "dv"), xs, ref_in):
-            errors[name] = relative_error(x.grad, r.grad)
-    return errors
-
-
-def check_backend(backend: str, dtype_name: str, device: torch.device, quick: bool) -> Result:
-    """One backend in one dtype over every shape: the worst relative error against the tolerance."""
-    dtype = DTYPES[dtype_name]
-    backward = not (backend == "flex" and device.type != "cuda")  # no FlexAttention backward on CPU
-    tol = EPS_FACTOR * torch.finfo(dtype).eps
-    worst: dict[str, float] = {}
-    per_shape = {}
-    for shape in shapes(device, quick):
-        errors = kernel_errors(backend, dtype, device, shape, backward=backward)
-        per_shape[shape.name] = errors
-        for k, v in errors.items():
-            worst[k] = max(worst.get(k, 0.0), v)
-    out_err = worst["out"]
-    grad_err = max((v for k, v in worst.items() if k != "out"), default=None)
-    names = "/".join(s.name for s in shapes(device, quick))
-    line = f"{names}, 1-token docs: max error out {out_err:.1e}"
-    line += f", grads {grad_err:.1e}" if grad_err is not None else " (forward only: no FlexAttention backward on CPU)"
-    line += f" (tol {tol:.1e})"
-    data = {"errors": per_shape, "tolerance": tol, "device": str(device)}
-    bad = [k for k, v in worst.items() if not v <= tol]
-    if bad:
-        return Result(SECTION, f"{backend} {dtype_name}", FAIL, line + f": {', '.join(bad)} beyond tolerance; "
-                      f"force another kernel with attention.backend=... and report this", data)
-    return Result(SECTION, f"{backend} {dtype_name}", PASS, line, data)
-
-
-def check_kernels(device: torch.device, quick: bool) -> Iterator[Result]:
-    """Every backend usable on `device` in bf16 and fp16 (those that are not usable: a SKIP line)."""
-    from longcpt.model.attention.document import BACKENDS, available_backends
-
-    for dtype_name, dtype in DTYPES.items():
-        usable = available_backends(device, dtype)
-        for backend in usable:
-            yield check_backend(backend, dtype_name, device, quick)
-        missing = [b for b in BACKENDS if b not in usable and b != "auto"]
-        if missing:
-            why = "CUDA only" if device.type != "cuda" else "not usable on this GPU/dtype (see environment)"
-            yield Result(SECTION, f"{'/'.join(missing)} {dtype_name}", SKIP, why)
-
-
-# ----------------------------------------------------------------------------------------------
-# Through a model: the document kinds' positions and rotation, and Infini's memory.
-
-
 def tiny_args(kind: str, **options):
+    """`ModelArgs` of the tiny model the checks run (2 layers, 128 wide, GQA)."""
     from longcpt.model import ModelArgs
 
     return ModelArgs(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -189,6 +75,7 @@ def packed_batch(kind: str, rows: list[list[int]], vocab: int, seed: int = 0) ->
 
 
 def model_loss_and_grads(model, batch: dict, device: torch.device, autocast: bool) -> tuple[float, torch.Tensor]:
+    """The loss of `batch` and every parameter gradient (float64, flattened) after one backward."""
     model.zero_grad(set_to_none=True)
     on = {k: v.to(device) for k, v in batch.items()}
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -198,23 +85,46 @@ def model_loss_and_grads(model, batch: dict, device: torch.device, autocast: boo
     return float(loss.detach()), grads
 
 
-def check_document_kinds(device: torch.device, quick: bool) -> Iterator[Result]:
-    """`intra_doc` and `anchor` with every backend that has a backward, bf16 autocast vs float64 CPU."""
-    from longcpt.model import CausalLM
-    from longcpt.model.attention.document import available_backends
+class KindCheckTools:
+    """What a kind's `doctor` hook gets: where the checks run, and the shared pieces.
 
-    seq_len = (1024 if device.type == "cuda" else 256) // (4 if quick else 1)
-    for kind in ("intra_doc", "anchor"):
+    Attributes:
+        device: the device checked.
+        quick: smaller shapes (`--quick`).
+        recipe_options: the recipe's attention options ({} without a recipe).
+        ENVIRONMENT, KERNELS: the sections a check may report in.
+        PASS, FAIL, SKIP: the statuses.
+    """
+
+    ENVIRONMENT, KERNELS = ENVIRONMENT, SECTION
+    PASS, FAIL, SKIP = PASS, FAIL, SKIP
+
+    def __init__(self, device: torch.device, quick: bool, recipe_options: dict[str, Any] | None = None):
+        self.device, self.quick, self.recipe_options = device, quick, dict(recipe_options or {})
+
+    result = staticmethod(Result)
+    document_lengths = staticmethod(document_lengths)
+    relative_error = staticmethod(relative_error)
+    tiny_args = staticmethod(tiny_args)
+    packed_batch = staticmethod(packed_batch)
+    model_loss_and_grads = staticmethod(model_loss_and_grads)
+
+    def model_check(self, kind: str, variants: list[dict[str, Any]], reference: dict[str, Any] | None = None,
+                    name: Callable[[dict[str, Any]], str] | None = None) -> Iterator[Result]:
+        """`kind` with each of `variants` (option sets) on the device under bf16 autocast, against the
+        float64 CPU model with `reference` options: one row per variant (module docstring)."""
+        from longcpt.model import CausalLM
+
+        device = self.device
+        seq_len = (1024 if device.type == "cuda" else 256) // (4 if self.quick else 1)
         torch.manual_seed(0)
-        reference = CausalLM(tiny_args(kind, backend="sdpa")).double()
+        ref_model = CausalLM(tiny_args(kind, **(reference or {}))).double()
         g = torch.Generator().manual_seed(0)
-        batch = packed_batch(kind, [document_lengths(seq_len, g) for _ in range(2)], reference.args.vocab_size)
-        ref_loss, ref_grads = model_loss_and_grads(reference, batch, torch.device("cpu"), autocast=False)
-        for backend in available_backends(device, torch.bfloat16):
-            if backend == "flex" and device.type != "cuda":
-                continue  # no backward on CPU; its forward is checked at kernel level
-            model = CausalLM(tiny_args(kind, backend=backend))
-            model.load_state_dict({k: v.float() for k, v in reference.state_dict().items()})
+        batch = packed_batch(kind, [document_lengths(seq_len, g) for _ in range(2)], ref_model.args.vocab_size)
+        ref_loss, ref_grads = model_loss_and_grads(ref_model, batch, torch.device("cpu"), autocast=False)
+        for options in variants:
+            model = CausalLM(tiny_args(kind, **options))
+            model.load_state_dict({k: v.float() for k, v in ref_model.state_dict().items()})
             model.to(device)
             loss, grads = model_loss_and_grads(model, batch, device, autocast=True)
             loss_err = abs(loss - ref_loss) / abs(ref_loss)
@@ -222,50 +132,24 @@ def check_document_kinds(device: torch.device, quick: bool) -> Iterator[Result]:
             ok = loss_err <= MODEL_LOSS_TOL and grad_err <= MODEL_GRAD_TOL
             line = (f"tiny model, bf16 autocast: loss {loss:.4f} vs {ref_loss:.4f} (rel {loss_err:.1e}, tol "
                     f"{MODEL_LOSS_TOL:.0e}), grads rel {grad_err:.1e} (tol {MODEL_GRAD_TOL:.0e})")
-            yield Result(SECTION, f"{kind} {backend}", PASS if ok else FAIL,
+            yield Result(SECTION, name(options) if name else kind, PASS if ok else FAIL,
                          line if ok else line + ": beyond tolerance; report this with the JSON output",
                          {"loss": loss, "reference_loss": ref_loss, "loss_error": loss_err, "grad_error": grad_err})
 
 
-def check_infini_memory(device: torch.device, quick: bool) -> Result:
-    """Stream a document through Infini-attention under bf16 autocast: M and z stay float32 and finite,
-    the logits stay close to the float32 run, and a training step's loss and gradients are finite."""
-    from longcpt.model import CausalLM
-    from longcpt.model.attention.infini import InfiniMemory
+def kind_checks(device: torch.device, quick: bool, recipe_options: dict[str, Any] | None = None) -> list[Check]:
+    """The checks every trainable attention kind declares (`doctor` hooks), each once, in registry order.
 
-    segment, chunks = (16, 6) if quick else (32, 32)
-    torch.manual_seed(0)
-    model = CausalLM(tiny_args("infini", segment_len=segment)).to(device)
-    ids = torch.randint(3, 256, (1, segment * chunks), generator=torch.Generator().manual_seed(1)).to(device)
-    logits = {}
-    problems = []
-    for autocast in (False, True):
-        state: dict = {}
-        outs = []
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            for start in range(0, ids.shape[1], segment):
-                pos = torch.arange(start, start + segment, device=device)[None]
-                outs.append(model(ids[:, start:start + segment], position_ids=pos, state=state).float())
-                for layer, memory in state.items():
-                    if not isinstance(memory, InfiniMemory) or memory.memory is None:
-                        continue
-                    for name, t in (("M", memory.memory), ("z", memory.norm)):
-                        if t.dtype != torch.float32 or not bool(torch.isfinite(t).all()):
-                            problems.append(f"layer {layer} {name} is {t.dtype}"
-                                            f"{'' if bool(torch.isfinite(t).all()) else ' and not finite'}")
-        logits[autocast] = torch.cat(outs, 1)
-    err = relative_error(logits[True], logits[False].double().cpu())
-    batch = {"input_ids": ids, "labels": torch.roll(ids, -1, 1), "position_ids": torch.arange(ids.shape[1],
-             device=device)[None], "cu_seqlens": torch.tensor([0, ids.shape[1]], dtype=torch.int32, device=device)}
-    loss, grads = model_loss_and_grads(model, batch, device, autocast=True)
-    if not (torch.isfinite(torch.tensor(loss)) and bool(torch.isfinite(grads).all())):
-        problems.append(f"training loss {loss} or its gradients not finite under bf16 autocast")
-    if not err <= 0.05:
-        problems.append(f"logits under bf16 autocast differ from float32 by {err:.1e} (tol 5e-2)")
-    line = (f"{chunks} segments of {segment} streamed under bf16 autocast: memory float32 and finite, "
-            f"logits rel error {err:.1e} vs float32, training loss {loss:.3f} finite")
-    data = {"logit_error": err, "segments": chunks, "loss": loss}
-    if problems:
-        return Result(SECTION, "infini memory bf16", FAIL, "; ".join(problems[:3]), data)
-    return Result(SECTION, "infini memory bf16", PASS, line, data)
+    Kinds that share a hook (the document kinds) share its checks.
+    """
+    from longcpt.model.attention import KINDS
 
+    tools = KindCheckTools(device, quick, recipe_options)
+    checks, seen = [], set()
+    for spec in KINDS.values():
+        hook = spec.hooks.doctor
+        if not spec.trainable or hook is None or hook in seen:
+            continue
+        seen.add(hook)
+        checks += [Check(section, name, run) for section, name, run in hook(tools)]
+    return checks

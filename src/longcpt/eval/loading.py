@@ -4,9 +4,9 @@
 the weights, so one folder is enough) or, without exporting first, a training checkpoint: a
 `.ckpt` file, a DeepSpeed checkpoint folder or a run folder (its `checkpoints/last`), whose
 tokenizer is the one recorded at training time.
-Exported `full`, `intra_doc` and `anchor` models are plain `LlamaForCausalLM`-style folders and
-run as `full` (the same function for one document); Infini-attention exports load through the
-same `longcpt.from_pretrained`.
+Exported models are plain `LlamaForCausalLM`-style folders that run as `full` (a document kind's
+model is the same function on one document), or a kind's own export (Infini-attention) that
+`longcpt.from_pretrained` reads back as that kind.
 """
 
 from __future__ import annotations
@@ -20,14 +20,24 @@ def model_label(path: str | Path, rope_scaling: dict | None = None, attention: s
     """A short name for figure titles: the folder and its parent, since exports are mostly `.../hf`.
 
     Example: ("runs/passkey_ft/hf", {"rope_type": "dynamic", "factor": 1.0}, "infllm") ->
-    "passkey_ft/hf (infllm), rope dynamic x1.0"; the kind is named unless it is `full`/`infini`.
+    "passkey_ft/hf (infllm), rope dynamic x1.0"; the kind is named when it is not the one the
+    model runs as by itself (an inference-time memory, or a training kind asked for explicitly).
     """
     label = "/".join(Path(path).parts[-2:])
-    if attention not in (None, "full", "infini"):
+    if attention is not None and _named_in_labels(attention):
         label += f" ({attention})"
     if rope_scaling:
         label += f", rope {rope_scaling.get('rope_type', rope_scaling.get('type', '?'))} x{rope_scaling.get('factor', '?')}"
     return label
+
+
+def _named_in_labels(kind: str) -> bool:
+    """Is `kind` a choice on top of the model: an inference-time memory, or a kind whose models
+    run as another (`anchor` asked for by name)? A model's own kind goes unnamed."""
+    from longcpt.model.attention import kind_spec
+
+    spec = kind_spec(kind)
+    return spec.inference_memory or spec.hooks.inference_kind is not None
 
 
 def load_tokenizer(path: str | Path):

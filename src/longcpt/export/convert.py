@@ -124,30 +124,32 @@ def load_model(
 
     Args:
         checkpoint: a .ckpt file, DeepSpeed folder or run folder (`resolve_checkpoint`).
-        for_inference: run `anchor`/`intra_doc` models as `full` (the same function on one
-            document, and the kind with a KV cache for generation), as their HF exports do.
+        for_inference: run the model as its kind's inference kind (`anchor`/`intra_doc` models as
+            `full`: the same function on one document, with a KV cache for generation), as their
+            HF exports do.
         attention, attention_options: run the model with this kind instead (an inference-time
             memory on a softmax model, say).
 
     Raises:
         LongcptError: an unreadable checkpoint, or a kind that cannot apply to the model.
     """
-    from longcpt.model.attention import kind_spec
+    from longcpt.model.attention import inference_kind, kind_spec, switch_problem
     from longcpt.model.config import ModelArgs
     from longcpt.model.hf_io import build_model
 
     path = resolve_checkpoint(checkpoint)
     state, meta = read_checkpoint(path)
     args = ModelArgs(**meta["model_args"])
+    trained = kind_spec(args.attention)
     # Checkpoints of longcpt 0.1 recorded the Infini options whatever the kind: keep the kind's own.
-    args.attention_options = {k: v for k, v in args.attention_options.items() if k in kind_spec(args.attention).options}
-    if for_inference and args.attention in ("anchor", "intra_doc"):
-        args.attention, args.attention_options = "full", {}
+    args.attention_options = {k: v for k, v in args.attention_options.items() if k in trained.options}
+    if for_inference and inference_kind(args.attention) != args.attention:
+        args.attention, args.attention_options = inference_kind(args.attention), {}
     if attention is not None and attention != args.attention:
-        if args.attention == "infini" and kind_spec(attention).inference_memory:
-            raise LongcptError(f"{path}: attention={attention!r} applies to softmax-attention models; this "
-                               "checkpoint is an Infini model, whose memory is already constant in length")
-        state = {k: v for k, v in state.items() if not k.endswith(".core.gate")}
+        problem = switch_problem(trained.name, attention)
+        if problem is not None:
+            raise LongcptError(f"{path}: {problem}")
+        state = {k: v for k, v in state.items() if not trained.own_parameter(k)}
         args.attention, args.attention_options = attention, dict(attention_options or {})
     elif attention_options:
         args.attention_options = {**args.attention_options, **attention_options}

@@ -2,9 +2,10 @@
 
 A folder is written atomically (temporary sibling, then rename): `config.json`,
 `model.safetensors` (sharded with an index above `max_shard_bytes`), `generation_config.json` and
-the tokenizer files. `full`, `intra_doc` and `anchor` models export as their source architecture
-(`LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`), loadable by plain transformers;
-`infini` models with their own model type and modeling code (`infini_hf.py`).
+the tokenizer files. A model exports as its source architecture (`LlamaForCausalLM`,
+`MistralForCausalLM`, `Qwen2ForCausalLM`), loadable by plain transformers, unless its attention
+kind has no transformers class: then the kind's `export` hook writes its own model type and
+modeling code (Infini-attention's, `longcpt.model.attention.infini`).
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ from safetensors.torch import save_file
 
 from longcpt.data.tokenizer import copy_tokenizer_files
 from longcpt.errors import LongcptError
-from longcpt.export import infini_hf
 from longcpt.fsio import atomic_dir
+from longcpt.model.attention import kind_spec
 from longcpt.model.hf_io import DTYPE_NAMES, _as_dtype
-from longcpt.model.infini_config import infini_config
 from longcpt.model.llama import CausalLM
 
 
@@ -55,9 +55,10 @@ def save_pretrained(
     with atomic_dir(path) as tmp:
         _write_weights(state, tmp, max_shard_bytes)
         config = model.args.to_hf_config(dtype=DTYPE_NAMES[target])
-        if model.args.attention == "infini":  # no transformers class: own model type + code
-            config = infini_config(config, model.args)
-            infini_hf.write_remote_code(tmp)
+        export = kind_spec(model.args.attention).hooks.export
+        if export is not None:  # no transformers class: the kind's own model type and code
+            config = export.write_config(config, model.args)
+            export.write_files(tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         generation = {
             k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None

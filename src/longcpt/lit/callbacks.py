@@ -61,7 +61,7 @@ from longcpt.manifest import (
     verify,
     write_manifest,
 )
-from longcpt.model.infini import gate_stats
+from longcpt.model.attention import kind_spec
 from longcpt.strategies import data_parallel_coordinates
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)\.ckpt$")
@@ -541,9 +541,8 @@ def request_requeue() -> bool:
 
 
 class TrainMetrics(Callback):
-    """Log tokens/s, padding fraction, learning rate(s), gradient norm and, for Infini models, the
-    distribution of the per-head memory gates sigmoid(gate) (`train/gate/mean`, `std`, `min`,
-    `max`, `memory_heads`: gates that never move are the classic failure of Infini-attention training).
+    """Log tokens/s, padding fraction, learning rate(s), gradient norm and what the attention kind's
+    `metrics` hook reports (Infini-attention: the distribution of its memory gates, `train/gate/*`).
 
     Tokens/s counts every position of every micro-batch on every data-parallel rank
     (input_ids.numel() times the world size divided by `strategy.sequence_parallel`, whose ranks
@@ -589,7 +588,8 @@ class TrainMetrics(Callback):
             pl_module.log("train/tokens_per_s", (n1 - n0) / (t1 - t0), prog_bar=True)
         pl_module.log("train/padding", padding)
         pl_module.log("train/tokens", float(self.tokens_total))
-        for key, value in gate_stats(pl_module.model).items():
+        metrics = kind_spec(pl_module.cfg.attention.kind).hooks.metrics
+        for key, value in (metrics(pl_module.model) if metrics is not None else {}).items():
             pl_module.log(f"train/{key}", value)
         # DeepSpeed's norm is the last optimizer step's: log it on the micro-batch that completed
         # that step only (on the others of an accumulation it would be the previous step's).
@@ -647,14 +647,11 @@ class StepPrinter(Callback):
         elapsed = time.perf_counter() - self._start
         done = step - self._start_step
         eta = elapsed / done * (trainer.max_steps - step) if done else float("nan")
-        gates = (  # Infini models: the memory gates' range, the first thing to watch
-            f"  gate {m['train/gate/mean']:.3f} [{m['train/gate/min']:.3f}, {m['train/gate/max']:.3f}]"
-            if "train/gate/mean" in m
-            else ""
-        )
+        progress = kind_spec(pl_module.cfg.attention.kind).hooks.progress
+        extra = progress(m) if progress is not None else ""  # the kind's own figures (Infini: its gates)
         print(
             f"step {step}/{trainer.max_steps}  loss {m.get('train/loss', float('nan')):.4f}  "
-            f"lr {m.get('train/lr', float('nan')):.2e}  tok/s {m.get('train/tokens_per_s', 0):,.0f}{gates}  "
+            f"lr {m.get('train/lr', float('nan')):.2e}  tok/s {m.get('train/tokens_per_s', 0):,.0f}{extra}  "
             f"elapsed {elapsed:.0f}s  eta {eta:.0f}s",
             file=sys.stdout,
             flush=True,

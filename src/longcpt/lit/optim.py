@@ -6,11 +6,12 @@ Groups (names are transformers' parameter names, see `longcpt.model.llama`):
 |----------|----------------------------------------------------|----------------|--------------|
 | decay    | matrices: projections, embeddings, LM head         | `optim.lr`     | `optim.weight_decay` |
 | no_decay | vectors: RMSNorm weights, biases                   | `optim.lr`     | 0 |
-| gate     | Infini-attention gates (`...self_attn.core.gate`)  | `optim.gate_lr`| 0 |
+| (kind's) | what the attention kind's `param_groups` hook asks | its own        | its own |
 
 Decaying norm gains and biases only pulls them to zero for no regularisation benefit (nanoGPT and
-litgpt exclude every parameter with fewer than two dimensions). The Infini gate needs a larger
-learning rate than the rest or it never moves (Hugging Face's nanotron study, "A failed experiment: Infini-Attention").
+litgpt exclude every parameter with fewer than two dimensions). A kind with parameters of its own
+may give them their own group (Infini-attention's gates need a larger learning rate or they never
+move: `longcpt.model.attention.infini`).
 """
 
 from __future__ import annotations
@@ -22,11 +23,9 @@ from torch import nn
 
 from longcpt.config import OptimConfig
 
-GATE_SUFFIX = "self_attn.core.gate"
-
 
 def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
-    """Split trainable parameters into the decay / no_decay / gate groups of the module docstring.
+    """Split trainable parameters into the decay / no_decay groups and the attention kind's own.
 
     Args:
         model: the model (a `CausalLM`).
@@ -36,21 +35,21 @@ def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
         Non-empty groups for `torch.optim.AdamW`, each with `name`, `params`, `param_names`, `lr`
         and `weight_decay`.
     """
-    named: dict[str, list[tuple[str, nn.Parameter]]] = {"decay": [], "no_decay": [], "gate": []}
+    from longcpt.model.attention import kind_spec
+
+    args = model.args
+    hook = kind_spec(args.attention).hooks.param_groups
+    own = hook(args.attention_options, optim) if hook is not None else []
+    settings = {"decay": (optim.lr, optim.weight_decay), "no_decay": (optim.lr, 0.0)}
+    settings.update({g.name: (g.lr, g.weight_decay) for g in own})
+    named: dict[str, list[tuple[str, nn.Parameter]]] = {name: [] for name in settings}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name.endswith(GATE_SUFFIX):
-            named["gate"].append((name, p))
-        elif len(getattr(p, "ds_shape", p.shape)) < 2:  # a ZeRO-3 partition is flat: ds_shape is the full shape
-            named["no_decay"].append((name, p))
-        else:
-            named["decay"].append((name, p))
-    settings = {
-        "decay": (optim.lr, optim.weight_decay),
-        "no_decay": (optim.lr, 0.0),
-        "gate": (optim.gate_lr, 0.0),
-    }
+        group = next((g.name for g in own if any(name.endswith(f".self_attn.core.{x}") for x in g.parameters)), None)
+        if group is None:  # a ZeRO-3 partition is flat: ds_shape is the full shape
+            group = "no_decay" if len(getattr(p, "ds_shape", p.shape)) < 2 else "decay"
+        named[group].append((name, p))
     groups = []
     for group, members in named.items():
         if members:

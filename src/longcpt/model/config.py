@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from longcpt.errors import LongcptError
+from longcpt.model.attention import DEFAULT_KIND
 
 FAMILIES = {
     "llama": "LlamaForCausalLM",
@@ -62,7 +63,7 @@ class ModelArgs:
     pad_token_id: int | None = None
     initializer_range: float = 0.02
     # How the model attends and rotates; not part of the HF architecture.
-    attention: str = "full"
+    attention: str = DEFAULT_KIND
     attention_options: dict[str, Any] = field(default_factory=dict)
     rope_precision: str = "fp32"
     # The source config.json, kept so that export writes back every field we do not model.

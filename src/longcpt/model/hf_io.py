@@ -27,9 +27,8 @@ import torch
 from safetensors import safe_open
 
 from longcpt.errors import LongcptError
-from longcpt.model.attention import kind_spec
+from longcpt.model.attention import DEFAULT_KIND, exported_kind, kind_spec, switch_problem
 from longcpt.model.config import ModelArgs, normalise_rope_scaling
-from longcpt.model.infini_config import split_config
 from longcpt.model.llama import CausalLM
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -94,7 +93,7 @@ class WeightFiles(Mapping[str, torch.Tensor]):
         return self._shape[name]
 
     def drop(self, names: Iterable[str]) -> None:
-        """Leave tensors out (e.g. the gates of an Infini export loaded as another kind)."""
+        """Leave tensors out (e.g. a kind's own parameters when the folder is loaded as another kind)."""
         for name in names:
             del self._source[name]
 
@@ -151,8 +150,8 @@ def build_model(
 ) -> CausalLM:
     """Instantiate `CausalLM(args)` and load `state` (strictly), or keep the fresh init if None.
 
-    Parameters the attention kind adds (e.g. Infini gates under `...self_attn.core.`) may be absent
-    from `state`; they keep their own initialisation.
+    Parameters the attention kind adds (its own parameters, under `...self_attn.core.`) may be
+    absent from `state`; they keep their own initialisation.
 
     Args:
         args: the architecture and attention kind.
@@ -280,6 +279,19 @@ def _few(keys: list[str], n: int = 8) -> str:
     return shown + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
+def read_kind_config(config: dict[str, Any], source: str) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """A config.json dict as (the source family's config, the kind it was exported as, its options).
+
+    A folder a kind exported with its own model type (`KindExport`) gives that kind and its stored
+    options; any other folder is a plain softmax model: (`config`, `DEFAULT_KIND`, {}).
+    """
+    spec = exported_kind(config)
+    if spec is None:
+        return config, DEFAULT_KIND, {}
+    base, options = spec.hooks.export.read_config(config, source)
+    return base, spec.name, dict(options or {})
+
+
 def from_pretrained(
     path: str | os.PathLike,
     attention: str | None = None,
@@ -294,8 +306,9 @@ def from_pretrained(
 
     Args:
         path: folder with `config.json` and weights.
-        attention: attention kind (`full`, `intra_doc`, `anchor`, `infini`); default: `infini`
-            with its stored options for an exported Infini folder, else `full`.
+        attention: attention kind (`longcpt.model.attention.KINDS`); default: the kind a folder
+            was exported as, with its stored options (a kind with its own export, e.g. Infini),
+            else `DEFAULT_KIND` (a plain softmax model).
         dtype: parameter dtype (torch dtype or "fp32"/"bf16"/"fp16"); default: as stored.
         rope_precision: "fp32" (the BF16 RoPE fix) or "model" (transformers' path).
         rope_theta, rope_scaling: context-extension overrides (ABF / an HF rope_scaling dict,
@@ -310,29 +323,28 @@ def from_pretrained(
         LongcptError: missing files, unsupported architecture, mismatching weights.
     """
     path = Path(path)
-    config, infini_options = split_config(read_config(path), source=str(path / "config.json"))
-    args = ModelArgs.from_hf_config(config, source=str(path / "config.json"))
-    attention = attention or ("infini" if infini_options is not None else "full")
-    if infini_options is not None and kind_spec(attention).inference_memory:
-        raise LongcptError(
-            f"{path}: attention={attention!r} replaces softmax attention over a KV cache, but this is an Infini "
-            "model, whose attention is its compressive memory (already constant in length); use it as `infini`"
-        )
-    if attention == "infini":
-        attention_options = {**(infini_options or {}), **attention_options}
+    source = str(path / "config.json")
+    config, stored, stored_options = read_kind_config(read_config(path), source)
+    args = ModelArgs.from_hf_config(config, source=source)
+    attention = attention or stored
+    problem = switch_problem(stored, attention)
+    if problem is not None:
+        raise LongcptError(f"{path}: {problem}")
+    if attention == stored:
+        attention_options = {**stored_options, **attention_options}
     args.attention, args.attention_options, args.rope_precision = attention, dict(attention_options), rope_precision
     if rope_theta is not None:
         args.rope_theta = float(rope_theta)
     if rope_scaling is not None:
         args.rope_scaling = normalise_rope_scaling(rope_scaling, args.max_position_embeddings, "rope_scaling override")
     weights = WeightFiles(path, whole_files=not partitioned)
-    if infini_options is not None and attention != "infini":  # e.g. an ablation without memory
-        weights.drop(k for k in list(weights) if k.endswith(".core.gate"))
+    if attention != stored:  # e.g. an Infini export run without its memory: its own parameters stay out
+        weights.drop(k for k in list(weights) if kind_spec(stored).own_parameter(k))
     model = build_model(args, weights, source=str(path), partitioned=partitioned)
     if partitioned:  # DeepSpeed's zero.Init decided the dtype of the partitions
         return model
-    stored = args.hf_config.get("dtype") or args.hf_config.get("torch_dtype")
-    target = _as_dtype(dtype) if dtype is not None else _as_dtype(stored) if stored else None
+    stored_dtype = args.hf_config.get("dtype") or args.hf_config.get("torch_dtype")
+    target = _as_dtype(dtype) if dtype is not None else _as_dtype(stored_dtype) if stored_dtype else None
     return model.to(target) if target is not None else model
 
 

@@ -11,7 +11,6 @@ Packed batches carry `position_ids` (B, T) and `cu_seqlens` (N+1,) as `longcpt.b
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -117,12 +116,6 @@ class Decoder(nn.Module):
         self.rotary_emb = RotaryEmbedding(
             args.head_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings, args.rope_precision
         )
-
-
-# Whole-model training losses by attention kind, for kinds that must not run layer by layer over
-# the whole window: Infini-attention trains segment by segment (`longcpt.model.infini` registers it).
-# Signature: loss(model, input_ids, labels, position_ids, cu_seqlens, reduction, chunk_size).
-TRAINING_LOSSES: dict[str, Callable[..., torch.Tensor]] = {}
 
 
 def _stateful_block(block: Block, x: torch.Tensor, ctx: AttentionContext, layer: int, layer_state):
@@ -251,10 +244,10 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         """Next-token loss with `labels` already aligned to `input_ids` (labels[t] = target of t).
 
-        An attention kind with its own training schedule (`TRAINING_LOSSES`) computes it instead
-        when no `state` is passed.
+        An attention kind with its own training schedule (its `training_loss` hook: Infini trains
+        segment by segment) computes it instead when no `state` is passed.
         """
-        kind_loss = TRAINING_LOSSES.get(self.args.attention)
+        kind_loss = kind_spec(self.args.attention).hooks.training_loss
         if kind_loss is not None and state is None:
             return kind_loss(self, input_ids, labels, position_ids, cu_seqlens, reduction, chunk_size)
         hidden = self.hidden_states(input_ids, position_ids, cu_seqlens, state)

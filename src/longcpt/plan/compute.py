@@ -3,22 +3,25 @@
 Model FLOPs per token: 6 x the matmul parameters (forward 2, backward 4: Kaplan et al. 2020,
 PaLM appendix B), plus attention: QK^T and AV cost 2 x 2 x Hq x D per attended (query, key) pair
 in the forward, and three times that forward and backward. How many pairs a window attends
-depends on the attention kind and the documents:
+depends on the attention kind and the documents; the kind says (its `plan` hook,
+`longcpt.model.attention.PlanTerms`):
 
     full                 T (T+1) / 2 per window, whatever the documents
     intra_doc, anchor    sum over the window's document pieces of l (l+1) / 2
     infini               the same inside each segment of segment_len tokens, plus the memory
                          read and write (about 2 D^2 (Hq + 2 Hk) per token per layer forward)
 
+A kind may add forward FLOPs of its own per token and layer (`extra_flops`).
+
 The document pieces come from the recipe's own data (`data.train`, planned by
 `longcpt.data.packing.plan_windows` exactly as training packs it) when it exists, else one
 document per window is assumed (the most attention a window can cost).
 
-Recomputation (activation checkpointing, Infini's per-segment checkpoint) adds one forward, which
-the hardware executes but model FLOPs utilisation does not count (MFU, PaLM appendix B: model
-FLOPs per second over peak). The step time follows from the assumed MFU; the hardware FLOPs
-utilisation (HFU, recomputation included, the figure profilers and DeepSpeed's FLOPs profiler
-report) is then higher by (model + recomputed) / model:
+Recomputation (activation checkpointing, a kind's own such as Infini's per-segment checkpoint:
+its `recomputes` plan term) adds one forward each, which the hardware executes but model FLOPs
+utilisation does not count (MFU, PaLM appendix B: model FLOPs per second over peak). The step
+time follows from the assumed MFU; the hardware FLOPs utilisation (HFU, recomputation included,
+the figure profilers and DeepSpeed's FLOPs profiler report) is then higher by (model + recomputed) / model:
 
     step time = model FLOPs / (devices x peak FLOP/s x MFU)
     HFU       = (model FLOPs + recomputed FLOPs) / (devices x peak FLOP/s x step time)
@@ -45,30 +48,35 @@ class AttentionPairs:
     mean_pieces: float = 1.0
 
 
+def plan_terms(kind: str):
+    """The `PlanTerms` of a trainable kind.
+
+    Raises:
+        LongcptError: an unknown kind, or one that declares no plan terms (every trainable kind must).
+    """
+    from longcpt.errors import LongcptError
+    from longcpt.model.attention import kind_spec
+
+    terms = kind_spec(kind, "attention.kind").hooks.plan
+    if terms is None:
+        raise LongcptError(f"attention.kind={kind!r} declares no plan terms (its `plan` hook); it cannot be planned")
+    return terms
+
+
 def attention_pairs(cfg) -> AttentionPairs:
     """Pairs per window for the recipe's attention kind, from its data when available."""
-    t, kind = cfg.data.seq_len, cfg.attention.kind
-    if kind not in ("full", "intra_doc", "anchor", "infini"):
-        return AttentionPairs(t * (t + 1) / 2, f"{kind}: counted as full causal attention")
-    if kind == "full":
-        return AttentionPairs(t * (t + 1) / 2, "full causal attention over the window")
+    t, kind, options = cfg.data.seq_len, cfg.attention.kind, cfg.attention.options
+    terms = plan_terms(kind)
+    if terms.across_documents:
+        return AttentionPairs(terms.pairs([t], options), f"{kind} causal attention over the window")
     lengths = _piece_lengths(cfg)
     if lengths is None:
         pieces = [[t]]
         source = "one document per window (no prepared data.train to read document lengths from)"
     else:
         pieces, source = lengths
-    segment = int(cfg.attention.options["segment_len"]) if kind == "infini" else None
-    total = sum(sum(_pairs(n, segment) for n in window) for window in pieces)
+    total = sum(terms.pairs(window, options) for window in pieces)
     return AttentionPairs(total / len(pieces), source, sum(map(len, pieces)) / len(pieces))
-
-
-def _pairs(n: int, segment: int | None) -> float:
-    """Causal pairs of a piece of n tokens (inside segments of `segment` tokens for Infini)."""
-    if segment is None or n <= segment:
-        return n * (n + 1) / 2
-    whole, rest = divmod(n, segment)
-    return whole * segment * (segment + 1) / 2 + rest * (rest + 1) / 2
 
 
 def _piece_lengths(cfg) -> tuple[list[list[int]], str] | None:
@@ -133,12 +141,12 @@ def step_time(cfg, shape, world: int, peak_flops: float, mfu: float) -> StepTime
     layers, hqd = shape.layers, shape.heads * shape.head_dim
     dense_fwd = 2 * shape.matmul_parameters * tokens
     attention_fwd = 4 * hqd * pairs.pairs * windows * layers
-    if cfg.attention.kind == "infini":
-        d = shape.head_dim
-        attention_fwd += 2 * d * d * (shape.heads + 2 * shape.kv_heads) * tokens * layers
+    terms = plan_terms(cfg.attention.kind)
+    if terms.extra_flops is not None:
+        attention_fwd += terms.extra_flops(shape, cfg.attention.options) * tokens * layers
     forward = dense_fwd + attention_fwd
     model = 3 * forward
-    recomputes = int(cfg.trainer.activation_checkpointing) + int(cfg.attention.kind == "infini")
+    recomputes = int(cfg.trainer.activation_checkpointing) + terms.recomputes
     recompute = recomputes * forward
     seconds = model / (world * peak_flops * mfu)
     return StepTime(model, recompute, tokens, seconds, peak_flops, mfu, pairs)

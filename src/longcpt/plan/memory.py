@@ -33,9 +33,9 @@ L layers, C hidden, F intermediate, Hq / Hk query / KV heads, D head dim, V voca
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 GIB = 1 << 30
 # On a GPU: CUDA context and kernels, NCCL's buffers (about 1 GiB together on an A100/H100 with
@@ -342,7 +342,7 @@ def runtime_items(prec: Precision, layout: Layout, subtotal: int) -> list[Item]:
 # Activations
 
 
-def layer_bytes_per_token(shape, prec: Precision, kind: str, layout: Layout) -> int:
+def layer_bytes_per_token(shape, prec: Precision, kind: str, layout: Layout, options: dict | None = None) -> int:
     """Bytes one block keeps for the backward, per token a device holds (no checkpointing).
 
     Counted from `longcpt.model.llama.Block` (docs/plan.md has the list):
@@ -351,10 +351,12 @@ def layer_bytes_per_token(shape, prec: Precision, kind: str, layout: Layout) -> 
         projection: q, k, v, gate, up);
       * attention: rotated q and k, v, the output and the float32 log-sum-exp per head;
       * MLP: gate, up, silu(gate) and their product.
-    Extra copies: `intra_doc`/`anchor` on CPU keep the per-document output and its re-ordered copy;
-    under sequence parallelism the output exists before and after its all-to-all; `infini` keeps
-    its float32 memory read (elu features, read, normaliser, gate mix).
+    Extra copies: under sequence parallelism the output exists before and after its all-to-all;
+    the attention kind adds its own (its `layer_bytes` plan term: `intra_doc`/`anchor` on CPU keep
+    the per-document output and its re-ordered copy, `infini` its float32 memory read).
     """
+    from longcpt.plan.compute import plan_terms
+
     c, f, hq, d = shape.hidden, shape.intermediate, shape.heads, shape.head_dim
     a, r = prec.act, prec.residual
     sp = layout.sequence_parallel
@@ -363,31 +365,26 @@ def layer_bytes_per_token(shape, prec: Precision, kind: str, layout: Layout) -> 
     inputs = (5 if prec.name == "amp" else 2) * a * c
     attention = a * (2 * hqd + 2 * hkd) + 4 * hq
     mlp = 4 * a * f
-    extra = 0
-    if kind in ("intra_doc", "anchor") and layout.device == "cpu":
-        extra += a * hqd
-    if sp > 1:
-        extra += a * hqd
-    if kind == "infini":
-        hk = shape.kv_heads
-        extra += (12 if a == 4 else 16) * hqd + 16 * hk * d + 8 * (hq + hk) + a * hqd
+    extra = a * hqd if sp > 1 else 0
+    own = plan_terms(kind).layer_bytes
+    if own is not None:
+        extra += own(shape, a, layout.device, options or {})
     return norms + inputs + attention + mlp + extra
 
 
 def activation_items(cfg, shape, prec: Precision, layout: Layout) -> list[Item]:
     """Activations and temporaries, each tagged with the moment it belongs to (module docstring)."""
-    kind = cfg.attention.kind
+    from longcpt.plan.compute import plan_terms
+
+    kind, options = cfg.attention.kind, cfg.attention.options
+    terms = plan_terms(kind)
     c, f, v, layers = shape.hidden, shape.intermediate, shape.vocab, shape.layers
     a, r = prec.act, prec.residual
     n = layout.tokens
     note_tokens = f"{n:,} tokens"
-    if kind == "infini":
-        # Segment-major training: one group of at most micro_batch x segment_len tokens is live at a
-        # time (its forward is recomputed in the backward), plus every layer's memory per document.
-        seg = int(cfg.attention.options["segment_len"])
-        n = min(n, layout.micro_batch * seg)
-        note_tokens = f"{n:,} tokens (one segment group)"
-    per_layer = layer_bytes_per_token(shape, prec, kind, layout)
+    if terms.live_tokens is not None:  # a kind whose training holds part of the window at a time
+        n, note_tokens = terms.live_tokens(n, layout.micro_batch, options)
+    per_layer = layer_bytes_per_token(shape, prec, kind, layout, options)
     checkpointing = cfg.trainer.activation_checkpointing
     saved_per_layer = r * c if checkpointing else per_layer
     # ids, final norm; RoPE's float32 cos/sin cover the whole window under sequence parallelism
@@ -424,25 +421,9 @@ def activation_items(cfg, shape, prec: Precision, layout: Layout) -> list[Item]:
     if prec.name == "amp":
         items.append(Item("activations", "autocast bfloat16 weight copies", 2 * shape.matmul_parameters,
                           f"{shape.matmul_parameters:,} x 2 B", MOMENTS[:2]))
-    if kind == "infini":
-        hk, d = shape.kv_heads, shape.head_dim
-        memory = layers * layout.micro_batch * 4 * (2 * hk * d * (d + 1))
-        items.append(Item("activations", "Infini memories (M, z) in and out", memory,
-                          f"{layers} layers x {layout.micro_batch} docs x 2 x Hk x D x (D+1) x 4 B", MOMENTS[:2]))
-        if checkpointing:
-            # The backward recomputes the groups last to first, and each group's loss forward again
-            # (the loss moment's terms); tensors a group recomputed but its backward never read (the
-            # memory write's float32 keys and values, the blocks' inputs) stay until the whole
-            # backward ends. Measured (4-layer x 256 model, 2-4 groups): about 28 Hk D + C r bytes
-            # per token and layer of every group already done.
-            groups = -(-layout.seq_len // seg)
-            kept = (groups - 1) * n * layers * (28 * hk * d + r * c)
-            for item in items:
-                if item.when == ("loss",):
-                    items[items.index(item)] = dataclasses.replace(item, when=("loss", "backward"))
-            items = [i for i in items if i.when != ("backward",)]
-            items.append(Item("activations", "segment groups already done", kept,
-                              f"{groups - 1} groups x {n:,} tokens x {layers} x (28 Hk D + C x {r}) B", ("backward",)))
+    if terms.activations is not None:
+        context = SimpleNamespace(cfg=cfg, shape=shape, prec=prec, layout=layout, tokens=n, item=Item, moments=MOMENTS)
+        items = terms.activations(items, context)
     return items + optimizer_step_items(cfg, shape, prec, layout)
 
 

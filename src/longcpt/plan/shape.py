@@ -1,9 +1,9 @@
 """The model a recipe trains, as counts: parameters by role and the architecture's sizes.
 
 The counts come from the model code itself: `CausalLM` is built on PyTorch's `meta` device (no
-memory, no weights read), so tied embeddings, biases and the Infini gates are counted exactly as
+memory, no weights read), so tied embeddings, biases and a kind's own parameters are counted exactly as
 `longcpt train` would create them. The architecture is read the way `longcpt train` reads it:
-`model.pretrained`'s config.json (an exported Infini folder included), or `model.config` with the
+`model.pretrained`'s config.json (a kind's own export included), or `model.config` with the
 vocabulary size of `model.tokenizer` when the model is built from scratch.
 """
 
@@ -81,8 +81,7 @@ def model_args(cfg):
 
     m = cfg.model
     if m.pretrained is not None:
-        from longcpt.model.hf_io import read_config
-        from longcpt.model.infini_config import split_config
+        from longcpt.model.hf_io import read_config, read_kind_config
 
         folder = Path(m.pretrained)
         if not (folder / "config.json").is_file():
@@ -92,7 +91,7 @@ def model_args(cfg):
                 "or at any folder holding its config.json"
             )
         try:
-            hf, _ = split_config(read_config(folder), source=str(folder / "config.json"))
+            hf, _, _ = read_kind_config(read_config(folder), str(folder / "config.json"))
         except json.JSONDecodeError as e:
             raise LongcptError(f"{folder / 'config.json'} line {e.lineno}: invalid JSON ({e.msg})") from None
         source = str(folder / "config.json")

@@ -25,13 +25,36 @@ A kind declares everything the rest of longcpt needs to know about it once, when
 * `sequence_parallel`: it can run under `strategy.sequence_parallel`: the core is called on the
   whole window for a subset of heads (`ulysses.py` does the all-to-all around it), so a kind
   qualifies when its heads are independent and it needs no state across calls.
+
+Everything else the rest of longcpt does differently for a kind, the kind says through optional
+hooks (`KindHooks`), so that plan, doctor, export, the optimizer and the callbacks ask the
+registry and never name a kind:
+
+* `training_loss`: a whole-model loss replacing the layer-by-layer one (Infini trains segment by
+  segment);
+* `param_groups`: optimizer groups for the kind's own parameters (Infini's gates at their own
+  learning rate); `own_parameters`: those parameters' names under the attention core, which a
+  checkpoint of this kind carries and another kind leaves out;
+* `metrics` and `progress`: what `longcpt train` logs and prints for the kind;
+* `inference_kind`: the kind a model trained with this one runs as for generation and export
+  (`anchor` and `intra_doc` models run as `full`);
+* `export`: how a model of this kind is written as a Hugging Face folder when transformers has no
+  class for it (its own `model_type`, config fields and modeling files), and read back;
+* `plan`: the planner's attention-pair, FLOP and activation terms (`PlanTerms`);
+* `doctor`: the checks `longcpt doctor` runs for the kind;
+* `telemetry`: what its inference state reports (`kept_fraction`, `visible_share`;
+  `longcpt.model.generation` reads them).
+
+A kind that needs several files keeps them in one folder (`infini/`); docs/extending.md lists
+what a new kind touches.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -85,6 +108,118 @@ class Option:
 
 
 @dataclass(frozen=True)
+class ParamGroup:
+    """An optimizer group of a kind's own parameters (`longcpt.lit.optim` puts every other parameter
+    in its decay / no_decay groups).
+
+    Attributes:
+        name: the group's name (logged as `train/lr_<name>`).
+        parameters: names under the attention core (`...self_attn.core.<name>`) that belong to it.
+        lr: its learning rate.
+        weight_decay: its weight decay.
+    """
+
+    name: str
+    parameters: tuple[str, ...]
+    lr: float
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class KindExport:
+    """How a kind that transformers has no class for is written as a Hugging Face folder, and read back.
+
+    Attributes:
+        model_type: the `model_type` its config.json carries (how a folder is recognised).
+        write_config: (the source family's config dict, `ModelArgs`) -> the folder's config dict.
+        read_config: (config dict, file name for errors) -> (the source family's config for
+            `ModelArgs.from_hf_config`, the kind's options by name).
+        write_files: copies the modeling files into the folder being written.
+    """
+
+    model_type: str
+    write_config: Callable[[dict[str, Any], Any], dict[str, Any]]
+    read_config: Callable[[dict[str, Any], str], tuple[dict[str, Any], dict[str, Any]]]
+    write_files: Callable[[Path], None]
+
+
+@dataclass(frozen=True)
+class PlanTerms:
+    """What `longcpt plan` adds for a kind to the cost of a decoder (`longcpt.plan`).
+
+    Attributes:
+        pairs: (document piece lengths of one window, options) -> the (query, key) pairs attended.
+        across_documents: attends across the documents of a window: the pairs of a window do not
+            depend on its documents, so the planner reads no data for them.
+        extra_flops: (model shape, options) -> forward FLOPs per token and layer beyond the
+            projections and the attention pairs (e.g. a memory read and write).
+        recomputes: forwards the kind's training recomputes on its own (a checkpoint per segment).
+        layer_bytes: (model shape, activation bytes per element, device "cpu" | "gpu", options) ->
+            extra bytes a block keeps per token for the backward.
+        activations: (items, context) -> the activation items of the plan with the kind's own terms;
+            `context` has cfg, shape, precision, layout, the live tokens and an `item(...)` factory.
+        live_tokens: (tokens a device holds, micro-batch size, options) -> (tokens whose activations
+            are alive at once, a note), for kinds whose training holds only a part of the window.
+    """
+
+    pairs: Callable[[Sequence[int], dict[str, Any]], float]
+    across_documents: bool = False
+    extra_flops: Callable[[Any, dict[str, Any]], float] | None = None
+    recomputes: int = 0
+    layer_bytes: Callable[[Any, int, str, dict[str, Any]], int] | None = None
+    activations: Callable[[list, Any], list] | None = None
+    live_tokens: Callable[[int, int, dict[str, Any]], tuple[int, str]] | None = None
+
+
+def causal_pairs(pieces: Sequence[int], options: dict[str, Any]) -> float:
+    """Pairs of causal attention inside each document piece: sum of l (l + 1) / 2."""
+    return sum(n * (n + 1) / 2 for n in pieces)
+
+
+def window_pairs(pieces: Sequence[int], options: dict[str, Any]) -> float:
+    """Pairs of causal attention over the whole window, whatever its documents: T (T + 1) / 2."""
+    t = sum(pieces)
+    return t * (t + 1) / 2
+
+
+@dataclass(frozen=True)
+class KindHooks:
+    """The optional behaviour of a kind (see the module docstring); None = the common behaviour.
+
+    Attributes:
+        training_loss: loss(model, input_ids, labels, position_ids, cu_seqlens, reduction, chunk_size).
+        param_groups: (resolved options, the recipe's `optim` section) -> `ParamGroup`s.
+        own_parameters: names under the attention core of the parameters the kind adds.
+        metrics: model -> {name: value} logged under `train/` every step.
+        progress: the logged metrics -> text appended to `longcpt train`'s step line.
+        inference_kind: the kind the model runs as for generation and export.
+        export: `KindExport`, for kinds transformers has no class for.
+        plan: `PlanTerms`; every trainable kind has them.
+        doctor: (device, quick, tools) -> results: the checks `longcpt doctor` runs for the kind;
+            `tools` (`longcpt.doctor.kernels.KindCheckTools`) gives the shared pieces (a tiny model,
+            packed batches, the float64 reference comparison, the result rows). Every trainable
+            kind has them.
+        telemetry: what the kind's inference state reports (`kept_fraction`, `visible_share`).
+        no_sequence_parallel: why `strategy.sequence_parallel` does not apply, for the error.
+    """
+
+    training_loss: Callable[..., Any] | None = None
+    param_groups: Callable[[dict[str, Any], Any], list[ParamGroup]] | None = None
+    own_parameters: tuple[str, ...] = ()
+    metrics: Callable[[nn.Module], dict[str, float]] | None = None
+    progress: Callable[[dict[str, float]], str] | None = None
+    inference_kind: str | None = None
+    export: KindExport | None = None
+    plan: PlanTerms | None = None
+    doctor: Callable[..., Any] | None = None
+    telemetry: tuple[str, ...] = ()
+    no_sequence_parallel: str = ""
+
+
+TELEMETRY = ("kept_fraction", "visible_share")
+
+
+@dataclass(frozen=True)
 class KindSpec:
     """What an attention kind declares when it registers (see the module docstring)."""
 
@@ -96,9 +231,16 @@ class KindSpec:
     inference_memory: bool = False
     sequence_parallel: bool = False
     check: Callable[[dict[str, Any]], list[str]] | None = None  # problems across options
+    hooks: KindHooks = field(default_factory=KindHooks)
+
+    def own_parameter(self, name: str) -> bool:
+        """Is `name` (a model parameter name) one of the parameters this kind adds?"""
+        return any(name.endswith(f".self_attn.core.{p}") for p in self.hooks.own_parameters)
 
 
 KINDS: dict[str, KindSpec] = {}
+# The kind a plain softmax checkpoint (any Hugging Face Llama-family folder) runs as.
+DEFAULT_KIND = "full"
 
 
 def register(
@@ -110,14 +252,25 @@ def register(
     inference_memory: bool = False,
     sequence_parallel: bool = False,
     check: Callable[[dict[str, Any]], list[str]] | None = None,
+    hooks: KindHooks | None = None,
 ) -> Callable[[type[nn.Module]], type[nn.Module]]:
-    """Class decorator adding an attention kind to `KINDS` under `name`, with its declarations."""
+    """Class decorator adding an attention kind to `KINDS` under `name`, with its declarations.
+
+    Raises:
+        ValueError: an unknown position rule or telemetry name, or a name registered twice.
+    """
     if positions not in POSITION_RULES:
         raise ValueError(f"attention kind {name!r}: positions={positions!r} is not one of {POSITION_RULES}")
+    hooks = hooks or KindHooks()
+    unknown = [t for t in hooks.telemetry if t not in TELEMETRY]
+    if unknown:
+        raise ValueError(f"attention kind {name!r}: telemetry {unknown} is not one of {TELEMETRY}")
 
     def add(cls: type[nn.Module]) -> type[nn.Module]:
+        if name in KINDS and KINDS[name].cls is not cls:
+            raise ValueError(f"attention kind {name!r} is registered twice ({KINDS[name].cls} and {cls})")
         KINDS[name] = KindSpec(
-            name, cls, dict(options or {}), positions, trainable, inference_memory, sequence_parallel, check
+            name, cls, dict(options or {}), positions, trainable, inference_memory, sequence_parallel, check, hooks
         )
         return cls
 
@@ -168,6 +321,36 @@ def resolve_options(kind: str, options: dict[str, Any], prefix: str = "") -> dic
     if problems:
         raise LongcptError(f"attention kind {kind!r}: " + "; ".join(problems))
     return resolved
+
+
+def inference_kind(kind: str) -> str:
+    """The kind a model trained with `kind` runs as for generation and export (itself by default).
+
+    Raises:
+        LongcptError: an unknown kind.
+    """
+    return kind_spec(kind).hooks.inference_kind or kind
+
+
+def exported_kind(hf_config: dict[str, Any]) -> KindSpec | None:
+    """The kind whose own Hugging Face export `hf_config` is (by its `model_type`), or None for a
+    folder transformers loads itself (a plain softmax model)."""
+    for spec in KINDS.values():
+        if spec.hooks.export is not None and spec.hooks.export.model_type == hf_config.get("model_type"):
+            return spec
+    return None
+
+
+def switch_problem(stored: str, requested: str) -> str | None:
+    """Why a model trained as `stored` cannot run as `requested`, or None when it can.
+
+    Inference-time memories replace softmax attention over a KV cache, so they apply to models
+    that run as `DEFAULT_KIND`, not to a kind whose attention is its own (Infini's memory).
+    """
+    if kind_spec(requested).inference_memory and inference_kind(stored) != DEFAULT_KIND:
+        return (f"attention={requested!r} replaces softmax attention over a KV cache, but this is an {stored!r} "
+                f"model, whose attention is its own (use it as {stored!r})")
+    return None
 
 
 def build_attention(args, layer_idx: int) -> nn.Module:

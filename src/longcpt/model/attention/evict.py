@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from longcpt.errors import LongcptError
-from longcpt.model.attention import POSITIVE_INT, Option, optional, register
+from longcpt.model.attention import POSITIVE_INT, KindHooks, Option, optional, register
 
 # Largest float32 score block (elements) built at once; larger blocks are cut along the queries.
 _SCORE_BLOCK = 1 << 25
@@ -265,6 +265,7 @@ def _h2o_problems(options: dict) -> list[str]:
     trainable=False,
     inference_memory=True,
     check=_h2o_problems,
+    hooks=KindHooks(telemetry=("kept_fraction",)),
 )
 class H2OAttention(EvictingAttention):
     """Heavy-hitter oracle: the newest tokens plus those with the most attention received so far."""
@@ -310,6 +311,7 @@ def _streaming_problems(options: dict) -> list[str]:
     trainable=False,
     inference_memory=True,
     check=_streaming_problems,
+    hooks=KindHooks(telemetry=("kept_fraction",)),
 )
 class StreamingAttention(EvictingAttention):
     """StreamingLLM: attention sinks plus a window of the newest tokens."""

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from longcpt.model.attention import register
+from longcpt.model.attention import KindHooks, PlanTerms, register, window_pairs
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -94,7 +94,15 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: K
     return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=gqa)
 
 
-@register("full", positions="arange", sequence_parallel=True)
+def _doctor(tools) -> list:
+    """One check: a tiny model under bf16 autocast against float64 (`KindCheckTools.model_check`)."""
+    return [(tools.KERNELS, "full", lambda: tools.model_check("full", [{}], name=lambda options: "full sdpa"))]
+
+
+_HOOKS = KindHooks(plan=PlanTerms(pairs=window_pairs, across_documents=True), doctor=_doctor)
+
+
+@register("full", positions="arange", sequence_parallel=True, hooks=_HOOKS)
 class FullAttention(nn.Module):
     def __init__(self, args, layer_idx: int):
         super().__init__()

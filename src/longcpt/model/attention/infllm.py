@@ -86,7 +86,7 @@ import torch
 from torch import nn
 
 from longcpt.errors import LongcptError
-from longcpt.model.attention import NON_NEGATIVE_INT, POSITIVE_INT, Option, one_of, register
+from longcpt.model.attention import NON_NEGATIVE_INT, POSITIVE_INT, KindHooks, Option, one_of, register
 from longcpt.model.rope import rotate
 
 # The reference's defaults for Mistral-7B (config/mistral-inf-llm.yaml).
@@ -699,7 +699,7 @@ class InfLLMState:
 
 
 @register("infllm", options=OPTIONS, positions="arange", trainable=False, inference_memory=True,
-          check=infllm_option_problems)
+          check=infllm_option_problems, hooks=KindHooks(telemetry=("kept_fraction", "visible_share")))
 class InfLLMAttention(nn.Module):
     """Sinks + local window + retrieved memory blocks; see the module docstring.
 

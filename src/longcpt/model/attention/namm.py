@@ -83,7 +83,7 @@ import torch
 import torch.nn.functional as F
 
 from longcpt.errors import LongcptError
-from longcpt.model.attention import POSITIVE_INT, Constraint, Option, optional, register
+from longcpt.model.attention import POSITIVE_INT, Constraint, KindHooks, Option, optional, register
 from longcpt.model.attention.evict import EvictingAttention, EvictingCache
 
 POLICY_FORMAT = "longcpt-namm"
@@ -456,6 +456,7 @@ def _namm_problems(options: dict) -> list[str]:
     trainable=False,
     inference_memory=True,
     check=_namm_problems,
+    hooks=KindHooks(telemetry=("kept_fraction",)),
 )
 class NammAttention(EvictingAttention):
     """Evicts the cached tokens a NAMM scores below zero, every `update_every` tokens."""

@@ -1,6 +1,6 @@
 """Infini-attention at the model level: segment-major training and gate statistics.
 
-The attention core (`attention/infini.py`) gives the same result whichever way the work is
+The attention core (`core.py`) gives the same result whichever way the work is
 ordered; what differs is how much must be kept for the backward:
 
     layer-major   for layer: for segment: ...    `model(input_ids)`; the paper's description.
@@ -43,8 +43,7 @@ from torch.utils.checkpoint import checkpoint
 from longcpt.batch import IGNORE_INDEX, document_spans
 from longcpt.batch import position_ids as rule_position_ids
 from longcpt.errors import LongcptError
-from longcpt.model.attention.infini import InfiniAttention, InfiniMemory
-from longcpt.model.llama import TRAINING_LOSSES
+from longcpt.model.attention.infini.core import InfiniAttention, InfiniMemory
 
 Memories = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: M (n, Hk, D, D), z (n, Hk, D)
 
@@ -169,8 +168,6 @@ def _segment_loss(model, input_ids, position_ids, cu_seqlens, labels, memory_in:
     return loss, [(state[layer].memory, state[layer].norm) for layer in range(len(model.model.layers))]
 
 
-TRAINING_LOSSES["infini"] = segment_major_loss
-
 
 @torch.no_grad()
 def gate_values(model) -> torch.Tensor | None:
@@ -203,3 +200,10 @@ def gate_stats(model) -> dict[str, float]:
         "gate/max": float(values.max()),
         "gate/memory_heads": float((values > 0.5).float().mean()),
     }
+
+
+def gate_progress(metrics: dict[str, float]) -> str:
+    """The gates' range for `longcpt train`'s step line: the first thing to watch in Infini training."""
+    if "train/gate/mean" not in metrics:
+        return ""
+    return f"  gate {metrics['train/gate/mean']:.3f} [{metrics['train/gate/min']:.3f}, {metrics['train/gate/max']:.3f}]"

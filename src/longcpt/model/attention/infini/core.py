@@ -1,4 +1,4 @@
-"""`infini`: Infini-attention (Munkhdalai et al. 2024, arXiv 2404.07143).
+"""Infini-attention's core (Munkhdalai et al. 2024, arXiv 2404.07143): memory, segments, the attention module.
 
 Every layer keeps, per KV head, a compressive memory M (D x D) and a normalizer z (D), both
 float32. For each segment of `segment_len` = N tokens (paper section 3.1, eqs. 7-10):
@@ -61,7 +61,7 @@ from torch import nn
 
 from longcpt.batch import document_spans
 from longcpt.errors import LongcptError
-from longcpt.model.attention import FINITE_NUMBER, POSITIVE_INT, Option, one_of, register
+from longcpt.model.attention import FINITE_NUMBER, POSITIVE_INT, Option, one_of
 from longcpt.model.attention.full import causal_attention, offset_causal_mask
 from longcpt.model.rope import apply_rotary
 
@@ -283,7 +283,6 @@ def local_attention(
 # The attention kind.
 
 
-@register("infini", options=OPTIONS, positions="document")
 class InfiniAttention(nn.Module):
     """Infini-attention core: `forward(q, k, v, ctx) -> (B, Hq, T, D)` (see the module docstring).
 

@@ -1,7 +1,7 @@
 """The modeling files shipped in every exported Infini-attention folder.
 
 transformers has no Infini-attention, so `save_pretrained` copies two self-contained files from
-`infini_remote/` (they import only torch and transformers) next to the weights:
+`remote/` (they import only torch and transformers) next to the weights:
 
     folder/
       config.json                       model_type=longcpt_infini, auto_map, infini_* fields
@@ -11,7 +11,7 @@ transformers has no Infini-attention, so `save_pretrained` copies two self-conta
 
 so `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` loads it in plain
 transformers, and `longcpt.from_pretrained(folder)` reads it back as an `infini` model. The
-config.json fields are `longcpt.model.infini_config`'s.
+config.json fields are `hf_config.py`'s.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-REMOTE_DIR = Path(__file__).parent / "infini_remote"
+REMOTE_DIR = Path(__file__).parent / "remote"
 REMOTE_FILES = ("configuration_longcpt_infini.py", "modeling_longcpt_infini.py")
 
 

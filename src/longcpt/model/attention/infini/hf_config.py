@@ -2,7 +2,7 @@
 
 transformers has no Infini-attention, so an Infini model is exported with its own `model_type`
 (`longcpt_infini`) and an `auto_map` pointing at modeling files shipped in the folder
-(`longcpt.export.infini_hf` copies them). This module owns the mapping between that config.json and
+(`export.py` copies them). This module owns the mapping between that config.json and
 `ModelArgs` + the Infini options: `infini_config` writes it (export), `split_config` reads it back
 (`from_pretrained`).
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from longcpt.errors import LongcptError
-from longcpt.model.attention.infini import OPTIONS
+from longcpt.model.attention.infini.core import OPTIONS
 
 MODEL_TYPE = "longcpt_infini"
 ARCHITECTURE = "LongcptInfiniForCausalLM"

@@ -1,4 +1,4 @@
-"""`intra_doc` and `anchor`: causal attention inside each document of a packed window.
+"""The document kernels of `intra_doc` and `anchor`: causal attention inside each document of a packed window.
 
 One kernel serves both kinds; they differ only in the position ids the collator gives them
 (`longcpt.batch`). A window of 9 tokens holding three documents, each starting with its own BOS
@@ -52,11 +52,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from longcpt.batch import document_spans
 from longcpt.errors import LongcptError
-from longcpt.model.attention import Option, one_of, register
 from longcpt.model.attention.full import causal_attention
 
 BACKENDS = ("auto", "sdpa", "varlen", "flash_attn", "flex")
@@ -425,45 +423,3 @@ def document_attention(
 
     y = _KERNELS[backend](tokens(q), tokens(k), tokens(v), layout)  # (B*T, Hq, D)
     return y.view(b, t, hq, d).transpose(1, 2)  # (B, Hq, T, D)
-
-
-# ----------------------------------------------------------------------------------------------
-# The registered kinds.
-
-
-_OPTIONS = {
-    "backend": Option("auto", one_of(*BACKENDS), "document kernel; auto picks the fastest usable one"),
-}
-
-
-class DocumentAttention(nn.Module):
-    """Core of `intra_doc` and `anchor`: rotate at `ctx.position_ids`, then document-causal attention.
-
-    The two kinds differ only in their position rule (`longcpt.batch`), which the collator (or
-    `CausalLM.context`, when a caller passes `cu_seqlens` alone) applies before this runs.
-    Options (`attention_options`): `backend` = auto | sdpa | varlen | flash_attn | flex.
-    """
-
-    def __init__(self, args, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.backend = args.attention_options.get("backend", "auto")
-
-    def forward(self, q, k, v, ctx):
-        layout = ctx.cache.get(_CACHE_KEY)
-        if layout is None:
-            layout = document_layout(ctx.cu_seqlens, q.shape[0], q.shape[2], q.device)
-            ctx.cache[_CACHE_KEY] = layout
-        q, k = ctx.rotate(q, k)
-        return document_attention(q, k, v, layout, self.backend)
-
-
-@register("intra_doc", options=_OPTIONS, positions="document", sequence_parallel=True)
-class IntraDocAttention(DocumentAttention):
-    """Documents cannot see each other; positions restart at 0 in every document."""
-
-
-@register("anchor", options=_OPTIONS, positions="anchor", sequence_parallel=True)
-class AnchorAttention(DocumentAttention):
-    """AnchorAttention (arXiv 2411.13476): as `intra_doc`, but positions are `arange` per row with
-    0 at each document's BOS, the anchor every token of the document sees."""

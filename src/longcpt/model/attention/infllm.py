@@ -699,7 +699,7 @@ class InfLLMState:
 
 
 @register("infllm", options=OPTIONS, positions="arange", trainable=False, inference_memory=True,
-          check=infllm_option_problems, hooks=KindHooks(telemetry=("kept_fraction", "visible_share")))
+          check=infllm_option_problems, hooks=KindHooks(telemetry=("kept_fraction", "visible_share", "attention_on")))
 class InfLLMAttention(nn.Module):
     """Sinks + local window + retrieved memory blocks; see the module docstring.
 

@@ -70,7 +70,7 @@ def test_infini_model_refuses_infllm(tmp_path):
     args = ModelArgs(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                      num_key_value_heads=2, head_dim=8, attention="infini", attention_options={"segment_len": 8})
     longcpt.save_pretrained(CausalLM(args), tmp_path)
-    with pytest.raises(LongcptError, match="Infini model.*compressive memory"):
+    with pytest.raises(LongcptError, match="replaces softmax attention.*an .infini. model, whose attention is its own"):
         longcpt.from_pretrained(tmp_path, attention="infllm", **SMALL)
 
 

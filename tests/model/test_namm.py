@@ -331,5 +331,5 @@ def test_namm_on_an_infini_model_is_refused_with_the_reason(tmp_path):
     args = ModelArgs(**TINY, attention="infini", attention_options={"segment_len": 16})
     longcpt.save_pretrained(CausalLM(args), tmp_path / "infini")
     NammPolicy.zeros(NammSpec()).save(tmp_path / "policy.pt")
-    with pytest.raises(LongcptError, match="this is an Infini model, whose attention is its compressive memory"):
+    with pytest.raises(LongcptError, match="replaces softmax attention over a KV cache, but this is an 'infini' model, whose attention is its own"):
         longcpt.from_pretrained(tmp_path / "infini", attention="namm", policy=str(tmp_path / "policy.pt"))

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -40,8 +40,9 @@ TEXT = [
 ]
 
 
-def bpe_tokenizer(vocab_size: int = 400, bos: bool = True) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained on `TEXT`, wrapped the way AutoTokenizer loads it (BOS optional)."""
+def bpe_tokenizer(vocab_size: int = 400, bos: bool = True, add_bos: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on `TEXT`, wrapped the way AutoTokenizer loads it (BOS optional;
+    `add_bos`: encoding puts BOS first, as Llama's tokenizers do)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -49,6 +50,8 @@ def bpe_tokenizer(vocab_size: int = 400, bos: bool = True) -> PreTrainedTokenize
         vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(TEXT * 20, trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>" if bos else None, eos_token="</s>", pad_token="<pad>"
     )
@@ -109,11 +112,10 @@ def tiny_hf_model(family: str = "llama", rope: str = "default", seed: int = 0, *
 def tiny_llama(vocab_size: int, seed: int = 0, **overrides) -> LlamaForCausalLM:
     """A 2-layer Llama with GQA and a large init so that greedy decoding has clear winners."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config = LlamaConfig(**{**dict(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=4096, initializer_range=0.2, bos_token_id=BOS,
-        eos_token_id=EOS, pad_token_id=PAD, tie_word_embeddings=False, **overrides,
-    )
+        eos_token_id=EOS, pad_token_id=PAD, tie_word_embeddings=False), **overrides})
     return LlamaForCausalLM(config).eval()
 
 

@@ -1,4 +1,4 @@
-"""`longcpt` command line: train, plan, export, eval {passkey, booksum, ppl, ruler}, namm train,
+"""`longcpt` command line: train, plan, export, eval {passkey, booksum, ppl, ruler, harness}, namm train,
 doctor (docs/reference.md).
 
 Each command is implemented by a `run(args)` function in its own module, imported only when the
@@ -25,6 +25,7 @@ COMMANDS = {
     "eval booksum": "longcpt.eval.booksum",
     "eval ppl": "longcpt.eval.ppl",
     "eval ruler": "longcpt.eval.ruler",
+    "eval harness": "longcpt.eval.harness.command",
     "namm train": "longcpt.namm.evolve",
     "doctor": "longcpt.doctor",
     "plan": "longcpt.plan.report",
@@ -134,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the device's bf16 peak for MFU when its name is not in the built-in table")
     doctor.set_defaults(command_name="doctor")
 
-    ev = sub.add_parser("eval", help="evaluate an exported model: passkey, booksum, ppl, ruler")
+    ev = sub.add_parser("eval", help="evaluate an exported model: passkey, booksum, ppl, ruler, harness")
     evsub = ev.add_subparsers(dest="task", required=True, metavar="TASK")
 
     pk = evsub.add_parser("passkey", help="passkey retrieval sweep -> passkey.json + passkey.png")
@@ -186,7 +187,31 @@ def build_parser() -> argparse.ArgumentParser:
     ru.add_argument("--prefill-chunk", type=_positive_int, default=4096, help="prompt tokens per model call")
     ru.add_argument("--batch-tokens", type=_positive_int, default=32768, help="prompts batched up to this many tokens")
     ru.set_defaults(command_name="eval ruler")
-    for task in (pk, bs, ppl, ru):
+
+    ha = evsub.add_parser("harness", help="lm-evaluation-harness tasks (LongBench, RULER, MMLU, ...) through the "
+                          "longcpt backend -> the harness's results and samples + results.json")
+    ha.add_argument("--model", required=True, help="exported HF folder (or a training checkpoint)")
+    ha.add_argument("--tasks", type=csv_list(str), required=True,
+                    help="harness task or group names, comma-separated (e.g. longbench_hotpotqa,mmlu,hellaswag)")
+    ha.add_argument("--include-path", default=None, metavar="DIR",
+                    help="folder of task YAMLs added to the harness's (local data: dataset_path: json + data_files)")
+    ha.add_argument("--limit", type=_positive_int, default=None, help="the first N documents of each task only")
+    ha.add_argument("--num-fewshot", type=int, default=None, metavar="K", help="few-shot examples (default: the task's)")
+    ha.add_argument("--output", required=True, help="output folder (an interrupted run resumes there)")
+    ha.add_argument("--max-length", type=_positive_int, default=None,
+                    help="longest input in tokens; longer ones lose tokens from the left (default: the model's "
+                    "context length with its RoPE scaling; raise it for kinds that read past the window, e.g. infllm)")
+    ha.add_argument("--gen-kwargs", type=_json_object, default=None, metavar="JSON",
+                    help="generation settings replacing the tasks' own, e.g. '{\"max_gen_toks\": 64}'")
+    ha.add_argument("--metadata", type=_json_object, default=None, metavar="JSON",
+                    help="the harness's task metadata, e.g. '{\"max_seq_lengths\": [4096, 8192]}' for RULER "
+                    "(the model's tokenizer is passed as \"tokenizer\")")
+    ha.add_argument("--seed", type=int, default=0, help="few-shot draws and sampled generations")
+    ha.add_argument("--prefill-chunk", type=_positive_int, default=4096, help="input tokens per model call")
+    ha.add_argument("--batch-tokens", type=_positive_int, default=32768,
+                    help="inputs of equal length batched up to this many tokens")
+    ha.set_defaults(command_name="eval harness")
+    for task in (pk, bs, ppl, ru, ha):
         add_model_arguments(task)
 
     namm = sub.add_parser("namm", help="Neural Attention Memory Models: evolve a KV-cache eviction policy")

@@ -198,3 +198,21 @@ def test_a_read_error_on_rank_0_stops_every_rank_with_its_message(tmp_path, hf, 
         assert result["raised"] == "LongcptError", (result, logs[r][-3000:])
         assert f"rank 0 could not read {bad} (OSError" in result["message"] and "Input/output error" in result["message"]
     assert results[0]["message"] == results[1]["message"]
+
+
+@pytest.mark.parametrize("max_pos, scaling, expected", [
+    (4096, None, 4096),
+    (4096, {"rope_type": "linear", "factor": 4.0}, 16384),  # Vicuna-16K: the pretraining length x 4
+    (4096, {"rope_type": "dynamic", "factor": 2.0}, 8192),
+    (16384, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}, 16384),
+    (4096, {"rope_type": "yarn", "factor": 4.0}, 16384),  # original defaults to max_position_embeddings
+    (131072, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8192}, 131072),  # Llama 3.1 states the extended length
+])
+def test_context_length_counts_the_rope_scaling(max_pos, scaling, expected):
+    from longcpt.model.config import ModelArgs, normalise_rope_scaling
+
+    args = ModelArgs(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+                     num_key_value_heads=1, head_dim=8, max_position_embeddings=max_pos,
+                     rope_scaling=normalise_rope_scaling(scaling, max_pos, "test") if scaling else None)
+    assert args.context_length == expected

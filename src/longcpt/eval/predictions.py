@@ -46,8 +46,14 @@ def read_rows(path: Path, key: Callable[[dict], Hashable], command: str) -> dict
     return rows
 
 
-def check_run(output: Path, settings: dict, keys: Sequence[str]) -> None:
+def check_run(output: Path, settings: dict, keys: Sequence[str], products: Sequence[str] = ("predictions.jsonl",)) -> None:
     """Record `settings` in `output/run.json`, or check that `keys` match the run being resumed.
+
+    Args:
+        output: the run's folder.
+        settings: what run.json records.
+        keys: the settings a resumed run must share.
+        products: files of `output` whose presence means results of the earlier run are there.
 
     Raises:
         LongcptError: the folder holds predictions made with other settings.
@@ -56,7 +62,7 @@ def check_run(output: Path, settings: dict, keys: Sequence[str]) -> None:
     if run_file.is_file():
         previous = json.loads(run_file.read_text())
         changed = [k for k in keys if previous.get(k) != settings.get(k)]
-        if changed and (output / "predictions.jsonl").is_file():
+        if changed and any((output / name).exists() for name in products):
             diff = ", ".join(f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}" for k in changed)
             raise LongcptError(
                 f"--output {output} holds predictions from a run with other settings ({diff}); "

@@ -73,6 +73,21 @@ class ModelArgs:
     def architecture(self) -> str:
         return FAMILIES[self.model_type]
 
+    @property
+    def context_length(self) -> int:
+        """Tokens the model is meant to read with its RoPE scaling.
+
+        `max_position_embeddings`, or the pretraining length times the scaling factor when that is
+        longer: linear and dynamic configs keep the pretraining length in `max_position_embeddings`
+        (Vicuna-16K: 4096 x 4), YaRN and llama3 configs name it `original_max_position_embeddings`
+        and usually state the extended length already (Llama 3.1: 8192 x 8 <= 131072).
+        """
+        scaling = self.rope_scaling or {}
+        if "factor" not in scaling:
+            return self.max_position_embeddings
+        base = scaling.get("original_max_position_embeddings") or self.max_position_embeddings
+        return max(self.max_position_embeddings, int(base * float(scaling["factor"])))
+
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any], source: str = "config.json") -> ModelArgs:
         """Read a transformers `config.json` dict (v4 or v5 style).

@@ -187,6 +187,7 @@ def generate(
     progress: Callable[[int], None] | None = None,
     state: dict | None = None,
     on_prompt: Callable[[dict], None] | None = None,
+    stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Continue `input_ids` (B, T) by up to `max_new_tokens` tokens.
 
@@ -206,6 +207,9 @@ def generate(
         on_prompt: called with `state` once the whole prompt is read, before the first token is
             chosen (what the memory attended for that token can be read there; see
             `attention_on`).
+        stop: called after every step with the (B, n) tokens generated so far; returns (B,) bool,
+            the rows that have finished for another reason than EOS (the lm-evaluation-harness
+            backend stops at strings). They are filled like rows that produced EOS.
 
     Returns:
         (B, N) generated tokens, N <= max_new_tokens (the prompt is not included).
@@ -228,6 +232,8 @@ def generate(
             token = torch.where(finished, torch.full_like(token, eos[0]), token)
             finished |= torch.isin(token, torch.tensor(eos, device=token.device))
         out.append(token)
+        if stop is not None:
+            finished |= stop(torch.stack(out, dim=1)).to(finished.device)
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
         positions = torch.full((b, 1), position, device=input_ids.device)

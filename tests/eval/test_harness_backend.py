@@ -49,6 +49,15 @@ def requests(kind: str, args: list[tuple]) -> list[Instance]:
     return [Instance(kind, {}, a, i) for i, a in enumerate(args)]
 
 
+def test_the_harness_finds_the_backend_by_name():
+    """`python -m longcpt.eval.harness` imports the backend before handing over to lm_eval's command
+    line, which then finds `--model longcpt` in its registry."""
+    import longcpt.eval.harness.__main__  # noqa: F401
+    from lm_eval.api.registry import get_model
+
+    assert get_model("longcpt") is LongcptLM
+
+
 def test_max_length_is_the_model_context(backends):
     reference, ours, _ = backends
     assert ours.max_length == reference.max_length == MAX_LENGTH

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -92,7 +93,8 @@ class LongcptLM(TemplateLM):
         max_batch_size: accepted for the harness's command line; unused.
         batch_tokens: most tokens per batch.
         prefill_chunk: input tokens per model call.
-        device: where the model runs (default: cpu).
+        device: where the model runs (default: the GPU if there is one; the harness's command line
+            asks for cuda:0, which falls back to the CPU on a machine without one, as `hf` does).
         tokenizer: a tokenizer folder replacing the model's.
         add_bos_token: force the tokenizer's special tokens on or off (default: its own rule).
         seed: seed of sampled generations (do_sample).
@@ -128,8 +130,8 @@ class LongcptLM(TemplateLM):
         scaling = _json_arg(rope_scaling, "rope_scaling")
         model, tok = load_model_and_tokenizer(pretrained, scaling, attention, options)
         self.tokenizer = load_tokenizer(tokenizer) if tokenizer else tok
-        self.model = model.to(device or "cpu")
-        self._device = torch.device(device or "cpu")
+        self._device = pick_device(device)
+        self.model = model.to(self._device)
         self._max_length = int(max_length) if max_length else None
         self.batch_rows = _rows(batch_size)
         self.batch_tokens = int(batch_tokens)
@@ -386,6 +388,17 @@ def _answer(row: Scored, continuation: list[int]) -> tuple[float, bool]:
     logprob = float(shared_lp.double().sum() + row.last[last].double())
     greedy = bool(shared_greedy.all()) and int(row.last.argmax()) == last
     return logprob, greedy
+
+
+def pick_device(device: str | None) -> torch.device:
+    """`device`, or the CPU when it names a GPU this machine does not have (with a warning)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    chosen = torch.device(device)
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        warnings.warn(f"device={device!r}: no CUDA GPU here, running on the CPU", stacklevel=2)
+        return torch.device("cpu")
+    return chosen
 
 
 def _rows(batch_size: int | str | None) -> int | None:

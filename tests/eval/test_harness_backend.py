@@ -52,8 +52,9 @@ def requests(kind: str, args: list[tuple]) -> list[Instance]:
 def test_the_harness_finds_the_backend_by_name():
     """`python -m longcpt.eval.harness` imports the backend before handing over to lm_eval's command
     line, which then finds `--model longcpt` in its registry."""
-    import longcpt.eval.harness.__main__  # noqa: F401
     from lm_eval.api.registry import get_model
+
+    import longcpt.eval.harness.__main__  # noqa: F401
 
     assert get_model("longcpt") is LongcptLM
 

@@ -20,7 +20,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from tiny import bpe_tokenizer, tiny_llama
 
 pytest.importorskip("lm_eval")

@@ -93,7 +93,7 @@ SELECTIONS = ("reference", "per_head")
 EMA = "namm_ema"  # per-entry EMA of the spectrogram (B, Hk, S, K)
 TAIL = "namm_tail"  # per-entry last n_fft - hop attention values of the last finished frame (B, Hk, S, n_fft - hop)
 PARTIAL = "namm_partial"  # attention rows of the frame being filled, fewer than hop (cache.scratch)
-_SPEC_BLOCK = 1 << 24  # values per spectrogram block: bounds the STFT's memory (64 MiB in float32)
+_FOLD_TOKENS = 256  # cached tokens per spectrogram block (their frames fit in a CPU cache; bounded memory)
 
 
 @dataclass(frozen=True)
@@ -136,8 +136,8 @@ class NammSpec:
             problems.append(f"scorer={self.scorer!r}: must be one of {', '.join(SCORERS)}")
         if self.selection not in SELECTIONS:
             problems.append(f"selection={self.selection!r}: must be one of {', '.join(SELECTIONS)}")
-        if self.n_fft < 2 or self.n_fft % 2 or not 0 < self.hop <= self.n_fft or self.n_fft % self.hop:
-            problems.append(f"n_fft={self.n_fft}, hop={self.hop}: n_fft must be even and a multiple of hop > 0")
+        if self.n_fft < 2 or self.n_fft % 2 or not 0 < self.hop <= self.n_fft:
+            problems.append(f"n_fft={self.n_fft}, hop={self.hop}: n_fft must be even and 0 < hop <= n_fft")
         elif self.update_every % self.hop:
             problems.append(f"update_every={self.update_every}: must be a multiple of hop={self.hop} "
                             "(the spectrogram advances hop queries per frame)")
@@ -259,31 +259,23 @@ def stft_magnitudes(signal: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
     """|STFT| of `signal` (..., L): periodic Hann window, no centering -> (..., F, n_fft/2 + 1).
 
     Equals `torch.stft(x, n_fft, hop, window=torch.hann_window(n_fft), center=False,
-    return_complex=True).abs().transpose(-1, -2)` (tests/model/test_namm.py) for hop dividing
-    n_fft; `frame_magnitudes` does the work.
+    return_complex=True).abs().transpose(-1, -2)` (tests/model/test_namm.py); `frame_magnitudes`
+    does the work.
     """
-    frames = (signal.shape[-1] - n_fft) // hop + 1
-    pieces = signal[..., : (frames + n_fft // hop - 1) * hop].unflatten(-1, (-1, hop))  # (..., P, hop)
-    return frame_magnitudes(pieces.unsqueeze(-1), n_fft).squeeze(-1)  # (..., F, K)
+    return frame_magnitudes(signal.unsqueeze(-1), n_fft, hop).squeeze(-1)
 
 
-def frame_magnitudes(pieces: torch.Tensor, n_fft: int) -> torch.Tensor:
-    """|DFT| of the frames made of consecutive pieces: pieces (..., P, hop, S) -> (..., P - r + 1, K, S).
+def frame_magnitudes(signal: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
+    """|DFT| of the Hann-windowed frames of S signals laid out along dim -2: (..., L, S) -> (..., F, K, S).
 
-    Frame f is pieces f .. f + r - 1 (r = n_fft / hop) of S independent signals (the last dim:
-    one per cached token), Hann-windowed. A 32-point DFT is cheaper as small matmuls (windowed
-    cosine and sine tables) than as an FFT followed by the magnitude of complex numbers, and
-    the overlapping frames are never copied out: piece f + i is multiplied by rows
-    i*hop .. (i+1)*hop - 1 of the table and the products are summed. The signals stay in the
-    last dim, as the attention rows come, so nothing is transposed.
+    Frame f covers values f*hop .. f*hop + n_fft - 1 of each signal (one per cached token, as
+    the attention rows come: no transpose). A 32-point DFT is cheaper as one matmul (windowed
+    cosine and sine tables) than as an FFT followed by the magnitude of complex numbers, and the
+    magnitude is square + add + sqrt in place (`hypot` is slower).
     """
-    hop = pieces.shape[-2]
-    r, k = n_fft // hop, n_fft // 2 + 1
-    frames = pieces.shape[-3] - r + 1
-    table = dft_table(n_fft, pieces.dtype, pieces.device).T  # (2K, n_fft): [cos | sin] rows, window included
-    parts = table[:, :hop] @ pieces[..., :frames, :, :]  # (..., F, 2K, S)
-    for i in range(1, r):
-        parts += table[:, i * hop : (i + 1) * hop] @ pieces[..., i : i + frames, :, :]
+    k = n_fft // 2 + 1
+    table = dft_table(n_fft, signal.dtype, signal.device).T  # (2K, n_fft): [cos | sin] rows, window included
+    parts = table @ signal.unfold(-2, n_fft, hop).transpose(-1, -2)  # (..., F, 2K, S)
     parts.square_()
     return (parts[..., :k, :] + parts[..., k:, :]).sqrt_()  # (..., F, K, S)
 
@@ -340,21 +332,16 @@ def fold_attention(cache: EvictingCache, rows: torch.Tensor, spec: NammSpec) -> 
         rows = torch.cat([F.pad(p, (0, s - p.shape[-1])) for p in partial] + [rows], dim=2)  # (B, Hk, filled + t, S)
     done = frames * hop  # rows inside finished frames
     ema, tail = cache.extra[EMA], cache.extra[TAIL]  # (B, Hk, S, K), (B, Hk, S, carry)
-    pieces = rows[:, :, :done].unflatten(2, (frames, hop))  # (B, Hk, F, hop, S), a view
-    head = tail.transpose(-1, -2).unflatten(2, (-1, hop))  # (B, Hk, r - 1, hop, S): the carried pieces
-    r = head.shape[2] + 1
+    carried = tail.transpose(-1, -2)  # (B, Hk, carry, S), a view
     weights = ema_frame_weights(frames, spec.ema, hop, rows.device)  # (F,)
-    acc = ema.transpose(-1, -2) * spec.ema ** (frames * hop)  # (B, Hk, K, S): the old EMA, decayed
-    step = max(1, _SPEC_BLOCK // max(1, b * hk * 2 * spec.frequencies * s))  # frames per block: bounded memory
-    for f0 in range(0, frames, step):
-        f1 = min(frames, f0 + step)
-        # pieces f0 .. f1 + r - 2 of [carried | new]: a view of the rows, but for the first block
-        block = pieces[:, :, f0 - (r - 1) : f1] if f0 >= r - 1 else torch.cat([head[:, :, f0:], pieces[:, :, :f1]], 2)
-        magnitudes = frame_magnitudes(block, spec.n_fft)  # (B, Hk, f1 - f0, K, S)
-        acc += torch.einsum("f,bhfks->bhks", weights[f0:f1], magnitudes)
+    acc = ema.transpose(-1, -2) * spec.ema ** done  # (B, Hk, K, S): the old EMA, decayed
+    for j in range(0, s, _FOLD_TOKENS):  # a block's frames stay in the CPU's cache through every pass
+        signal = torch.cat([carried[..., j : j + _FOLD_TOKENS], rows[:, :, :done, j : j + _FOLD_TOKENS]], dim=2)
+        acc[..., j : j + _FOLD_TOKENS] += torch.einsum(
+            "f,bhfks->bhks", weights, frame_magnitudes(signal, spec.n_fft, hop))  # (B, Hk, K, s')
     ema.copy_(acc.transpose(-1, -2))
-    if carry:  # the last n_fft - hop values of [carried | new rows]
-        last = rows[:, :, done - carry : done] if done >= carry else torch.cat([head.flatten(2, 3), rows[:, :, :done]], 2)
+    if carry:  # the next frame starts with the last n_fft - hop values of [carried | new rows]
+        last = rows[:, :, done - carry : done] if done >= carry else torch.cat([carried, rows[:, :, :done]], dim=2)
         tail.copy_(last[:, :, -carry:].transpose(-1, -2))
     cache.scratch[PARTIAL] = [rows[:, :, done:].clone()] if rows.shape[2] > done else []
 

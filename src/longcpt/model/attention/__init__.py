@@ -42,8 +42,8 @@ registry and never name a kind:
   class for it (its own `model_type`, config fields and modeling files), and read back;
 * `plan`: the planner's attention-pair, FLOP and activation terms (`PlanTerms`);
 * `doctor`: the checks `longcpt doctor` runs for the kind;
-* `telemetry`: what its inference state reports (`kept_fraction`, `visible_share`, `attention_on`;
-  `longcpt.model.generation` reads them).
+* `telemetry`: what its inference state reports (`kept_fraction`, `cache_use`, `visible_share`,
+  `attention_on`; `longcpt.model.generation` reads them).
 
 A kind that needs several files keeps them in one folder (`infini/`); docs/extending.md lists
 what a new kind touches.
@@ -199,8 +199,8 @@ class KindHooks:
             `tools` (`longcpt.doctor.kernels.KindCheckTools`) gives the shared pieces (a tiny model,
             packed batches, the float64 reference comparison, the result rows). Every trainable
             kind has them.
-        telemetry: what the kind's inference state reports (`kept_fraction`, `visible_share`,
-            `attention_on`).
+        telemetry: what the kind's inference state reports (`kept_fraction`, `cache_use`,
+            `visible_share`, `attention_on`).
         no_sequence_parallel: why `strategy.sequence_parallel` does not apply, for the error.
     """
 
@@ -217,7 +217,7 @@ class KindHooks:
     no_sequence_parallel: str = ""
 
 
-TELEMETRY = ("kept_fraction", "visible_share", "attention_on")
+TELEMETRY = ("kept_fraction", "cache_use", "visible_share", "attention_on")
 
 
 @dataclass(frozen=True)

@@ -265,7 +265,7 @@ def _h2o_problems(options: dict) -> list[str]:
     trainable=False,
     inference_memory=True,
     check=_h2o_problems,
-    hooks=KindHooks(telemetry=("kept_fraction",)),
+    hooks=KindHooks(telemetry=("kept_fraction", "cache_use")),
 )
 class H2OAttention(EvictingAttention):
     """Heavy-hitter oracle: the newest tokens plus those with the most attention received so far."""
@@ -311,7 +311,7 @@ def _streaming_problems(options: dict) -> list[str]:
     trainable=False,
     inference_memory=True,
     check=_streaming_problems,
-    hooks=KindHooks(telemetry=("kept_fraction",)),
+    hooks=KindHooks(telemetry=("kept_fraction", "cache_use")),
 )
 class StreamingAttention(EvictingAttention):
     """StreamingLLM: attention sinks plus a window of the newest tokens."""

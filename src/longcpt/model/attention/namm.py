@@ -443,7 +443,7 @@ def _namm_problems(options: dict) -> list[str]:
     trainable=False,
     inference_memory=True,
     check=_namm_problems,
-    hooks=KindHooks(telemetry=("kept_fraction",)),
+    hooks=KindHooks(telemetry=("kept_fraction", "cache_use")),
 )
 class NammAttention(EvictingAttention):
     """Evicts the cached tokens a NAMM scores below zero, every `update_every` tokens."""

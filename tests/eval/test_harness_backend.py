@@ -18,6 +18,7 @@ pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
+from longcpt.errors import LongcptError  # noqa: E402
 from longcpt.eval.harness.backend import LongcptLM  # noqa: E402
 from longcpt.model.generation import generate  # noqa: E402
 
@@ -153,3 +154,14 @@ def test_memory_kinds_equal_hf_within_their_window(backends, attention, options)
     args = [(c, {"max_gen_toks": 10, "until": ["\n\n"]}) for c in CONTEXTS]
     assert kind.generate_until(requests("generate_until", args)) == reference.generate_until(
         requests("generate_until", args))
+
+
+def test_model_args_of_the_harness_command_line(backends):
+    """What `--model_args` may hold: a dtype, JSON options as a string; anything else is named."""
+    _, _, folder = backends
+    lm = LongcptLM(str(folder), dtype="bfloat16", attention="streaming", attention_options='{"cache_size": 32}',
+                   device="cuda:0", batch_size="auto:4", progress=False)
+    assert next(lm.model.parameters()).dtype == torch.bfloat16
+    assert lm.settings["attention_options"]["cache_size"] == 32 and lm.device.type in ("cpu", "cuda")
+    with pytest.raises(LongcptError, match="model_args parallelize: not arguments of the longcpt backend"):
+        LongcptLM(str(folder), parallelize=True)

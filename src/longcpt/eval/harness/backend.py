@@ -99,6 +99,7 @@ class LongcptLM(TemplateLM):
         add_bos_token: force the tokenizer's special tokens on or off (default: its own rule).
         seed: seed of sampled generations (do_sample).
         progress: show a progress bar with tokens/s.
+        dtype: parameter dtype, e.g. "bfloat16" (default: as stored).
         trust_remote_code: accepted for the harness's command line; longcpt never runs a folder's code.
 
     Raises:
@@ -121,17 +122,24 @@ class LongcptLM(TemplateLM):
         add_bos_token: bool | None = None,
         seed: int = 0,
         progress: bool = True,
+        dtype: str | None = None,
         trust_remote_code: bool | None = None,
+        **unknown,
     ) -> None:
         super().__init__()
         from longcpt.eval.loading import load_model_and_tokenizer, load_tokenizer
+        from longcpt.model.hf_io import _as_dtype
+
+        if unknown:
+            raise LongcptError(f"model_args {', '.join(sorted(unknown))}: not arguments of the longcpt backend "
+                               "(see longcpt.eval.harness.backend.LongcptLM)")
 
         options = _json_arg(attention_options, "attention_options") or {}
         scaling = _json_arg(rope_scaling, "rope_scaling")
         model, tok = load_model_and_tokenizer(pretrained, scaling, attention, options)
         self.tokenizer = load_tokenizer(tokenizer) if tokenizer else tok
         self._device = pick_device(device)
-        self.model = model.to(self._device)
+        self.model = model.to(self._device, _as_dtype(dtype)) if dtype else model.to(self._device)
         self._max_length = int(max_length) if max_length else None
         self.batch_rows = _rows(batch_size)
         self.batch_tokens = int(batch_tokens)

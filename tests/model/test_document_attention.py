@@ -30,6 +30,7 @@ from longcpt.model.attention.document import (
     document_attention,
     document_layout,
 )
+from longcpt.model.attention.document import sdpa as document_sdpa
 
 BOS = 1
 VOCAB = 97
@@ -382,6 +383,86 @@ def test_flex_path_equals_dense_reference_on_cpu():
         atol=1e-5,
         rtol=1e-5,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU kernel's document chunks (longcpt.model.attention.document.sdpa)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    lens=st.lists(st.lists(st.integers(1, 40), min_size=1, max_size=6), min_size=1, max_size=3),
+    gqa=st.sampled_from([1, 2]),
+    chunk=st.integers(2, 9),
+    alone_from=st.sampled_from([1, 12, 1000]),
+    native_gqa=st.booleans(),
+)
+def test_chunked_kernel_and_gradients_equal_dense_reference(lens, gqa, chunk, alone_from, native_gqa):
+    """Documents cut into chunks of a few tokens (96 in use: these lengths would stay whole), read
+    in place (every document, those of 12 tokens or more, or none: gathered into padded buckets),
+    with the KV heads given to torch's kernel as they are or repeated for it; float64, so any
+    difference beyond rounding is a bug (a wrong chunk mask, a lost key gradient, a bad pad)."""
+    t = max(sum(row) for row in lens)
+    rows = [row[:-1] + [row[-1] + t - sum(row)] for row in lens]
+    _, cu, _, _ = pack(rows, t)
+    g = torch.Generator().manual_seed(sum(map(sum, rows)) + chunk)
+    b, hq, d = len(rows), 4, 8
+    q = torch.randn(b, hq, t, d, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(b, hq // gqa, t, d, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(b, hq // gqa, t, d, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(b, hq, t, d, dtype=torch.float64, generator=g)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(document_sdpa, "CHUNK", chunk)
+        patch.setattr(document_sdpa, "_ALONE_FROM", alone_from)
+        patch.setattr(document_sdpa, "_native_gqa", lambda: native_gqa)
+        out = document_attention(q, k, v, document_layout(cu, b, t), backend="sdpa")
+        grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    ref = dense_document_attention(q, k, v, cu)
+    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r, atol=1e-10, rtol=1e-10)
+
+
+def test_chunked_bf16_equals_dense_reference(monkeypatch):
+    monkeypatch.setattr(document_sdpa, "CHUNK", 8)
+    rows = random_window(random.Random(11), batch=2, seq_len=96, max_doc=60)
+    _, cu, _, _ = pack(rows, 96)
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.randn(2, h, 96, 16, generator=g).to(torch.bfloat16).requires_grad_() for h in (4, 2, 2)]
+    out = document_attention(*xs, document_layout(cu, 2, 96))
+    out.float().sum().backward()
+    ref_in = [x.detach().float().requires_grad_() for x in xs]
+    ref = dense_document_attention(*ref_in, cu)
+    ref.sum().backward()
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    for x, r in zip(xs, ref_in):
+        torch.testing.assert_close(x.grad.float(), r.grad, atol=5e-2, rtol=5e-2)
+
+
+def test_kernel_computes_about_half_of_each_document_square(monkeypatch):
+    """torch's CPU kernel computes whole 512-key tiles under `is_causal`, so a 500-token document in
+    one call costs 500^2 score entries; chunked, it costs close to its triangle (500^2 / 2). Counted
+    over the forward and backward calls the kernel receives."""
+    entries = {"forward": 0, "backward": 0}
+
+    def counting(real, name, first):  # q, k are the arguments `first` and `first + 1`
+        def call(*args, **kwargs):
+            q, k = args[first], args[first + 1]
+            entries[name] += q.shape[0] * q.shape[2] * k.shape[2]  # documents x queries x keys
+            return real(*args, **kwargs)
+
+        return call
+
+    document_sdpa._native_gqa()  # its probe is not part of the count
+    monkeypatch.setattr(document_sdpa, "_FLASH", counting(document_sdpa._FLASH, "forward", 0))
+    monkeypatch.setattr(document_sdpa, "_FLASH_BACKWARD", counting(document_sdpa._FLASH_BACKWARD, "backward", 1))
+    cu = torch.tensor([0, 500, 512], dtype=torch.int32)
+    q, k, v = (torch.randn(1, h, 512, 8, requires_grad=True) for h in (2, 1, 1))
+    document_attention(q, k, v, document_layout(cu, 1, 512)).sum().backward()
+    assert entries["forward"] == entries["backward"]
+    per_pass = entries["forward"]
+    assert 500 * 500 / 2 < per_pass < 0.62 * 500 * 500, per_pass
 
 
 # ---------------------------------------------------------------------------------------------

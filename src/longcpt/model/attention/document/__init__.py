@@ -1,7 +1,8 @@
 """`intra_doc` and `anchor`: causal attention inside each document of a packed window.
 
     kernels.py   the document layout and the kernels (flash-attn, torch varlen, FlexAttention,
-                 SDPA per document), picked per call; the drawing of the mask is there
+                 SDPA), picked per call; the drawing of the mask is there
+    sdpa.py      the SDPA kernels: on CPU, torch's flash kernel over document chunks (a custom op)
     doctor.py    `longcpt doctor`'s checks: the attention libraries, every kernel against a dense
                  reference, both kinds through a tiny model
 
@@ -21,12 +22,14 @@ from longcpt.model.attention.document.kernels import (
     BACKENDS,
     DocumentLayout,
     FlashAttnStatus,
-    SdpaPlan,
     available_backends,
     document_attention,
     document_layout,
     flash_attn_status,
+    pick_backend,
 )
+from longcpt.model.attention.document.sdpa import cpu_document_attention
+from longcpt.model.attention.full import causal_attention
 
 _OPTIONS = {
     "backend": Option("auto", one_of(*BACKENDS), "document kernel; auto picks the fastest usable one"),
@@ -47,11 +50,16 @@ class DocumentAttention(nn.Module):
         self.backend = args.attention_options.get("backend", "auto")
 
     def forward(self, q, k, v, ctx):
+        q, k = ctx.rotate(q, k)
+        if ctx.cu_seqlens is None:  # one document per row: exactly `full`
+            return causal_attention(q, k, v)
+        if q.device.type == "cpu" and pick_backend(self.backend, q) == "sdpa":
+            # The custom op reads the layout itself: nothing here for torch.compile to trace.
+            return cpu_document_attention(q, k, v, ctx.cu_seqlens)
         layout = ctx.cache.get(_CACHE_KEY)
         if layout is None:
             layout = document_layout(ctx.cu_seqlens, q.shape[0], q.shape[2], q.device)
             ctx.cache[_CACHE_KEY] = layout
-        q, k = ctx.rotate(q, k)
         return document_attention(q, k, v, layout, self.backend)
 
 
@@ -83,7 +91,6 @@ __all__ = [
     "DocumentLayout",
     "FlashAttnStatus",
     "IntraDocAttention",
-    "SdpaPlan",
     "available_backends",
     "document_attention",
     "document_layout",

@@ -30,16 +30,17 @@ Kernels, picked per call (`backend="auto"`):
     `torch.nn.attention.varlen.varlen_attn`; both take `cu_seqlens` directly (no mask at all).
   * CUDA otherwise: FlexAttention with the document mask as a `BlockMask`, both compiled once
     for every shape (`dynamic=True`, see `_compiled`).
-  * CPU: SDPA's `is_causal` path per document, with documents of similar length batched into one
-    call. FlexAttention has no backward on CPU (torch 2.13), and a dense (T, T) mask drops SDPA to
-    a slow path that is slower than no mask at all (docs/benchmarks.md). Batching needs no mask:
-    documents are right-padded to the longest of their bucket, and under a causal mask a real
-    token never sees the padding after it, so the result is exact.
+  * CPU: torch's CPU flash-attention kernel over chunks of each document (`sdpa.py`), with
+    documents of similar length batched into one call per chunk. FlexAttention has no backward on
+    CPU (torch 2.13), and a dense (T, T) mask drops SDPA to a slow path that is slower than no
+    mask at all (docs/benchmarks.md). Batching is exact: documents are right-padded to the
+    longest of their bucket, and under a causal mask a real token never sees the padding after
+    it. The kernel is one custom op, so `torch.compile` neither breaks nor recompiles on it.
+  * `sdpa` on a GPU: one `is_causal` SDPA call per bucket of documents.
 The document grouping is computed once per forward (`document_layout`, kept in `ctx.cache`) and
 shared by every layer.
 
-Shapes: B batch, T tokens per row, N documents, H heads (Hq query, Hk KV), D head dim,
-n documents in one bucket, L the bucket's (padded) document length.
+Shapes: B batch, T tokens per row, N documents, H heads (Hq query, Hk KV), D head dim.
 """
 
 from __future__ import annotations
@@ -51,43 +52,18 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from longcpt.batch import document_spans
 from longcpt.errors import LongcptError
+from longcpt.model.attention.document.sdpa import bucketed_sdpa, chunk_plan, document_flash
 from longcpt.model.attention.full import causal_attention
 
 BACKENDS = ("auto", "sdpa", "varlen", "flash_attn", "flex")
 _CACHE_KEY = "document_layout"
-# Bucketing of the SDPA path: a document joins the current bucket (padded to its longest member)
-# when padding wastes at most this share of its own attention cost ...
-_MAX_PAD_WASTE = 0.3
-# ... or when the padded work is smaller than the fixed cost of one more call: on CPU one SDPA
-# fwd+bwd call costs about 0.1-0.2 ms, as much as a causal document of about 64 tokens
-# (8 heads, head dim 32, one thread).
-_CALL_COST_TOKENS = 64
 
 
 # ----------------------------------------------------------------------------------------------
 # Document layout: pure functions of cu_seqlens, computed once per forward.
-
-
-@dataclass(frozen=True)
-class SdpaPlan:
-    """How the SDPA path visits the documents: buckets of documents right-padded to equal length.
-
-    Attributes:
-        buckets: (n, L) per bucket: n documents padded to length L, attended in one call.
-        gather: (sum n*L,) flat token index of every padded slot, buckets one after another
-            (padding repeats the document's last token, so every value is finite), or None when
-            that is simply every token in order.
-        row_of_token: (B*T,) row of each token in the concatenated padded output, or None when
-            that is the token itself.
-    """
-
-    buckets: list[tuple[int, int]]
-    gather: torch.Tensor | None
-    row_of_token: torch.Tensor | None
 
 
 @dataclass
@@ -115,12 +91,6 @@ class DocumentLayout:
     @property
     def max_len(self) -> int:
         return max(self.lengths)
-
-    def sdpa_plan(self) -> SdpaPlan:
-        """The document buckets of the SDPA path (computed on first use, then kept)."""
-        if "sdpa" not in self._plans:
-            self._plans["sdpa"] = _sdpa_plan(self.starts, self.lengths, self.cu_seqlens.device)
-        return self._plans["sdpa"]
 
     def document_ids(self) -> torch.Tensor:
         """(B, T) int32 index of the document each token belongs to (for FlexAttention)."""
@@ -172,47 +142,6 @@ def document_layout(
     return DocumentLayout(batch, seq_len, starts, lengths, cu)
 
 
-def _sdpa_plan(starts: list[int], lengths: list[int], device: torch.device) -> SdpaPlan:
-    """Group documents into few SDPA calls; see the module docstring for why padding is exact.
-
-    Documents are visited longest first; a document joins the current bucket when padding it to
-    the bucket's length wastes little (`_MAX_PAD_WASTE`) or costs less than another call
-    (`_CALL_COST_TOKENS`). Equal lengths always share a bucket.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], starts[i]))
-    groups: list[list[int]] = []
-    for i in order:
-        n = lengths[i]
-        if groups:
-            longest = lengths[groups[-1][0]]
-            waste = longest * longest - n * n
-            if waste <= _MAX_PAD_WASTE * n * n or waste <= _CALL_COST_TOKENS**2:
-                groups[-1].append(i)
-                continue
-        groups.append([i])
-
-    buckets, gathers, tokens, rows, offset = [], [], [], [], 0
-    for group in groups:
-        length, count = lengths[group[0]], len(group)
-        group_starts = torch.tensor([starts[i] for i in group], device=device)
-        group_lens = torch.tensor([lengths[i] for i in group], device=device)
-        steps = torch.arange(length, device=device)
-        real = steps[None, :] < group_lens[:, None]  # (n, L)
-        gather = group_starts[:, None] + torch.minimum(steps[None, :], group_lens[:, None] - 1)  # (n, L)
-        buckets.append((count, length))
-        gathers.append(gather.reshape(-1))
-        tokens.append(gather[real])
-        rows.append(offset + torch.arange(count * length, device=device).view(count, length)[real])
-        offset += count * length
-
-    gather_all, tokens_all, rows_all = torch.cat(gathers), torch.cat(tokens), torch.cat(rows)
-    row_of_token = torch.empty_like(rows_all)
-    row_of_token[tokens_all] = rows_all
-    in_order = torch.arange(len(row_of_token), device=device)
-    identity = offset == len(row_of_token) and bool(torch.equal(gather_all, in_order))
-    return SdpaPlan(buckets, None if identity else gather_all, None if identity else row_of_token)
-
-
 # ----------------------------------------------------------------------------------------------
 # Kernels. All take token-major tensors q (B*T, Hq, D), k/v (B*T, Hk, D) and return (B*T, Hq, D).
 
@@ -220,30 +149,10 @@ def _sdpa_plan(starts: list[int], lengths: list[int], device: torch.device) -> S
 def _sdpa_documents(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout
 ) -> torch.Tensor:
-    """Exact document-causal attention from a few `is_causal` SDPA calls (CPU path).
-
-    One gather brings every bucket's padded documents together and one gather puts the outputs
-    back (their backward passes are one scatter each); the buckets are `split` views, whose
-    backward is a single concatenation. Per-bucket slicing would allocate a full-size zero
-    gradient per bucket instead.
-    """
-    plan = layout.sdpa_plan()
-    gqa = q.shape[1] != k.shape[1]
-    sizes = [n * length for n, length in plan.buckets]
-
-    def buckets(x: torch.Tensor) -> list[torch.Tensor]:
-        x = x if plan.gather is None else x.index_select(0, plan.gather)  # (sum n*L, H, D)
-        return [
-            part.view(n, length, x.shape[1], x.shape[2]).transpose(1, 2)  # (n, H, L, D)
-            for part, (n, length) in zip(x.split(sizes), plan.buckets)
-        ]
-
-    outs = []
-    for qb, kb, vb in zip(buckets(q), buckets(k), buckets(v)):
-        y = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, enable_gqa=gqa)  # (n, Hq, L, D)
-        outs.append(y.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2]))  # (n*L, Hq, D)
-    out = outs[0] if len(outs) == 1 else torch.cat(outs)  # (sum n*L, Hq, D)
-    return out if plan.row_of_token is None else out.index_select(0, plan.row_of_token)
+    """Exact document-causal attention from SDPA's kernels: chunked flash on CPU, else per bucket."""
+    if q.device.type == "cpu":
+        return document_flash(q, k, v, layout.cu_seqlens, layout.seq_len)[0]
+    return bucketed_sdpa(q, k, v, chunk_plan(layout.cu_seqlens, layout.batch, layout.seq_len))
 
 
 def _varlen_documents(
@@ -390,6 +299,23 @@ def available_backends(device: torch.device | str, dtype: torch.dtype) -> list[s
     return [*found, "sdpa"]
 
 
+def pick_backend(backend: str, q: torch.Tensor) -> str:
+    """`backend` itself, or for `auto` the first of `available_backends` for `q`'s device and dtype.
+
+    Raises:
+        LongcptError: a backend that cannot run on these tensors was requested.
+    """
+    usable = available_backends(q.device, q.dtype)
+    if backend == "auto":
+        return usable[0]
+    if backend not in usable:
+        raise LongcptError(
+            f"attention backend {backend!r} cannot run on {q.device.type} {q.dtype}; "
+            f"usable here: {', '.join(usable)} (or 'auto')"
+        )
+    return backend
+
+
 def document_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout, backend: str = "auto"
 ) -> torch.Tensor:
@@ -409,14 +335,7 @@ def document_attention(
     b, hq, t, d = q.shape
     if layout.whole_rows:  # one document per row: exactly `full`
         return causal_attention(q, k, v)
-    usable = available_backends(q.device, q.dtype)
-    if backend == "auto":
-        backend = usable[0]
-    elif backend not in usable:
-        raise LongcptError(
-            f"attention backend {backend!r} cannot run on {q.device.type} {q.dtype}; "
-            f"usable here: {', '.join(usable)} (or 'auto')"
-        )
+    backend = pick_backend(backend, q)
 
     def tokens(x: torch.Tensor) -> torch.Tensor:
         return x.transpose(1, 2).reshape(b * t, x.shape[1], d)  # (B*T, H, D)

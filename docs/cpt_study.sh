@@ -104,7 +104,7 @@ cpt() {  # cpt ARM SEED: one continual-pretraining run from the base model
   local arm=$1 seed=$2 extra=()
   [ "$arm" = infini ] && extra=(attention.segment_len="$SEGMENT" attention.bptt_segments=$((CPT_LEN / SEGMENT)))
   timed "cpt_${arm}_s${seed}" train "$WORK/cpt_${arm}_s${seed}" model.pretrained="$WORK/base/hf" \
-      model.rope_theta="$CPT_THETA" attention.kind="$arm" "${extra[@]}" \
+      rope.theta="$CPT_THETA" attention.kind="$arm" "${extra[@]}" \
       data.train="$WORK/mix_cpt" data.seq_len="$CPT_LEN" data.micro_batch_size="$CPT_BATCH" \
       optim.lr="$CPT_LR" optim.warmup_steps=5 trainer.max_steps="$CPT_STEPS" trainer.seed="$seed"
 }

@@ -83,7 +83,7 @@ infini_longer() {  # infini_longer NAME FROM DATA SEQ_LEN BATCH LR WARMUP STEPS 
   shift 8
   timed "$name" train "$WORK/$name" model.pretrained="$from" attention.kind=infini \
       attention.segment_len="$SEGMENT" attention.bptt_segments=$((seq / SEGMENT)) attention.memory_update=delta \
-      optim.gate_lr=2.0e-2 data.train="$data" data.seq_len="$seq" data.micro_batch_size="$batch" \
+      attention.gate_lr=2.0e-2 data.train="$data" data.seq_len="$seq" data.micro_batch_size="$batch" \
       optim.lr="$lr" optim.warmup_steps="$warmup" trainer.max_steps="$steps" "$@"
 }
 
@@ -120,7 +120,7 @@ for stage in "${STAGES[@]}"; do
     infini)
       timed ft_infini train "$WORK/ft_infini" model.pretrained="$WORK/ft_short/hf" attention.kind=infini \
           attention.segment_len="$SEGMENT" attention.bptt_segments=$(((264 + SEGMENT - 1) / SEGMENT)) \
-          attention.memory_update=delta attention.gate_init=-1.0 optim.gate_lr=5.0e-2 \
+          attention.memory_update=delta attention.gate_init=-1.0 attention.gate_lr=5.0e-2 \
           data.train="$WORK/short.jsonl" data.seq_len=264 data.micro_batch_size=32 \
           optim.lr=2.0e-3 optim.warmup_steps=30 trainer.max_steps="$INFINI_STEPS" ;;
     infini_4k)

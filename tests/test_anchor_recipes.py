@@ -20,5 +20,5 @@ def test_anchor_recipe(name, seq_len, theta):
     cfg = load_config(path)
     assert cfg.attention.kind == "anchor" and cfg.rope.precision == "fp32"
     assert cfg.data.seq_len == seq_len
-    assert cfg.model.rope_theta == theta
+    assert cfg.rope.theta == theta
     assert f"{int(theta):,}" in path.read_text()  # the header names the theta it sets

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import warnings
+
 import pytest
 
-from longcpt.config import Config, load_config, save_config
-from longcpt.errors import ConfigError, LongcptError
+from longcpt.config import Config, load_config, resolve, save_config, validate
+from longcpt.errors import ConfigError, DeprecatedKeyWarning, LongcptError
 
 
 def _recipe(tmp_path, text: str):
@@ -53,15 +57,55 @@ def test_cross_field_checks(tmp_path):
 
 def test_rope_scaling_is_checked_like_a_config_json(tmp_path):
     path = _recipe(tmp_path, BASE)
-    cfg = load_config(path, ["model.rope_scaling={rope_type: yarn, factor: 8.0}"])
-    assert cfg.model.rope_scaling == {"rope_type": "yarn", "factor": 8.0}
+    cfg = load_config(path, ["rope.scaling={rope_type: yarn, factor: 8.0}"])
+    assert cfg.rope.scaling == {"rope_type": "yarn", "factor": 8.0}
     with pytest.raises(ConfigError) as e:
-        load_config(path, ["model.rope_scaling={rope_type: llama3, factor: 8.0}", "model.rope_theta=0"])
+        load_config(path, ["rope.scaling={rope_type: llama3, factor: 8.0}", "rope.theta=0"])
     msg = str(e.value)
-    assert "model.rope_scaling: rope type 'llama3' needs low_freq_factor, high_freq_factor" in msg
-    assert "model.rope_theta=0.0: must be > 0" in msg
-    with pytest.raises(ConfigError, match="model.rope_scaling: rope type 'ntk' is not supported"):
-        load_config(path, ["model.rope_scaling={rope_type: ntk, factor: 2}"])
+    assert "rope.scaling: rope type 'llama3' needs low_freq_factor, high_freq_factor" in msg
+    assert "rope.theta=0.0: must be > 0" in msg
+    with pytest.raises(ConfigError, match="rope.scaling: rope type 'ntk' is not supported"):
+        load_config(path, ["rope.scaling={rope_type: ntk, factor: 2}"])
+
+
+@pytest.mark.parametrize("old, new, value", [
+    ("model.rope_theta", "rope.theta", 40000.0),
+    ("model.rope_scaling", "rope.scaling", {"rope_type": "dynamic", "factor": 2.0}),
+    ("optim.gate_lr", "attention.gate_lr", 0.05),
+])
+def test_moved_keys_still_read_with_a_warning_naming_the_new_one(tmp_path, old, new, value):
+    recipe = _recipe(tmp_path, BASE + "attention:\n  kind: infini\n")
+    with pytest.warns(DeprecatedKeyWarning, match=f"{old} \\(command line\\) is deprecated: write {new} instead"):
+        cfg = load_config(recipe, [f"{old}={value}"])
+    section, key = new.split(".")
+    got = cfg.attention.options[key] if section == "attention" else getattr(getattr(cfg, section), key)
+    assert got == value
+    saved = tmp_path / "saved.yaml"
+    save_config(cfg, saved)  # what a run saves uses the new keys: no warning reading it back
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_config(saved) == cfg
+
+
+def test_validate_changes_nothing_and_load_config_resolves(tmp_path):
+    cfg = load_config(_recipe(tmp_path, BASE), ["attention.kind=infini", "attention.segment_len=64"])
+    assert cfg.attention.options["segment_len"] == 64 and cfg.attention.options["gate_init"] == -2.5
+    bare = dataclasses.replace(cfg, attention=dataclasses.replace(cfg.attention, options={"segment_len": 64,
+                                                                                         "backend": "sdpa"}))
+    before = copy.deepcopy(bare)
+    validate(bare)
+    assert bare == before  # reported, not filled in
+    assert resolve(bare).attention.options == cfg.attention.options  # another kind's option left out
+
+
+def test_data_task_is_checked_against_the_datamodule_registry(tmp_path, monkeypatch):
+    from longcpt.data.datamodule import DATAMODULES
+
+    with pytest.raises(ConfigError, match=r"data.task='paskey': no DataModule registered for it \(known: "
+                                          r"booksum, passkey, pretrain\); did you mean passkey\?"):
+        load_config(_recipe(tmp_path, BASE), ["data.task=paskey"])
+    monkeypatch.setitem(DATAMODULES, "summaries", lambda cfg, tokenizer: None)  # a task registered elsewhere
+    assert load_config(_recipe(tmp_path, BASE), ["data.task=summaries"]).data.task == "summaries"
 
 
 def test_paths_checked_only_when_asked(tmp_path):

@@ -12,10 +12,11 @@ import argparse
 import importlib
 import json
 import sys
+import warnings
 
 from longcpt import early_signals  # standard library only
 from longcpt.data.ruler import TASKS as RULER_TASKS  # standard library only: --help stays instant
-from longcpt.errors import LongcptError
+from longcpt.errors import DeprecatedKeyWarning, LongcptError
 
 # command -> module providing run(args)
 COMMANDS = {
@@ -235,9 +236,18 @@ def add_model_arguments(task: argparse.ArgumentParser) -> None:
                       help="options of that kind by name, e.g. '{\"n_local\": 4096, \"topk\": 16}'")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """A moved recipe key is the user's to fix: one line, without the source location."""
+    if issubclass(category, DeprecatedKeyWarning):
+        print(f"longcpt: warning: {message}", file=sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     name = args.command_name
+    warnings.showwarning = _show_warning
     if name == "train" and early_signals.in_slurm_job():
         # Before the imports and the model build: SLURM's requeue signal would end the process.
         early_signals.record()

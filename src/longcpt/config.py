@@ -4,7 +4,16 @@
 
 `load_config` collects every problem before failing (unknown keys with a "did you mean",
 values of the wrong type, values out of range), each naming the key, the value and the fix, and
-raises one `ConfigError`. The resolved config is saved in the run directory (`save_config`).
+raises one `ConfigError`; then it returns the recipe resolved (`resolve`: the attention kind's
+options completed with its defaults). `validate` only reports. The resolved config is saved in
+the run directory (`save_config`).
+
+The schema is `Config`, assembled here from its sections. A section owned elsewhere lives with
+its owner and brings its own checks (a `problems()` method): the attention kind's options are the
+kind's (`longcpt.model.attention`), the `data.task` names are the DataModule registry's
+(`longcpt.data.datamodule`), and `longcpt namm train` loads `longcpt.namm.config.NammRecipe`,
+this schema plus its `namm:` section. Keys that moved keep working for a while (`DEPRECATED`,
+with a warning naming the new key).
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import dataclasses
 import difflib
 import functools
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +31,9 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from longcpt.errors import ConfigError, LongcptError
+from longcpt.errors import ConfigError, DeprecatedKeyWarning, LongcptError
 from longcpt.fsio import atomic_write_text
 
-TASKS = ("pretrain", "passkey", "booksum")
 TRAINER_PRECISIONS = ("bf16-mixed", "bf16-true", "32-true")
 
 
@@ -33,8 +42,6 @@ class ModelConfig:
     pretrained: str | None = None  # HF folder to continue from
     config: dict[str, Any] = field(default_factory=dict)  # HF-style fields for a model from scratch
     tokenizer: str | None = None  # tokenizer folder (defaults to `pretrained`)
-    rope_theta: float | None = None  # override for context extension (ABF)
-    rope_scaling: dict[str, Any] | None = None  # HF rope_scaling dict override
 
 
 @dataclass
@@ -42,7 +49,7 @@ class AttentionConfig:
     """`attention.kind` and that kind's options.
 
     In a recipe the options sit next to `kind` (`attention.segment_len: 2048`); the kind declares
-    their names, defaults and constraints (`longcpt.model.attention`), and `validate` fills
+    their names, defaults and constraints (`longcpt.model.attention`), and `resolve` fills
     `options` with the resolved values. Options of another registered kind are ignored, so one
     recipe can switch kinds with `attention.kind=...` on the command line.
     """
@@ -53,6 +60,10 @@ class AttentionConfig:
 
 @dataclass
 class RopeConfig:
+    """RoPE: overrides of the model's own settings (context extension), and how it is computed."""
+
+    theta: float | None = None  # base override for context extension (ABF), e.g. 500000
+    scaling: dict[str, Any] | None = None  # HF rope_scaling dict override (linear, dynamic, yarn, llama3)
     precision: str = "fp32"  # fp32 (rotation in fp32: the BF16 fix) | model
 
 
@@ -60,7 +71,7 @@ class RopeConfig:
 class DataConfig:
     train: str | None = None  # output of data_prep/prepare_corpus.py (or a task data set)
     val: str | None = None
-    task: str = "pretrain"  # pretrain | passkey | booksum
+    task: str = "pretrain"  # a registered DataModule: pretrain | passkey | booksum | ...
     seq_len: int = 4096
     packing: str = "chunk"  # chunk | bfd
     micro_batch_size: int = 1
@@ -81,7 +92,6 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0  # 0 disables clipping
     accumulate_grad_batches: int = 1
-    gate_lr: float = 1.0e-2  # Infini gates: own group, no weight decay (nanotron exp57)
 
 
 @dataclass
@@ -115,39 +125,9 @@ class StrategyConfig:
 
 
 @dataclass
-class NammPasskeyConfig:
-    """Passkey prompts NAMM evolution scores on (`longcpt.data.passkey`); keep them within the
-    model's trained length and the seed apart from the evaluation's (0)."""
-
-    lengths: list[int] = field(default_factory=lambda: [1024])  # each >= namm.update_every
-    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    trials: int = 2  # prompts per (length, depth), new keys every generation; as many for validation
-    split_digits: bool = False  # as the model was fine-tuned (make_passkey.py --split-digits)
-    seed: int = 1
-
-
-@dataclass
-class NammConfig:
-    """`longcpt namm train`: evolve a NAMM (`longcpt.namm`) for the frozen `model.pretrained`."""
-
-    scorer: str = "bam"  # bam (the reference's) | mlp (this project's cheaper one)
-    selection: str = "reference"  # reference (same count in every head of a layer) | per_head (score >= 0)
-    hidden: int = 32  # BAM attention width
-    update_every: int = 512  # tokens between evictions (a multiple of 16, the spectrogram hop)
-    population: int = 32
-    generations: int = 100
-    sigma: float = 0.065  # initial CMA-ES step size
-    covariance: str = "diagonal"  # diagonal (sep-CMA-ES, linear cost) | full (the reference's; O(n^3) per generation)
-    seed: int = 0
-    workers: int = 0  # processes evaluating the population; 0 = one per GPU, else one per CPU core
-    tasks: list[str] = field(default_factory=lambda: ["passkey"])
-    cache_weight: float = 0.0  # fitness -= cache_weight * kv_kept_mean: favours a smaller cache
-    init: str | None = None  # policy file to start from (a previous stage), else the all-zero policy
-    passkey: NammPasskeyConfig = field(default_factory=NammPasskeyConfig)
-
-
-@dataclass
 class Config:
+    """The schema of a training recipe (`longcpt train`, `plan`, `doctor`)."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     rope: RopeConfig = field(default_factory=RopeConfig)
@@ -155,20 +135,31 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
-    namm: NammConfig = field(default_factory=NammConfig)
 
 
+# Keys that moved, old -> new: still read (with a `DeprecatedKeyWarning`), written the new way.
+DEPRECATED = {
+    "model.rope_theta": "rope.theta",
+    "model.rope_scaling": "rope.scaling",
+    "optim.gate_lr": "attention.gate_lr",
+}
 # Fields holding free-form dicts whose keys are not ours to check.
-_FREE_FORM = {"model.config", "model.rope_scaling", "strategy.deepspeed", "attention.options"}
+_FREE_FORM = {"model.config", "rope.scaling", "model.rope_scaling", "strategy.deepspeed", "attention.options"}
 
 
-def load_config(recipe: str | Path | None, overrides: list[str] = (), check_paths: bool = False) -> Config:
-    """Merge schema defaults, a YAML recipe and `key=value` overrides, then validate.
+def load_config(
+    recipe: str | Path | None, overrides: list[str] = (), check_paths: bool = False, schema: type = Config
+) -> Config:
+    """Merge schema defaults, a YAML recipe and `key=value` overrides, validate, and resolve.
 
     Args:
         recipe: YAML file, or None for the defaults alone.
         overrides: OmegaConf dotlist (`trainer.max_steps=10`).
         check_paths: also require the data/model paths to exist (done by `longcpt train`).
+        schema: `Config`, or a command's extension of it (`longcpt.namm.config.NammRecipe`).
+
+    Returns:
+        The resolved recipe (`resolve`), an instance of `schema`.
 
     Raises:
         ConfigError: every problem found, each with key, value and fix.
@@ -184,18 +175,18 @@ def load_config(recipe: str | Path | None, overrides: list[str] = (), check_path
     if good:
         layers.append(("command line", OmegaConf.to_container(OmegaConf.from_dotlist(good))))
 
-    merged = OmegaConf.structured(Config)
+    merged = OmegaConf.structured(schema)
     for origin, data in layers:
         for key, value in _leaves(data):
-            key = _attention_option_key(key)
-            unknown = _unknown_key(key)
+            key = _attention_option_key(_current_key(key, origin))
+            unknown = _unknown_key(key, schema)
             if unknown:
                 problems.append(f"{key} ({origin}): unknown key{unknown}")
                 continue
             try:
                 OmegaConf.update(merged, key, value, merge=True)
             except OmegaConfBaseException as e:
-                expected = _field_type(key)
+                expected = _field_type(key, schema)
                 problems.append(f"{key}={value!r} ({origin}): expected {expected} ({type(e).__name__})")
     cfg: Config = OmegaConf.to_object(merged)
     try:
@@ -204,7 +195,17 @@ def load_config(recipe: str | Path | None, overrides: list[str] = (), check_path
         problems += e.problems
     if problems:
         raise ConfigError(problems)
-    return cfg
+    return resolve(cfg)
+
+
+def _current_key(key: str, origin: str) -> str:
+    """`key`, or the key it moved to (`DEPRECATED`), saying so once per use."""
+    new = DEPRECATED.get(key)
+    if new is None:
+        return key
+    warnings.warn(f"{key} ({origin}) is deprecated: write {new} instead (the old key still works in this version)",
+                  DeprecatedKeyWarning, stacklevel=3)
+    return new
 
 
 def _attention_option_key(key: str) -> str:
@@ -241,10 +242,10 @@ def _leaves(data: dict, prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
-def _unknown_key(key: str) -> str:
+def _unknown_key(key: str, schema: type = Config) -> str:
     """'' if `key` exists in the schema, else ' (did you mean ...?)' text."""
     parts = key.split(".")
-    node: Any = Config
+    node: Any = schema
     for i, part in enumerate(parts):
         if not dataclasses.is_dataclass(node):
             return ""  # inside a free-form dict
@@ -262,8 +263,8 @@ def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _field_type(key: str) -> str:
-    node: Any = Config
+def _field_type(key: str, schema: type = Config) -> str:
+    node: Any = schema
     for part in key.split("."):
         if not dataclasses.is_dataclass(node):
             return "a value"
@@ -272,12 +273,12 @@ def _field_type(key: str) -> str:
 
 
 def validate(cfg: Config, check_paths: bool = False) -> None:
-    """Check every value; raise one ConfigError listing all problems (key, value, fix).
+    """Check every value; raise one ConfigError listing all problems (key, value, fix). Changes nothing.
 
-    Also completes `cfg.attention.options` with the kind's defaults (the kind declares them).
-    The attention kind and the strategy own their rules (`longcpt.model.attention`,
-    `longcpt.strategies`); this function asks them, so every problem is found here, before
-    anything is built.
+    The attention kind, the DataModule registry and the strategy own their rules
+    (`longcpt.model.attention`, `longcpt.data.datamodule`, `longcpt.strategies`), and a section
+    owned elsewhere brings its own `problems()`; this function asks them all, so every problem is
+    found here, before anything is built.
 
     Args:
         cfg: the merged recipe.
@@ -287,26 +288,55 @@ def validate(cfg: Config, check_paths: bool = False) -> None:
 
     problems = (
         _model_problems(cfg.model)
+        + _rope_problems(cfg.rope)
         + _attention_problems(cfg)
         + _choice_problems(cfg)
         + _minimum_problems(cfg)
         + _other_problems(cfg)
         + strategy_problems(cfg)
         + _vocabulary_problems(cfg.model)
-        + _namm_problems(cfg.namm)
     )
+    for f in dataclasses.fields(cfg):  # sections owned elsewhere (the namm: section)
+        section = getattr(cfg, f.name)
+        if callable(getattr(section, "problems", None)):
+            problems += section.problems()
     if check_paths:
         problems += _path_problems(cfg)
     if problems:
         raise ConfigError(problems)
 
 
-def _choice(key: str, value: Any, options: tuple) -> list[str]:
+def resolve(cfg: Config) -> Config:
+    """`cfg` with its attention kind's options completed with the kind's defaults (a new config).
+
+    The only place a recipe's options are resolved (`longcpt.model.attention.resolve_options`);
+    options of other kinds are left out. `cfg` must be valid (`validate`).
+    """
+    from longcpt.model.attention import kind_spec, resolve_options
+
+    spec = kind_spec(cfg.attention.kind, "attention.kind")
+    mine = {k: v for k, v in cfg.attention.options.items() if k in spec.options}
+    options = resolve_options(cfg.attention.kind, mine, prefix="attention.")
+    return dataclasses.replace(cfg, attention=dataclasses.replace(cfg.attention, options=options))
+
+
+def choice_problems(key: str, value: Any, options: tuple) -> list[str]:
+    """[] when `value` is one of `options`, else the problem naming them (and the closest one)."""
     if value in options:
         return []
     close = difflib.get_close_matches(str(value), [str(o) for o in options], n=1)
     hint = f"; did you mean {close[0]}?" if close else ""
     return [f"{key}={value!r}: must be one of {', '.join(map(str, options))}{hint}"]
+
+
+def minimum_problems(section: Any, prefix: str, minimums: dict[str, float]) -> list[str]:
+    """The keys of `section` below their inclusive lower bound (`minimums`: dotted key -> bound)."""
+    problems = []
+    for key, low in minimums.items():
+        value = functools.reduce(getattr, key.split("."), section)
+        if value < low:
+            problems.append(f"{prefix}{key}={value!r}: must be >= {low}")
+    return problems
 
 
 def _model_problems(model: ModelConfig) -> list[str]:
@@ -316,28 +346,34 @@ def _model_problems(model: ModelConfig) -> list[str]:
                         "or model.config to HF-style fields (hidden_size, num_hidden_layers, ...)")
     if model.pretrained is None and model.config and model.tokenizer is None:
         problems.append("model.tokenizer=null: a model built from model.config needs a tokenizer folder")
-    if model.rope_theta is not None and model.rope_theta <= 0:
-        problems.append(f"model.rope_theta={model.rope_theta}: must be > 0 (e.g. 500000 for ABF context extension)")
-    if model.rope_scaling is not None:
+    return problems
+
+
+def _rope_problems(rope: RopeConfig) -> list[str]:
+    from longcpt.model.rope import ROPE_PRECISIONS
+
+    problems = choice_problems("rope.precision", rope.precision, ROPE_PRECISIONS)
+    if rope.theta is not None and rope.theta <= 0:
+        problems.append(f"rope.theta={rope.theta}: must be > 0 (e.g. 500000 for ABF context extension)")
+    if rope.scaling is not None:
         from longcpt.model.config import normalise_rope_scaling
 
         try:  # the same check as a config.json's (any length completes yarn/llama3 here)
-            normalise_rope_scaling(model.rope_scaling, 4096, "model.rope_scaling")
+            normalise_rope_scaling(rope.scaling, 4096, "rope.scaling")
         except LongcptError as e:
             problems.append(str(e))
     return problems
 
 
 def _attention_problems(cfg: Config) -> list[str]:
-    """The kind exists and may be trained; its options are known and valid (and get resolved)."""
+    """The kind exists and may be trained; its options are known and valid."""
     from longcpt.model.attention import KINDS
-    from longcpt.model.rope import ROPE_PRECISIONS
 
     attention = cfg.attention
-    problems = _choice("rope.precision", cfg.rope.precision, ROPE_PRECISIONS)
+    problems = []
     trainable = tuple(name for name, spec in KINDS.items() if spec.trainable)
     if attention.kind not in KINDS:
-        return problems + _choice("attention.kind", attention.kind, trainable)
+        return problems + choice_problems("attention.kind", attention.kind, trainable)
     spec = KINDS[attention.kind]
     if not spec.trainable:
         problems.append(f"attention.kind={attention.kind!r}: an inference-time memory, not trainable; train with "
@@ -352,8 +388,7 @@ def _attention_problems(cfg: Config) -> list[str]:
         problems.append(f"attention.{key}: not an option of any attention kind (options of {attention.kind!r}: "
                         f"{', '.join(spec.options) or 'none'}){hint}")
     mine = {k: v for k, v in attention.options.items() if k in spec.options}  # other kinds' options: ignored
-    resolved, option_errors = option_problems(attention.kind, mine, prefix="attention.")
-    attention.options = resolved
+    _, option_errors = option_problems(attention.kind, mine, prefix="attention.")
     return problems + option_errors
 
 
@@ -363,28 +398,23 @@ _MINIMUMS = {
     "data.bfd_buffer": 1, "optim.weight_decay": 0, "optim.warmup_steps": 0, "optim.grad_clip": 0,
     "optim.accumulate_grad_batches": 1, "trainer.max_steps": 1, "trainer.num_nodes": 1,
     "trainer.save_every_n_steps": 1, "trainer.keep_last_k": 1, "trainer.log_every_n_steps": 1,
-    "trainer.val_every_n_steps": 1, "trainer.max_restarts": 0, "namm.hidden": 1, "namm.population": 2,
-    "namm.generations": 1, "namm.workers": 0, "namm.cache_weight": 0, "namm.passkey.trials": 1,
+    "trainer.val_every_n_steps": 1, "trainer.max_restarts": 0,
 }
 
 
 def _minimum_problems(cfg: Config) -> list[str]:
-    problems = []
-    for key, low in _MINIMUMS.items():
-        value = functools.reduce(getattr, key.split("."), cfg)
-        if value < low:
-            problems.append(f"{key}={value!r}: must be >= {low}")
-    return problems
+    return minimum_problems(cfg, "", _MINIMUMS)
 
 
 def _choice_problems(cfg: Config) -> list[str]:
+    from longcpt.data.datamodule import task_problems
     from longcpt.data.packing import PACKING_STRATEGIES
 
     return (
-        _choice("data.task", cfg.data.task, TASKS)
-        + _choice("data.packing", cfg.data.packing, PACKING_STRATEGIES)
-        + _choice("trainer.accelerator", cfg.trainer.accelerator, ("cpu", "gpu", "auto"))
-        + _choice("trainer.precision", cfg.trainer.precision, TRAINER_PRECISIONS)
+        task_problems(cfg.data.task)
+        + choice_problems("data.packing", cfg.data.packing, PACKING_STRATEGIES)
+        + choice_problems("trainer.accelerator", cfg.trainer.accelerator, ("cpu", "gpu", "auto"))
+        + choice_problems("trainer.precision", cfg.trainer.precision, TRAINER_PRECISIONS)
     )
 
 
@@ -394,8 +424,6 @@ def _other_problems(cfg: Config) -> list[str]:
     problems = []
     if optim.lr <= 0:
         problems.append(f"optim.lr={optim.lr}: must be > 0 (e.g. 2.0e-5)")
-    if optim.gate_lr <= 0:
-        problems.append(f"optim.gate_lr={optim.gate_lr}: must be > 0 (e.g. 1.0e-2)")
     if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
         problems.append(f"optim.betas={optim.betas}: must be two numbers in [0, 1), e.g. [0.9, 0.95]")
     if not 0 <= optim.min_lr_ratio <= 1:
@@ -408,45 +436,27 @@ def _other_problems(cfg: Config) -> list[str]:
     if cfg.data.task == "pretrain" and cfg.data.pack_examples:
         problems.append("data.pack_examples=true: applies to task fine-tuning only (data.task: passkey, booksum, "
                         "...); pretraining windows are packed by data.packing. Remove it or set data.task")
-    if cfg.data.pack_examples and cfg.attention.kind == "full":
-        problems.append("data.pack_examples=true with attention.kind=full: examples sharing a row would see each "
-                        "other; use a document-masking kind (anchor, intra_doc) or remove data.pack_examples")
+    if cfg.data.pack_examples and _attends_across_documents(cfg.attention.kind):
+        problems.append(f"data.pack_examples=true with attention.kind={cfg.attention.kind}: examples sharing a row "
+                        f"would see each other; use a document-masking kind ({', '.join(_masking_kinds())}) or "
+                        "remove data.pack_examples")
     if not cfg.trainer.timeout_minutes > 0:
         problems.append(f"trainer.timeout_minutes={cfg.trainer.timeout_minutes!r}: must be > 0 (minutes a collective "
                         "may wait for the slowest rank, e.g. 30; longer than the slowest step or checkpoint save)")
     return problems
 
 
-def _namm_problems(namm: NammConfig) -> list[str]:
-    """The `namm:` section (used by `longcpt namm train`; defaults pass for every other command)."""
-    from longcpt.data.fitness import TASKS
+def _attends_across_documents(kind: str) -> bool:
+    from longcpt.model.attention import KINDS
 
-    problems = (
-        _choice("namm.scorer", namm.scorer, ("bam", "mlp"))
-        + _choice("namm.selection", namm.selection, ("reference", "per_head"))
-        + _choice("namm.covariance", namm.covariance, ("diagonal", "full"))
-    )
-    if namm.update_every < 16 or namm.update_every % 16:
-        problems.append(f"namm.update_every={namm.update_every}: must be a positive multiple of 16 "
-                        "(the spectrogram's hop), e.g. 512")
-    if namm.sigma <= 0:
-        problems.append(f"namm.sigma={namm.sigma}: must be > 0 (the reference uses 0.065)")
-    if not namm.tasks:
-        problems.append(f"namm.tasks=[]: name at least one task ({', '.join(TASKS)})")
-    for task in namm.tasks:
-        problems += _choice("namm.tasks", task, tuple(TASKS))
-    if not namm.passkey.lengths or min(namm.passkey.lengths) < 1:
-        problems.append(f"namm.passkey.lengths={namm.passkey.lengths}: give prompt lengths in tokens, e.g. [1024]")
-    elif "passkey" in namm.tasks and min(namm.passkey.lengths) < namm.update_every:
-        short = [n for n in namm.passkey.lengths if n < namm.update_every]
-        problems.append(f"namm.passkey.lengths={namm.passkey.lengths}: {short} shorter than namm.update_every="
-                        f"{namm.update_every}; such a prompt ends before the first eviction, so no policy can change "
-                        "its score (use lengths >= namm.update_every, or a smaller namm.update_every)")
-    if not namm.passkey.depths or not all(0 <= d <= 1 for d in namm.passkey.depths):
-        problems.append(f"namm.passkey.depths={namm.passkey.depths}: give depths in [0, 1], e.g. [0, 0.5, 1]")
-    if namm.init is not None and not Path(namm.init).is_file():
-        problems.append(f"namm.init={namm.init!r}: no such policy file (or null to start from the all-zero policy)")
-    return problems
+    return kind in KINDS and KINDS[kind].hooks.across_documents
+
+
+def _masking_kinds() -> list[str]:
+    """Trainable kinds that keep the documents of a row apart."""
+    from longcpt.model.attention import KINDS
+
+    return [name for name, spec in KINDS.items() if spec.trainable and not spec.hooks.across_documents]
 
 
 def _path_problems(cfg: Config) -> list[str]:

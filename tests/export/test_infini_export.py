@@ -210,7 +210,8 @@ def test_plain_llama_continued_with_infini_exports_fresh_gates(tmp_path):
     assert config["dtype"] == "bfloat16"
     back = from_pretrained(tmp_path / "infini")
     assert next(back.parameters()).dtype == torch.bfloat16
-    assert back.args.attention_options == {"segment_len": 16, "memory_update": "delta", "bptt_segments": 2, "gate_init": -3.0}
+    assert back.args.attention_options == {"segment_len": 16, "memory_update": "delta", "bptt_segments": 2,
+                                           "gate_init": -3.0, "gate_lr": 0.01}  # gate_lr: training only, not exported
 
 
 def test_evaluation_loads_an_infini_export_without_asking_to_run_its_code(exported, tokenizer_dir, tmp_path,

@@ -17,8 +17,8 @@ def tiny_model(**kw) -> CausalLM:
 
 
 def test_groups_split_matrices_vectors_and_gates():
-    model = tiny_model(attention="infini")  # its gates: the kind's own group (its param_groups hook)
-    optim = OptimConfig(lr=1e-3, weight_decay=0.1, gate_lr=1e-2)
+    model = tiny_model(attention="infini", attention_options={"gate_lr": 1e-2})  # the kind's param_groups hook
+    optim = OptimConfig(lr=1e-3, weight_decay=0.1)
     groups = {g["name"]: g for g in param_groups(model, optim)}
 
     assert set(groups) == {"decay", "no_decay", "gate"}
@@ -85,8 +85,8 @@ def test_no_warmup_starts_at_peak():
 
 
 def test_build_optimizer_applies_schedule_per_group():
-    model = tiny_model(attention="infini")
-    optim = OptimConfig(lr=1e-3, gate_lr=1e-2, warmup_steps=4, min_lr_ratio=0.1)
+    model = tiny_model(attention="infini", attention_options={"gate_lr": 1e-2})
+    optim = OptimConfig(lr=1e-3, warmup_steps=4, min_lr_ratio=0.1)
     opt, sched = build_optimizer(model, optim, max_steps=20)
     assert isinstance(opt, torch.optim.AdamW)
     for _ in range(4):
@@ -101,9 +101,7 @@ def test_infini_gates_get_their_own_group():
 
     if "infini" not in KINDS:
         pytest.skip("Infini-attention is not in this build")
-    args = tiny_model().args
-    args.attention = "infini"
-    model = CausalLM(args)
-    gate = {g["name"]: g for g in param_groups(model, OptimConfig(gate_lr=5e-3))}["gate"]
+    model = CausalLM(tiny_model().args.run_as("infini", {"gate_lr": 5e-3}))
+    gate = {g["name"]: g for g in param_groups(model, OptimConfig())}["gate"]
     assert gate["param_names"] == [f"model.layers.{i}.self_attn.core.gate" for i in range(2)]
     assert (gate["lr"], gate["weight_decay"]) == (5e-3, 0.0)

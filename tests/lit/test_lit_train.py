@@ -51,7 +51,7 @@ def test_run_folder_checkpoints_and_metrics(tmp_path, tokenizer_dir):
 
 def test_infini_run_logs_the_memory_gates(tmp_path, tokenizer_dir, capsys):
     cfg = load_config(None, tiny_overrides(tmp_path / "run", tokenizer_dir, attention__kind="infini",
-                                           attention__segment_len=8, optim__gate_lr=0.5, trainer__max_steps=4))
+                                           attention__segment_len=8, attention__gate_lr=0.5, trainer__max_steps=4))
     train(cfg, datamodule=SyntheticDataModule(cfg.data.seq_len, cfg.data.micro_batch_size, restart=True))
     m = read_metrics(tmp_path / "run")
     assert sorted(m["train/gate/mean"]) == list(range(4))

@@ -16,12 +16,18 @@ import pytest
 import torch
 from cmaes import SepCMA
 
-from longcpt.config import load_config
+from longcpt.config import load_config as load_recipe
 from longcpt.errors import ConfigError
 from longcpt.model.attention.namm import load_policy
+from longcpt.namm.config import NammRecipe
 from longcpt.namm.evolve import ES_STATE, evolve_step, train
 
 HERE = Path(__file__).resolve().parent
+
+
+def load_config(recipe, overrides=(), **kw):
+    """A `longcpt namm train` recipe: the training schema plus `namm:`."""
+    return load_recipe(recipe, overrides, schema=NammRecipe, **kw)
 
 
 def test_cma_es_converges_on_a_toy_fitness_with_known_optimum():

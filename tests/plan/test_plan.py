@@ -13,8 +13,9 @@ import pytest
 from longcpt.cli import main
 from longcpt.config import load_config
 from longcpt.errors import LongcptError
+from longcpt.model.recipe import model_args
 from longcpt.plan import estimate, parse_size
-from longcpt.plan.shape import ModelShape, model_args
+from longcpt.plan.shape import ModelShape
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures" / "model_configs"

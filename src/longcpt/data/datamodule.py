@@ -9,7 +9,8 @@ registers itself in one line::
         def from_config(cls, cfg, tokenizer): ...
 
 and a task not registered yet is imported from `longcpt.data.<task>` on first use, so
-`passkey.py` / `booksum.py` in this package need no edit here.
+`passkey.py` / `booksum.py` in this package need no edit here, nor anywhere else: recipes are
+checked against this registry (`task_problems`).
 
 `PretrainDataModule` wires `WindowStream` (deterministic, sharded, endless) to DataLoaders.
 Exact resume: its `state_dict()` (saved by Lightning in every checkpoint) holds the number of
@@ -66,6 +67,40 @@ def register_datamodule(task: str):
     return add
 
 
+def _registered(task: str) -> bool:
+    """Is `task` registered, once `longcpt.data.<task>` (where it would register) is imported?"""
+    if task not in DATAMODULES and task.isidentifier():
+        try:
+            importlib.import_module(f"longcpt.data.{task}")
+        except ModuleNotFoundError as e:
+            if e.name != f"longcpt.data.{task}":
+                raise
+    return task in DATAMODULES
+
+
+def known_tasks() -> list[str]:
+    """Every registered task, after importing each module of `longcpt.data` (for messages)."""
+    import pkgutil
+
+    import longcpt.data
+
+    for module in pkgutil.iter_modules(longcpt.data.__path__):
+        _registered(module.name)
+    return sorted(DATAMODULES)
+
+
+def task_problems(task: str) -> list[str]:
+    """[] when a DataModule is registered for `task`, else the problem naming the known tasks."""
+    if _registered(task):
+        return []
+    import difflib
+
+    known = known_tasks()
+    close = difflib.get_close_matches(task, known, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return [f"data.task={task!r}: no DataModule registered for it (known: {', '.join(known)}){hint}"]
+
+
 def build_datamodule(cfg, tokenizer) -> L.LightningDataModule:
     """The DataModule for `cfg.data.task`, built from the recipe and the loaded tokenizer.
 
@@ -76,17 +111,10 @@ def build_datamodule(cfg, tokenizer) -> L.LightningDataModule:
     Raises:
         LongcptError: no DataModule for the task, or bad data paths.
     """
-    task = cfg.data.task
-    if task not in DATAMODULES:
-        try:
-            importlib.import_module(f"longcpt.data.{task}")
-        except ModuleNotFoundError as e:
-            if e.name != f"longcpt.data.{task}":
-                raise
-        if task not in DATAMODULES:
-            raise LongcptError(f"data.task={task!r}: no DataModule registered for it "
-                               f"(known: {', '.join(sorted(DATAMODULES)) or 'none'})")
-    return DATAMODULES[task](cfg, tokenizer)
+    problems = task_problems(cfg.data.task)
+    if problems:
+        raise LongcptError(problems[0])
+    return DATAMODULES[cfg.data.task](cfg, tokenizer)
 
 
 class _TrainWindows(IterableDataset):

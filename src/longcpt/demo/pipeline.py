@@ -274,8 +274,8 @@ class Demo:
         self.check_settings(configs)
         pre, ext = configs["pretrain"], configs["extend"]
         old, new = pre.data.seq_len, ext.data.seq_len
-        theta_old = pre.model.rope_theta or pre.model.config.get("rope_theta", 10000.0)
-        theta_new = ext.model.rope_theta or theta_old
+        theta_old = pre.rope.theta or pre.model.config.get("rope_theta", 10000.0)
+        theta_new = ext.rope.theta or theta_old
         stages: list[tuple[str, str, object]] = [
             ("corpus", "demo corpus: the standard library's sources and docstrings", self.build_corpus),
             ("tokenizer", f"byte-level BPE tokenizer ({self.plan.vocab_size:,} tokens)", self.build_tokenizer),

@@ -86,12 +86,13 @@ def _deepspeed_importable() -> bool:
 
 def _check_disk(cfg) -> Result:
     from longcpt.doctor import environment as env
-    from longcpt.doctor.steps import parameter_count, recipe_model_args
+    from longcpt.model.recipe import model_args
+    from longcpt.plan.shape import ModelShape
 
     if cfg is None:
         return env.check_disk(".", None, None)
     try:
-        parameters = parameter_count(recipe_model_args(cfg))
+        parameters = ModelShape.from_args(model_args(cfg)).parameters
     except Exception:  # the model is reported by the throughput check; free space is still useful
         parameters = None
     return env.check_disk(cfg.trainer.out_dir, parameters, cfg.trainer.keep_last_k)

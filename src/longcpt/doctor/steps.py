@@ -319,31 +319,6 @@ def step_flops(args, doc_lengths: list[list[int]]) -> float:
     return 6.0 * matmul * tokens + 12.0 * layers * args.num_attention_heads * args.head_dim * pairs
 
 
-def recipe_model_args(cfg):
-    """The recipe's architecture without loading weights (`model.pretrained`'s config.json, or
-    `model.config` with the tokenizer's vocabulary when it is there)."""
-    from longcpt.model.config import ModelArgs
-    from longcpt.model.hf_io import read_config
-
-    m = cfg.model
-    if m.pretrained is not None:
-        hf = read_config(m.pretrained)
-    else:
-        hf = dict(m.config)
-        tokenizer = Path(m.tokenizer or "") / "tokenizer.json"
-        if "vocab_size" not in hf and tokenizer.is_file():
-            from tokenizers import Tokenizer
-
-            hf["vocab_size"] = Tokenizer.from_file(str(tokenizer)).get_vocab_size(with_added_tokens=True)
-        hf.setdefault("vocab_size", 32000)
-    if m.rope_theta is not None:
-        hf["rope_theta"] = m.rope_theta
-    args = ModelArgs.from_hf_config(hf, source="recipe model")
-    args.attention, args.attention_options = cfg.attention.kind, dict(cfg.attention.options)
-    args.rope_precision = cfg.rope.precision
-    return args
-
-
 def parameter_count(args) -> int:
     from longcpt.model import CausalLM
 
@@ -402,7 +377,9 @@ def check_throughput(cfg, device: torch.device, quick: bool, peak: float | None 
 
     if cfg is None:
         return Result(SECTION, "throughput", SKIP, "no --recipe: give one to time its model at its seq_len")
-    args = recipe_model_args(cfg)
+    from longcpt.model.recipe import model_args
+
+    args = model_args(cfg)
     n_params = parameter_count(args)
     b, t, precision = cfg.data.micro_batch_size, cfg.data.seq_len, cfg.trainer.precision
     g = torch.Generator().manual_seed(0)

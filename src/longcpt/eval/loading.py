@@ -99,7 +99,7 @@ def load_model_and_tokenizer(
     path = Path(path)
     options = dict(attention_options or {})
     if attention is not None:
-        resolve_options(attention, options, prefix="--attention-options ")  # named as the user typed them
+        resolve_options(attention, options, prefix="--attention-options ")  # checked early, named as typed
     if path.is_dir() and (path / "config.json").is_file():
         model = from_pretrained(path, attention=attention, rope_scaling=rope_scaling, **options)
         return model.eval(), load_tokenizer(path)

@@ -142,17 +142,18 @@ def load_model(
     args = ModelArgs(**meta["model_args"])
     trained = kind_spec(args.attention)
     # Checkpoints of longcpt 0.1 recorded the Infini options whatever the kind: keep the kind's own.
-    args.attention_options = {k: v for k, v in args.attention_options.items() if k in trained.options}
-    if for_inference and inference_kind(args.attention) != args.attention:
-        args.attention, args.attention_options = inference_kind(args.attention), {}
-    if attention is not None and attention != args.attention:
+    kind, options = trained.name, {k: v for k, v in args.attention_options.items() if k in trained.options}
+    if for_inference and inference_kind(kind) != kind:
+        kind, options = inference_kind(kind), {}
+    if attention is not None and attention != kind:
         problem = switch_problem(trained.name, attention)
         if problem is not None:
             raise LongcptError(f"{path}: {problem}")
         state = {k: v for k, v in state.items() if not trained.own_parameter(k)}
-        args.attention, args.attention_options = attention, dict(attention_options or {})
+        kind, options = attention, dict(attention_options or {})
     elif attention_options:
-        args.attention_options = {**args.attention_options, **attention_options}
+        options = {**options, **attention_options}
+    args = args.run_as(kind, options, args.rope_precision)
     model = build_model(args, {k: v.float() for k, v in state.items()}, source=str(path))
     return model.eval(), meta
 

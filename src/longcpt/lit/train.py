@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from longcpt import early_signals
-from longcpt.config import Config, load_config, save_config, validate
+from longcpt.config import Config, load_config, resolve, save_config, validate
 from longcpt.errors import LongcptError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -55,14 +55,13 @@ class TrainResult:
 def build_model(cfg: Config, tokenizer, partitioned: bool = False):
     """The model a recipe asks for: `model.pretrained` loaded, or `model.config` built from scratch.
 
-    The attention kind and its options, the RoPE precision and overrides come from the recipe (already
-    validated: `config.validate` checked the kind, its options and the vocabulary size). Parameters
-    are float32, except pretrained weights that the strategy would round to bf16 anyway, which are
-    loaded in bf16 (`strategies.load_dtype`); the Trainer's precision decides what the forward
-    runs in.
+    Its arguments are `longcpt.model.recipe.model_args`'s (architecture, RoPE overrides, attention
+    kind and options, RoPE precision). Parameters are float32, except pretrained weights that the
+    strategy would round to bf16 anyway, which are loaded in bf16 (`strategies.load_dtype`); the
+    Trainer's precision decides what the forward runs in.
 
     Args:
-        cfg: a validated recipe.
+        cfg: a resolved recipe (`longcpt.config.load_config`).
         tokenizer: the run's tokenizer (`longcpt.data.load_tokenizer`); a model built from scratch
             takes its vocabulary size and special ids.
         partitioned: load `model.pretrained` into ZeRO-3 partitions; called inside
@@ -71,28 +70,15 @@ def build_model(cfg: Config, tokenizer, partitioned: bool = False):
     Raises:
         LongcptError: a `model.config` missing an HF field, or weights that do not fit it.
     """
-    from longcpt.model.config import ModelArgs
     from longcpt.model.hf_io import build_model as build_from_args
-    from longcpt.model.hf_io import from_pretrained
+    from longcpt.model.hf_io import load_pretrained
+    from longcpt.model.recipe import model_args
     from longcpt.strategies import load_dtype
 
-    kind, options, m = cfg.attention.kind, dict(cfg.attention.options), cfg.model
-    if m.pretrained is not None:
-        model = from_pretrained(m.pretrained, attention=kind, dtype=load_dtype(cfg), rope_precision=cfg.rope.precision,
-                                rope_theta=m.rope_theta, rope_scaling=m.rope_scaling, partitioned=partitioned,
-                                **options)
+    args = model_args(cfg, tokenizer)
+    if cfg.model.pretrained is not None:
+        model = load_pretrained(cfg.model.pretrained, args, dtype=load_dtype(cfg), partitioned=partitioned)
     else:
-        hf = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
-              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, **m.config}
-        if m.rope_theta is not None:
-            hf["rope_theta"] = m.rope_theta
-        if m.rope_scaling is not None:
-            hf["rope_scaling"] = dict(m.rope_scaling)
-        try:
-            args = ModelArgs.from_hf_config(hf, source="model.config")
-        except KeyError as e:
-            raise LongcptError(f"model.config: missing field {e.args[0]!r} (an HF config.json field)") from None
-        args.attention, args.attention_options, args.rope_precision = kind, options, cfg.rope.precision
         model = build_from_args(args)
     model.activation_checkpointing = cfg.trainer.activation_checkpointing
     return model
@@ -229,6 +215,7 @@ def train(cfg: Config, datamodule=None, callbacks: list | None = None) -> TrainR
     from longcpt.strategies import builds_partitioned, prepare_environment, resolve_accelerator
 
     validate(cfg)  # a recipe built in Python (tests, notebooks) gets the same checks as `longcpt train`
+    cfg = resolve(cfg)  # the kind's options completed (unchanged when `load_config` made `cfg`)
     t = cfg.trainer
     accelerator = resolve_accelerator(t.accelerator)
     prepare_environment(cfg, accelerator)  # before anything imports deepspeed

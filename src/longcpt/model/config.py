@@ -16,6 +16,7 @@ transformers v4 (`rope_theta` + `rope_scaling`) and v5 (`rope_parameters`). Inte
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +88,29 @@ class ModelArgs:
             return self.max_position_embeddings
         base = scaling.get("original_max_position_embeddings") or self.max_position_embeddings
         return max(self.max_position_embeddings, int(base * float(scaling["factor"])))
+
+    def with_rope(
+        self, theta: float | None = None, scaling: dict[str, Any] | None = None, source: str = "rope_scaling override"
+    ) -> ModelArgs:
+        """These arguments with RoPE overrides (context extension), or unchanged where None.
+
+        `scaling` is checked and completed as a config.json's (`normalise_rope_scaling`).
+
+        Raises:
+            LongcptError: an unsupported rope type or a missing parameter.
+        """
+        changes: dict[str, Any] = {}
+        if theta is not None:
+            changes["rope_theta"] = float(theta)
+        if scaling is not None:
+            changes["rope_scaling"] = normalise_rope_scaling(scaling, self.max_position_embeddings, source)
+        return dataclasses.replace(self, **changes) if changes else self
+
+    def run_as(self, attention: str, options: dict[str, Any] | None = None, rope_precision: str = "fp32") -> ModelArgs:
+        """This architecture run with an attention kind, its options and a RoPE precision: the
+        runtime choices, which are not part of the Hugging Face architecture (a new `ModelArgs`)."""
+        return dataclasses.replace(self, attention=attention, attention_options=dict(options or {}),
+                                   rope_precision=rope_precision)
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any], source: str = "config.json") -> ModelArgs:

@@ -28,7 +28,7 @@ from safetensors import safe_open
 
 from longcpt.errors import LongcptError
 from longcpt.model.attention import DEFAULT_KIND, exported_kind, kind_spec, switch_problem
-from longcpt.model.config import ModelArgs, normalise_rope_scaling
+from longcpt.model.config import ModelArgs
 from longcpt.model.llama import CausalLM
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -302,7 +302,7 @@ def from_pretrained(
     partitioned: bool = False,
     **attention_options: Any,
 ) -> CausalLM:
-    """Load an HF folder as a longcpt model.
+    """Load an HF folder as a longcpt model (`folder_args`, then `load_pretrained`).
 
     Args:
         path: folder with `config.json` and weights.
@@ -322,23 +322,51 @@ def from_pretrained(
     Raises:
         LongcptError: missing files, unsupported architecture, mismatching weights.
     """
+    args = folder_args(path, attention, rope_precision, rope_theta, rope_scaling, **attention_options)
+    return load_pretrained(path, args, dtype, partitioned)
+
+
+def folder_args(
+    path: str | os.PathLike,
+    attention: str | None = None,
+    rope_precision: str = "fp32",
+    rope_theta: float | None = None,
+    rope_scaling: dict[str, Any] | None = None,
+    **attention_options: Any,
+) -> ModelArgs:
+    """The `ModelArgs` of an HF folder run as `attention` (see `from_pretrained`), reading no weights.
+
+    Raises:
+        LongcptError: no readable config.json, an unsupported architecture, a bad RoPE override, or
+            an inference-time memory asked of a model whose attention is its own.
+    """
     path = Path(path)
     source = str(path / "config.json")
     config, stored, stored_options = read_kind_config(read_config(path), source)
-    args = ModelArgs.from_hf_config(config, source=source)
     attention = attention or stored
     problem = switch_problem(stored, attention)
     if problem is not None:
         raise LongcptError(f"{path}: {problem}")
-    if attention == stored:
-        attention_options = {**stored_options, **attention_options}
-    args.attention, args.attention_options, args.rope_precision = attention, dict(attention_options), rope_precision
-    if rope_theta is not None:
-        args.rope_theta = float(rope_theta)
-    if rope_scaling is not None:
-        args.rope_scaling = normalise_rope_scaling(rope_scaling, args.max_position_embeddings, "rope_scaling override")
+    options = {**stored_options, **attention_options} if attention == stored else attention_options
+    architecture = ModelArgs.from_hf_config(config, source=source).with_rope(rope_theta, rope_scaling)
+    return architecture.run_as(attention, options, rope_precision)
+
+
+def load_pretrained(
+    path: str | os.PathLike, args: ModelArgs, dtype: torch.dtype | str | None = None, partitioned: bool = False
+) -> CausalLM:
+    """`CausalLM(args)` with the weights of the HF folder at `path` (`args` from `folder_args`).
+
+    Loaded as another kind than the folder's own, the folder kind's own parameters are left out
+    (an Infini export run without its memory).
+
+    Raises:
+        LongcptError: missing or mismatching weights.
+    """
+    path = Path(path)
+    _, stored, _ = read_kind_config(read_config(path), str(path / "config.json"))
     weights = WeightFiles(path, whole_files=not partitioned)
-    if attention != stored:  # e.g. an Infini export run without its memory: its own parameters stay out
+    if args.attention != stored:  # e.g. an Infini export run without its memory: its own parameters stay out
         weights.drop(k for k in list(weights) if kind_spec(stored).own_parameter(k))
     model = build_model(args, weights, source=str(path), partitioned=partitioned)
     if partitioned:  # DeepSpeed's zero.Init decided the dtype of the partitions

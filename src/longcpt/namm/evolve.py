@@ -60,10 +60,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from longcpt.config import Config, load_config, validate
+from longcpt.config import load_config, validate
 from longcpt.data.fitness import VALIDATION, Example, build_examples
 from longcpt.errors import ConfigError, LongcptError
 from longcpt.model.attention.namm import NammPolicy, NammSpec, load_policy
+from longcpt.namm.config import NammRecipe
 
 NAMM_DIR = "namm"
 ES_STATE = "es_state"
@@ -163,12 +164,12 @@ class NammResult:
     seconds: float
 
 
-def spec_of(cfg: Config) -> NammSpec:
+def spec_of(cfg: NammRecipe) -> NammSpec:
     n = cfg.namm
     return NammSpec(scorer=n.scorer, selection=n.selection, hidden=n.hidden, update_every=n.update_every)
 
 
-def _fingerprint(cfg: Config) -> dict[str, Any]:
+def _fingerprint(cfg: NammRecipe) -> dict[str, Any]:
     """Settings a resumed run must share with the saved state (everything but `generations`/`workers`)."""
     n = dataclasses.asdict(cfg.namm)
     n.pop("generations")
@@ -189,7 +190,7 @@ def fitness_of(result: dict[str, Any], reference: list[float], tasks: list[str],
     return sum(task_means) / len(task_means) - cache_weight * result["kv_kept_mean"]
 
 
-def _new_optimizer(cfg: Config, mean: np.ndarray):
+def _new_optimizer(cfg: NammRecipe, mean: np.ndarray):
     from cmaes import CMA, SepCMA
 
     cls = SepCMA if cfg.namm.covariance == "diagonal" else CMA
@@ -247,7 +248,7 @@ def _load_state(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | Non
     return state
 
 
-def namm_device(cfg: Config) -> str:
+def namm_device(cfg: NammRecipe) -> str:
     """Where the full-cache pass runs: the first GPU when there is one, unless trainer.accelerator
     is cpu (as the trainer decides)."""
     return "cuda:0" if cfg.trainer.accelerator != "cpu" and torch.cuda.is_available() else "cpu"
@@ -260,7 +261,7 @@ def reference_pass(scorer: PolicyScorer, examples: list[Example], collect_featur
     return ref
 
 
-def _calibrate(cfg: Config, spec: NammSpec, validation: list[Example]) -> dict[str, Any]:
+def _calibrate(cfg: NammRecipe, spec: NammSpec, validation: list[Example]) -> dict[str, Any]:
     """The full-cache pass over the validation draw: its reference scores, the examples it answers
     and the feature statistics (module docstring)."""
     k = spec.frequencies
@@ -280,7 +281,7 @@ def _calibrate(cfg: Config, spec: NammSpec, validation: list[Example]) -> dict[s
             "feature_std": std.float()}
 
 
-def _fresh_state(cfg: Config, spec: NammSpec, validation: list[Example], fingerprint: dict) -> dict[str, Any]:
+def _fresh_state(cfg: NammRecipe, spec: NammSpec, validation: list[Example], fingerprint: dict) -> dict[str, Any]:
     calibration = _calibrate(cfg, spec, validation)
     init = np.zeros(spec.param_count())
     if cfg.namm.init is not None:
@@ -300,7 +301,7 @@ def _policy(spec: NammSpec, params: np.ndarray, state: dict[str, Any], info: dic
 class _Evaluator:
     """Scores (parameters, examples) jobs in worker processes (or in-process with one worker)."""
 
-    def __init__(self, cfg: Config, spec: NammSpec, state: dict[str, Any]):
+    def __init__(self, cfg: NammRecipe, spec: NammSpec, state: dict[str, Any]):
         args = (cfg.model.pretrained, spec, state["feature_mean"], state["feature_std"])
         workers, devices = cfg.namm.workers, None
         gpus = torch.cuda.device_count() if namm_device(cfg) != "cpu" else 0
@@ -355,7 +356,7 @@ def _progress():
                     disable=not (os.isatty(2) and os.environ.get("TERM", "dumb") != "dumb"))
 
 
-def train(cfg: Config) -> NammResult:
+def train(cfg: NammRecipe) -> NammResult:
     """Evolve a NAMM as the recipe says; resume from `out_dir/namm/es_state` when it exists.
 
     Raises:
@@ -459,7 +460,7 @@ def train(cfg: Config) -> NammResult:
 
 def run(args) -> int:
     """Entry point of `longcpt namm train` (see `longcpt.cli`)."""
-    cfg = load_config(args.recipe, args.overrides, check_paths=False)
+    cfg = load_config(args.recipe, args.overrides, check_paths=False, schema=NammRecipe)
     result = train(cfg)
     print(f"longcpt namm train: {result.generations} generations; policy {result.policy} "
           f"(fitness {result.best_fitness:.4f}, kv_kept {result.best_kv_kept:.3f}); {result.seconds:.0f}s of evolution")

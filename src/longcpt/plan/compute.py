@@ -65,9 +65,11 @@ def plan_terms(kind: str):
 
 def attention_pairs(cfg) -> AttentionPairs:
     """Pairs per window for the recipe's attention kind, from its data when available."""
+    from longcpt.model.attention import kind_spec
+
     t, kind, options = cfg.data.seq_len, cfg.attention.kind, cfg.attention.options
     terms = plan_terms(kind)
-    if terms.across_documents:
+    if kind_spec(kind).hooks.across_documents:
         return AttentionPairs(terms.pairs([t], options), f"{kind} causal attention over the window")
     lengths = _piece_lengths(cfg)
     if lengths is None:

@@ -17,9 +17,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from longcpt.model.recipe import model_args
 from longcpt.plan.compute import StepTime, step_time
 from longcpt.plan.memory import GIB, Item, Layout, host_bytes, host_items, memory_plan, precision_of
-from longcpt.plan.shape import ModelShape, model_args
+from longcpt.plan.shape import ModelShape
 
 CATEGORIES = ("weights", "gradients", "optimizer", "activations", "other")
 DEFAULT_GPU_MEMORY = 80 * GIB
@@ -149,7 +150,7 @@ def estimate(
 
     Raises:
         ConfigError: the recipe has problems (as `longcpt train` reports them).
-        LongcptError: the model's shape cannot be read (see `longcpt.plan.shape.model_args`).
+        LongcptError: the model's shape cannot be read (see `longcpt.model.recipe.model_args`).
     """
     from longcpt.config import validate
 

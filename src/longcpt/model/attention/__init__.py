@@ -88,6 +88,7 @@ NON_NEGATIVE_INT = Constraint(lambda x: _is_int(x) and x >= 0, "an integer >= 0"
 FINITE_NUMBER = Constraint(
     lambda x: isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x), "a finite number"
 )
+POSITIVE_NUMBER = Constraint(lambda x: FINITE_NUMBER.valid(x) and x > 0, "a number > 0")
 
 
 def one_of(*values: Any) -> Constraint:
@@ -148,9 +149,8 @@ class PlanTerms:
     """What `longcpt plan` adds for a kind to the cost of a decoder (`longcpt.plan`).
 
     Attributes:
-        pairs: (document piece lengths of one window, options) -> the (query, key) pairs attended.
-        across_documents: attends across the documents of a window: the pairs of a window do not
-            depend on its documents, so the planner reads no data for them.
+        pairs: (document piece lengths of one window, options) -> the (query, key) pairs attended
+            (for a kind that attends across documents, the planner passes the whole window as one).
         extra_flops: (model shape, options) -> forward FLOPs per token and layer beyond the
             projections and the attention pairs (e.g. a memory read and write).
         recomputes: forwards the kind's training recomputes on its own (a checkpoint per segment).
@@ -163,7 +163,6 @@ class PlanTerms:
     """
 
     pairs: Callable[[Sequence[int], dict[str, Any]], float]
-    across_documents: bool = False
     extra_flops: Callable[[Any, dict[str, Any]], float] | None = None
     recomputes: int = 0
     layer_bytes: Callable[[Any, int, str, dict[str, Any]], int] | None = None
@@ -199,6 +198,8 @@ class KindHooks:
             `tools` (`longcpt.doctor.kernels.KindCheckTools`) gives the shared pieces (a tiny model,
             packed batches, the float64 reference comparison, the result rows). Every trainable
             kind has them.
+        across_documents: it attends across the documents of a packed row (`full`): examples
+            packed into one row would see each other, and the planner reads no document lengths.
         telemetry: what the kind's inference state reports (`kept_fraction`, `cache_use`,
             `visible_share`, `attention_on`).
         no_sequence_parallel: why `strategy.sequence_parallel` does not apply, for the error.
@@ -213,6 +214,7 @@ class KindHooks:
     export: KindExport | None = None
     plan: PlanTerms | None = None
     doctor: Callable[..., Any] | None = None
+    across_documents: bool = False
     telemetry: tuple[str, ...] = ()
     no_sequence_parallel: str = ""
 

@@ -99,7 +99,7 @@ def _doctor(tools) -> list:
     return [(tools.KERNELS, "full", lambda: tools.model_check("full", [{}], name=lambda options: "full sdpa"))]
 
 
-_HOOKS = KindHooks(plan=PlanTerms(pairs=window_pairs, across_documents=True), doctor=_doctor)
+_HOOKS = KindHooks(plan=PlanTerms(pairs=window_pairs), doctor=_doctor, across_documents=True)
 
 
 @register("full", positions="arange", sequence_parallel=True, hooks=_HOOKS)

@@ -13,7 +13,15 @@ outside this folder names it. docs/infini.md tells the longer story.
 
 from __future__ import annotations
 
-from longcpt.model.attention import KindExport, KindHooks, ParamGroup, PlanTerms, register
+from longcpt.model.attention import (
+    POSITIVE_NUMBER,
+    KindExport,
+    KindHooks,
+    Option,
+    ParamGroup,
+    PlanTerms,
+    register,
+)
 from longcpt.model.attention.infini import doctor, export, hf_config, plan, training
 from longcpt.model.attention.infini.core import (
     DENOMINATOR_EPS,
@@ -27,12 +35,18 @@ from longcpt.model.attention.infini.core import (
     plan_segments,
 )
 
+# Training settings: options of the kind in recipes (`attention.gate_lr`) that the model itself
+# does not use, so the export leaves them out (`hf_config.py` writes `OPTIONS` only).
+TRAINING_OPTIONS = {
+    "gate_lr": Option(1.0e-2, POSITIVE_NUMBER, "learning rate of the gates (their own optimizer group, no weight decay)"),
+}
+
 
 def param_groups(options: dict, optim) -> list[ParamGroup]:
-    """The gates in their own group, without weight decay, at `optim.gate_lr`: at the common
+    """The gates in their own group, without weight decay, at `attention.gate_lr`: at the common
     learning rate they never move (Hugging Face's nanotron study, "A failed experiment:
-    Infini-Attention")."""
-    return [ParamGroup("gate", ("gate",), optim.gate_lr, 0.0)]
+    Infini-Attention"; nanotron exp57)."""
+    return [ParamGroup("gate", ("gate",), options["gate_lr"], 0.0)]
 
 
 HOOKS = KindHooks(
@@ -47,11 +61,12 @@ HOOKS = KindHooks(
     doctor=doctor.checks,
     no_sequence_parallel="its memory is already constant in the window length, so it does not need it",
 )
-register("infini", options=OPTIONS, positions="document", hooks=HOOKS)(InfiniAttention)
+register("infini", options={**OPTIONS, **TRAINING_OPTIONS}, positions="document", hooks=HOOKS)(InfiniAttention)
 
 __all__ = [
     "DENOMINATOR_EPS",
     "OPTIONS",
+    "TRAINING_OPTIONS",
     "InfiniAttention",
     "InfiniMemory",
     "feature_map",

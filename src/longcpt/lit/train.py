@@ -34,7 +34,6 @@ from typing import Any
 
 from longcpt import early_signals
 from longcpt.config import Config, load_config, resolve, save_config, validate
-from longcpt.errors import LongcptError
 
 CHECKPOINT_DIR = "checkpoints"
 

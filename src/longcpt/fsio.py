@@ -1,7 +1,8 @@
 """Atomic writes: outputs appear whole or not at all (a crash never leaves half a file/folder).
 
 Used by every writer of user-visible outputs: HF folders, prepared data sets, reports,
-evaluation results, checkpoints.
+evaluation results, checkpoints. `record_settings` keeps a resumable run's settings beside its
+outputs, so that a rerun with other settings is refused rather than mixed in.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from longcpt.errors import LongcptError
 
 
 @contextmanager
@@ -80,3 +83,33 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def record_settings(path: str | os.PathLike, settings: dict, conflict: Callable[[dict, dict], str | None]) -> None:
+    """Record a run's `settings` in the JSON file `path`, unless the run recorded there conflicts.
+
+    A resumable command (an evaluation, the demo) calls this before it continues the outputs in
+    `path`'s folder. Which differences matter is the caller's rule: `conflict(before, now)`.
+
+    Args:
+        path: the settings file (e.g. OUT/run.json).
+        settings: this run's settings; JSON types (tuples are recorded, and compared, as lists).
+        conflict: `conflict(before, now)` -> None when this run may continue the one that recorded
+            `before`, else the message that says what differs and what to do.
+
+    Raises:
+        LongcptError: the conflict's message, or `path` is not a JSON object.
+    """
+    path = Path(path)
+    now = json.loads(json.dumps(settings))  # as it will read back
+    if path.is_file():
+        try:
+            before = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise LongcptError(f"{path}: not a settings file ({e}); use another output folder") from None
+        if not isinstance(before, dict):
+            raise LongcptError(f"{path}: not a settings file (a JSON object); use another output folder")
+        problem = conflict(before, now)
+        if problem:
+            raise LongcptError(problem)
+    atomic_write_json(path, now)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from longcpt.demo.stages import StageRunner
 from longcpt.errors import LongcptError
-from longcpt.fsio import atomic_write_json
+from longcpt.fsio import record_settings
 
 REPO = Path(__file__).resolve().parents[3]
 RECIPES = REPO / "recipes"
@@ -176,26 +176,22 @@ class Demo:
 
         recipes = {stage: hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:16] for stage, cfg in configs.items()}
         settings = {"plan": dataclasses.asdict(self.plan), "overrides": self.user_overrides, "recipes": recipes}
-        settings = json.loads(json.dumps(settings))  # tuples -> lists, as read back
-        path = self.out / "demo.json"
-        if not path.is_file():
-            atomic_write_json(path, settings)
-            return
-        before = json.loads(path.read_text())
-        if before == settings:
-            return
+        record_settings(self.out / "demo.json", settings, self._conflict)
+
+    def _conflict(self, before: dict, now: dict) -> str | None:
+        """Any difference in the recorded settings, said by what it most likely is."""
+        if before == now:
+            return None
         fix = f"pass another --output (or delete {self.out}) to start a new one"
-        if before.get("plan") == settings["plan"] and before.get("overrides") == settings["overrides"]:
+        if before.get("plan") == now["plan"] and before.get("overrides") == now["overrides"]:
             if "recipes" not in before:
-                raise LongcptError(f"{self.out} holds a demo run of an older longcpt that did not record its "
-                                   f"recipes, so it cannot be continued safely; {fix}")
-            changed = [stage for stage in TRAINING if before["recipes"].get(stage) != recipes[stage]]
-            raise LongcptError(f"{self.out} holds a demo run made with other recipes for {', '.join(changed)} "
-                               f"(recipes/ changed since that run); {fix}")
-        raise LongcptError(
-            f"{self.out} holds a demo run with other settings (plan {before['plan']['name']!r}, "
-            f"overrides {before['overrides']}); rerun with those, or {fix}"
-        )
+                return (f"{self.out} holds a demo run of an older longcpt that did not record its recipes, "
+                        f"so it cannot be continued safely; {fix}")
+            changed = [stage for stage in TRAINING if before["recipes"].get(stage) != now["recipes"][stage]]
+            return (f"{self.out} holds a demo run made with other recipes for {', '.join(changed)} "
+                    f"(recipes/ changed since that run); {fix}")
+        return (f"{self.out} holds a demo run with other settings (plan {before['plan']['name']!r}, "
+                f"overrides {before['overrides']}); rerun with those, or {fix}")
 
     def build_corpus(self) -> dict:
         from longcpt.data import build_demo_corpus

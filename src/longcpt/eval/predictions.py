@@ -16,7 +16,7 @@ from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 
 from longcpt.errors import LongcptError
-from longcpt.fsio import atomic_write_json
+from longcpt.fsio import record_settings
 
 
 def read_rows(path: Path, key: Callable[[dict], Hashable], command: str) -> dict:
@@ -47,7 +47,8 @@ def read_rows(path: Path, key: Callable[[dict], Hashable], command: str) -> dict
 
 
 def check_run(output: Path, settings: dict, keys: Sequence[str], products: Sequence[str] = ("predictions.jsonl",)) -> None:
-    """Record `settings` in `output/run.json`, or check that `keys` match the run being resumed.
+    """Record `settings` in `output/run.json`; a folder holding results of an earlier run must have
+    been made with the same `keys` (other settings, such as `limit`, may change between runs).
 
     Args:
         output: the run's folder.
@@ -58,17 +59,16 @@ def check_run(output: Path, settings: dict, keys: Sequence[str], products: Seque
     Raises:
         LongcptError: the folder holds predictions made with other settings.
     """
-    run_file = output / "run.json"
-    if run_file.is_file():
-        previous = json.loads(run_file.read_text())
-        changed = [k for k in keys if previous.get(k) != settings.get(k)]
-        if changed and any((output / name).exists() for name in products):
-            diff = ", ".join(f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}" for k in changed)
-            raise LongcptError(
-                f"--output {output} holds predictions from a run with other settings ({diff}); "
-                "use another --output, or delete the folder to start over"
-            )
-    atomic_write_json(run_file, settings)
+
+    def conflict(before: dict, now: dict) -> str | None:
+        changed = [k for k in keys if before.get(k) != now.get(k)]
+        if not changed or not any((output / name).exists() for name in products):
+            return None
+        diff = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        return (f"--output {output} holds predictions from a run with other settings ({diff}); "
+                "use another --output, or delete the folder to start over")
+
+    record_settings(output / "run.json", settings, conflict)
 
 
 def append_row(f, row: dict) -> None:

@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import growth, max_resident_bytes, resident_bytes, size_label  # noqa: E402
 
+from longcpt.cli import csv_list  # noqa: E402
 from longcpt.model import CausalLM, ModelArgs  # noqa: E402
 from longcpt.model.attention.infllm import retrieve_topk  # noqa: E402
 
@@ -161,23 +162,30 @@ def in_subprocess(task: dict) -> list[dict]:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="to 64K tokens, full to 16K")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--marks", default=None, help="comma-separated lengths (default 16K,64K,256K,1M)")
+    parser.add_argument("--marks", type=csv_list(int), default=None,
+                        help="comma-separated lengths (default 16K,64K,256K,1M)")
     parser.add_argument("--full-max", type=int, default=None, help="longest `full` stream (default 64K; 16K quick)")
     parser.add_argument("--chunk", type=int, default=4096, help="tokens per model call (generation's default)")
-    parser.add_argument("--window", type=int, default=8192, help="tokens timed before each mark")
+    parser.add_argument("--window", type=int, default=8192,
+                        help="tokens timed before each mark (timing starts with the call that reaches into them, "
+                             "so a window shorter than --chunk times that one call)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.worker:
         task = json.loads(args.worker)
         print("RESULT " + json.dumps(stream(**task)))
         return
 
-    marks = [int(x) for x in args.marks.split(",")] if args.marks else (
-        [16384, 65536] if args.quick else [16384, 65536, 262144, 1 << 20])
+    for flag, value in (("--chunk", args.chunk), ("--window", args.window)):
+        if value < 1:
+            parser.error(f"{flag} {value}: must be >= 1 token")
+    marks = args.marks or ([16384, 65536] if args.quick else [16384, 65536, 262144, 1 << 20])
+    if marks[0] < 1 or marks != sorted(set(marks)):
+        parser.error(f"--marks {','.join(map(str, marks))}: expected increasing positive lengths, e.g. 16384,65536")
     full_max = args.full_max or (16384 if args.quick else 65536)
     common = dict(chunk=args.chunk, window=args.window, device=args.device)
     rows = in_subprocess(dict(kind="infllm", length=marks[-1], marks=marks, **common))

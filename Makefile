@@ -1,6 +1,7 @@
 # Two commands set up a fresh machine on their own (README, "Setup"):
 #   make demo   - venv, CPU torch, the project, then the embedded end-to-end run
 #   make test   - the same setup plus the test tools, then the test suite (.ci/run calls it)
+#   make test-fast - the unit tests only (no subprocess, no multi-process, no end-to-end run): the inner loop
 #   make test-slurm - slurm/*.sbatch under a real one-node SLURM (.ci/run calls it after make test)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -14,7 +15,13 @@ DEV_STAMP := $(VENV)/.longcpt-dev-installed
 TORCH_SPEC      ?= torch==2.13.0+cpu
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup demo test test-slurm lint bench clean
+# Tests run on every core, a test file per worker at a time (pytest-xdist; tests/suite.py orders the
+# files). PYTEST_ARGS adds flags: .ci/run passes --budget (fail past test_budget_seconds, pyproject.toml).
+TEST_WORKERS ?= auto
+XDIST        := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+PYTEST_ARGS  ?=
+
+.PHONY: setup demo test test-fast test-slurm lint bench clean
 
 setup: $(DEV_STAMP)
 
@@ -33,7 +40,10 @@ demo: $(STAMP)
 	$(PY) -m longcpt.demo --output demo
 
 test: $(DEV_STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
+
+test-fast: $(DEV_STAMP)
+	$(PY) -m pytest -q --fast $(XDIST) $(PYTEST_ARGS)
 
 # tests/slurm/cluster.sh installs slurmctld, slurmd and munge with apt-get when missing (as root),
 # starts a private one-node cluster, runs the `slurm` tests against it and stops it; where it cannot

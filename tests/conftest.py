@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny Hugging Face checkpoints written by transformers itself."""
+"""Shared fixtures, and how the suite runs (markers, `make test-fast`, xdist, the time budget: suite.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from suite import (  # noqa: F401 (pytest hooks and fixtures, found here by name)
+    _unit_tests_start_no_process,
+    pytest_addoption,
+    pytest_collection_modifyitems,
+    pytest_configure,
+    pytest_runtestloop,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -27,6 +34,17 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 def _subprocess_env_fixture():
     """The `subprocess_env` function, for tests that start `python -m longcpt ...`."""
     return subprocess_env
+
+
+@pytest.fixture(scope="session")
+def forkserver():
+    """Starts `longcpt train` (or tests/lit/run_train.py) children without Python's start-up cost,
+    one server per test process (forkserver.py)."""
+    from forkserver import ForkServer
+
+    server = ForkServer()
+    yield server
+    server.close()
 
 
 @pytest.fixture
@@ -59,11 +77,3 @@ def inductor_cache(request):
         env.setenv("TORCHINDUCTOR_CACHE_DIR", str(folder))
         yield folder
 
-
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)

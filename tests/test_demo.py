@@ -18,9 +18,12 @@ STAGES = ["corpus", "tokenizer", "prepare", "pretrain", "ppl_before", "extend", 
           "warmup", "finetune", "passkey_eval"]
 
 
-def demo(subprocess_env, output, *args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "longcpt.demo", "--quick", "--output", str(output), *args],
-                          capture_output=True, text=True, env=subprocess_env(), timeout=timeout)
+def demo(forkserver, output, *args, timeout=600):
+    """`longcpt demo --quick` as a fork server child: (exit status, stdout, stderr)."""
+    logs = output.parent / f"demo-{len(list(output.parent.glob('demo-*.out')))}"
+    child = forkserver.run("longcpt.demo.pipeline", ["--quick", "--output", str(output), *args],
+                           logs.with_suffix(".out"), err=logs.with_suffix(".err"), timeout=timeout)
+    return child.returncode, child.output(), child.errors()
 
 
 def reused(stdout: str) -> list[str]:
@@ -29,9 +32,12 @@ def reused(stdout: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_quick_demo_runs_resumes_and_reports_what_it_measured(tmp_path, subprocess_env):
+def test_quick_demo_runs_resumes_and_reports_what_it_measured(tmp_path, subprocess_env, forkserver):
+    """The first run is `python -m longcpt.demo` as a user types it; the three that continue it are
+    fork server children (the same `main`, without Python's start-up)."""
     out = tmp_path / "demo"
-    first = demo(subprocess_env, out, "--stop-after", "extend")
+    first = subprocess.run([sys.executable, "-m", "longcpt.demo", "--quick", "--output", str(out), "--stop-after",
+                            "extend"], capture_output=True, text=True, env=subprocess_env(), timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "stopped after stage extend" in first.stdout
     assert sorted(p.stem for p in (out / "stages").glob("*.json")) == sorted(STAGES[:6])
@@ -39,10 +45,10 @@ def test_quick_demo_runs_resumes_and_reports_what_it_measured(tmp_path, subproce
     # resuming the finished training run instead of starting over.
     (out / "stages" / "extend.json").unlink()
 
-    second = demo(subprocess_env, out)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert [t.split("] ")[0] for t in reused(second.stdout)] == [f"[{i}/11" for i in range(1, 6)]
-    assert f"resuming from {out / 'extend' / 'checkpoints'}" in second.stdout
+    code, stdout, stderr = demo(forkserver, out)
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
+    assert [t.split("] ")[0] for t in reused(stdout)] == [f"[{i}/11" for i in range(1, 6)]
+    assert f"resuming from {out / 'extend' / 'checkpoints'}" in stdout
     assert sorted(p.stem for p in (out / "stages").glob("*.json")) == sorted(STAGES)
 
     # Every training run exported; the extension raised rope_theta.
@@ -56,7 +62,7 @@ def test_quick_demo_runs_resumes_and_reports_what_it_measured(tmp_path, subproce
 
     # The summary states this run's numbers: passkey per length, ppl before/after, losses, times.
     summary = (out / "summary.txt").read_text()
-    assert summary in second.stdout
+    assert summary in stdout
     passkey = json.loads((out / "passkey" / "passkey.json").read_text())
     assert list(passkey["by_length"]) == [str(n) for n in QUICK.passkey_lengths]
     assert "  " + "  ".join(f"{int(n)}: {a:.0%}" for n, a in passkey["by_length"].items()) in summary
@@ -73,10 +79,10 @@ def test_quick_demo_runs_resumes_and_reports_what_it_measured(tmp_path, subproce
     assert "longcpt plan recipes/" in summary
 
     # A third run finds everything done; other settings in the same folder are refused.
-    third = demo(subprocess_env, out)
-    assert third.returncode == 0 and len(reused(third.stdout)) == len(STAGES)
-    other = demo(subprocess_env, out, "trainer.max_steps=3")
-    assert other.returncode == 2 and "other settings" in other.stderr and "--output" in other.stderr
+    code, stdout, _ = demo(forkserver, out)
+    assert code == 0 and len(reused(stdout)) == len(STAGES)
+    code, _, stderr = demo(forkserver, out, "trainer.max_steps=3")
+    assert code == 2 and "other settings" in stderr and "--output" in stderr
 
 
 def test_stage_runner_skips_finished_stages_and_reruns_unfinished_ones(tmp_path, capsys):

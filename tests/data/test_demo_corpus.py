@@ -34,6 +34,7 @@ def test_deterministic(corpus, tmp_path):
     assert again.read_text().splitlines() == corpus.read_text().splitlines()[:300]
 
 
+@pytest.mark.subprocess
 def test_limits_and_command_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     run = subprocess.run([sys.executable, "-m", "longcpt.data.demo_corpus", "--output", str(tmp_path),

@@ -123,6 +123,7 @@ def test_pairs_fit_seq_len_with_loss_on_the_summary_only(tmp_path):
     assert labelled == target
 
 
+@pytest.mark.subprocess
 def test_prepare_booksum_script(tmp_path, subprocess_env):
     (tmp_path / "x1.jsonl").write_text(json.dumps(CHAPTERS[0]) + "\n")
     (tmp_path / "x2.jsonl").write_text(json.dumps(CHAPTERS[1]) + "\nnot json\n")

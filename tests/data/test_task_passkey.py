@@ -179,6 +179,7 @@ def test_read_pairs_checks_rows_and_lengths(tmp_path, tok):
         read_passkey_pairs(str(f), 4, eos_id=2)
 
 
+@pytest.mark.subprocess
 def test_make_passkey_script(tmp_path, tok, subprocess_env):
     tok.save_pretrained(tmp_path / "tok")
     out = tmp_path / "pk.jsonl"
@@ -213,6 +214,7 @@ def test_split_digits_writes_one_token_per_digit(tok, depth):
     assert tok.decode(ex.input_ids).endswith("\n" + QUESTION)
 
 
+@pytest.mark.subprocess
 def test_split_digits_rows_and_script(tmp_path, tok, subprocess_env):
     rows = list(make_passkey_examples(tok, [150], [0.5], n=3, seed=2, split_digits=True))
     for r in rows:

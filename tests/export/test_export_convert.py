@@ -97,6 +97,7 @@ def test_tokenizer_larger_than_the_model_is_refused(trained, tmp_path):
     assert not (tmp_path / "hf").exists()
 
 
+@pytest.mark.subprocess
 def test_cli_export_and_its_errors(trained, tmp_path):
     result, keep = trained
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}

@@ -125,6 +125,7 @@ def exported(tmp_path_factory):
     return root, ids, ours, theirs
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_plain_transformers_gives_our_logits_over_several_segments(exported, family):
     _, _, ours, theirs = exported
@@ -132,6 +133,7 @@ def test_plain_transformers_gives_our_logits_over_several_segments(exported, fam
     torch.testing.assert_close(theirs[family]["logits"], ours[family]["logits"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_plain_transformers_generate_equals_our_streaming_greedy(exported, family):
     _, ids, ours, theirs = exported
@@ -142,12 +144,14 @@ def test_plain_transformers_generate_equals_our_streaming_greedy(exported, famil
     assert torch.equal(theirs[family]["uncached"], theirs[family]["generated"])
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_plain_transformers_streams_in_any_chunks(exported, family):
     _, _, ours, theirs = exported
     torch.testing.assert_close(theirs[family]["chunked"], ours[family]["logits"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.subprocess
 def test_folder_layout_and_config(exported):
     root, _, ours, _ = exported
     folder = root / "qwen2"
@@ -180,6 +184,7 @@ def test_shipped_files_import_only_torch_and_transformers():
                     assert node.module.split(".")[0] in allowed, (name, node.module)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_longcpt_reads_the_export_back(exported, family, tmp_path):
     root, ids, ours, _ = exported
@@ -214,6 +219,7 @@ def test_plain_llama_continued_with_infini_exports_fresh_gates(tmp_path):
                                            "gate_init": -3.0, "gate_lr": 0.01}  # gate_lr: training only, not exported
 
 
+@pytest.mark.subprocess
 def test_evaluation_loads_an_infini_export_without_asking_to_run_its_code(exported, tokenizer_dir, tmp_path,
                                                                            monkeypatch):
     """transformers asks "Do you wish to run the custom code? [y/N]" when a folder with an auto_map

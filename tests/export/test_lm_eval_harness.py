@@ -76,6 +76,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("attention", ["full", "infini"])
 def test_harness_scores_an_export_with_our_loglikelihoods(tmp_path, monkeypatch, attention, one_thread):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

@@ -3,7 +3,7 @@
 Runs are tiny (2 layers x 64, windows of 32 tokens, a few steps on CPU): most tests train in
 process on the synthetic DataModule of tests/lit/lit_helpers.py; the ones that must kill, signal
 or hang a real process run `longcpt train` (or tests/lit/run_train.py) as children of a fork
-server (forkserver.py), which saves each of them Python's start-up.
+server (tests/forkserver.py, the `forkserver` fixture), which saves each of them Python's start-up.
 """
 
 import sys
@@ -18,7 +18,6 @@ sys.path.insert(0, str(HERE.parent / "lit"))
 sys.path.insert(0, str(HERE))
 
 from fault_helpers import STEPS, make_data, run, weights  # noqa: E402
-from forkserver import ForkServer  # noqa: E402
 from tiny import word_tokenizer  # noqa: E402
 
 # One thread: the suite runs beside other jobs, and in-process runs compare weights bit for bit
@@ -43,11 +42,3 @@ def uninterrupted(tmp_path_factory, tokenizer_dir) -> dict:
     out = tmp_path_factory.mktemp("uninterrupted") / "run"
     run(out, tokenizer_dir, trainer__max_steps=STEPS)
     return weights(out / "checkpoints" / "last")
-
-
-@pytest.fixture(scope="session")
-def forkserver():
-    """Starts `longcpt train` children without Python's start-up cost (see forkserver.py)."""
-    server = ForkServer()
-    yield server
-    server.close()

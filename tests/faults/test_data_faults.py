@@ -61,6 +61,7 @@ def test_data_vanishing_mid_run_stops_with_a_checkpoint(tmp_path, tokenizer_dir,
     assert_same_weights(weights(out / "checkpoints" / "last"), weights(reference / "checkpoints" / "last"))
 
 
+@pytest.mark.subprocess
 def test_cli_names_the_damaged_arrow_shard(forkserver, tmp_path, tokenizer_dir, data):
     shard = data / "train" / "data-00000-of-00001.arrow"
     os.truncate(shard, shard.stat().st_size // 2)

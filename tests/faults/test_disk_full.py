@@ -100,6 +100,7 @@ def assert_nothing_half_written(ckpts, kept_last):
     assert left == ["last", kept_last, kept_last + ".manifest.json"], left  # no temporary, no step 4
 
 
+@pytest.mark.subprocess
 def test_disk_fills_during_a_save(disk, tokenizer_dir, monkeypatch, uninterrupted):
     out = disk.path / "run"
     fill_when_writing(disk, monkeypatch, 4, leave=300 * KIB)
@@ -120,6 +121,7 @@ def test_disk_fills_during_a_save(disk, tokenizer_dir, monkeypatch, uninterrupte
     assert_same_weights(weights(ckpts / "last"), uninterrupted)
 
 
+@pytest.mark.subprocess
 def test_too_little_space_refuses_before_writing(disk, tokenizer_dir, uninterrupted):
     """Less free space than the previous checkpoint took: refused before a byte is written."""
     from lightning.pytorch.callbacks import Callback
@@ -142,6 +144,7 @@ def test_too_little_space_refuses_before_writing(disk, tokenizer_dir, uninterrup
     assert_same_weights(weights(ckpts / "last"), uninterrupted)
 
 
+@pytest.mark.subprocess
 def test_cli_first_checkpoint_on_a_full_disk(forkserver, disk, tmp_path, tokenizer_dir, data_dir):
     """`longcpt train` itself: exit status 2 and one message, no traceback, nothing left behind."""
     if not disk.real:

@@ -5,7 +5,6 @@ SLURM the job is requeued, at most trainer.max_restarts times."""
 import json
 import os
 import re
-import socket
 import time
 
 import pytest
@@ -16,12 +15,7 @@ from longcpt.lit.faults import requeue_after_fault
 TIMEOUT_S = 6
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.slow
 def test_two_processes_one_sleeps_in_a_step(forkserver, tmp_path, tokenizer_dir):
     """Two CPU processes started together (as srun or torchrun start them); rank 1 sleeps 10 minutes
     at the start of step 3."""
@@ -29,9 +23,7 @@ def test_two_processes_one_sleeps_in_a_step(forkserver, tmp_path, tokenizer_dir)
     args = ["--synthetic", "--sleep-in-step", "1:3:600",
             *tiny_overrides(out, tokenizer_dir, trainer__devices=2, strategy__name="ddp",
                             trainer__timeout_minutes=TIMEOUT_S / 60)]
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port(), "NODE_RANK": 0, "WORLD_SIZE": 2}
-    ranks = [forkserver.start("run_train", args, tmp_path / f"rank{r}.log", env={**env, "LOCAL_RANK": r, "RANK": r})
-             for r in (0, 1)]
+    ranks = forkserver.start_ranks("run_train", args, tmp_path / "rank")
     ranks[1].wait_for_line("rank 1 sleeping in step 3", timeout=120)
     t0 = time.monotonic()
     code = ranks[0].wait(timeout=120)
@@ -51,6 +43,7 @@ def test_two_processes_one_sleeps_in_a_step(forkserver, tmp_path, tokenizer_dir)
     assert os.readlink(out / "checkpoints" / "last") == "step-00000002.ckpt"
 
 
+@pytest.mark.subprocess
 def test_slurm_requeue_after_a_fault_is_bounded(tmp_path, monkeypatch):
     bin_dir = fake_scontrol(tmp_path / "bin")
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")

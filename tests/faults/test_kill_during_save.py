@@ -59,6 +59,7 @@ def committed(point: dict, events: list[dict]) -> bool:
     return point["index"] > commit["index"]
 
 
+@pytest.mark.slow
 def test_kill9_at_random_points_of_a_save(forkserver, reference, tokenizer_dir):
     root, events = reference["root"], reference["events"]
     outcomes = []

@@ -5,10 +5,12 @@ import os
 import shutil
 import signal
 
+import pytest
 from fault_helpers import STEPS, assert_same_weights, run, weights
 from lit_helpers import tiny_overrides
 
 
+@pytest.mark.subprocess
 def test_sigterm_checkpoints_at_the_next_step_then_exits_0(forkserver, tmp_path, tokenizer_dir, uninterrupted):
     out = tmp_path / "run"
     args = ["--synthetic", *tiny_overrides(out, tokenizer_dir, trainer__max_steps=STEPS,

@@ -1,5 +1,6 @@
 """Shared by the training and export tests: a tiny tokenizer, a synthetic resumable DataModule, a
-tiny recipe, and a runner that starts `train` in a subprocess (multi-process runs relaunch it).
+tiny recipe, and runners of `train` in child processes: `train_ok` as fork server children (one
+per rank), `run_train` as a fresh `python` whose other ranks Lightning's launcher starts.
 `read_metrics` (a run's CSV logs by metric and step) is `longcpt.lit.logs.read_metrics`.
 
 The DataModule mimics the `longcpt.data` contract the trainer relies on: packed windows
@@ -178,7 +179,8 @@ def tiny_overrides(out_dir: Path, tokenizer: Path, corpus: dict | None = None, *
 
 
 def run_train(overrides: list[str], *flags: str, env: dict | None = None, timeout: float = 600, wait: bool = True):
-    """Start tests/lit/run_train.py in a subprocess (flags: --synthetic, --die-in-save N)."""
+    """Start tests/lit/run_train.py in a fresh subprocess (flags: --synthetic, --die-in-save N): with
+    trainer.devices > 1, Lightning's launcher starts the other ranks, as for a user's `longcpt train`."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, str(REPO / "tests" / "lit" / "run_train.py"), *flags, *overrides]
     if not wait:
@@ -186,11 +188,20 @@ def run_train(overrides: list[str], *flags: str, env: dict | None = None, timeou
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
-def train_ok(overrides: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    """`run_train` that must succeed; a failure shows the end of the run's output."""
-    result = run_train(overrides, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return result
+def train_ok(forkserver, overrides: list[str], logs: Path, world: int = 1, timeout: float = 600) -> str:
+    """tests/lit/run_train.py with `overrides` (and its flags) as `world` fork server children, one
+    per rank (tests/forkserver.py), which must all succeed; a failure shows the end of its output.
+
+    Returns:
+        Rank 0's output (stdout and stderr); each rank's is in `logs`-RANK.log.
+    """
+    if world == 1:
+        ranks = [forkserver.run("run_train", overrides, logs.with_name(f"{logs.name}-0.log"), timeout=timeout)]
+    else:
+        ranks = forkserver.run_ranks("run_train", overrides, logs, world=world, timeout=timeout)
+    for child in ranks:
+        assert child.returncode == 0, child.output()[-4000:]
+    return ranks[0].output()
 
 
 def fake_scontrol(folder: Path) -> Path:

@@ -1,6 +1,9 @@
 """Two CPU processes on real prepared data: DDP, DeepSpeed ZeRO-2 and ZeRO-3 (gloo) train, save,
 resume and export.
 
+The DDP run is a user's `longcpt train` with trainer.devices=2 (Lightning's launcher starts the
+second rank); the others start both ranks together as fork server children, as srun does.
+
 The reference is the DDP run: the same seed, data and AdamW give the same weights under ZeRO-2 and
 ZeRO-3 (consolidated with DeepSpeed's own zero_to_fp32, no GPU), and every exported folder loads in
 plain transformers with the logits of the DDP weights loaded into transformers' own Llama.
@@ -10,7 +13,7 @@ import shutil
 
 import pytest
 import torch
-from lit_helpers import tiny_overrides, train_ok
+from lit_helpers import run_train, tiny_overrides, train_ok
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from longcpt.export.convert import read_checkpoint
@@ -18,22 +21,27 @@ from longcpt.export.convert import read_checkpoint
 pytestmark = pytest.mark.slow
 
 
-def launch(out, corpus, steps, **extra):
+def overrides(out, corpus, steps, **extra):
     # Constant LR after warmup, so a run stopped at step 2 and resumed follows the same schedule.
-    args = tiny_overrides(out, None, corpus, trainer__devices=2, trainer__max_steps=steps,
+    return tiny_overrides(out, None, corpus, trainer__devices=2, trainer__max_steps=steps,
                           optim__min_lr_ratio=1.0, trainer__export_hf="true", **extra)
-    return train_ok(args)
+
+
+def launch(forkserver, out, corpus, steps, **extra) -> str:
+    """Both ranks of a run as fork server children; rank 0's output."""
+    return train_ok(forkserver, overrides(out, corpus, steps, **extra), out.with_name(f"{out.name}-rank"), world=2)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, corpus):
+def runs(tmp_path_factory, corpus, forkserver):
     root = tmp_path_factory.mktemp("dist")
-    launch(root / "ddp", corpus, 4, strategy__name="ddp")
-    launch(root / "zero2", corpus, 4, strategy__name="deepspeed", strategy__stage=2)
-    launch(root / "zero3", corpus, 2, strategy__name="deepspeed", strategy__stage=3)
-    resumed = launch(root / "zero3", corpus, 4, strategy__name="deepspeed", strategy__stage=3)
-    assert "resuming from" in resumed.stdout and "step-00000002.ckpt" in resumed.stdout
-    (root / "zero3.log").write_text(resumed.stdout + resumed.stderr)
+    ddp = run_train(overrides(root / "ddp", corpus, 4, strategy__name="ddp"))
+    assert ddp.returncode == 0, ddp.stdout[-4000:] + ddp.stderr[-4000:]
+    launch(forkserver, root / "zero2", corpus, 4, strategy__name="deepspeed", strategy__stage=2)
+    launch(forkserver, root / "zero3", corpus, 2, strategy__name="deepspeed", strategy__stage=3)
+    resumed = launch(forkserver, root / "zero3", corpus, 4, strategy__name="deepspeed", strategy__stage=3)
+    assert "resuming from" in resumed and "step-00000002.ckpt" in resumed
+    (root / "zero3.log").write_text(resumed)
     return root
 
 
@@ -78,7 +86,7 @@ def test_export_loads_in_transformers_with_ddp_logits(runs, name):
         torch.testing.assert_close(exported(ids).logits, reference.eval()(ids).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_zero3_resume_skips_a_folder_missing_a_ranks_shard(runs, corpus, tmp_path):
+def test_zero3_resume_skips_a_folder_missing_a_ranks_shard(runs, corpus, tmp_path, forkserver):
     """A DeepSpeed checkpoint whose rank-1 optimizer shard is gone: the two ranks verify it together,
     it is set aside (not deleted), and the run resumes from the previous one to the same weights."""
     out = tmp_path / "zero3"
@@ -86,10 +94,10 @@ def test_zero3_resume_skips_a_folder_missing_a_ranks_shard(runs, corpus, tmp_pat
     ckpts = out / "checkpoints"
     expected, _ = read_checkpoint(ckpts / "step-00000004.ckpt")
     (ckpts / "step-00000004.ckpt" / "checkpoint" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
-    result = launch(out, corpus, 4, strategy__name="deepspeed", strategy__stage=3)
+    result = launch(forkserver, out, corpus, 4, strategy__name="deepspeed", strategy__stage=3)
     assert (f"skipping checkpoint {ckpts / 'step-00000004.ckpt'}: step-00000004.ckpt/checkpoint/"
-            "zero_pp_rank_1_mp_rank_00_optim_states.pt is missing") in result.stdout
-    assert f"resuming from {ckpts / 'step-00000002.ckpt'}" in result.stdout
+            "zero_pp_rank_1_mp_rank_00_optim_states.pt is missing") in result
+    assert f"resuming from {ckpts / 'step-00000002.ckpt'}" in result
     assert (ckpts / "step-00000004.ckpt.corrupt" / "checkpoint" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file()
     got, _ = read_checkpoint(ckpts / "last")
     assert got.keys() == expected.keys()

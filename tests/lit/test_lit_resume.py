@@ -1,12 +1,13 @@
 """Exact resume on real prepared data: a run killed with SIGKILL while writing a checkpoint, then
-relaunched with the same command, equals an uninterrupted run (CPU, fp32, seeded)."""
+relaunched with the same command, equals an uninterrupted run (CPU, fp32, seeded). The runs are
+fork server children (tests/forkserver.py): real processes, without Python's start-up each."""
 
 import os
 import signal
 
 import pytest
 import torch
-from lit_helpers import read_metrics, run_train, tiny_overrides
+from lit_helpers import read_metrics, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -23,21 +24,22 @@ def final_weights(out):
     return torch.load(out / "checkpoints" / "last", weights_only=False)["state_dict"]
 
 
-def test_kill9_during_a_save_then_resume_equals_uninterrupted(tmp_path, corpus):
+def test_kill9_during_a_save_then_resume_equals_uninterrupted(tmp_path, corpus, forkserver):
     ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
-    reference = run_train(overrides(ref_dir, corpus))
-    assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
+    reference = forkserver.run("run_train", overrides(ref_dir, corpus), tmp_path / "reference.log", timeout=600)
+    assert reference.returncode == 0, reference.output()[-3000:]
 
     # SIGKILL after step 6's checkpoint is written to its temporary name, before it replaces step 4.
-    killed = run_train(overrides(run_dir, corpus), "--die-in-save", "6")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    killed = forkserver.run("run_train", ["--die-in-save", "6", *overrides(run_dir, corpus)], tmp_path / "killed.log",
+                            timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.output()[-3000:]
     ckpts = run_dir / "checkpoints"
     assert os.readlink(ckpts / "last") == "step-00000004.ckpt" and (ckpts / "step-00000004.ckpt").is_file()
     assert (ckpts / ".step-00000006.ckpt.tmp").is_file() and not (ckpts / "step-00000006.ckpt").exists()
 
-    resumed = run_train(overrides(run_dir, corpus))
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert f"resuming from {ckpts / 'step-00000004.ckpt'}" in resumed.stdout
+    resumed = forkserver.run("run_train", overrides(run_dir, corpus), tmp_path / "resumed.log", timeout=600)
+    assert resumed.returncode == 0, resumed.output()[-3000:]
+    assert f"resuming from {ckpts / 'step-00000004.ckpt'}" in resumed.output()
     assert not list(ckpts.glob(".*.tmp"))
 
     ref, got = read_metrics(ref_dir), read_metrics(run_dir)

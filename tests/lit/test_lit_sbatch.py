@@ -17,6 +17,8 @@ SCRIPTS = ["train.sbatch", "convert.sbatch", "data_prep.sbatch"]
 ARGS = {"train.sbatch": ["recipes/x.yaml"], "convert.sbatch": ["a", "b"], "data_prep.sbatch": ["tok", "data", "a.jsonl"]}
 JOB = {"SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS": "2"}
 
+pytestmark = pytest.mark.subprocess  # the scripts run under bash
+
 
 def directives(script: Path) -> list[str]:
     return [line.split(None, 1)[1] for line in script.read_text().splitlines() if line.startswith("#SBATCH")]

@@ -36,19 +36,20 @@ def pretrained(folder, tokenizer):
     return folder
 
 
-def launch(out, corpus, model, devices, steps, **extra):
+def launch(forkserver, out, corpus, model, devices, steps, **extra):
+    """`devices` ranks started together as fork server children (as srun starts them)."""
     args = tiny_overrides(out, None, corpus, model__pretrained=str(model), attention__kind="anchor",
                           trainer__devices=devices, trainer__max_steps=steps, optim__min_lr_ratio=1.0, **extra)
-    return train_ok(args)
+    return train_ok(forkserver, args, out.with_name(f"{out.name}-rank"), world=devices)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, corpus):
+def runs(tmp_path_factory, corpus, forkserver):
     root = tmp_path_factory.mktemp("sp")
     model = pretrained(root / "pretrained", corpus["tokenizer"])
-    launch(root / "one", corpus, model, 1, 4)
-    launch(root / "ddp", corpus, model, 2, 4, strategy__name="ddp", strategy__sequence_parallel=2)
-    launch(root / "zero3", corpus, model, 2, 4, strategy__name="deepspeed", strategy__stage=3,
+    launch(forkserver, root / "one", corpus, model, 1, 4)
+    launch(forkserver, root / "ddp", corpus, model, 2, 4, strategy__name="ddp", strategy__sequence_parallel=2)
+    launch(forkserver, root / "zero3", corpus, model, 2, 4, strategy__name="deepspeed", strategy__stage=3,
            strategy__sequence_parallel=2, trainer__export_hf="true")
     return root
 

@@ -8,7 +8,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-from lit_helpers import REPO, fake_scontrol, run_train, tiny_overrides, wait_for_early_start
+from lit_helpers import REPO, fake_scontrol, tiny_overrides, wait_for_early_start
 
 from longcpt.lit.callbacks import StopAtStepBoundary, request_requeue, slurm_job_id
 
@@ -23,34 +23,31 @@ def slurm_env(bin_dir):
     }
 
 
-def test_sigusr1_checkpoints_and_requeues(tmp_path, tokenizer_dir):
+def test_sigusr1_checkpoints_and_requeues(tmp_path, tokenizer_dir, forkserver):
     bin_dir = fake_scontrol(tmp_path / "bin")
     out = tmp_path / "run"
-    args = tiny_overrides(out, tokenizer_dir, trainer__max_steps=30, trainer__save_every_n_steps=1000)
-    proc = run_train(args, "--synthetic", env={**slurm_env(bin_dir), "SYNTHETIC_BATCH_SLEEP": "0.2"}, wait=False)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("step 2/30"):
-            proc.send_signal(signal.SIGUSR1)
-            break
-    rest = proc.stdout.read()
-    proc.wait(timeout=120)
-    log = "".join(lines) + rest
-    assert proc.returncode == 0, log[-3000:]
+    args = ["--synthetic", *tiny_overrides(out, tokenizer_dir, trainer__max_steps=10, trainer__save_every_n_steps=1000)]
+    child = forkserver.start("run_train", args, tmp_path / "first.log",
+                             env={**slurm_env(bin_dir), "SYNTHETIC_BATCH_SLEEP": "0.2"})
+    child.wait_for_line("step 2/10", timeout=300)
+    child.kill(signal.SIGUSR1)
+    code = child.wait(timeout=120)
+    log = child.output()
+    assert code == 0, log[-3000:]
     assert "requeued=True" in log
 
     calls = (bin_dir / "calls.txt").read_text().split("\n")
     assert calls[0] == "requeue 4242"
     last = os.readlink(out / "checkpoints" / "last")
     step = int(re.fullmatch(r"step-(\d+)\.ckpt", last).group(1))
-    assert 2 <= step < 30, "a checkpoint at the step after the signal, long before the end"
+    assert 2 <= step < 10, "a checkpoint at the step after the signal, before the end"
     assert not (out / "hf").exists()
 
     # What the requeued job does: the same command resumes from that checkpoint and finishes.
-    again = run_train(args, "--synthetic", env=slurm_env(bin_dir))
-    assert again.returncode == 0, again.stdout[-3000:]
-    assert f"resuming from {out / 'checkpoints' / last}" in again.stdout and "step=30 requeued=False" in again.stdout
+    again = forkserver.run("run_train", args, tmp_path / "again.log", env=slurm_env(bin_dir))
+    assert again.returncode == 0, again.output()[-3000:]
+    assert f"resuming from {out / 'checkpoints' / last}" in again.output()
+    assert "step=10 requeued=False" in again.output()
 
 
 def test_sigusr1_during_start_up_checkpoints_after_the_first_step_and_requeues(tmp_path, corpus):

@@ -108,21 +108,26 @@ def cli(*args, timeout=600):
 
 
 @pytest.mark.slow
-def test_cli_trains_the_tiny_cpu_recipe_on_real_data(tmp_path, corpus):
+def test_cli_trains_the_tiny_cpu_recipe_on_real_data(tmp_path, corpus, forkserver):
+    from lit_helpers import REPO
+
     kind = "anchor"
     out = tmp_path / "run"
-    result = cli("train", "recipes/tiny_cpu.yaml", f"model.tokenizer={corpus['tokenizer']}",
-                 f"data.train={corpus['train']}", f"data.val={corpus['val']}", f"trainer.out_dir={out}",
-                 f"attention.kind={kind}", "data.seq_len=128", "data.micro_batch_size=2", "data.num_workers=0",
-                 "trainer.max_steps=3", "trainer.val_every_n_steps=2", "trainer.log_every_n_steps=1",
-                 "trainer.export_hf=true")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "finished at step 3" in result.stdout and f"Hugging Face export: {out / 'hf'}" in result.stdout
+    result = forkserver.run(
+        "cli", ["train", str(REPO / "recipes/tiny_cpu.yaml"), f"model.tokenizer={corpus['tokenizer']}",
+                f"data.train={corpus['train']}", f"data.val={corpus['val']}", f"trainer.out_dir={out}",
+                f"attention.kind={kind}", "data.seq_len=128", "data.micro_batch_size=2", "data.num_workers=0",
+                "trainer.max_steps=3", "trainer.val_every_n_steps=2", "trainer.log_every_n_steps=1",
+                "trainer.export_hf=true"], tmp_path / "train.log", timeout=600)
+    output = result.output()
+    assert result.returncode == 0, output[-3000:]
+    assert "finished at step 3" in output and f"Hugging Face export: {out / 'hf'}" in output
     m = read_metrics(out)
     assert sorted(m["train/loss"]) == [0, 1, 2] and set(m["val/loss"]) == {1}
     assert yaml.safe_load((out / "config.yaml").read_text())["attention"]["kind"] == kind
 
 
+@pytest.mark.subprocess
 def test_cli_reports_every_bad_override_at_once(tmp_path):
     result = cli("train", "recipes/tiny_cpu.yaml", "trainer.max_step=3", "optim.lr=-1",
                  f"trainer.out_dir={tmp_path / 'run'}")

@@ -16,9 +16,6 @@ usual mistake, is off by about 2e-3 on these windows.
 """
 
 import json
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,30 +25,20 @@ pytestmark = pytest.mark.slow
 WORKER = Path(__file__).with_name("ulysses_worker.py")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(world: int, out: Path, subprocess_env) -> list[dict]:
-    port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env=subprocess_env(RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                                                            MASTER_PORT=port, OMP_NUM_THREADS="1"))
-             for r in range(world)]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-4000:]
+def launch(world: int, out: Path, forkserver) -> list[dict]:
+    """`world` ranks of ulysses_worker.py, started together as fork server children."""
+    ranks = forkserver.run_ranks(str(WORKER), [str(out)], out / "rank", world=world)
+    for child in ranks:
+        assert child.returncode == 0, child.output()[-4000:]
     return [row for r in range(world) for row in json.loads((out / f"rank{r}.json").read_text())]
 
 
 @pytest.fixture(scope="module")
-def rows(tmp_path_factory, subprocess_env) -> list[dict]:
+def rows(tmp_path_factory, forkserver) -> list[dict]:
     found = []
     for world in (2, 4):
         out = tmp_path_factory.mktemp(f"ulysses{world}")
-        found += launch(world, out, subprocess_env)
+        found += launch(world, out, forkserver)
     return found
 
 

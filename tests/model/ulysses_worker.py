@@ -2,6 +2,8 @@
 
     RANK=r WORLD_SIZE=w MASTER_ADDR=127.0.0.1 MASTER_PORT=p python ulysses_worker.py OUT_DIR
 
+(the test starts the ranks as fork server children, which call `main([OUT_DIR])`).
+
 Every rank builds the same tiny model (seeded), computes the loss and gradients of each case with
 sequence parallelism over gloo, averages the gradients over all ranks as DDP and DeepSpeed do,
 and compares them with one process running the same window(s) without it. It writes
@@ -116,8 +118,8 @@ def run_case(kind: str, sp_size: int, checkpointing: bool, group) -> dict:
             "grad_rel": grad_rel, "naive_rel": abs(float(naive / ref_loss) - 1)}
 
 
-def main() -> None:
-    out = Path(sys.argv[1])
+def main(argv: list[str] | None = None) -> int:
+    out = Path((argv or sys.argv[1:])[0])
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     world = dist.get_world_size()
@@ -133,8 +135,9 @@ def main() -> None:
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(rows))
     dist.barrier()
     dist.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main()
+    sys.exit(main())

@@ -8,7 +8,6 @@ import pickle
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -98,16 +97,14 @@ def test_kill_9_loses_nothing_and_resumes_exactly(tmp_path, continue_task, one_t
     recipe = _recipe(tmp_path, model_dir, "killed", generations=3, workers=2)
     command = [sys.executable, str(HERE / "run_namm.py"), str(model_dir), str(recipe)]
     env = subprocess_env(OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    state_file = tmp_path / "killed" / "namm" / ES_STATE
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if state_file.is_file() and _state(tmp_path, "killed")["generation"] >= 1:
+    proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:  # printed once generation 1's state is saved
+        if line.startswith("generation 1/"):
             break
-        time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the run and its workers, wherever they are
-    proc.wait()
+    proc.wait(timeout=60)
+    proc.stdout.close()
     assert _state(tmp_path, "killed")["generation"] in (1, 2)
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

@@ -2,7 +2,8 @@
 
 Markers (declared in pyproject.toml):
     slow        several processes (ranks) or an end-to-end run
-    subprocess  starts a process: a `longcpt` command, a data_prep script, a compiler
+    subprocess  starts a process: a `longcpt` command, a data_prep script, a compiler (tests using a
+                fixture of PROCESS_FIXTURES get it here)
     gpu         needs a CUDA GPU (skipped without one)
 
 `make test` runs every test on all cores (pytest-xdist); `make test-fast` adds `--fast`: only the
@@ -19,7 +20,8 @@ whole training runs, are built once):
 first; the others wait for it.
 
 `--budget` (what CI passes): after the run, print the 10 slowest tests and fail if the session's
-wall time passed `test_budget_seconds` (pyproject.toml, the one place it is written).
+wall time passed `test_budget_seconds` (`test_fast_budget_seconds` with `--fast`; pyproject.toml,
+the one place they are written).
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ import pytest
 import torch
 
 NOT_UNIT = ("slow", "subprocess", "gpu")
+# Fixtures that start processes: a test using one is marked `subprocess` here (forkserver: the fork
+# server; subprocess_env: for `python -m longcpt ...`; zero_init: DeepSpeed compiles a probe with gcc).
+PROCESS_FIXTURES = {"forkserver", "subprocess_env", "zero_init"}
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))  # set in xdist workers only
 
 
@@ -52,6 +57,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--timings", metavar="PATH", default=None,
                     help="write each test's wall and CPU seconds (and the run's) to PATH as JSON")
     parser.addini("test_budget_seconds", "wall-time budget of the whole suite under `make test`", default="0")
+    parser.addini("test_fast_budget_seconds", "wall-time budget of `make test-fast`", default="0")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -71,6 +77,9 @@ def pytest_runtestloop(session: pytest.Session) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.subprocess)
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA GPU")
         for item in items:
@@ -185,7 +194,8 @@ class Budget:
         controller = not os.environ.get("PYTEST_XDIST_WORKER")
         self.enabled = config.getoption("budget") and controller
         self.timings = config.getoption("timings") if controller else None
-        self.limit = float(config.getini("test_budget_seconds"))
+        self.key = "test_fast_budget_seconds" if config.getoption("fast") else "test_budget_seconds"
+        self.limit = float(config.getini(self.key))
         self.start = time.monotonic()
         self.seconds: dict[str, float] = defaultdict(float)
         self.cpu: dict[str, float] = defaultdict(float)
@@ -225,7 +235,7 @@ class Budget:
             tr.write_line(f"{seconds:8.1f} {self.cpu[nodeid]:8.1f}  {nodeid}")
         line = (f"the run took {self.elapsed:.0f} s of wall time ({sum(self.seconds.values()):.0f} s in tests, "
                 f"{sum(self.cpu.values()):.0f} s of CPU, summed over workers); budget {self.limit:.0f} s "
-                "(test_budget_seconds in pyproject.toml)")
+                f"({self.key} in pyproject.toml)")
         if self.limit <= 0:
             tr.write_line(line + ": no budget set", yellow=True)
         elif self.elapsed > self.limit:

@@ -13,7 +13,7 @@ they log is the whole window's.
 
 import pytest
 import torch
-from lit_helpers import read_metrics, run_train, tiny_overrides, train_ok
+from lit_helpers import read_metrics, tiny_overrides, train_ok
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import longcpt
@@ -87,7 +87,7 @@ def test_zero3_export_loads_in_transformers_with_the_one_process_logits(runs):
         torch.testing.assert_close(exported(ids).logits, reference.eval()(ids).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_data_and_sequence_parallel_together_equal_one_process(tmp_path, tokenizer_dir):
+def test_data_and_sequence_parallel_together_equal_one_process(tmp_path, tokenizer_dir, forkserver):
     """4 processes, DeepSpeed ZeRO-2: 2 data-parallel groups x 2 ranks per window (each holding 16
     of 32 tokens). Group d reads windows d, d+2, ... (one per step), so a step trains on the two
     windows one process reads as two accumulated micro-batches, and the weights must be the same.
@@ -97,9 +97,8 @@ def test_data_and_sequence_parallel_together_equal_one_process(tmp_path, tokeniz
     one = tiny_overrides(tmp_path / "one", tokenizer_dir, optim__accumulate_grad_batches=2, **common)
     both = tiny_overrides(tmp_path / "dp2sp2", tokenizer_dir, trainer__devices=4, strategy__name="deepspeed",
                           strategy__stage=2, strategy__sequence_parallel=2, **common)
-    for overrides in (one, both):
-        result = run_train(overrides, "--synthetic", timeout=900)
-        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    train_ok(forkserver, ["--synthetic", *one], tmp_path / "one-rank", timeout=900)
+    train_ok(forkserver, ["--synthetic", *both], tmp_path / "dp2sp2-rank", world=4, timeout=900)
     ref, _ = read_checkpoint(tmp_path / "one")
     got, meta = read_checkpoint(tmp_path / "dp2sp2")
     assert meta["config"]["strategy"]["sequence_parallel"] == 2 and ref.keys() == got.keys()

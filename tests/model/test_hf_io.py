@@ -172,27 +172,17 @@ def test_old_non_zip_bin_is_refused_where_every_rank_would_read_it_whole(tmp_pat
 
 
 @pytest.mark.slow
-def test_a_read_error_on_rank_0_stops_every_rank_with_its_message(tmp_path, hf, subprocess_env):
+def test_a_read_error_on_rank_0_stops_every_rank_with_its_message(tmp_path, hf, forkserver):
     """2 processes: rank 0 fails to read one tensor in the middle of the model; both ranks raise at
     once with rank 0's message (the other rank would otherwise wait in the next gather: with NCCL
     until the collective timeout)."""
-    import socket
-    import subprocess
-    import sys
     from pathlib import Path
 
     _, path = hf
     worker = Path(__file__).with_name("zero3_load_worker.py")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
     bad = "model.layers.1.mlp.up_proj.weight"
-    procs = [subprocess.Popen([sys.executable, str(worker), str(path), str(tmp_path), bad], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True,
-                              env=subprocess_env(RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                                                 MASTER_PORT=port, OMP_NUM_THREADS="1"))
-             for r in range(2)]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
+    ranks = forkserver.run_ranks(str(worker), [path, tmp_path, bad], tmp_path / "rank", world=2)
+    logs = [child.output() for child in ranks]
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for r, result in enumerate(results):
         assert result["raised"] == "LongcptError", (result, logs[r][-3000:])

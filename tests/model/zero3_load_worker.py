@@ -3,7 +3,8 @@ MASTER_ADDR, MASTER_PORT set): ZeRO-3 loading (`from_pretrained(partitioned=True
 `deepspeed.zero.Init`) where rank 0's read of tensor BAD_KEY fails with an I/O error.
 
 Each rank writes OUT_DIR/rank{r}.json: the type and message of what it raised. The process group's
-timeout is 60 s, so a rank left waiting for rank 0 fails within the test's time.
+timeout is 60 s, so a rank left waiting for rank 0 fails within the test's time. (The test starts
+the ranks as fork server children, which call `main([MODEL_DIR, OUT_DIR, BAD_KEY])`.)
 """
 
 import json
@@ -22,8 +23,9 @@ import longcpt  # noqa: E402
 from longcpt.model import hf_io  # noqa: E402
 
 
-def main() -> None:
-    model_dir, out, bad = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+def main(argv: list[str] | None = None) -> int:
+    model_dir, out, bad = (argv or sys.argv[1:])[:3]
+    model_dir, out = Path(model_dir), Path(out)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank = dist.get_rank()
@@ -45,7 +47,8 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001  (what each rank raised is the result)
         result = {"raised": type(e).__name__, "message": str(e)}
     (out / f"rank{rank}.json").write_text(json.dumps(result))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,7 +5,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 CLUSTER = Path(__file__).resolve().parent / "cluster.sh"
+
+pytestmark = pytest.mark.subprocess  # cluster.sh runs under bash
 
 
 def run_with(tmp_path: Path, uid: int, tools: list[str]) -> subprocess.CompletedProcess:

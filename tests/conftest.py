@@ -16,6 +16,8 @@ from suite import (  # noqa: F401 (pytest hooks and fixtures, found here by name
     pytest_runtestloop,
 )
 
+pytest_plugins = ("pytester",)  # tests/test_suite.py runs pytest on small test files
+
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

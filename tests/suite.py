@@ -35,7 +35,8 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -67,10 +68,12 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(Budget(config), "longcpt-budget")
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtestloop(session: pytest.Session) -> None:
-    if session.config.getoption("fast"):
-        _watch_processes()  # from the first test on (xdist's start-up runs `uname` once, say)
+@pytest.hookimpl(wrapper=True)
+def pytest_runtestloop(session: pytest.Session):
+    if not session.config.getoption("fast"):
+        return (yield)
+    with _processes_watched():  # from the first test on (xdist's start-up runs `uname` once, say)
+        return (yield)
 
 
 # ---- which tests run, where and in what order ----------------------------------------------------
@@ -113,7 +116,8 @@ def _slow_files_first(items: list[pytest.Item]) -> list[pytest.Item]:
 _started: list[str] = []
 
 
-def _watch_processes() -> None:
+@contextmanager
+def _processes_watched() -> Iterator[None]:
     """Record every process started (subprocess.Popen is what subprocess.run, check_output and the
     libraries' launchers go through); `_unit_tests_start_no_process` fails the test that did it."""
     init = subprocess.Popen.__init__
@@ -123,6 +127,11 @@ def _watch_processes() -> None:
         init(self, args, *more, **kwargs)
 
     subprocess.Popen.__init__ = recording_init
+    try:
+        yield
+    finally:
+        subprocess.Popen.__init__ = init
+        _started.clear()
 
 
 def _check_no_process(item: pytest.Item) -> None:
@@ -233,9 +242,10 @@ class Budget:
         tr.write_line("the 10 slowest tests (setup + call + teardown; wall and CPU seconds, CPU with child processes):")
         for nodeid, seconds in sorted(self.seconds.items(), key=lambda kv: -kv[1])[:10]:
             tr.write_line(f"{seconds:8.1f} {self.cpu[nodeid]:8.1f}  {nodeid}")
+        load = os.getloadavg()[2] if hasattr(os, "getloadavg") else float("nan")  # a busy machine slows every test
         line = (f"the run took {self.elapsed:.0f} s of wall time ({sum(self.seconds.values()):.0f} s in tests, "
-                f"{sum(self.cpu.values()):.0f} s of CPU, summed over workers); budget {self.limit:.0f} s "
-                f"({self.key} in pyproject.toml)")
+                f"{sum(self.cpu.values()):.0f} s of CPU, summed over workers; load average {load:.1f} on "
+                f"{os.cpu_count()} cores); budget {self.limit:.0f} s ({self.key} in pyproject.toml)")
         if self.limit <= 0:
             tr.write_line(line + ": no budget set", yellow=True)
         elif self.elapsed > self.limit:

@@ -36,6 +36,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def free_port() -> int:
@@ -104,7 +105,9 @@ class ForkServer:
     def __init__(self):
         self.children_cpu = 0.0
         # DS_ACCELERATOR: DeepSpeed is imported here, and these CPU runs must not make it probe CUDA.
-        env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+        # A launch environment left in this process must not make every child a rank of some run.
+        env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
+        env.update({"PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve())], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env)
         self.request({"op": "ping"}, timeout=600)  # the imports

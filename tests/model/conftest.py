@@ -7,10 +7,13 @@ import pytest
 ZERO3_BF16 = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def zero_init(tmp_path_factory):
     """`deepspeed.zero.Init` with bf16 (ZeRO-3 under bf16-mixed) on a one-process gloo group: a
-    function returning a fresh context. The group is destroyed at the end of the session."""
+    function returning a fresh context. The group is destroyed, and LOCAL_RANK, RANK and WORLD_SIZE
+    unset, at the end of the module: left set for the session, they told every later `longcpt
+    train --devices 2` started from this process that its ranks were launched already, and its
+    first rank waited forever for a second one."""
     import torch.distributed as dist
 
     if dist.is_initialized():

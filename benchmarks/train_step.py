@@ -6,13 +6,17 @@ transformers and loaded into longcpt. Rows, for each (tokens, documents) setting
   * transformers 4-D doc mask    the same with a dense (1, 1, T, T) boolean document mask and
                                  positions restarting per document, as users usually pack;
   * ours full                    `CausalLM.loss` (chunked cross-entropy), attention="full";
-  * ours intra_doc / anchor      the same on the packed window (cu_seqlens + the kind's positions).
-Speed-ups are against transformers' full-causal step at the same length.
+  * ours intra_doc / anchor      the same on the packed window (cu_seqlens + the kind's positions);
+  * ours s2                      LongLoRA's shifted sparse attention on the packed window, groups of a
+                                 quarter of the window (the paper's setting), half of the heads shifted.
+Speed-ups are against transformers' full-causal step at the same length; the s2 line compares it
+with ours anchor and ours full in the same run.
 
 Targets: ours full at least as fast as transformers (issue 2); at 16K tokens / 32 documents the
 anchor step at least 2.5x faster than transformers' full-causal step (issue 4).
 
 Run: python benchmarks/train_step.py [--settings 4096:16,16384:32] [--reps 2] [--threads N]
+     python benchmarks/train_step.py --settings 16384:1,16384:32 --skip "transformers 4-D doc mask"  (s2 at 16K)
 Prints a table and one JSON line.
 """
 
@@ -82,9 +86,11 @@ def build(tokens: int) -> tuple[transformers.LlamaForCausalLM, dict]:
     hf = transformers.LlamaForCausalLM(cfg).train()
     state = hf.state_dict()
     ours = {}
-    for kind in ("full", "intra_doc", "anchor"):
+    for kind in ("full", "intra_doc", "anchor", "s2"):
         args = ModelArgs.from_hf_config(cfg.to_dict())
         args.attention = kind
+        if kind == "s2":
+            args.attention_options = {"group_size": tokens // 4}
         ours[kind] = build_model(args, state).train()
     return hf, ours
 
@@ -110,10 +116,10 @@ def run_setting(tokens: int, docs: int, args) -> dict:
         ).loss),
         "ours full": step(ours["full"], lambda: ours["full"].loss(ids, full_labels)),
     }
-    for kind in ("intra_doc", "anchor"):
+    for kind, positions in (("intra_doc", "intra_doc"), ("anchor", "anchor"), ("s2", "intra_doc")):
         model = ours[kind]
-        rows[f"ours {kind}"] = step(model, lambda m=model, k=kind: m.loss(
-            ids, labels, position_ids=batch[k], cu_seqlens=batch["cu_seqlens"]
+        rows[f"ours {kind}"] = step(model, lambda m=model, p=positions: m.loss(
+            ids, labels, position_ids=batch[p], cu_seqlens=batch["cu_seqlens"]
         ))
     skip = set(args.skip)
     seconds = timed_rows({n: fn for n, fn in rows.items() if n not in skip}, args.reps)
@@ -164,6 +170,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         verdict["anchor_vs_transformers_full"] = ratio
         print(f"anchor step vs transformers full-causal step at {size_label(results[-1]['tokens'])} / "
               f"{results[-1]['documents']} docs: {ratio:.2f}x (target >= 2.5x: {'met' if ratio >= 2.5 else 'NOT met'})")
+    for r in results:
+        sec = r["seconds"]
+        if "ours s2" in sec:
+            for peer in ("ours anchor", "ours full"):
+                if peer in sec:
+                    ratio = sec[peer] / sec["ours s2"]
+                    verdict[f"s2_vs_{peer.split()[1]}_{r['tokens']}_{r['documents']}"] = ratio
+                    print(f"{size_label(r['tokens'])} / {r['documents']} docs: s2 step {ratio:.2f}x faster than {peer}")
     env = {"torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
            "cpu": platform.processor() or platform.machine()}
     print(json.dumps({"benchmark": "train_step", "results": results, **verdict, "env": env},

@@ -392,4 +392,4 @@ class AttentionContext:
 
 
 # Register the built-in kinds.
-from longcpt.model.attention import document, evict, full, infini, infllm, namm  # noqa: E402,F401
+from longcpt.model.attention import document, evict, full, infini, infllm, namm, s2  # noqa: E402,F401

@@ -1,5 +1,6 @@
 """The training-step verdict from what every rank recorded, FLOP counting and the peak table."""
 
+import pytest
 import torch
 
 from longcpt.doctor import steps
@@ -66,3 +67,60 @@ def test_plan_estimate_beside_the_measurement(tmp_path):
     # no vocabulary size anywhere: the plan's error in the row, not a crash
     bad = load_config("recipes/tiny_cpu.yaml", [f"model.tokenizer={tmp_path / 'absent'}"])
     assert steps._plan_line(steps.plan_estimate(bad, torch.device("cpu"), None)).startswith("unavailable (")
+
+
+def test_a_leak_fails_the_step_whatever_the_loss():
+    leak = {"stayed": 0.0, "moved": 0.3, "anchor_moved": 0.2, "anchor_stayed": 0.0, "tolerance": 0.0, "tokens": 128,
+            "ok": True}
+    status, why = steps.step_verdict([rank(0, leak=leak)], 1, "bf16-mixed", "auto")
+    assert status == PASS and "bit-equal when one document changed, its anchor visible (128 tokens)" in why
+    status, why = steps.step_verdict([rank(0, leak={**leak, "stayed": 0.27, "ok": False})], 1, "bf16-mixed", "auto")
+    assert status == FAIL and "leaks across documents" in why
+    status, why = steps.step_verdict([rank(0, leak={**leak, "anchor_moved": 0.0, "ok": False})], 1, "32-true", "auto")
+    assert status == FAIL and "hides the anchor" in why
+
+
+def test_the_steps_follow_the_recipes_path(tmp_path):
+    from longcpt.config import load_config
+
+    cfg = load_config("recipes/anchor_llama3_8b_128k.yaml",
+                      ["model.pretrained=tests/fixtures/model_configs/Meta-Llama-3-8B", "strategy.offload_optimizer=true",
+                       "attention.backend=flash_attn", "rope.precision=model"], check_paths=False)
+    path = steps.RecipePath.of(cfg)
+    assert (path.strategy, path.stage, path.sequence_parallel, path.pretrained) == ("deepspeed", 3, 2, True)
+    # One GPU: the single-device step is the recipe's DeepSpeed ZeRO-3, and sequence parallelism is skipped, saying why.
+    runs, skipped = steps.step_plan(path, devices=1, deepspeed=True)
+    assert runs == [("deepspeed", 3, 1)] and "strategy.sequence_parallel=2 needs 2 devices" in skipped[0]
+    runs, skipped = steps.step_plan(path, devices=2, deepspeed=True)
+    assert runs == [("deepspeed", 3, 1), ("ddp", 2, 2), ("deepspeed", 2, 2), ("deepspeed", 3, 2)] and not skipped
+    assert steps.step_plan(steps.RecipePath(), devices=1, deepspeed=True)[0] == [("auto", 2, 1)]
+    own, taken = steps.step_overrides(tmp_path, strategy="deepspeed", stage=3, devices=2, accelerator="gpu",
+                                      precision="bf16-mixed", kind="anchor", path=path)
+    for key in ("attention.backend=flash_attn", "trainer.activation_checkpointing=True", "rope.precision=model",
+                "strategy.offload_optimizer=True", "strategy.sequence_parallel=2",
+                f"model.pretrained={tmp_path / 'pretrained'}"):
+        assert key in own, key
+    assert (tmp_path / "pretrained" / "config.json").is_file() and len(taken) == 6
+    other, _ = steps.step_overrides(tmp_path, strategy="deepspeed", stage=2, devices=2, accelerator="cpu",
+                                    precision="bf16-mixed", kind="anchor", path=path)
+    assert "attention.backend=auto" in other  # flash-attn is CUDA-only
+    assert not any(o.startswith(("strategy.sequence_parallel", "model.pretrained", "strategy.offload_optimizer=True"))
+                   for o in other)  # not the recipe's own strategy
+
+
+@pytest.mark.slow
+def test_the_single_device_step_fails_a_leaking_mask(tmp_path, monkeypatch):
+    """A mask that leaks across documents moves the step's first loss by ~1e-3, inside the loss
+    tolerance: the leak probe on the live model fails it."""
+    import torch.nn.functional as F
+
+    from longcpt.model.attention import document
+
+    def leaking(q, k, v, cu_seqlens):  # (B, H, T, D): causal over the whole row
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    monkeypatch.setattr(document, "cpu_document_attention", leaking)  # the CPU path of intra_doc and anchor
+    result = steps.check_step("auto", 2, 1, "cpu", "bf16-mixed", "anchor", tmp_path)
+    assert result.status == FAIL and "leak probe" in result.detail and "leaks across documents" in result.detail
+    record = result.data["ranks"][0]
+    assert abs(record["loss"] / record["reference_loss"] - 1) < steps.LOSS_TOLERANCE["bf16-mixed"]  # the loss alone passes

@@ -10,9 +10,12 @@ The first command to run on a new machine or cluster (docs/doctor.md). It checks
                kernels of the device, forward and backward in bf16 and fp16 at a few shapes (GQA,
                1-token documents) against a dense reference; each kind through a tiny model; the
                Infini memory under bf16 autocast
-  training     a real `longcpt train` step per strategy (one device; DDP and DeepSpeed ZeRO-2/3
-               on 2 GPUs, or 2 CPU processes over gloo without --quick) whose loss must equal the
-               CPU float32 loss of the same batch; then tokens/s and MFU of the recipe's model
+  training     a real `longcpt train` step on the recipe's path (its strategy on one device; DDP
+               and DeepSpeed ZeRO-2/3 on 2 GPUs, or 2 CPU processes over gloo without --quick; the
+               recipe's backend, checkpointing, offload, sequence parallelism and pretrained
+               loading) whose loss must equal the CPU float32 loss of the same batch and whose
+               live model must keep documents apart (the leak probe, `longcpt.doctor.leak`); then
+               tokens/s and MFU of the recipe's model
 
 and prints a PASS/FAIL/SKIP table with one line of why per check (`--json`: the same as JSON, for
 CI). The exit status is 1 when anything failed. Progress goes to stderr as each check runs.
@@ -42,7 +45,7 @@ def build_checks(cfg, device, quick: bool, scratch: Path, peak: float | None = N
     precision = cfg.trainer.precision if cfg is not None else ("bf16-mixed" if _bf16_ok(device) else "32-true")
     kind = cfg.attention.kind if cfg is not None else Config().attention.kind  # the recipes' default kind
     strategy = cfg.strategy if cfg is not None else None
-    kind_checks = kernels.kind_checks(device, quick, cfg.attention.options if cfg is not None else None)
+    kind_checks = kernels.kind_checks(device, quick, cfg.attention.options if cfg is not None else None, precision)
     checks = [
         Check(env.SECTION, "torch", env.check_torch),
         Check(env.SECTION, "GPUs", lambda: env.check_gpus(precision)),
@@ -54,20 +57,25 @@ def build_checks(cfg, device, quick: bool, scratch: Path, peak: float | None = N
         *(c for c in kind_checks if c.section != env.SECTION),
     ]
     accelerator = "gpu" if device.type == "cuda" else "cpu"
+    path = steps.RecipePath.of(cfg)
 
     def step(name: str, stage: int, devices: int):
-        return lambda: steps.check_step(name, stage, devices, accelerator, precision, kind, scratch)
+        return lambda: steps.check_step(name, stage, devices, accelerator, precision, kind, scratch, path)
 
-    checks.append(Check(steps.SECTION, "step single device", step("auto", 2, 1)))
-    multi = torch.cuda.device_count() >= 2 if device.type == "cuda" else not quick
-    if multi:
-        checks.append(Check(steps.SECTION, "step ddp x2", step("ddp", 2, 2)))
-        if _deepspeed_importable():
-            checks += [Check(steps.SECTION, f"step deepspeed ZeRO-{s} x2", step("deepspeed", s, 2)) for s in (2, 3)]
-    else:
-        why = "--quick" if device.type != "cuda" else "fewer than 2 GPUs visible"
+    # Two devices for the multi-process checks: 2 GPUs, or 2 CPU processes over gloo (not with --quick).
+    devices = torch.cuda.device_count() if device.type == "cuda" else (1 if quick else 2)
+    runs, skipped = steps.step_plan(path, devices, _deepspeed_importable())
+    for name, stage, n in runs:
+        zero = f" ZeRO-{stage}" if name == "deepspeed" else ""
+        label = "step single device" if n == 1 else f"step {name}{zero} x{n}"
+        checks.append(Check(steps.SECTION, label, step(name, stage, n)))
+    if devices < 2:
+        why = "--quick" if device.type != "cuda" else f"{devices} GPU(s) visible"
         checks.append(Check(steps.SECTION, "multi-process steps", lambda: Result(
             steps.SECTION, "step ddp / deepspeed x2", "SKIP", f"skipped: {why}")))
+    for reason in skipped:
+        checks.append(Check(steps.SECTION, "sequence parallel", lambda reason=reason: Result(
+            steps.SECTION, "step sequence parallel", "SKIP", f"skipped: {reason}")))
     checks.append(Check(steps.SECTION, "throughput", lambda: steps.check_throughput(cfg, device, quick, peak)))
     return checks
 

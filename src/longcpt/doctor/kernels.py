@@ -92,6 +92,7 @@ class KindCheckTools:
         device: the device checked.
         quick: smaller shapes (`--quick`).
         recipe_options: the recipe's attention options ({} without a recipe).
+        precision: the recipe's `trainer.precision` (None without a recipe).
         ENVIRONMENT, KERNELS: the sections a check may report in.
         PASS, FAIL, SKIP: the statuses.
     """
@@ -99,8 +100,10 @@ class KindCheckTools:
     ENVIRONMENT, KERNELS = ENVIRONMENT, SECTION
     PASS, FAIL, SKIP = PASS, FAIL, SKIP
 
-    def __init__(self, device: torch.device, quick: bool, recipe_options: dict[str, Any] | None = None):
+    def __init__(self, device: torch.device, quick: bool, recipe_options: dict[str, Any] | None = None,
+                 precision: str | None = None):
         self.device, self.quick, self.recipe_options = device, quick, dict(recipe_options or {})
+        self.precision = precision
 
     result = staticmethod(Result)
     document_lengths = staticmethod(document_lengths)
@@ -137,14 +140,15 @@ class KindCheckTools:
                          {"loss": loss, "reference_loss": ref_loss, "loss_error": loss_err, "grad_error": grad_err})
 
 
-def kind_checks(device: torch.device, quick: bool, recipe_options: dict[str, Any] | None = None) -> list[Check]:
+def kind_checks(device: torch.device, quick: bool, recipe_options: dict[str, Any] | None = None,
+                precision: str | None = None) -> list[Check]:
     """The checks every trainable attention kind declares (`doctor` hooks), each once, in registry order.
 
     Kinds that share a hook (the document kinds) share its checks.
     """
     from longcpt.model.attention import KINDS
 
-    tools = KindCheckTools(device, quick, recipe_options)
+    tools = KindCheckTools(device, quick, recipe_options, precision)
     checks, seen = [], set()
     for spec in KINDS.values():
         hook = spec.hooks.doctor

@@ -1,16 +1,25 @@
 """Training-step checks: the real `longcpt train` path on the device, one step per strategy.
 
 Each check trains a tiny Llama (2 layers, 64 wide, GQA) for two optimizer steps through
-`longcpt.lit.train.train` with the recipe's attention kind and precision, on data written to a
-temporary folder (a prepared data set and a word-level tokenizer, so the real DataModule runs).
-Its validation set is deliberately uneven across two ranks (one long and two short documents):
-every rank must still run the same number of validation batches, or ZeRO-3 deadlocks.
+`longcpt.lit.train.train` on data written to a temporary folder (a prepared data set and a
+word-level tokenizer, so the real DataModule runs), on the path the recipe takes (`RecipePath`):
+its precision, attention kind and options (the backend), activation checkpointing and RoPE
+precision; the step of the recipe's own strategy also gets its ZeRO offload, its sequence
+parallelism (N = 2 on 2 devices) and, for ZeRO-3 with `model.pretrained`, a pretrained folder
+loaded into the partitions inside `deepspeed.zero.Init`. Its validation set is deliberately
+uneven across two ranks (one long and two short documents): every rank must still run the same
+number of validation batches, or ZeRO-3 deadlocks.
 
 `StepProbe` records, on every rank:
   * the loss of the first micro-batch on the device, and the loss of that same batch from the
-    same starting weights in float32 on the CPU (gathered first under ZeRO-3);
+    same starting weights in float32 on the CPU (gathered first under ZeRO-3): this catches a
+    crash, a hang or a wrong precision, not a mask (a fully leaking mask moves it by 1.5e-3);
+  * the leak probe (`longcpt.doctor.leak`) on the live model before the first step: changing one
+    document's tokens must leave every other document's logits as they were (bit-equal on the
+    CPU), and changing its first token must move its later tokens (the anchor is visible);
   * the validation batches it ran;
-  * for DeepSpeed, the gradient accumulation and communication dtypes of the live engine.
+  * for DeepSpeed, the gradient accumulation and communication dtypes the live ZeRO optimizer
+    uses (its gradient buffer, not the config it was given).
 One device runs in this process; DDP and DeepSpeed run `python -m longcpt.doctor.worker` in
 a subprocess that Lightning relaunches once per rank, under a timeout (a hang is a FAIL).
 
@@ -30,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,27 +85,142 @@ def write_dataset(folder: Path, lengths: list[int], seed: int) -> Path:
     return folder
 
 
+STEP_MODEL = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+# Backends that run (with a backward) on the CPU; a recipe's CUDA-only backend runs as `auto` there.
+CPU_BACKENDS = ("auto", "sdpa")
+
+
+@dataclass(frozen=True)
+class RecipePath:
+    """What the step checks take from the recipe besides its precision and attention kind.
+
+    Attributes:
+        options: the attention kind's options (`attention.backend`, ...).
+        checkpointing: `trainer.activation_checkpointing`.
+        rope_precision: `rope.precision`.
+        strategy, stage: `strategy.name` and `strategy.stage`.
+        offload_optimizer, offload_parameters: `strategy.offload_*`.
+        sequence_parallel: `strategy.sequence_parallel`.
+        pretrained: the recipe continues a pretrained model (`model.pretrained`).
+    """
+
+    options: dict[str, Any] = field(default_factory=dict)
+    checkpointing: bool = False
+    rope_precision: str = "fp32"
+    strategy: str = "auto"
+    stage: int = 2
+    offload_optimizer: bool = False
+    offload_parameters: bool = False
+    sequence_parallel: int = 1
+    pretrained: bool = False
+
+    @classmethod
+    def of(cls, cfg) -> RecipePath:
+        """The recipe's path (the defaults without a recipe)."""
+        if cfg is None:
+            return cls()
+        s = cfg.strategy
+        return cls(dict(cfg.attention.options), cfg.trainer.activation_checkpointing, cfg.rope.precision, s.name,
+                   s.stage, s.offload_optimizer, s.offload_parameters, s.sequence_parallel,
+                   cfg.model.pretrained is not None)
+
+    def owns(self, strategy: str, stage: int) -> bool:
+        """Whether a step with this strategy (and ZeRO stage) is the recipe's own."""
+        return strategy == self.strategy and (strategy != "deepspeed" or stage == self.stage)
+
+
+def step_plan(path: RecipePath, devices: int, deepspeed: bool) -> tuple[list[tuple[str, int, int]], list[str]]:
+    """Which step checks run: (strategy, stage, devices) each, and why others do not.
+
+    One device always runs the recipe's own strategy (a DeepSpeed recipe on one GPU is checked
+    under DeepSpeed, with its stage and offload, not as a plain single-device run). With 2 devices,
+    DDP, ZeRO-2 and ZeRO-3 each run on 2 processes, the recipe's own one with its sequence
+    parallelism. Sequence parallelism needs 2 devices: with fewer, a reason says so.
+
+    Args:
+        path: the recipe's path (`RecipePath.of`).
+        devices: devices available to the multi-process checks (2 or more, or fewer).
+        deepspeed: DeepSpeed is installed.
+    """
+    single = (path.strategy, path.stage, 1) if path.strategy != "deepspeed" or deepspeed else ("auto", 2, 1)
+    runs, skipped = [single], []
+    if devices >= 2:
+        runs.append(("ddp", 2, 2))
+        if deepspeed:
+            runs += [("deepspeed", 2, 2), ("deepspeed", 3, 2)]
+    if path.sequence_parallel > 1 and devices < 2:
+        skipped.append(f"strategy.sequence_parallel={path.sequence_parallel} needs 2 devices to run; "
+                       f"{devices} available here")
+    return runs, skipped
+
+
 def step_overrides(root: Path, *, strategy: str, stage: int, devices: int, accelerator: str, precision: str,
-                   kind: str) -> list[str]:
-    """The recipe of a step check (a `longcpt train` dotlist) over data written under `root`."""
+                   kind: str, path: RecipePath | None = None) -> tuple[list[str], list[str]]:
+    """The recipe of a step check (a `longcpt train` dotlist) over data written under `root`, on
+    the recipe's `path`, and what it took from the recipe (for the result line).
+
+    The step of the recipe's own strategy gets its offload, its sequence parallelism (N = 2 on 2
+    devices: the tiny model's 4 heads and 2 KV heads allow that much) and, under ZeRO-3 with a
+    pretrained model, a pretrained folder, loaded into the partitions as `longcpt train` does.
+    """
+    path = path or RecipePath()
     tokenizer = root / "tokenizer"
     if not tokenizer.exists():
         write_tokenizer(tokenizer)
         write_dataset(root / "train", [40 + 7 * i for i in range(64)], seed=0)
         write_dataset(root / "val", list(UNEVEN_VAL_DOCS), seed=1)
+    own = path.owns(strategy, stage)
     run = f"run-{strategy}{stage if strategy == 'deepspeed' else ''}-{devices}"
-    config = ("{model_type: llama, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, "
-              "num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 256}")
-    return [
-        f"model.tokenizer={tokenizer}", f"model.config={config}", f"attention.kind={kind}",
+    taken = []
+    overrides = [
+        f"model.tokenizer={tokenizer}", f"attention.kind={kind}",
         f"data.train={root / 'train'}", f"data.val={root / 'val'}", f"data.seq_len={STEP_SEQ_LEN}",
         "data.micro_batch_size=2", "data.num_workers=0", "data.val_batches=2", "optim.lr=1e-3",
         "optim.warmup_steps=1", f"trainer.out_dir={root / run}",
         "trainer.max_steps=2", f"trainer.accelerator={accelerator}", f"trainer.devices={devices}",
         f"trainer.precision={precision}", "trainer.save_every_n_steps=1000", "trainer.val_every_n_steps=1",
         "trainer.log_every_n_steps=1", "trainer.resume=false", f"strategy.name={strategy}",
-        f"strategy.stage={stage}",
+        f"strategy.stage={stage}", f"trainer.activation_checkpointing={path.checkpointing}",
+        f"rope.precision={path.rope_precision}",
     ]
+    for name, value in path.options.items():
+        if name == "backend" and accelerator == "cpu" and value not in CPU_BACKENDS:
+            taken.append(f"backend {value} is CUDA-only: auto here")
+            value = "auto"
+        elif name == "backend" and value != "auto":
+            taken.append(f"backend {value}")
+        overrides.append(f"attention.{name}={value}")
+    if path.checkpointing:
+        taken.append("activation checkpointing")
+    if path.rope_precision != "fp32":
+        taken.append(f"rope.precision={path.rope_precision}")
+    if own and strategy == "deepspeed":
+        offload = [name for name, on in (("optimizer", path.offload_optimizer), ("parameters", path.offload_parameters))
+                   if on]
+        overrides += [f"strategy.offload_optimizer={path.offload_optimizer}",
+                      f"strategy.offload_parameters={path.offload_parameters}"]
+        taken += [f"offload {' + '.join(offload)}"] if offload else []
+    if own and path.sequence_parallel > 1 and devices >= 2:
+        overrides.append(f"strategy.sequence_parallel={2}")
+        taken.append(f"sequence parallel 2 (the recipe's {path.sequence_parallel})")
+    if own and path.pretrained and strategy == "deepspeed" and stage == 3:
+        overrides.append(f"model.pretrained={write_pretrained(root / 'pretrained')}")
+        taken.append("pretrained weights loaded into ZeRO-3 partitions")
+    else:
+        overrides.append("model.config={" + ", ".join(f"{k}: {v}" for k, v in STEP_MODEL.items()) + "}")
+    return overrides, taken
+
+
+def write_pretrained(folder: Path) -> Path:
+    """The step model with random weights as a Hugging Face folder (safetensors), once."""
+    if not (folder / "config.json").exists():
+        import longcpt
+        from longcpt.model import CausalLM, ModelArgs
+
+        torch.manual_seed(0)
+        longcpt.save_pretrained(CausalLM(ModelArgs.from_hf_config({**STEP_MODEL, "vocab_size": VOCAB})), folder)
+    return folder
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,6 +272,7 @@ def _lightning_callback():
             if trainer.global_step == 0 and batch_idx == 0:
                 self.record["reference_loss"] = reference_loss(pl_module.model, batch)
                 self.record["tokens"] = int(batch["input_ids"].numel())
+                self.record["leak"] = probe_leaks(trainer, pl_module)
             self._started = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -161,18 +287,49 @@ def _lightning_callback():
         def on_fit_end(self, trainer, pl_module) -> None:
             engine = getattr(trainer.strategy, "deepspeed_engine", None)
             if engine is not None:
-                model_dtype, accumulate = engine.get_data_types()
-                self.record["deepspeed"] = {"model_dtype": str(model_dtype).replace("torch.", ""),
-                                            "grad_accum_dtype": str(accumulate).replace("torch.", ""),
-                                            "communication_data_type":
-                                                str(engine.communication_data_type).replace("torch.", ""),
-                                            "zero_stage": engine.zero_optimization_stage()}
+                self.record["deepspeed"] = deepspeed_dtypes(engine)
             self.record.update(rank=trainer.global_rank, world_size=trainer.world_size, global_step=trainer.global_step,
                                device=str(pl_module.device))
             self.folder.mkdir(parents=True, exist_ok=True)
             (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.record))
 
     return StepProbe
+
+
+def probe_leaks(trainer, pl_module) -> dict[str, Any]:
+    """The leak probe (`longcpt.doctor.leak`) on the model as this rank trains it: its strategy's
+    wrapping, precision context, sequence-parallel group and attention backend. Every rank runs it
+    (under ZeRO-3 and sequence parallelism the forward is a collective)."""
+    from longcpt.doctor.leak import leak_probe, probe_window, report_data
+    from longcpt.model.attention import kind_spec
+
+    model = pl_module.model
+    args = model.args
+    batch = probe_window(args.attention, args.vocab_size, pl_module.device)
+    sp = model.sequence_parallel
+    offset = sp.rank * (batch["input_ids"].shape[1] // sp.size) if sp is not None else 0
+
+    def forward(b: dict[str, torch.Tensor]) -> torch.Tensor:
+        with trainer.precision_plugin.forward_context():
+            return model(b["input_ids"], position_ids=b["position_ids"], cu_seqlens=b["cu_seqlens"])
+
+    across = kind_spec(args.attention).hooks.across_documents
+    return report_data(leak_probe(forward, batch, args.vocab_size, across, token_offset=offset))
+
+
+def deepspeed_dtypes(engine) -> dict[str, Any]:
+    """The dtypes the live ZeRO optimizer accumulates and reduces gradients in: its gradient buffer
+    (ZeRO-3) or the accumulation dtype it was built with (ZeRO-2), not the config it was given."""
+    def name(dtype) -> str:
+        return str(dtype).replace("torch.", "")
+
+    model_dtype, configured = engine.get_data_types()
+    optimizer = engine.optimizer
+    buffer = getattr(optimizer, "grad_partitions_flat_buffer", None)
+    accumulate = buffer.dtype if buffer is not None else getattr(optimizer, "gradient_accumulation_dtype", configured)
+    communicate = getattr(optimizer, "communication_data_type", engine.communication_data_type)
+    return {"model_dtype": name(model_dtype), "grad_accum_dtype": name(accumulate),
+            "communication_data_type": name(communicate), "zero_stage": engine.zero_optimization_stage()}
 
 
 def run_step(spec: dict[str, Any]) -> None:
@@ -216,25 +373,43 @@ def step_verdict(ranks: list[dict[str, Any]], world: int, precision: str, strate
         if bad:
             problems.append(f"DeepSpeed accumulates/reduces gradients in {bad} under {ds[0]['model_dtype']}: "
                             "set data_types.grad_accum_dtype and communication_data_type to fp32")
+    leaks = [r["leak"] for r in ranks if "leak" in r]
+    for r in ranks:
+        if "leak" in r and not r["leak"]["ok"]:
+            problems.insert(0, f"rank {r['rank']} leak probe: " + "; ".join(leak_problems(r["leak"])))
     if problems:
         return (FAIL, "; ".join(problems[:3]))
     line = (f"loss = CPU float32 loss (worst rel {worst:.1e}, tol {tol:.0e}) on {world} rank(s), "
             f"{val[0]} validation batch(es) on every rank")
+    if leaks:
+        tol_leak = max(lk["tolerance"] for lk in leaks)
+        equal = "bit-equal" if tol_leak == 0 else f"within {tol_leak:.1e}"
+        line += (f"; leak probe: other documents' logits {equal} when one document changed, its anchor visible "
+                 f"({sum(lk['tokens'] for lk in leaks)} tokens)")
     if ds and ds[0]["model_dtype"] != "float32":
         line += f", gradients accumulated and reduced in {ds[0]['grad_accum_dtype']}"
     return (PASS, line)
 
 
+def leak_problems(leak: dict[str, Any]) -> list[str]:
+    """What a rank's leak record (`longcpt.doctor.leak.report_data`) says is wrong."""
+    from longcpt.doctor.leak import LeakReport
+
+    return LeakReport(**{k: leak[k] for k in ("stayed", "moved", "anchor_moved", "anchor_stayed", "tolerance",
+                                              "tokens")}).problems()
+
+
 def check_step(strategy: str, stage: int, devices: int, accelerator: str, precision: str, kind: str,
-               root: Path) -> Result:
-    """Train the step check on `devices` with `strategy`, and judge it (`step_verdict`)."""
+               root: Path, path: RecipePath | None = None) -> Result:
+    """Train the step check on `devices` with `strategy` on the recipe's `path`, and judge it
+    (`step_verdict`). One device without a strategy runs in this process; the others in a worker."""
     zero = f" ZeRO-{stage}" if strategy == "deepspeed" else ""
     name = "step single device" if devices == 1 else f"step {strategy}{zero} x{devices}"
-    overrides = step_overrides(root, strategy=strategy, stage=stage, devices=devices, accelerator=accelerator,
-                               precision=precision, kind=kind)
+    overrides, taken = step_overrides(root, strategy=strategy, stage=stage, devices=devices, accelerator=accelerator,
+                                      precision=precision, kind=kind, path=path)
     result_dir = root / f"probe-{strategy}{stage}-{devices}"
     spec = {"overrides": overrides, "result_dir": str(result_dir)}
-    if devices == 1:
+    if devices == 1 and strategy == "auto":
         run_step(spec)
     else:
         failure = _run_worker(spec, root, TIMEOUT_S["cuda" if accelerator == "gpu" else "cpu"])
@@ -242,8 +417,9 @@ def check_step(strategy: str, stage: int, devices: int, accelerator: str, precis
             return Result(SECTION, name, FAIL, failure)
     ranks = [json.loads(p.read_text()) for p in sorted(result_dir.glob("rank*.json"))]
     status, line = step_verdict(ranks, devices, precision, strategy)
-    data = {"ranks": ranks, "precision": precision, "kind": kind}
-    return Result(SECTION, name, status, f"{precision}, {kind}: {line}", data)
+    data = {"ranks": ranks, "precision": precision, "kind": kind, "strategy": f"{strategy}{zero}", "from_recipe": taken}
+    what = [precision, kind, *([f"{strategy}{zero}"] if devices == 1 else []), *taken]
+    return Result(SECTION, name, status, f"{', '.join(what)}: {line}", data)
 
 
 def _run_worker(spec: dict[str, Any], root: Path, timeout: float) -> str | None:
@@ -367,6 +543,28 @@ def _time_steps(model, batch, device, precision: str, steps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+# A model from `model.config` whose tokenizer is not built yet is timed with this vocabulary.
+ASSUMED_VOCAB = 32000
+
+
+def _throughput_args(cfg) -> tuple[Any, str]:
+    """The recipe's `ModelArgs` for timing, and what had to be assumed ("" when nothing): a
+    recipe whose tokenizer does not exist yet (trained by `make demo`, say) is timed with a
+    vocabulary of `ASSUMED_VOCAB` rather than not at all."""
+    import copy
+
+    from longcpt.model.recipe import model_args
+
+    m = cfg.model
+    unknown = (m.pretrained is None and "vocab_size" not in m.config
+               and not (Path(m.tokenizer or "") / "tokenizer.json").is_file())
+    if not unknown:
+        return model_args(cfg), ""
+    timed = copy.deepcopy(cfg)
+    timed.model.config = {**m.config, "vocab_size": ASSUMED_VOCAB}
+    return model_args(timed), f" (vocabulary of {ASSUMED_VOCAB:,} assumed: model.tokenizer={m.tokenizer!r} has no tokenizer.json yet)"
+
+
 def check_throughput(cfg, device: torch.device, quick: bool, peak: float | None = None,
                      cpu_budget_s: float = 60.0) -> Result:
     """Tokens/s and MFU of the recipe's model at its seq_len (or a 4-layer slice when it does not fit)."""
@@ -377,9 +575,7 @@ def check_throughput(cfg, device: torch.device, quick: bool, peak: float | None 
 
     if cfg is None:
         return Result(SECTION, "throughput", SKIP, "no --recipe: give one to time its model at its seq_len")
-    from longcpt.model.recipe import model_args
-
-    args = model_args(cfg)
+    args, assumed = _throughput_args(cfg)
     n_params = parameter_count(args)
     b, t, precision = cfg.data.micro_batch_size, cfg.data.seq_len, cfg.trainer.precision
     g = torch.Generator().manual_seed(0)
@@ -422,7 +618,7 @@ def check_throughput(cfg, device: torch.device, quick: bool, peak: float | None 
     else:
         peak = None  # the table holds bf16 peaks
     mfu = flops / seconds / (peak * 1e12) if peak else None
-    line = (f"{what} ({parameter_count(timed) / 1e6:,.1f}M params, {precision}) at seq_len {t} x batch {b}: "
+    line = (f"{what} ({parameter_count(timed) / 1e6:,.1f}M params, {precision}){assumed} at seq_len {t} x batch {b}: "
             f"{tokens_per_s:,.0f} tokens/s, {seconds:.3f} s/step")
     line += (f", MFU {mfu:.1%} of {peak:.0f} TFLOP/s" if mfu is not None else
              ", MFU n/a (" + ("no bf16 peak known for this device: --peak-tflops" if precision.startswith("bf16")

@@ -11,9 +11,14 @@ reference run on the CPU from the same rounded inputs:
     error = max |kernel - reference| / max |reference|     (outputs, and dq, dk, dv)
     tolerance = 8 x the dtype's machine epsilon (bf16: 8 x 2^-7 = 6.2e-2, fp16: 8 x 2^-10 = 7.8e-3)
 
+A `32-true` recipe also gets float32: on a GPU it trains with FlexAttention in float32 (compiled;
+flash-attn and torch's varlen are 16-bit only), which nothing else checks. Its tolerance is that
+of TF32 (8 x 2^-10), the precision float32 matmuls may run in
+(`torch.set_float32_matmul_precision("high")`); in true float32 the error is ~1e-7.
+
 Measured on a CPU with the SDPA path: at most 0.8 eps (gradients, GQA). A mask that leaks across
 documents or drops a token is off by O(1). FlexAttention has no backward on CPU, so there
-only its forward is checked.
+only its forward is checked (and eagerly: the compiled CPU path is tested by longcpt's tests).
 
 The kinds: `intra_doc` and `anchor` share that kernel and differ in positions only, so they are
 checked through a tiny model with every backend that has a backward (`KindCheckTools.model_check`:
@@ -40,6 +45,8 @@ from longcpt.model.attention.document.kernels import (
 
 EPS_FACTOR = 8
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+FP32 = {"fp32": torch.float32}
+TF32_EPS = 2.0**-10  # float32 matmuls may run in TF32 (10 mantissa bits)
 
 
 @dataclass(frozen=True)
@@ -149,9 +156,9 @@ def kernel_errors(backend: str, dtype: torch.dtype, device: torch.device, shape:
 
 def check_backend(backend: str, dtype_name: str, device: torch.device, quick: bool, tools):
     """One backend in one dtype over every shape: the worst relative error against the tolerance."""
-    dtype = DTYPES[dtype_name]
+    dtype = {**DTYPES, **FP32}[dtype_name]
     backward = not (backend == "flex" and device.type != "cuda")  # no FlexAttention backward on CPU
-    tol = EPS_FACTOR * torch.finfo(dtype).eps
+    tol = EPS_FACTOR * (TF32_EPS if dtype == torch.float32 else torch.finfo(dtype).eps)
     worst: dict[str, float] = {}
     per_shape = {}
     for shape in shapes(device, quick):
@@ -175,14 +182,17 @@ def check_backend(backend: str, dtype_name: str, device: torch.device, quick: bo
 
 
 def check_kernels(device: torch.device, quick: bool, tools) -> Iterator:
-    """Every backend usable on `device` in bf16 and fp16 (those that are not usable: a SKIP line)."""
-    for dtype_name, dtype in DTYPES.items():
+    """Every backend usable on `device` in bf16 and fp16, and in float32 for a `32-true` recipe
+    (those that are not usable: a SKIP line)."""
+    dtypes = {**DTYPES, **(FP32 if getattr(tools, "precision", None) == "32-true" else {})}
+    for dtype_name, dtype in dtypes.items():
         usable = available_backends(device, dtype)
         for backend in usable:
             yield check_backend(backend, dtype_name, device, quick, tools)
         missing = [b for b in BACKENDS if b not in usable and b != "auto"]
         if missing:
-            why = "CUDA only" if device.type != "cuda" else "not usable on this GPU/dtype (see environment)"
+            why = ("CUDA only" if device.type != "cuda" else "16-bit kernels" if dtype == torch.float32
+                   else "not usable on this GPU/dtype (see environment)")
             yield tools.result(tools.KERNELS, f"{'/'.join(missing)} {dtype_name}", tools.SKIP, why)
 
 

@@ -394,14 +394,16 @@ def test_flex_path_equals_dense_reference_on_cpu():
     lens=st.lists(st.lists(st.integers(1, 40), min_size=1, max_size=6), min_size=1, max_size=3),
     gqa=st.sampled_from([1, 2]),
     chunk=st.integers(2, 9),
-    alone_from=st.sampled_from([1, 12, 1000]),
+    ratio=st.sampled_from([1, 2, 100]),
+    chunked_up_to=st.sampled_from([20, 2048]),
     native_gqa=st.booleans(),
 )
-def test_chunked_kernel_and_gradients_equal_dense_reference(lens, gqa, chunk, alone_from, native_gqa):
-    """Documents cut into chunks of a few tokens (96 in use: these lengths would stay whole), read
-    in place (every document, those of 12 tokens or more, or none: gathered into padded buckets),
-    with the KV heads given to torch's kernel as they are or repeated for it; float64, so any
-    difference beyond rounding is a bug (a wrong chunk mask, a lost key gradient, a bad pad)."""
+def test_chunked_kernel_and_gradients_equal_dense_reference(lens, gqa, chunk, ratio, chunked_up_to, native_gqa):
+    """Documents cut into chunks of a few tokens (64 in use: these lengths would stay whole), alone
+    (read in place) or bucketed with others up to 1, 2 or 100 times shorter (gathered and padded),
+    those over 20 tokens in one causal call or chunked, with the KV heads given to torch's kernel as
+    they are or repeated for it; float64, so any difference beyond rounding is a bug (a wrong chunk
+    mask, a lost key gradient, a bad pad)."""
     t = max(sum(row) for row in lens)
     rows = [row[:-1] + [row[-1] + t - sum(row)] for row in lens]
     _, cu, _, _ = pack(rows, t)
@@ -413,7 +415,8 @@ def test_chunked_kernel_and_gradients_equal_dense_reference(lens, gqa, chunk, al
     w = torch.randn(b, hq, t, d, dtype=torch.float64, generator=g)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(document_sdpa, "CHUNK", chunk)
-        patch.setattr(document_sdpa, "_ALONE_FROM", alone_from)
+        patch.setattr(document_sdpa, "_MAX_LENGTH_RATIO", ratio)
+        patch.setattr(document_sdpa, "CHUNKED_UP_TO", chunked_up_to)
         patch.setattr(document_sdpa, "_native_gqa", lambda: native_gqa)
         out = document_attention(q, k, v, document_layout(cu, b, t), backend="sdpa")
         grads = torch.autograd.grad((out * w).sum(), (q, k, v))

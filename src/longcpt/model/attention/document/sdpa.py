@@ -1,12 +1,12 @@
 """The SDPA kernels of `intra_doc` and `anchor`: documents bucketed by length; on CPU, chunked.
 
-On CPU (`document_flash`): torch's CPU flash-attention kernel (what SDPA runs on CPU) tiles keys in blocks of 512 and, under
-`is_causal`, skips only the blocks that lie wholly above the diagonal. A causal document of up to
-512 tokens therefore costs its whole L x L square, twice its triangle: with documents of a few
-hundred tokens, one `is_causal` call per document (or per bucket of documents) does twice the
-work the mask allows. This kernel cuts each document into query chunks of about `CHUNK` tokens;
-chunk [a, b) attends to keys [0, b) under a bottom-right causal mask, so a document of L tokens
-costs about L^2/2 + L*CHUNK/2 score entries instead of L^2 (docs/benchmarks.md measures it):
+On CPU (`document_flash`): torch's CPU flash-attention kernel (what SDPA runs on CPU) tiles keys
+in blocks of 512 and, under `is_causal`, skips only the blocks that lie wholly above the
+diagonal. A causal document of up to 512 tokens therefore costs its whole L x L square, twice its
+triangle: with documents of a few hundred tokens, one `is_causal` call per document (or per
+bucket of documents) does twice the work the mask allows. This kernel cuts documents into query
+chunks of `CHUNK` tokens; chunk [a, b) attends to keys [0, b) under a bottom-right causal mask,
+so a document of L tokens costs about L^2/2 + L*CHUNK/2 score entries instead of L^2:
 
     keys ->      0 1 2 3 4 5 6 7        a document of 8 tokens in three chunks; the kernel
     chunk 0   0  x . .                  computes every entry shown (x = attended, . = masked)
@@ -18,11 +18,16 @@ costs about L^2/2 + L*CHUNK/2 score entries instead of L^2 (docs/benchmarks.md m
     chunk 2   6  x x x x x x x .
               7  x x x x x x x x
 
-Documents of similar length are attended together: a bucket of n documents is right-padded to
-its longest length L and each of its chunks is one call on n rows. Padding is exact: under a
-causal mask a real token never sees the padding after it, and padded slots repeat their document's
-last token so every value stays finite; their gradients are exactly zero (their output gradient
-is), so dropping them is exact too.
+Which documents share a call (`_groups`, measured in docs/benchmarks.md):
+  * documents of two chunks or more are attended alone, read in place from the token-major
+    tensors (no copy); equal lengths share their calls;
+  * shorter documents (one causal call each) are bucketed by length: a bucket of n documents is
+    gathered, right-padded to its longest length L and attended in one call on n rows;
+  * documents longer than `CHUNKED_UP_TO` are attended alone in one causal call, and whole rows
+    (every document a row) in exactly `full`'s call.
+Padding is exact: under a causal mask a real token never sees the padding after it, and padded
+slots repeat their document's last token so every value stays finite; their gradients are exactly
+zero (their output gradient is), so dropping them is exact too.
 
 The kernel is the custom op `longcpt::document_flash` (with its backward op), so `torch.compile`
 sees one opaque call whose output shape is its input's: no graph break, and no recompilation when
@@ -46,19 +51,20 @@ import torch.nn.functional as F
 
 from longcpt.batch import Span, document_spans
 
-# Query chunk length, measured (benchmarks/attention.py, 16K tokens / 32 documents, 8 query and 4
-# KV heads of 32): 64 to 128 are within a few percent of each other, 96 the fastest; shorter
-# chunks waste less of the diagonal but run the kernel on smaller tiles.
-CHUNK = 96
-# Longer documents are attended in one `is_causal` call: the kernel's own causal block skipping
-# then wastes little (1.25x the triangle at 2K, 1.12x at 4K) and its larger tiles run faster.
+# Query chunk length. 16K tokens / 32 documents, one thread, CPU time of the attention core
+# against the previous kernel (whole documents per call): 48 -> 1.12x, 64 -> 1.20x, 96 -> 1.10x,
+# 128 -> 1.08x with bucketed documents. Shorter chunks waste less of the diagonal but run the
+# kernel on smaller tiles and make more calls.
+CHUNK = 64
+# Longer documents are attended alone in one `is_causal` call: the kernel's own causal block
+# skipping then wastes little (1.25x the triangle at 2K, 1.12x at 4K) and its larger tiles run faster.
 CHUNKED_UP_TO = 2048
-# Documents of at least this many tokens are attended alone, straight from the token-major
-# tensors (no copy, no padding); shorter ones are bucketed, which costs a gather and a scatter of
-# their rows but shares the fixed cost of a call (about 0.05 ms per chunk, forward and backward).
-_ALONE_FROM = 96
-# Bucketing of short documents: a document joins the current bucket (padded to its longest
-# member) when padding wastes at most this share of its own attention cost ...
+# Documents of two chunks or more share a bucket when the longest is at most this many times the
+# shortest. 1 (alone, read in place): 1.39x at 16K / 32 documents, 1.48x at 4K / 16; 2 (gathered,
+# the last chunk of each document padded to the bucket's grid): 1.20x and 0.96x.
+_MAX_LENGTH_RATIO = 1
+# Shorter documents (one causal call each) join the current bucket (padded to its longest member)
+# when padding wastes at most this share of their own attention cost ...
 _MAX_PAD_WASTE = 0.3
 # ... or when the padded work is smaller than the fixed cost of one more call: on CPU one flash
 # fwd+bwd call costs about 0.1-0.2 ms, as much as a causal document of about 64 tokens.
@@ -70,14 +76,15 @@ _FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_bac
 
 @dataclass(frozen=True, eq=False)
 class Bucket:
-    """n documents of (padded) length L attended together, chunk by chunk.
+    """n documents of (padded) length L, longest first, attended together chunk by chunk.
 
     Either the n documents lie back to back from token `start` (a view of the token-major
     tensors: one document alone, or equal documents in a row, such as whole rows), or they are
     gathered into a padded copy.
 
     Attributes:
-        chunks: the query chunks [a, b) that cover [0, L), in order.
+        chunks: the calls (a, b, m): queries [a, b) of the first m documents against their keys
+            [0, b); together they cover every real token.
         start: first token of the back-to-back documents, or None when gathered.
         gather: (n*L,) token of every padded slot (padding repeats its document's last token).
         slots, tokens: (R,) the slots holding real tokens and those tokens.
@@ -85,7 +92,7 @@ class Bucket:
 
     n: int
     length: int
-    chunks: tuple[tuple[int, int], ...]
+    chunks: tuple[tuple[int, int, int], ...]
     start: int | None = None
     gather: torch.Tensor | None = None
     slots: torch.Tensor | None = None
@@ -154,58 +161,51 @@ class ChunkPlan:
         return torch.cat(gathers), row_of_token
 
 
-def chunk_bounds(length: int, chunk: int, whole: bool = False) -> tuple[tuple[int, int], ...]:
-    """Query chunks [a, b) of about `chunk` tokens covering [0, length).
+def _chunks(lengths: list[int], chunk: int, chunked: bool) -> tuple[tuple[int, int, int], ...]:
+    """The calls of a bucket whose documents have `lengths` (longest first): (a, b, m) = queries
+    [a, b) of its first m documents (those longer than a) against their keys [0, b).
 
-    One chunk (a plain causal call) for documents of at most 1.5 chunks, longer than
-    `CHUNKED_UP_TO`, or when `whole` (every document is a whole row: exactly `full`'s call).
+    Chunks are `chunk` tokens long; a last one shorter than half a chunk joins the one before.
+    One causal call over the whole bucket when not `chunked` or shorter than two chunks.
     """
-    count = 1 if whole or length > CHUNKED_UP_TO else max(1, round(length / chunk))
-    edges = [round(j * length / count) for j in range(count + 1)]
-    return tuple(zip(edges[:-1], edges[1:]))
+    longest = lengths[0]
+    if not chunked or longest < 2 * chunk:
+        return ((0, longest, len(lengths)),)
+    edges = list(range(0, longest, chunk))
+    if longest - edges[-1] < chunk // 2:
+        edges.pop()
+    edges.append(longest)
+    return tuple((a, b, sum(n > a for n in lengths)) for a, b in zip(edges[:-1], edges[1:]))
 
 
-def _runs(spans: tuple[Span, ...]) -> list[list[int]]:
-    """Maximal runs of back-to-back documents of equal length (indices into `spans`)."""
-    runs: list[list[int]] = []
-    for i, span in enumerate(spans):
-        last = spans[runs[-1][-1]] if runs else None
-        if last is not None and last.length == span.length and last.start + last.length == span.start:
-            runs[-1].append(i)
-        else:
-            runs.append([i])
-    return runs
+def _groups(spans: tuple[Span, ...], chunk: int, chunked_up_to: int, ratio: float) -> list[list[int]]:
+    """Documents (indices into `spans`), longest first, grouped into buckets.
 
-
-def _groups(spans: tuple[Span, ...], alone_from: int) -> list[list[int]]:
-    """Documents (indices into `spans`) grouped into buckets.
-
-    A run of back-to-back documents of at least `alone_from` tokens is a bucket of its own.
-    Shorter documents, longest first, join the current bucket when padding to the bucket's length
-    wastes little (`_MAX_PAD_WASTE`) or costs less than another call (`_CALL_COST_TOKENS`);
-    equal lengths always share a bucket.
+    Documents longer than `chunked_up_to` are attended alone. Documents of two chunks or more
+    share a bucket while the longest is at most `ratio` times the shortest. Shorter
+    ones join the current bucket when padding to its length wastes little (`_MAX_PAD_WASTE`) or
+    costs less than another call (`_CALL_COST_TOKENS`); equal lengths always share a bucket.
     """
-    groups, short = [], []
-    for run in _runs(spans):
-        if spans[run[0]].length >= alone_from:
-            groups.append(run)
-        else:
-            short.extend(run)
-    short.sort(key=lambda i: (-spans[i].length, spans[i].start))
-    first_short = len(groups)
-    for i in short:
+    order = sorted(range(len(spans)), key=lambda i: (-spans[i].length, spans[i].start))
+    groups: list[list[int]] = []
+    for i in order:
         n = spans[i].length
-        if len(groups) > first_short:
-            longest = spans[groups[-1][0]].length
+        longest = spans[groups[-1][0]].length if groups else None
+        if longest is None or longest > chunked_up_to:
+            joins = False
+        elif n >= 2 * chunk:
+            joins = longest <= ratio * n
+        else:
             waste = longest * longest - n * n
-            if waste <= _MAX_PAD_WASTE * n * n or waste <= _CALL_COST_TOKENS**2:
-                groups[-1].append(i)
-                continue
-        groups.append([i])
+            joins = longest < 2 * chunk and (waste <= _MAX_PAD_WASTE * n * n or waste <= _CALL_COST_TOKENS**2)
+        if joins:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
     return groups
 
 
-def _bucket(spans: list[Span], chunks: tuple[tuple[int, int], ...], device: torch.device) -> Bucket:
+def _bucket(spans: list[Span], chunks: tuple[tuple[int, int, int], ...], device: torch.device) -> Bucket:
     """A bucket of `spans` (longest first): a view when they lie back to back with equal lengths."""
     length, count = spans[0].length, len(spans)
     back_to_back = all(s.length == length and s.start == spans[0].start + j * length for j, s in enumerate(spans))
@@ -221,13 +221,21 @@ def _bucket(spans: list[Span], chunks: tuple[tuple[int, int], ...], device: torc
 
 
 @functools.lru_cache(maxsize=32)
-def _plan(spans: tuple[Span, ...], seq_len: int, device: torch.device, chunk: int, alone_from: int) -> ChunkPlan:
-    """The buckets of one layout (kept: every layer and the backward reuse them)."""
-    whole = all(s.length == seq_len for s in spans)
+def _plan(
+    spans: tuple[Span, ...], seq_len: int, device: torch.device, chunk: int, chunked_up_to: int, ratio: float
+) -> ChunkPlan:
+    """The buckets of one layout (kept: every layer and the backward reuse them); the policy
+    (`CHUNK`, `CHUNKED_UP_TO`, `_MAX_LENGTH_RATIO`) is part of the key.
+
+    Whole rows (every document a row) are one bucket in one causal call: exactly `full`'s call.
+    """
+    if all(s.length == seq_len for s in spans):
+        return ChunkPlan((_bucket(list(spans), ((0, seq_len, len(spans)),), device),))
     buckets = []
-    for group in _groups(spans, alone_from):
+    for group in _groups(spans, chunk, chunked_up_to, ratio):
         members = [spans[i] for i in group]
-        buckets.append(_bucket(members, chunk_bounds(members[0].length, chunk, whole), device))
+        lengths = [s.length for s in members]
+        buckets.append(_bucket(members, _chunks(lengths, chunk, lengths[0] <= chunked_up_to), device))
     return ChunkPlan(tuple(buckets))
 
 
@@ -238,7 +246,7 @@ def chunk_plan(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> ChunkPlan:
         LongcptError: `cu_seqlens` breaks the packed-batch contract.
     """
     spans = tuple(document_spans(cu_seqlens, batch, seq_len))
-    return _plan(spans, seq_len, cu_seqlens.device, CHUNK, _ALONE_FROM)
+    return _plan(spans, seq_len, cu_seqlens.device, CHUNK, CHUNKED_UP_TO, _MAX_LENGTH_RATIO)
 
 
 @functools.lru_cache(maxsize=256)
@@ -307,10 +315,10 @@ def document_flash(
     for bucket in plan.buckets:
         qb, kb, vb = bucket.read(q), bucket.read(kr), bucket.read(vr)  # (n, H, L, D)
         ob, lb = bucket.writable(out), bucket.writable(lse)  # (n, Hq, L, D), (n, Hq, L)
-        for a, b in bucket.chunks:
-            o, m = _FLASH(qb[:, :, a:b], kb[:, :, :b], vb[:, :, :b], 0.0, a == 0, attn_mask=_mask(a, b, q))
-            ob[:, :, a:b] = o  # (n, Hq, b-a, D)
-            lb[:, :, a:b] = m  # (n, Hq, b-a)
+        for a, b, m in bucket.chunks:
+            o, lse_c = _FLASH(qb[:m, :, a:b], kb[:m, :, :b], vb[:m, :, :b], 0.0, a == 0, attn_mask=_mask(a, b, q))
+            ob[:m, :, a:b] = o  # (m, Hq, b-a, D)
+            lb[:m, :, a:b] = lse_c  # (m, Hq, b-a)
         bucket.write_back(out, ob)
         bucket.write_back(lse, lb)
     return out, lse
@@ -346,14 +354,14 @@ def document_flash_backward(
         ob, lb = bucket.read(out), bucket.read(lse)  # padding: its document's last token, finite
         gb = bucket.read_zero_padded(grad_out)  # (n, Hq, L, D), 0 in the padding
         dqb, dkb, dvb = bucket.writable(dq), bucket.writable(dk, fill=0), bucket.writable(dv, fill=0)
-        for a, b in bucket.chunks:
+        for a, b, m in bucket.chunks:
             dq_c, dk_c, dv_c = _FLASH_BACKWARD(
-                gb[:, :, a:b], qb[:, :, a:b], kb[:, :, :b], vb[:, :, :b], ob[:, :, a:b], lb[:, :, a:b],
+                gb[:m, :, a:b], qb[:m, :, a:b], kb[:m, :, :b], vb[:m, :, :b], ob[:m, :, a:b], lb[:m, :, a:b],
                 0.0, a == 0, attn_mask=_mask(a, b, q),
             )
-            dqb[:, :, a:b] = dq_c  # (n, Hq, b-a, D)
-            dkb[:, :, :b] += dk_c  # (n, H, b, D)
-            dvb[:, :, :b] += dv_c
+            dqb[:m, :, a:b] = dq_c  # (m, Hq, b-a, D)
+            dkb[:m, :, :b] += dk_c  # (m, H, b, D)
+            dvb[:m, :, :b] += dv_c
         for x, buffer in ((dq, dqb), (dk, dkb), (dv, dvb)):
             bucket.write_back(x, buffer)
     if dk.shape[1] != k.shape[1]:  # KV heads repeated for the kernel: sum each group back

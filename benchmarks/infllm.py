@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import growth, max_resident_bytes, resident_bytes, size_label  # noqa: E402
 
-from longcpt.cli import csv_list  # noqa: E402
+from longcpt.argtypes import csv_list  # noqa: E402
 from longcpt.model import CausalLM, ModelArgs  # noqa: E402
 from longcpt.model.attention.infllm import retrieve_topk  # noqa: E402
 

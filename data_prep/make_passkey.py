@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from longcpt.cli import csv_list
+from longcpt.argtypes import csv_list
 from longcpt.data import load_tokenizer
 from longcpt.data.passkey import write_passkey_jsonl
 from longcpt.errors import LongcptError

@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from longcpt.cli import csv_list
+from longcpt.argtypes import csv_list
 from longcpt.data import load_tokenizer
 from longcpt.data.ruler import TASKS, load_haystack, make_ruler_examples
 from longcpt.errors import LongcptError

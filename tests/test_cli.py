@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from longcpt.cli import csv_list, main
+from longcpt.argtypes import csv_list
+from longcpt.cli import main
 
 DATA_PREP = Path(__file__).resolve().parents[1] / "data_prep"
 
@@ -70,7 +71,7 @@ def test_csv_list_parses_lists_and_refuses_empty_ones():
 ], ids=["eval passkey --lengths", "eval ruler --tasks", "make_passkey --lengths", "make_passkey --depths",
         "make_ruler --tasks", "make_ruler --lengths"])
 def test_an_empty_list_is_the_same_error_in_the_cli_and_the_data_prep_scripts(argv, capsys):
-    """One parser (cli.csv_list) for every comma-separated flag: an empty list is refused everywhere."""
+    """One parser (argtypes.csv_list) for every comma-separated flag: an empty list is refused everywhere."""
     entry = main if argv[0] == "longcpt" else runpy.run_path(str(DATA_PREP / argv[0]))["main"]
     with pytest.raises(SystemExit) as e:
         entry(argv[1:])

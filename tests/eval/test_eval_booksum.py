@@ -12,7 +12,8 @@ import longcpt.eval.booksum as booksum_eval
 from longcpt.cli import main
 from longcpt.data.booksum import load_booksum, prepare_booksum
 from longcpt.errors import LongcptError
-from longcpt.eval.booksum import evaluate_booksum, read_predictions, rouge_scores
+from longcpt.eval.booksum import evaluate_booksum, rouge_scores
+from longcpt.eval.predictions import read_rows
 
 PREDICTIONS = [
     "The hero leaves home. He travels far and finds the ring.",
@@ -103,7 +104,9 @@ def test_interrupted_evaluation_resumes_where_it_stopped(prepared, model_dir, to
     assert len(seen) == 2  # only ch2 and ch3 were generated again
     rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert rows == reference_rows
-    assert resumed == full
+    timing = ("seconds", "tokens_per_second", "generated")  # this run's own: only 2 examples were generated
+    assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in full.items() if k not in timing}
+    assert (resumed["generated"], full["generated"]) == (2, 4)
 
 
 def test_resume_with_other_settings_is_refused(prepared, model_dir, tokenizer, tmp_path):
@@ -120,7 +123,7 @@ def test_read_predictions_rejects_foreign_files(tmp_path):
     f = tmp_path / "predictions.jsonl"
     f.write_text('{"id": "a", "prediction": "x"}\n[1, 2]\n')
     with pytest.raises(LongcptError, match=r"predictions.jsonl:2: not a prediction row"):
-        read_predictions(f)
+        read_rows(f, key=lambda row: row["id"], command="longcpt eval booksum")
 
 
 def test_cli_writes_spec_outputs(prepared, model_dir, tmp_path, capsys):

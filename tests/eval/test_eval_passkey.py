@@ -158,3 +158,36 @@ def test_attention_flags_are_checked_and_recorded(model_dir, tokenizer, tmp_path
     assert main([*base, "--output", str(out), "--attention", "anchor", "--attention-options", '{"backend": "sdpa"}']) == 0
     report = json.loads((out / "passkey.json").read_text())
     assert report["attention"] == "anchor" and report["attention_options"] == {"backend": "sdpa"}
+
+
+def test_an_interrupted_sweep_resumes_and_more_trials_add_only_the_missing(model_dir, tokenizer, tmp_path, monkeypatch):
+    """Rows are appended as each batch finishes; the same command runs only what is missing and
+    reports what an uninterrupted run reports (its timing aside)."""
+    lo = PasskeyPromptBuilder(tokenizer).min_length + 5
+    args = ["eval", "passkey", "--model", str(model_dir), "--lengths", f"{lo},{lo + 40}", "--depths", "0,1",
+            "--trials", "2", "--prefill-chunk", "64"]
+    assert main([*args, "--output", str(tmp_path / "whole")]) == 0
+    whole = json.loads((tmp_path / "whole" / "passkey.json").read_text())
+
+    real, calls = passkey_eval.generate, []
+
+    def crash_on_third_batch(*a, **kw):
+        calls.append(a[1].shape[0])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(passkey_eval, "generate", crash_on_third_batch)
+    assert main([*args, "--output", str(tmp_path / "cut")]) == 130
+    assert len((tmp_path / "cut" / "predictions.jsonl").read_text().splitlines()) == 4  # two cells of 2 trials
+    calls.clear()
+    monkeypatch.setattr(passkey_eval, "generate", lambda *a, **kw: calls.append(a[1].shape[0]) or real(*a, **kw))
+    assert main([*args, "--output", str(tmp_path / "cut")]) == 0
+    assert calls == [2, 2]  # only the two cells not done
+    resumed = json.loads((tmp_path / "cut" / "passkey.json").read_text())
+    timing = ("seconds", "tokens_per_second", "generated")
+    assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in whole.items() if k not in timing}
+    calls.clear()
+    assert main([*args[:-4], "--trials", "3", "--prefill-chunk", "64", "--output", str(tmp_path / "cut")]) == 0
+    assert calls == [1, 1, 1, 1]  # one more trial per cell
+    assert main([*args[:-2], "--prefill-chunk", "64", "--seed", "5", "--output", str(tmp_path / "cut")]) == 2

@@ -80,3 +80,31 @@ def test_random_model_is_not_a_trivial_reference():
     with torch.no_grad():
         loss = F.cross_entropy(hf(ids).logits[0, :-1], ids[0, 1:], reduction="none")
     assert loss.std() > 0.1
+
+
+def test_an_interrupted_run_resumes_with_the_same_figures(corpus, model_dir, tmp_path, monkeypatch):
+    import longcpt.eval.ppl as ppl_eval
+
+    path, _ = corpus
+    args = ["eval", "ppl", "--model", str(model_dir), "--data", str(path), "--seq-len", "256", "--bucket", "64",
+            "--max-docs", "3", "--chunk", "50"]
+    assert main([*args, "--output", str(tmp_path / "whole")]) == 0
+    whole = json.loads((tmp_path / "whole" / "ppl.json").read_text())
+    real, read = ppl_eval.token_losses, []
+
+    def crash_on_second(*a, **kw):
+        read.append(1)
+        if len(read) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(ppl_eval, "token_losses", crash_on_second)
+    assert main([*args, "--output", str(tmp_path / "cut")]) == 130
+    read.clear()
+    monkeypatch.setattr(ppl_eval, "token_losses", lambda *a, **kw: read.append(1) or real(*a, **kw))
+    assert main([*args, "--output", str(tmp_path / "cut")]) == 0
+    assert len(read) == 2  # the first document was not read again
+    resumed = json.loads((tmp_path / "cut" / "ppl.json").read_text())
+    assert resumed["ppl"] == pytest.approx(whole["ppl"], rel=1e-12)
+    assert [b["ppl"] for b in resumed["buckets"]] == pytest.approx([b["ppl"] for b in whole["buckets"]], rel=1e-12)
+    assert main([*args[:-4], "--bucket", "32", "--max-docs", "3", "--chunk", "50", "--output", str(tmp_path / "cut")]) == 2

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import longcpt.eval.ruler as ruler_eval
-from longcpt.cli import RULER_TASKS, main
+from longcpt.cli import main
 from longcpt.data.ruler import TASKS, RulerGenerator
+from longcpt.data.ruler import TASKS as RULER_TASKS
 from longcpt.errors import LongcptError
 from longcpt.eval.ruler import clean_prediction, evaluate_ruler, string_match_all, task_score
 

@@ -28,10 +28,8 @@ from pathlib import Path
 import torch
 
 from longcpt.errors import LongcptError
-from longcpt.eval.predictions import append_row, read_rows
-from longcpt.eval.predictions import check_run as check_settings
 from longcpt.fsio import atomic_write_json
-from longcpt.model.generation import DEFAULT_PREFILL_CHUNK, generate, kv_kept
+from longcpt.model.generation import DEFAULT_PREFILL_CHUNK, generate
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -81,20 +79,6 @@ def rouge_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]
     return result
 
 
-# ---------------------------------------------------------------------------------------------
-# Resumable predictions file (`longcpt.eval.predictions`)
-
-
-def read_predictions(path: Path) -> dict[str, dict]:
-    """Rows already in `path` by id. A last line cut by a crash is removed from the file."""
-    return read_rows(path, key=lambda row: row["id"], command="longcpt eval booksum")
-
-
-def check_run(output: Path, settings: dict) -> None:
-    """Record `settings` in `output/run.json`, or check they match those of the run being resumed."""
-    check_settings(output, settings, RUN_KEYS)
-
-
 def example_generator(seed: int, example_id: str) -> torch.Generator:
     """A sampling generator that depends only on (seed, example id): stable across resumes."""
     return torch.Generator().manual_seed(random.Random(f"booksum:{seed}:{example_id}").getrandbits(63))
@@ -129,51 +113,69 @@ def evaluate_booksum(
         The `rouge.json` content.
     """
     from longcpt.data.booksum import booksum_prompt_ids
+    from longcpt.eval.predictions import Predictions
+    from longcpt.eval.throughput import Meter, cache_report
 
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    check_run(output, settings)
-    pred_path = output / "predictions.jsonl"
-    done = read_predictions(pred_path)
     limit = settings.get("limit")
     rows = [dataset[i] for i in range(len(dataset) if limit is None else min(limit, len(dataset)))]
-    todo = [r for r in rows if r["id"] not in done]
-    prompts = {r["id"]: booksum_prompt_ids(tokenizer, r["text"], settings["max_input_tokens"]) for r in todo}
-    budget = sum(len(p) for p, _ in prompts.values()) + settings["max_new_tokens"] * len(todo)
-    task = progress.add_task(f"booksum ({len(done)} done)", total=budget) if progress else None
-    with pred_path.open("a") as f:
+    meter = Meter()
+    with Predictions(output, settings, RUN_KEYS, lambda row: row["id"], "longcpt eval booksum") as predictions:
+        done = predictions.done
+        todo = [r for r in rows if r["id"] not in done]
+        prompts = {r["id"]: booksum_prompt_ids(tokenizer, r["text"], settings["max_input_tokens"]) for r in todo}
+        budget = sum(len(p) for p, _ in prompts.values()) + settings["max_new_tokens"] * len(todo)
+        task = progress.add_task(f"booksum ({len(done)} done)", total=budget) if progress else None
         for row in todo:
-            ids, truncated = prompts[row["id"]]
-            used = 0
-
-            def advance(n: int) -> None:
-                nonlocal used
-                used += n
-                progress.advance(task, n)
-
-            state: dict = {}
-            generated = generate(
-                model, torch.tensor([ids]), settings["max_new_tokens"],
-                temperature=settings["temperature"], top_p=settings["top_p"], eos_id=tokenizer.eos_token_id,
-                prefill_chunk=prefill_chunk, generator=example_generator(settings["seed"], row["id"]),
-                progress=advance if progress else None, state=state,
-            )[0].tolist()
-            if progress:  # stopped early at EOS: count the budget it did not use
-                progress.advance(task, len(ids) + settings["max_new_tokens"] - used)
-            prediction = tokenizer.decode(generated, skip_special_tokens=True).strip()
-            done[row["id"]] = {
-                "id": row["id"], "prediction": prediction, "reference": row["summary"],
-                "references": row["references"], "input_tokens": len(ids), "truncated": truncated,
-                "generated_tokens": len(generated), "kv_kept": kv_kept(state),
-            }
-            append_row(f, done[row["id"]])
+            predictions.append(_summarise(model, tokenizer, row, *prompts[row["id"]], settings, prefill_chunk,
+                                          meter, progress, task))
     scored = [done[r["id"]] for r in rows]
     result = rouge_scores([r["prediction"] for r in scored], [r["references"] for r in scored])
-    kept = [r["kv_kept"] for r in scored if r.get("kv_kept") is not None]
-    result.update({k: settings.get(k) for k in ("attention", "attention_options")},
-                  kv_kept=sum(kept) / len(kept) if kept else None)
-    atomic_write_json(output / "rouge.json", result)
+    result.update({k: settings.get(k) for k in ("attention", "attention_options")}, **meter.report(),
+                  **cache_report(scored))
+    atomic_write_json(Path(output) / "rouge.json", result)
     return result
+
+
+def _summarise(model, tokenizer, row: dict, ids: list[int], truncated: bool, settings: dict, prefill_chunk: int,
+               meter, progress, task) -> dict:
+    """One example's summary, as its predictions row (with the cache use of an evicting kind)."""
+    used = 0
+
+    def advance(n: int) -> None:
+        nonlocal used
+        used += n
+        progress.advance(task, n)
+
+    state: dict = {}
+    generated = generate(
+        model, torch.tensor([ids]), settings["max_new_tokens"],
+        temperature=settings["temperature"], top_p=settings["top_p"], eos_id=tokenizer.eos_token_id,
+        prefill_chunk=prefill_chunk, generator=example_generator(settings["seed"], row["id"]),
+        progress=advance if progress else None, state=state,
+    )[0].tolist()
+    if progress:  # stopped early at EOS: count the budget it did not use
+        progress.advance(task, len(ids) + settings["max_new_tokens"] - used)
+    use = meter.add(len(ids) + len(generated), state) or {"kv_kept": None}
+    prediction = tokenizer.decode(generated, skip_special_tokens=True).strip()
+    return {"id": row["id"], "prediction": prediction, "reference": row["summary"],
+            "references": row["references"], "input_tokens": len(ids), "truncated": truncated,
+            "generated_tokens": len(generated), **use}
+
+
+def add_arguments(parser) -> None:
+    """The flags of `longcpt eval booksum`."""
+    from longcpt.argtypes import positive_int
+    from longcpt.eval.loading import add_model_arguments
+
+    add_model_arguments(parser)
+    parser.add_argument("--data", required=True, help="prepared BookSum data (data_prep/prepare_booksum.py)")
+    parser.add_argument("--output", required=True, help="output folder (an interrupted run resumes there)")
+    parser.add_argument("--max-input-tokens", type=positive_int, default=None)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N examples only")
+    parser.add_argument("--seed", type=int, default=0)
 
 
 def run(args) -> int:

@@ -11,9 +11,30 @@ model is the same function on one document), or a kind's own export (Infini-atte
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
+from longcpt.argtypes import json_object, positive_int
 from longcpt.errors import LongcptError
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, prefill_flag: str = "--prefill-chunk") -> None:
+    """The flags every evaluation takes for its model and how it runs (recorded in its outputs):
+    --model, --rope-scaling, --attention, --attention-options, and the tokens per model call
+    (`prefill_flag`, default `longcpt.model.generation.DEFAULT_PREFILL_CHUNK`)."""
+    from longcpt.model.generation import DEFAULT_PREFILL_CHUNK
+
+    parser.add_argument("--model", required=True, help="exported HF folder (or a training checkpoint)")
+    parser.add_argument("--rope-scaling", type=json_object, default=None, metavar="JSON",
+                        help="replace the model's RoPE scaling at evaluation (training-free context extension), "
+                        "e.g. '{\"rope_type\": \"dynamic\", \"factor\": 1.0}'; an exported folder only")
+    parser.add_argument("--attention", default=None, metavar="KIND",
+                        help="attention kind to run the model with (default: the model's own; e.g. infllm, namm, "
+                        "h2o, streaming for an inference-time memory on any softmax model)")
+    parser.add_argument("--attention-options", type=json_object, default=None, metavar="JSON",
+                        help="options of that kind by name, e.g. '{\"n_local\": 4096, \"topk\": 16}'")
+    parser.add_argument(prefill_flag, type=positive_int, default=DEFAULT_PREFILL_CHUNK,
+                        help=f"prompt tokens per model call, the state carried across (default: {DEFAULT_PREFILL_CHUNK})")
 
 
 def model_label(path: str | Path, rope_scaling: dict | None = None, attention: str | None = None) -> str:

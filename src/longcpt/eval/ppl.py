@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 
 from longcpt.errors import LongcptError
 from longcpt.fsio import atomic_write_json
-from longcpt.model.generation import DEFAULT_PREFILL_CHUNK, cache_use, forward_chunks, mean_cache_use
+from longcpt.model.generation import DEFAULT_PREFILL_CHUNK, forward_chunks
 
 LOGIT_CHUNK = 1024  # hidden states turned into logits this many at a time ((t, V) float32 each)
 
@@ -118,52 +117,92 @@ def token_losses(
     return torch.cat(losses)
 
 
-def bucket_ppl(losses: list[torch.Tensor], seq_len: int, width: int) -> list[dict]:
-    """Perplexity per bucket of target positions [start, end), pooled over documents.
+def buckets_of(seq_len: int, width: int) -> list[tuple[int, int]]:
+    """Buckets [start, end) of target positions; position 0 (the BOS) is never predicted, so the
+    first bucket's losses are those of positions 1 .. width-1."""
+    return [(start, min(start + width, seq_len)) for start in range(0, seq_len, width)]
 
-    Position p is the target position (the token being predicted), so the first bucket covers
-    positions 1 .. width-1 (position 0, the BOS, is never predicted).
-    """
-    total = torch.stack(losses).double().sum(dim=0)  # (T-1,) summed over documents
+
+def bucket_sums(losses: torch.Tensor, seq_len: int, width: int) -> list[float]:
+    """One document's summed next-token losses per bucket (float64), from its losses (T-1,)."""
+    values = losses.double()
+    return [values[max(start, 1) - 1 : end - 1].sum().item() for start, end in buckets_of(seq_len, width)]
+
+
+def bucket_ppl(sums: list[list[float]], seq_len: int, width: int) -> list[dict]:
+    """Perplexity per bucket of target positions [start, end), pooled over documents (`bucket_sums`
+    of each)."""
     buckets = []
-    for start in range(0, seq_len, width):
-        end = min(start + width, seq_len)
-        lo = max(start, 1) - 1  # loss index = target position - 1
-        values = total[lo : end - 1]
-        count = values.numel() * len(losses)
-        buckets.append({"start": start, "end": end, "ppl": math.exp(values.sum().item() / count), "tokens": count})
+    for i, (start, end) in enumerate(buckets_of(seq_len, width)):
+        count = (end - max(start, 1)) * len(sums)  # loss index = target position - 1
+        total = math.fsum(doc[i] for doc in sums)
+        buckets.append({"start": start, "end": end, "ppl": math.exp(total / count), "tokens": count})
     return buckets
 
 
-def evaluate_ppl(model, tokenizer, docs: list[list[int]], seq_len: int, width: int, chunk: int, progress=None) -> dict:
-    """Per-bucket and overall perplexity of the first `seq_len` tokens (BOS first) of each doc."""
+def doc_key(row: dict) -> int:
+    return int(row["doc"])
+
+
+def evaluate_ppl(model, tokenizer, docs: list[list[int]], seq_len: int, width: int, chunk: int, progress=None,
+                 predictions=None) -> dict:
+    """Per-bucket and overall perplexity of the first `seq_len` tokens (BOS first) of each doc.
+
+    `predictions` (an open `longcpt.eval.predictions.Predictions`): documents already there are not
+    read again, each new one is appended (its bucket sums) as it finishes.
+    """
+    from longcpt.eval.throughput import Meter, cache_report
+
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    task = progress.add_task("ppl", total=seq_len * len(docs)) if progress else None
-    losses, kept, start = [], [], time.perf_counter()
-    for doc in docs:
-        ids = torch.tensor((bos + doc)[:seq_len])
+    done = predictions.done if predictions is not None else {}
+    todo = [i for i in range(len(docs)) if i not in done]
+    task = progress.add_task("ppl", total=seq_len * len(todo)) if progress else None
+    meter = Meter()
+    for i in todo:
+        ids = torch.tensor((bos + docs[i])[:seq_len])
         advance = (lambda n: progress.advance(task, n)) if progress else None
         state: dict = {}
-        losses.append(token_losses(model, ids, chunk, advance, state))
-        if (use := cache_use(state)) is not None:
-            kept.append(use)
-    seconds = time.perf_counter() - start
-    overall = math.exp(torch.cat(losses).double().mean().item())
+        losses = token_losses(model, ids, chunk, advance, state)
+        use = meter.add(seq_len, state) or {}
+        done[i] = {"doc": i, "sums": bucket_sums(losses, seq_len, width), **use}
+        if predictions is not None:
+            predictions.append(done[i])
+    rows = [done[i] for i in range(len(docs))]
+    sums = [row["sums"] for row in rows]
+    overall = math.exp(math.fsum(x for doc in sums for x in doc) / ((seq_len - 1) * len(docs)))
     return {
-        "buckets": bucket_ppl(losses, seq_len, width),
+        "buckets": bucket_ppl(sums, seq_len, width),
         "ppl": overall,
         "n_docs": len(docs),
         "seq_len": seq_len,
         "bucket": width,
-        "tokens_per_second": round(seq_len * len(docs) / seconds, 1) if seconds > 0 else None,
-        **mean_cache_use(kept),
+        **meter.report(),
+        **cache_report(rows),
     }
+
+
+# Settings a resumed run must share with the documents already read (more --max-docs adds some).
+RUN_KEYS = ("model", "data", "seq_len", "bucket", "rope_scaling", "attention", "attention_options")
+
+
+def add_arguments(parser) -> None:
+    """The flags of `longcpt eval ppl`."""
+    from longcpt.argtypes import positive_int
+    from longcpt.eval.loading import add_model_arguments
+
+    add_model_arguments(parser, prefill_flag="--chunk")
+    parser.add_argument("--data", required=True, help="prepared corpus (data_prep/prepare_corpus.py) of long documents")
+    parser.add_argument("--seq-len", type=positive_int, required=True)
+    parser.add_argument("--output", required=True, help="output folder (an interrupted run resumes there)")
+    parser.add_argument("--bucket", type=positive_int, default=None, help="bucket width in tokens (default: seq_len/8, rounded up)")
+    parser.add_argument("--max-docs", type=positive_int, default=32)
 
 
 def run(args) -> int:
     """The `longcpt eval ppl` command."""
     from longcpt.eval.figures import ppl_plot
     from longcpt.eval.loading import load_for_eval, model_label
+    from longcpt.eval.predictions import Predictions
     from longcpt.eval.progress import token_progress
 
     if args.seq_len < 2:
@@ -172,8 +211,11 @@ def run(args) -> int:
     model, tokenizer, settings = load_for_eval(args)
     bos = 1 if tokenizer.bos_token_id is not None else 0
     docs, _ = load_documents(args.data, tokenizer, args.seq_len - bos, args.max_docs)
-    with token_progress() as progress:
-        report = evaluate_ppl(model, tokenizer, docs, args.seq_len, width, args.chunk, progress)
+    run_settings = {**settings, "model": str(Path(args.model).resolve()), "data": str(Path(args.data).resolve()),
+                    "seq_len": args.seq_len, "bucket": width}
+    with token_progress() as progress, Predictions(args.output, run_settings, RUN_KEYS, doc_key,
+                                                   "longcpt eval ppl") as predictions:
+        report = evaluate_ppl(model, tokenizer, docs, args.seq_len, width, args.chunk, progress, predictions)
     report.update(settings, data=str(args.data))
     output = Path(args.output)
     json_path = atomic_write_json(output / "ppl.json", report)

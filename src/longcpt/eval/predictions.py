@@ -1,11 +1,13 @@
-"""Resumable predictions files, shared by the evaluations that generate (booksum, ruler).
+"""Resumable predictions files, shared by every evaluation (`Predictions`).
 
     OUT/run.json            the settings of the run (model, data, decoding, attention, ...)
     OUT/predictions.jsonl   one JSON row per finished example, appended and flushed as it finishes
 
-Running the same command again reads the rows already there and generates only the missing ones,
+Running the same command again reads the rows already there and evaluates only the missing ones,
 so an interrupted evaluation resumes where it stopped; a last line cut by a crash is dropped and
-redone. Resuming with other settings is refused rather than mixing two runs in one file.
+redone. Resuming with other settings is refused rather than mixing two runs in one file; settings
+that only add examples (more lengths, samples, documents) are not among the checked keys, so a
+later run extends the same folder.
 """
 
 from __future__ import annotations
@@ -76,3 +78,46 @@ def append_row(f, row: dict) -> None:
     f.write(json.dumps(row) + "\n")
     f.flush()
     os.fsync(f.fileno())
+
+
+class Predictions:
+    """An evaluation's rows in `output`: those already done, and appending new ones (module docstring).
+
+    Usage:
+        with Predictions(output, settings, RUN_KEYS, key=row_key, command="longcpt eval ruler") as rows:
+            todo = [x for x in wanted if x not in rows.done]
+            ...
+            rows.append(row)
+
+    Args:
+        output: the evaluation's output folder (created).
+        settings: recorded in `run.json`.
+        keys: the settings a resumed run must share with the rows already there.
+        key: a row's identity (`row -> hashable`).
+        command: how errors name the command.
+
+    Raises:
+        LongcptError: rows from other settings, or a file that is not this command's.
+    """
+
+    def __init__(self, output: str | os.PathLike, settings: dict, keys: Sequence[str],
+                 key: Callable[[dict], Hashable], command: str):
+        self.output, self.settings, self.keys, self.key, self.command = Path(output), settings, keys, key, command
+        self.path = self.output / "predictions.jsonl"
+        self.done: dict = {}
+        self._file = None
+
+    def __enter__(self) -> Predictions:
+        self.output.mkdir(parents=True, exist_ok=True)
+        check_run(self.output, self.settings, self.keys)
+        self.done = read_rows(self.path, self.key, self.command)
+        self._file = self.path.open("a")
+        return self
+
+    def append(self, row: dict) -> None:
+        """Record a finished row (on disk before the next one starts)."""
+        append_row(self._file, row)
+        self.done[self.key(row)] = row
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()

@@ -26,7 +26,6 @@ Outputs:
 from __future__ import annotations
 
 import re
-import time
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,9 +34,8 @@ import torch
 
 from longcpt.data.ruler import RulerGenerator, check_tasks
 from longcpt.errors import LongcptError
-from longcpt.eval.predictions import append_row, check_run, read_rows
 from longcpt.fsio import atomic_write_json
-from longcpt.model.generation import DEFAULT_PREFILL_CHUNK, generate, kv_kept
+from longcpt.model.generation import DEFAULT_PREFILL_CHUNK, generate
 
 # Settings a resumed run must share with the predictions already written.
 RUN_KEYS = ("model", "haystack", "seed", "rope_scaling", "attention", "attention_options")
@@ -117,46 +115,28 @@ def evaluate_ruler(
     Raises:
         LongcptError: unknown task, a length too short for a task, or predictions from other settings.
     """
+    from longcpt.eval.predictions import Predictions
+    from longcpt.eval.throughput import Meter, batches, cache_report
+
     check_tasks(tasks)
     check_lengths(generator, tasks, lengths)
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    check_run(output, settings, RUN_KEYS)
-    pred_path = output / "predictions.jsonl"
-    done = read_rows(pred_path, row_key, "longcpt eval ruler")
     seed = settings.get("seed", 0)
-    todo = [(t, n, i) for t in tasks for n in lengths for i in range(samples) if (t, n, i) not in done]
-    groups: dict[tuple[str, int, int], list] = defaultdict(list)  # (task, length, prompt tokens) -> samples
-    for task, length, index in todo:
-        sample = generator.sample(task, length, index, seed)
-        groups[(task, length, len(sample.input_ids))].append(sample)
-    budget = sum(len(s.input_ids) + s.max_new_tokens for group in groups.values() for s in group)
-    bar = progress.add_task(f"ruler ({len(done)} done)", total=budget) if progress else None
-    eos = tokenizer.eos_token_id
-    kept, tokens, start = [], 0, time.perf_counter()
-    with pred_path.open("a") as f:
+    meter = Meter()
+    with Predictions(output, settings, RUN_KEYS, row_key, "longcpt eval ruler") as predictions:
+        done = predictions.done
+        todo = [(t, n, i) for t in tasks for n in lengths for i in range(samples) if (t, n, i) not in done]
+        groups: dict[tuple[str, int, int], list] = defaultdict(list)  # (task, length, prompt tokens) -> samples
+        for task, length, index in todo:
+            sample = generator.sample(task, length, index, seed)
+            groups[(task, length, len(sample.input_ids))].append(sample)
+        budget = sum(len(s.input_ids) + s.max_new_tokens for group in groups.values() for s in group)
+        bar = progress.add_task(f"ruler ({len(done)} done)", total=budget) if progress else None
         for (task, length, n_tokens), group in groups.items():
-            per_batch = max(1, batch_tokens // n_tokens)
-            for first in range(0, len(group), per_batch):
-                batch = group[first : first + per_batch]
-                ids = torch.tensor([s.input_ids for s in batch])  # (B, n_tokens)
-                state: dict = {}
-                new_tokens = max(s.max_new_tokens for s in batch)
-                out = generate(model, ids, new_tokens, eos_id=eos, prefill_chunk=prefill_chunk, state=state)  # (B, N)
-                share = kv_kept(state)
-                if share is not None:
-                    kept.append(share)
-                for sample, row_ids in zip(batch, out.tolist()):
-                    prediction = clean_prediction(tokenizer.decode(row_ids, skip_special_tokens=True))
-                    row = {"task": task, "length": length, "index": sample.index, "prompt_tokens": n_tokens,
-                           "prediction": prediction, "references": sample.references,
-                           "score": 100 * string_match_all(prediction, sample.references), "kv_kept": share}
-                    done[row_key(row)] = row
-                    append_row(f, row)
-                tokens += n_tokens * len(batch)
+            for batch in batches(group, n_tokens, batch_tokens):
+                for row in _answer(model, tokenizer, batch, task, length, n_tokens, prefill_chunk, meter):
+                    predictions.append(row)
                 if progress:
                     progress.advance(bar, sum(n_tokens + s.max_new_tokens for s in batch))
-    seconds = time.perf_counter() - start
     results = []
     for task in tasks:
         for length in lengths:
@@ -164,8 +144,7 @@ def evaluate_ruler(
             score = task_score([r["prediction"] for r in rows], [r["references"] for r in rows])
             results.append({"task": task, "length": length, "score": round(score, 2), "n": len(rows)})
     average = {str(n): round(sum(r["score"] for r in results if r["length"] == n) / len(tasks), 2) for n in lengths}
-    rows_kept = [done[(t, n, i)].get("kv_kept") for t in tasks for n in lengths for i in range(samples)]
-    rows_kept = [k for k in rows_kept if k is not None]
+    every = [done[(t, n, i)] for t in tasks for n in lengths for i in range(samples)]
     return {
         "results": results,
         "average": average,
@@ -173,11 +152,26 @@ def evaluate_ruler(
         "lengths": list(lengths),
         "samples": samples,
         **settings,
-        "generated": len(todo),
-        "seconds": round(seconds, 2),
-        "tokens_per_second": round(tokens / seconds, 1) if tokens and seconds > 0 else None,
-        "kv_kept": sum(rows_kept) / len(rows_kept) if rows_kept else None,
+        **meter.report(),
+        **cache_report(every),
     }
+
+
+def _answer(model, tokenizer, batch, task: str, length: int, n_tokens: int, prefill_chunk: int, meter) -> list[dict]:
+    """Decode one batch of prompts of one (task, length) with `n_tokens` tokens each; one row per prompt."""
+    ids = torch.tensor([s.input_ids for s in batch])  # (B, n_tokens)
+    state: dict = {}
+    new_tokens = max(s.max_new_tokens for s in batch)
+    out = generate(model, ids, new_tokens, eos_id=tokenizer.eos_token_id, prefill_chunk=prefill_chunk,
+                   state=state)  # (B, N)
+    use = meter.add(n_tokens * len(batch), state, rows=len(batch)) or {"kv_kept": None}
+    rows = []
+    for sample, row_ids in zip(batch, out.tolist()):
+        prediction = clean_prediction(tokenizer.decode(row_ids, skip_special_tokens=True))
+        rows.append({"task": task, "length": length, "index": sample.index, "prompt_tokens": n_tokens,
+                     "prediction": prediction, "references": sample.references,
+                     "score": 100 * string_match_all(prediction, sample.references), **use})
+    return rows
 
 
 def write_ruler_outputs(report: dict, output: str | Path, title: str) -> tuple[Path, Path]:
@@ -192,6 +186,25 @@ def write_ruler_outputs(report: dict, output: str | Path, title: str) -> tuple[P
     json_path = atomic_write_json(output / "ruler.json", report)
     png_path = ruler_plot(report["lengths"], lines, title, output / "ruler.png")
     return json_path, png_path
+
+
+def add_arguments(parser) -> None:
+    """The flags of `longcpt eval ruler`."""
+    from longcpt.argtypes import csv_list, positive_int
+    from longcpt.data.ruler import TASKS
+    from longcpt.eval.loading import add_model_arguments
+
+    add_model_arguments(parser)
+    parser.add_argument("--lengths", type=csv_list(int), default=[4096, 8192], help="prompt lengths in tokens, comma-separated")
+    parser.add_argument("--tasks", type=csv_list(str), default=list(TASKS),
+                        help=f"comma-separated, from {','.join(TASKS)} (default: all)")
+    parser.add_argument("--samples", type=positive_int, default=25, help="prompts per (task, length)")
+    parser.add_argument("--output", required=True, help="output folder (an interrupted run resumes there)")
+    parser.add_argument("--haystack", default=None, metavar="PATH",
+                        help="real text for the niah/vt haystack: a prepared corpus (made with the model's tokenizer) "
+                        "or .jsonl/.json/.parquet/.txt files (default: RULER's repeated noise sentences)")
+    parser.add_argument("--seed", type=int, default=0, help="fixes every prompt")
+    parser.add_argument("--batch-tokens", type=positive_int, default=32768, help="prompts batched up to this many tokens")
 
 
 def run(args) -> int:

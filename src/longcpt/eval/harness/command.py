@@ -115,6 +115,32 @@ def run_task(lm, task: str, folder: Path, manager, args) -> dict:
     }
 
 
+def add_arguments(parser) -> None:
+    """The flags of `longcpt eval harness`."""
+    from longcpt.argtypes import csv_list, json_object, positive_int
+    from longcpt.eval.loading import add_model_arguments
+
+    add_model_arguments(parser)
+    parser.add_argument("--tasks", type=csv_list(str), required=True,
+                        help="harness task or group names, comma-separated (e.g. longbench_hotpotqa,mmlu,hellaswag)")
+    parser.add_argument("--include-path", default=None, metavar="DIR",
+                        help="folder of task YAMLs added to the harness's (local data: dataset_path: json + data_files)")
+    parser.add_argument("--limit", type=positive_int, default=None, help="the first N documents of each task only")
+    parser.add_argument("--num-fewshot", type=int, default=None, metavar="K", help="few-shot examples (default: the task's)")
+    parser.add_argument("--output", required=True, help="output folder (an interrupted run resumes there)")
+    parser.add_argument("--max-length", type=positive_int, default=None,
+                        help="longest input in tokens; longer ones lose tokens from the left (default: the model's "
+                        "context length with its RoPE scaling; raise it for kinds that read past the window, e.g. infllm)")
+    parser.add_argument("--gen-kwargs", type=json_object, default=None, metavar="JSON",
+                        help="generation settings replacing the tasks' own, e.g. '{\"max_gen_toks\": 64}'")
+    parser.add_argument("--metadata", type=json_object, default=None, metavar="JSON",
+                        help="the harness's task metadata, e.g. '{\"max_seq_lengths\": [4096, 8192]}' for RULER "
+                        "(the model's tokenizer is passed as \"tokenizer\")")
+    parser.add_argument("--seed", type=int, default=0, help="few-shot draws and sampled generations")
+    parser.add_argument("--batch-tokens", type=positive_int, default=32768,
+                        help="inputs of equal length batched up to this many tokens")
+
+
 def run(args) -> int:
     """The `longcpt eval harness` command."""
     try:

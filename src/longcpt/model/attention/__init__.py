@@ -25,6 +25,9 @@ A kind declares everything the rest of longcpt needs to know about it once, when
 * `sequence_parallel`: it can run under `strategy.sequence_parallel`: the core is called on the
   whole window for a subset of heads (`ulysses.py` does the all-to-all around it), so a kind
   qualifies when its heads are independent and it needs no state across calls.
+* `compiles`: `torch.compile` can trace its core without graph breaks (`longcpt.model.compile`);
+  a core that plans its work in Python from the values of `cu_seqlens` declares False and runs
+  eagerly inside its compiled block.
 
 Everything else the rest of longcpt does differently for a kind, the kind says through optional
 hooks (`KindHooks`), so that plan, doctor, export, the optimizer and the callbacks ask the
@@ -235,6 +238,7 @@ class KindSpec:
     sequence_parallel: bool = False
     check: Callable[[dict[str, Any]], list[str]] | None = None  # problems across options
     hooks: KindHooks = field(default_factory=KindHooks)
+    compiles: bool = True
 
     def own_parameter(self, name: str) -> bool:
         """Is `name` (a model parameter name) one of the parameters this kind adds?"""
@@ -256,6 +260,7 @@ def register(
     sequence_parallel: bool = False,
     check: Callable[[dict[str, Any]], list[str]] | None = None,
     hooks: KindHooks | None = None,
+    compiles: bool = True,
 ) -> Callable[[type[nn.Module]], type[nn.Module]]:
     """Class decorator adding an attention kind to `KINDS` under `name`, with its declarations.
 
@@ -273,7 +278,8 @@ def register(
         if name in KINDS and KINDS[name].cls is not cls:
             raise ValueError(f"attention kind {name!r} is registered twice ({KINDS[name].cls} and {cls})")
         KINDS[name] = KindSpec(
-            name, cls, dict(options or {}), positions, trainable, inference_memory, sequence_parallel, check, hooks
+            name, cls, dict(options or {}), positions, trainable, inference_memory, sequence_parallel, check, hooks,
+            compiles,
         )
         return cls
 

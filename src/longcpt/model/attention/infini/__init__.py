@@ -61,7 +61,9 @@ HOOKS = KindHooks(
     doctor=doctor.checks,
     no_sequence_parallel="its memory is already constant in the window length, so it does not need it",
 )
-register("infini", options={**OPTIONS, **TRAINING_OPTIONS}, positions="document", hooks=HOOKS)(InfiniAttention)
+# compiles=False: the segment plan is built in Python from the values of cu_seqlens and positions.
+register("infini", options={**OPTIONS, **TRAINING_OPTIONS}, positions="document", hooks=HOOKS,
+         compiles=False)(InfiniAttention)
 
 __all__ = [
     "DENOMINATOR_EPS",

@@ -18,7 +18,8 @@ from longcpt.model.attention.s2.core import OPTIONS, S2Attention, group_bounds, 
 
 HOOKS = KindHooks(inference_kind=DEFAULT_KIND, plan=PlanTerms(pairs=plan.pairs, layer_bytes=plan.layer_bytes),
                   doctor=doctor.checks)
+# compiles=False: the groups are laid out in Python from the values of cu_seqlens.
 register("s2", options=OPTIONS, positions="document", sequence_parallel=True, check=option_problems,
-         hooks=HOOKS)(S2Attention)
+         hooks=HOOKS, compiles=False)(S2Attention)
 
 __all__ = ["OPTIONS", "S2Attention", "group_bounds"]

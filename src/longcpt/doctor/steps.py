@@ -547,10 +547,10 @@ def _time_steps(model, batch, device, precision: str, steps: int) -> float:
 ASSUMED_VOCAB = 32000
 
 
-def _throughput_args(cfg) -> tuple[Any, str]:
-    """The recipe's `ModelArgs` for timing, and what had to be assumed ("" when nothing): a
-    recipe whose tokenizer does not exist yet (trained by `make demo`, say) is timed with a
-    vocabulary of `ASSUMED_VOCAB` rather than not at all."""
+def _throughput_args(cfg) -> tuple[Any, Any, str]:
+    """The recipe's `ModelArgs` for timing, the recipe they come from, and what had to be assumed
+    ("" when nothing): a recipe whose tokenizer does not exist yet (trained by `make demo`, say) is
+    timed, and planned, with a vocabulary of `ASSUMED_VOCAB` rather than not at all."""
     import copy
 
     from longcpt.model.recipe import model_args
@@ -559,10 +559,10 @@ def _throughput_args(cfg) -> tuple[Any, str]:
     unknown = (m.pretrained is None and "vocab_size" not in m.config
                and not (Path(m.tokenizer or "") / "tokenizer.json").is_file())
     if not unknown:
-        return model_args(cfg), ""
+        return model_args(cfg), cfg, ""
     timed = copy.deepcopy(cfg)
     timed.model.config = {**m.config, "vocab_size": ASSUMED_VOCAB}
-    return model_args(timed), f" (vocabulary of {ASSUMED_VOCAB:,} assumed: model.tokenizer={m.tokenizer!r} has no tokenizer.json yet)"
+    return model_args(timed), timed, f" (vocabulary of {ASSUMED_VOCAB:,} assumed: model.tokenizer={m.tokenizer!r} has no tokenizer.json yet)"
 
 
 def check_throughput(cfg, device: torch.device, quick: bool, peak: float | None = None,
@@ -575,7 +575,7 @@ def check_throughput(cfg, device: torch.device, quick: bool, peak: float | None 
 
     if cfg is None:
         return Result(SECTION, "throughput", SKIP, "no --recipe: give one to time its model at its seq_len")
-    args, assumed = _throughput_args(cfg)
+    args, cfg, assumed = _throughput_args(cfg)
     n_params = parameter_count(args)
     b, t, precision = cfg.data.micro_batch_size, cfg.data.seq_len, cfg.trainer.precision
     g = torch.Generator().manual_seed(0)

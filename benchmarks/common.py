@@ -61,3 +61,33 @@ def growth(rows: list[dict], kind: str, key: str, low: int, high: int) -> float 
     if low not in by_length or high not in by_length or not by_length[low]:
         return None
     return round(by_length[high] / by_length[low] - 1, 3)
+
+
+def return_freed_memory() -> None:
+    """Make glibc give every freed buffer of 64 KiB or more back to the system at once (the
+    MALLOC_MMAP_THRESHOLD_ environment variable, set from inside), so the resident set follows the
+    live tensors and a peak measured after an earlier, larger step is this step's own."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_above_start(fn) -> int:
+    """Bytes of resident memory `fn()` adds at its peak (Linux VmHWM, reset before it; 0 elsewhere)."""
+    status = Path("/proc/self/status")
+    clear = Path("/proc/self/clear_refs")
+    if not status.exists() or not clear.exists():
+        fn()
+        return 0
+
+    def field(name: str) -> int:
+        line = next(x for x in status.read_text().splitlines() if x.startswith(name + ":"))
+        return int(line.split()[1]) * 1024
+
+    clear.write_text("5")  # VmHWM := the current resident size (Linux >= 4.0)
+    start = field("VmRSS")
+    fn()
+    return field("VmHWM") - start

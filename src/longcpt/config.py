@@ -109,6 +109,7 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     val_every_n_steps: int = 200
     activation_checkpointing: bool = False
+    compile: str = "none"  # none | blocks (each decoder block, regional) | model (longcpt.model.compile)
     export_hf: bool = False  # write out_dir/hf at the end
     timeout_minutes: float = 30.0  # a collective waiting longer (a hung or dead rank) becomes an error
     max_restarts: int = 3  # under SLURM: requeues of a job after such an error
@@ -409,12 +410,14 @@ def _minimum_problems(cfg: Config) -> list[str]:
 def _choice_problems(cfg: Config) -> list[str]:
     from longcpt.data.datamodule import task_problems
     from longcpt.data.packing import PACKING_STRATEGIES
+    from longcpt.model.compile import COMPILE_CHOICES
 
     return (
         task_problems(cfg.data.task)
         + choice_problems("data.packing", cfg.data.packing, PACKING_STRATEGIES)
         + choice_problems("trainer.accelerator", cfg.trainer.accelerator, ("cpu", "gpu", "auto"))
         + choice_problems("trainer.precision", cfg.trainer.precision, TRAINER_PRECISIONS)
+        + choice_problems("trainer.compile", cfg.trainer.compile, COMPILE_CHOICES)
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from longcpt.config import Config
 from longcpt.errors import LongcptError
 from longcpt.lit.optim import build_optimizer
 from longcpt.model.attention.ulysses import SequenceParallel
+from longcpt.model.compile import compile_model, compile_report, mark_dynamic
 from longcpt.model.llama import CausalLM
 from longcpt.strategies import sequence_parallel_group
 
@@ -79,6 +81,8 @@ class LitCausalLM(pl.LightningModule):
         self.cfg = cfg
         self.tokenizer_dir = tokenizer_dir
         self._sequence_parallel: SequenceParallel | None = None
+        self._compiled = False
+        self._first_step_started: float | None = None
 
     def setup(self, stage: str) -> None:
         """Under `strategy.sequence_parallel`, make this rank's group (torch.distributed is up now)."""
@@ -88,7 +92,8 @@ class LitCausalLM(pl.LightningModule):
             self._sequence_parallel = SequenceParallel.of(group)
 
     def configure_model(self) -> None:
-        """Build the model if it was deferred; give it its sequence-parallel group.
+        """Build the model if it was deferred; give it its sequence-parallel group; compile it
+        (`trainer.compile`, once: the blocks are compiled in place).
 
         Every rank of a group receives the same whole-window batch (the DataModule shards data by
         group); the model keeps its T/N tokens and returns the window's loss.
@@ -97,11 +102,30 @@ class LitCausalLM(pl.LightningModule):
             self.model = self._build_model()
         if self._sequence_parallel is not None:
             self.model.sequence_parallel = self._sequence_parallel
+        if not self._compiled:
+            compile_model(self.model, self.cfg.trainer.compile)
+            self._compiled = True
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model.loss(
-            batch["input_ids"], batch["labels"], batch.get("position_ids"), batch.get("cu_seqlens")
-        )
+        cu_seqlens = batch.get("cu_seqlens")
+        if self.cfg.trainer.compile != "none":
+            mark_dynamic(cu_seqlens)  # a new document layout reuses the compiled code
+        return self.model.loss(batch["input_ids"], batch["labels"], batch.get("position_ids"), cu_seqlens)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self._first_step_started is None:
+            self._first_step_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """After the first step, say once what torch.compile did (graphs, graph breaks and their
+        cause, recompilations, the inductor cache) and how long that step took."""
+        if self.cfg.trainer.compile == "none" or self._first_step_started is None or self._first_step_started < 0:
+            return
+        if self.trainer.is_global_zero:
+            seconds = time.perf_counter() - self._first_step_started
+            print(f"trainer.compile={self.cfg.trainer.compile}: first step {seconds:.1f} s; "
+                  f"{compile_report().summary()}", flush=True)
+        self._first_step_started = -1.0
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)

@@ -11,6 +11,8 @@ What a run directory (`trainer.out_dir`) holds:
     logs/csv/        metrics.csv per launch (version_0, version_1 after a resume, ...)
     logs/tensorboard when tensorboard is installed
     hf/              the exported model when trainer.export_hf=true
+    inductor/        torch.compile's kernels when trainer.compile is not none (unless
+                     TORCHINDUCTOR_CACHE_DIR is set): a resumed run reuses them
     nonfinite/       the offending batch when the loss became NaN/inf
     restarts/        under SLURM, one record per requeue after a hung or dead rank
 
@@ -36,6 +38,7 @@ from longcpt import early_signals
 from longcpt.config import Config, load_config, resolve, save_config, validate
 
 CHECKPOINT_DIR = "checkpoints"
+INDUCTOR_DIR = "inductor"  # torch.compile's kernels (trainer.compile), kept for resumed runs
 
 
 @dataclass
@@ -228,6 +231,10 @@ def train(cfg: Config, datamodule=None, callbacks: list | None = None) -> TrainR
     cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(t, out_dir=str(out)))
     tokenizer_dir = cfg.model.tokenizer or cfg.model.pretrained
     resume_from = _prepare_run_dir(cfg, tokenizer_dir)
+    if t.compile != "none":  # before any rank compiles: a resumed run reuses the kernels
+        from longcpt.model.compile import use_cache_dir
+
+        use_cache_dir(out / INDUCTOR_DIR)
 
     pl.seed_everything(t.seed, workers=True, verbose=False)
     if accelerator == "cpu":

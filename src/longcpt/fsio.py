@@ -113,3 +113,23 @@ def record_settings(path: str | os.PathLike, settings: dict, conflict: Callable[
         if problem:
             raise LongcptError(problem)
     atomic_write_json(path, now)
+
+
+def fsync_tree(path: Path) -> None:
+    """Flush a file, or every file under a folder, to disk before it is renamed into place."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make renames inside `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,5 +1,7 @@
 """The training-step verdict from what every rank recorded, FLOP counting and the peak table."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -32,15 +34,20 @@ def test_deepspeed_bf16_gradient_accumulation_fails():
     assert status == PASS and "accumulated and reduced in float32" in why
 
 
-def test_step_flops_counts_matmuls_and_document_attention():
+def test_step_flops_are_the_planners_count_of_matmuls_and_the_kinds_attention_pairs():
     args = ModelArgs(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention="anchor")
     with torch.device("meta"):
         model = CausalLM(args)
     matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n)
     rows = [[3, 1, 4]]
-    pairs = 6 + 1 + 10
+    pairs = 6 + 1 + 10  # causal inside each document
     assert steps.step_flops(args, rows) == 6 * matmul * 8 + 12 * 2 * 4 * 16 * pairs
+    full = dataclasses.replace(args, attention="full")
+    assert steps.step_flops(full, rows) == 6 * matmul * 8 + 12 * 2 * 4 * 16 * (8 * 9 // 2)  # across documents
+    infini = dataclasses.replace(args, attention="infini", attention_options={"segment_len": 2})
+    memory = 2 * 16 * 16 * (4 + 2 * 2) * 8 * 2  # the memory read and write, per token and layer
+    assert steps.step_flops(infini, rows) == 6 * matmul * 8 + 12 * 2 * 4 * 16 * ((3 + 1) + 1 + (3 + 3)) + 3 * memory
 
 
 def test_peak_table():

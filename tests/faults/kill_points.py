@@ -20,7 +20,7 @@ import os
 import shutil
 import signal
 
-from longcpt.lit import callbacks, checkpoint_io
+from longcpt.lit import checkpoint_io, checkpoints
 
 _state = {"step": None, "index": 0, "offset": 0}
 
@@ -49,7 +49,7 @@ def install(hooks: dict) -> None:
             _die()
         return None
 
-    save = callbacks.RunCheckpoints.save
+    save = checkpoints.RunCheckpoints.save
 
     def counted_save(self, trainer):
         _state.update(step=trainer.global_step, index=0, offset=0)
@@ -58,7 +58,7 @@ def install(hooks: dict) -> None:
         finally:
             _state["step"] = None
 
-    callbacks.RunCheckpoints.save = counted_save
+    checkpoints.RunCheckpoints.save = counted_save
 
     write = checkpoint_io._HashingWriter.write
 

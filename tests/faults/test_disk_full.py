@@ -17,7 +17,7 @@ from fault_helpers import STEPS, assert_same_weights, run, weights
 from lit_helpers import tiny_overrides
 
 from longcpt.errors import LongcptError
-from longcpt.lit import callbacks, checkpoint_io
+from longcpt.lit import checkpoint_io, checkpoints
 
 KIB = 1024
 
@@ -33,7 +33,7 @@ class Disk:
         if not self.real:
             self.left = float("inf")
             monkeypatch.setattr(checkpoint_io, "free_bytes", lambda folder: int(min(self.left, 1 << 40)))
-            monkeypatch.setattr(callbacks, "free_bytes", lambda folder: int(min(self.left, 1 << 40)))
+            monkeypatch.setattr(checkpoints, "free_bytes", lambda folder: int(min(self.left, 1 << 40)))
             init = checkpoint_io._HashingWriter.__init__
             monkeypatch.setattr(checkpoint_io._HashingWriter, "__init__",
                                 lambda w, f: init(w, _LimitedFile(f, self)))

@@ -24,7 +24,7 @@ from lit_helpers import SyntheticDataModule  # noqa: E402
 
 from longcpt.config import load_config  # noqa: E402
 from longcpt.errors import LongcptError  # noqa: E402
-from longcpt.lit import callbacks  # noqa: E402
+from longcpt.lit import checkpoints  # noqa: E402
 from longcpt.lit.train import train  # noqa: E402
 
 
@@ -34,7 +34,7 @@ def die_in_save(step: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         commit(tmp, final, *args, **kwargs)
 
-    commit, callbacks._commit = callbacks._commit, die_before_commit
+    commit, checkpoints._commit = checkpoints._commit, die_before_commit
 
 
 class SleepInStep(Callback):

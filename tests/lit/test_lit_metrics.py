@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import torch
 
 from longcpt.config import Config
-from longcpt.lit.callbacks import TrainMetrics
+from longcpt.lit.progress import TrainMetrics
 
 
 def test_deepspeed_grad_norm_is_logged_on_the_micro_batch_that_completed_its_step():

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from lit_helpers import REPO, fake_scontrol, tiny_overrides, wait_for_early_start
 
-from longcpt.lit.callbacks import StopAtStepBoundary, request_requeue, slurm_job_id
+from longcpt.lit.stopping import StopAtStepBoundary, request_requeue, slurm_job_id
 
 pytestmark = pytest.mark.slow
 

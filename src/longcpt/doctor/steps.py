@@ -483,23 +483,21 @@ def peak_tflops(device_name: str) -> float | None:
     return None
 
 
-def step_flops(args, doc_lengths: list[list[int]]) -> float:
-    """Model FLOPs of one forward + backward: 6 x (matmul parameters) x tokens, plus attention:
-    12 x layers x query heads x head dim x (query, key) pairs attended (causal within documents)."""
-    d, layers = args.hidden_size, args.num_hidden_layers
-    q, kv = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
-    per_layer = d * (q + 2 * kv) + q * d + 3 * d * args.intermediate_size
-    matmul = layers * per_layer + d * args.vocab_size
-    tokens = sum(sum(row) for row in doc_lengths)
-    pairs = sum(n * (n + 1) // 2 for row in doc_lengths for n in row)
-    return 6.0 * matmul * tokens + 12.0 * layers * args.num_attention_heads * args.head_dim * pairs
+def step_flops(args, rows: list[list[int]]) -> float:
+    """Model FLOPs of one forward + backward of `args`'s model over a batch whose rows hold documents
+    of these lengths: the planner's count (`longcpt.plan.compute.batch_flops`: the matmuls, the
+    attention pairs of the kind over those documents, and the kind's own terms)."""
+    from longcpt.plan.compute import batch_flops
+    from longcpt.plan.shape import ModelShape
+
+    return batch_flops(ModelShape.from_args(args), args.attention, args.attention_options, rows)
 
 
 def parameter_count(args) -> int:
-    from longcpt.model import CausalLM
+    """Parameters of `args`'s model, a tied embedding once (`longcpt.plan.shape.ModelShape`)."""
+    from longcpt.plan.shape import ModelShape
 
-    with torch.device("meta"):
-        return sum(p.numel() for p in CausalLM(args).parameters())
+    return ModelShape.from_args(args).parameters
 
 
 def plan_estimate(cfg, device: torch.device, peak_tflops: float | None) -> dict[str, Any]:

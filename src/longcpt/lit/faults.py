@@ -59,7 +59,7 @@ def requeue_after_fault(out_dir: Path, max_restarts: int, rank: int, step: int, 
     Returns:
         The sentence to append to the error message.
     """
-    from longcpt.lit.callbacks import request_requeue, slurm_job_id
+    from longcpt.lit.stopping import request_requeue, slurm_job_id
 
     job = slurm_job_id()
     if job is None:

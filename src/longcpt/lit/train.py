@@ -110,7 +110,7 @@ def _prepare_run_dir(cfg: Config, tokenizer_dir: str) -> Path | None:
     """Resolve resume, save config.yaml and copy the tokenizer; returns the checkpoint to resume."""
     from longcpt.data.tokenizer import copy_tokenizer_files
     from longcpt.fsio import atomic_dir
-    from longcpt.lit.callbacks import newest_checkpoint
+    from longcpt.lit.checkpoints import newest_checkpoint
 
     out = Path(cfg.trainer.out_dir)
     ckpts = out / CHECKPOINT_DIR
@@ -140,14 +140,10 @@ def _callbacks(cfg: Config, out: Path, extra: list):
     """longcpt's callbacks in the order they must run, then `extra`; the plugins; the stop callback."""
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    from longcpt.lit.callbacks import (
-        ProgressBar,
-        RunCheckpoints,
-        StepPrinter,
-        StopAtStepBoundary,
-        TrainMetrics,
-    )
     from longcpt.lit.checkpoint_io import RunCheckpointIO
+    from longcpt.lit.checkpoints import RunCheckpoints
+    from longcpt.lit.progress import ProgressBar, StepPrinter, TrainMetrics
+    from longcpt.lit.stopping import StopAtStepBoundary
 
     t = cfg.trainer
     checkpoints = RunCheckpoints(out / CHECKPOINT_DIR, t.save_every_n_steps, t.keep_last_k, resume=t.resume)

@@ -132,6 +132,29 @@ class StepTime:
         return self.mfu * (self.model_flops + self.recompute_flops) / self.model_flops if self.model_flops else 0.0
 
 
+def forward_flops(shape, kind: str, options: dict, tokens: float, pairs: float, windows: float = 1) -> float:
+    """Forward model FLOPs of `windows` windows holding `tokens` tokens in all, each attending `pairs`
+    (query, key) pairs in every layer: the matmuls, the attention pairs and the kind's own terms
+    (module docstring). Backward is twice this; recomputation is `plan_terms(kind).recomputes` more."""
+    layers, hqd = shape.layers, shape.heads * shape.head_dim
+    dense = 2 * shape.matmul_parameters * tokens
+    attention = 4 * hqd * pairs * windows * layers
+    terms = plan_terms(kind)
+    if terms.extra_flops is not None:
+        attention += terms.extra_flops(shape, options) * tokens * layers
+    return dense + attention
+
+
+def batch_flops(shape, kind: str, options: dict, rows: list[list[int]]) -> float:
+    """Model FLOPs (forward and backward) of one step over a batch whose rows hold documents of
+    these lengths (how `longcpt doctor` counts the step it times)."""
+    from longcpt.model.attention import kind_spec
+
+    terms, across = plan_terms(kind), kind_spec(kind).hooks.across_documents
+    pairs = sum(terms.pairs([sum(row)] if across else row, options) for row in rows)
+    return 3 * forward_flops(shape, kind, options, sum(map(sum, rows)), pairs)
+
+
 def step_time(cfg, shape, world: int, peak_flops: float, mfu: float) -> StepTime:
     """Model and recomputed FLOPs of one optimizer step and its time at model FLOPs utilisation `mfu`
     of `peak_flops` per device (module docstring)."""
@@ -140,15 +163,9 @@ def step_time(cfg, shape, world: int, peak_flops: float, mfu: float) -> StepTime
     windows = mb * (world // sp) * cfg.optim.accumulate_grad_batches  # per optimizer step, all devices
     tokens = windows * t
     pairs = attention_pairs(cfg)
-    layers, hqd = shape.layers, shape.heads * shape.head_dim
-    dense_fwd = 2 * shape.matmul_parameters * tokens
-    attention_fwd = 4 * hqd * pairs.pairs * windows * layers
-    terms = plan_terms(cfg.attention.kind)
-    if terms.extra_flops is not None:
-        attention_fwd += terms.extra_flops(shape, cfg.attention.options) * tokens * layers
-    forward = dense_fwd + attention_fwd
+    forward = forward_flops(shape, cfg.attention.kind, cfg.attention.options, tokens, pairs.pairs, windows)
     model = 3 * forward
-    recomputes = int(cfg.trainer.activation_checkpointing) + terms.recomputes
+    recomputes = int(cfg.trainer.activation_checkpointing) + plan_terms(cfg.attention.kind).recomputes
     recompute = recomputes * forward
     seconds = model / (world * peak_flops * mfu)
     return StepTime(model, recompute, tokens, seconds, peak_flops, mfu, pairs)

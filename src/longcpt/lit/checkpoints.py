@@ -1,4 +1,4 @@
-"""Training callbacks: verified atomic checkpoints, clean stops (signals, SLURM requeue), metrics, progress.
+"""Verified atomic checkpoints of a training run (`RunCheckpoints`), and the checkpoint folder's rules.
 
 Checkpoint layout (docs/reference.md, section 4), under `out_dir/checkpoints/`:
 
@@ -34,22 +34,16 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 import time
-from collections import deque
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
-from lightning.pytorch.callbacks import Callback, RichProgressBar
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from longcpt import early_signals
 from longcpt.errors import LongcptError
+from longcpt.fsio import fsync_dir, fsync_tree
 from longcpt.lit.checkpoint_io import CheckpointWriteError, RunCheckpointIO, WriteFailure, free_bytes, human
-from longcpt.lit.module import batch_stats
 from longcpt.manifest import (
     SELF,
     SUFFIX,
@@ -61,8 +55,6 @@ from longcpt.manifest import (
     verify,
     write_manifest,
 )
-from longcpt.model.attention import kind_spec
-from longcpt.strategies import data_parallel_coordinates
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)\.ckpt$")
 LAST = "last"
@@ -89,26 +81,6 @@ def newest_checkpoint(folder: Path) -> Path | None:
     """
     found = list_checkpoints(folder)
     return found[-1][1] if found else None
-
-
-def _fsync_tree(path: Path) -> None:
-    """Flush a file, or every file under a folder, to disk before it is renamed into place."""
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make renames inside `folder` durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove(path: Path) -> None:
@@ -418,241 +390,7 @@ class RunCheckpoints(Callback):
 def _commit(tmp: Path, final: Path, step: int, digests: dict, fsync: bool) -> None:
     """Rank 0: make a fully written checkpoint durable, write its manifest, rename it into place."""
     if fsync:
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
     write_manifest(final, step, digests)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
-
-
-class StopAtStepBoundary(Callback):
-    """Stop cleanly at the next optimizer-step boundary, checkpointing first, when a signal arrives
-    or the training data vanished.
-
-    * SIGTERM, what `scancel`, SLURM preemption, Kubernetes and most schedulers send before a
-      SIGKILL (30 s later by default for both SLURM and Kubernetes): checkpoint, stop, exit 0.
-      No requeue: a preempted SLURM job is requeued by SLURM itself, and `scancel` means stop.
-    * Under SLURM, `requeue_signal` (SIGUSR1, sent by `sbatch --signal=USR1@600` ten minutes before
-      the time limit; slurm/train.sbatch says how to size it: a step plus a checkpoint save): checkpoint, rank 0 runs `scontrol requeue $SLURM_JOB_ID` (array jobs
-      included), stop, exit 0; the requeued job resumes.
-    * The DataModule's `missing_data()` names a folder that is gone: checkpoint (every window
-      trained on so far was read before it vanished), then `LongcptError` naming it.
-
-    A requeue signal `longcpt train` recorded before this callback existed (`longcpt.early_signals`,
-    during start-up) counts as received. Lightning's own handlers act inside the signal handler: its SLURM handler saves mid-step (with
-    DeepSpeed, possibly mid-collective on some ranks), and its SIGTERM handler kills the other local
-    ranks and exits without a checkpoint. Here the handlers only set a flag. They are installed in
-    `on_train_start`, after Lightning has installed its own, and the previous ones come back at the
-    end. After each optimizer step the ranks agree on the flags with one all-reduce (a signal may
-    reach one rank only) and save through `RunCheckpoints` at that boundary, so the resumed run is
-    exact.
-
-    Args:
-        checkpoints: the run's `RunCheckpoints` (runs before this callback: it may have saved).
-        requeue_signal: the SLURM warning signal, or None outside SLURM.
-    """
-
-    def __init__(self, checkpoints: RunCheckpoints, requeue_signal: int | None = None):
-        self.checkpoints = checkpoints
-        self.requeue_signal = requeue_signal
-        self.signals = {signal.SIGTERM: 0} | ({requeue_signal: 1} if requeue_signal is not None else {})
-        self.flags = [False, False]  # [SIGTERM received, requeue signal received]
-        self.requeued = False  # the requeue signal stopped the run and `scontrol requeue` succeeded
-        self.requeue_failed = False  # it stopped the run, but the requeue failed: nothing resumes it
-        self.stopped_by: str | None = None  # the signal's name once the run stopped for one
-        self._previous: dict[int, object] = {}
-
-    def _handler(self, signum, frame) -> None:
-        self.flags[self.signals[signum]] = True
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # From here on a signal is remembered (the requeue signal would otherwise end the process).
-        for signum in self.signals:
-            self._previous[signum] = signal.signal(signum, self._handler)
-        # `longcpt train` recorded the requeue signal since its first line: one that came during
-        # start-up is acted on at the first step boundary.
-        since = early_signals.take(self.requeue_signal) if self.requeue_signal is not None else None
-        if since is not None:
-            self.flags[1] = True
-            rank_zero_info(f"{signal.Signals(self.requeue_signal).name} received during start-up ({since:.1f} s after "
-                           "`longcpt train` began), before training: checkpointing at the first step boundary and "
-                           "requeueing (a job whose --time is not longer than its --signal lead gets it at every start)")
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Lightning has meanwhile wrapped ours in its own SIGTERM handler: take it back.
-        for signum in self.signals:
-            signal.signal(signum, self._handler)
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
-        self._previous = {}
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        # RunCheckpoints runs first (callbacks run in list order) and may already have saved.
-        # Every rank reaches the same boundaries, so the all-reduce below is matched everywhere.
-        if self.stopped_by or not self.checkpoints.just_stepped:
-            return
-        missing = getattr(trainer.datamodule, "missing_data", lambda: None)()
-        local = torch.tensor([*self.flags, missing is not None], dtype=torch.float32, device=pl_module.device)
-        term, requeue, vanished = (bool(x) for x in trainer.strategy.reduce(local, reduce_op="sum") > 0)
-        if not (term or requeue or vanished):
-            return
-        step = trainer.global_step
-        self.stopped_by = "SIGTERM" if term else signal.Signals(self.requeue_signal).name if requeue else None
-        why = "the training data vanished" if vanished else f"{self.stopped_by} received"
-        rank_zero_info(f"{why}: checkpointing step {step} and stopping")
-        if self.checkpoints.saved_step != step:
-            self.checkpoints.save(trainer)
-        if vanished:
-            what = missing or "a data folder (seen by another rank)"
-            raise LongcptError(f"{what} vanished during the run (noticed after step {step}); checkpoint "
-                               f"step {step} was saved first, so nothing is lost. Restore the folder and run "
-                               "the same command to resume from it.")
-        if not term:  # the requeue is reported as it went: a failed `scontrol requeue` is not success
-            requeued = request_requeue() if trainer.is_global_zero else False
-            self.requeued = bool(trainer.strategy.broadcast(requeued))
-            self.requeue_failed = not self.requeued
-        trainer.should_stop = True
-
-
-def slurm_job_id() -> str | None:
-    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
-    if array_job is not None:
-        return f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    return os.environ.get("SLURM_JOB_ID")
-
-
-def request_requeue() -> bool:
-    """`scontrol requeue <job>`; True on success (a failure is reported, never fatal)."""
-    job = slurm_job_id()
-    if job is None or not re.fullmatch(r"[0-9_]+", job):
-        rank_zero_warn(f"cannot requeue: SLURM_JOB_ID={job!r} is not a SLURM job id")
-        return False
-    try:
-        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-    except FileNotFoundError:
-        rank_zero_warn("cannot requeue: `scontrol` is not on PATH")
-        return False
-    if result.returncode != 0:
-        rank_zero_warn(f"scontrol requeue {job} failed ({result.returncode}): {result.stderr.strip()}")
-        return False
-    rank_zero_info(f"requeued SLURM job {job}")
-    return True
-
-
-class TrainMetrics(Callback):
-    """Log tokens/s, padding fraction, learning rate(s), gradient norm and what the attention kind's
-    `metrics` hook reports (Infini-attention: the distribution of its memory gates, `train/gate/*`).
-
-    Tokens/s counts every position of every micro-batch on every data-parallel rank
-    (input_ids.numel() times the world size divided by `strategy.sequence_parallel`, whose ranks
-    share a window: packed windows have the same shape on all ranks), over a sliding window of the
-    last `window` micro-batches. The padding fraction is the share of positions whose label is
-    -100 (padding and the last token of each document).
-
-    Args:
-        window: micro-batches in the tokens/s window.
-    """
-
-    def __init__(self, window: int = 20):
-        self.window = deque(maxlen=window + 1)
-        self.tokens_total = 0
-        self._norm_step: int | None = None  # the optimizer step whose DeepSpeed grad norm was logged
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self._norm_step = trainer.global_step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if not self.window:
-            self.window.append((time.perf_counter(), 0))
-        # Before the scheduler steps: the learning rate this micro-batch trains with.
-        for group in trainer.optimizers[0].param_groups:
-            name = group.get("name", "decay")
-            if name != "no_decay":
-                pl_module.log("train/lr" if name == "decay" else f"train/lr_{name}", group["lr"])
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        grads = [p.grad.detach() for p in pl_module.parameters() if p.grad is not None]
-        if grads:  # DeepSpeed keeps gradients partitioned (None here): see on_train_batch_end
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-            pl_module.log("train/grad_norm", norm)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        tokens, padding = batch_stats(batch)
-        sequence_parallel = pl_module.cfg.strategy.sequence_parallel
-        self.tokens_total += tokens * data_parallel_coordinates(trainer.global_rank, trainer.world_size,
-                                                                sequence_parallel)[1]
-        self.window.append((time.perf_counter(), self.tokens_total))
-        (t0, n0), (t1, n1) = self.window[0], self.window[-1]
-        if t1 > t0:
-            pl_module.log("train/tokens_per_s", (n1 - n0) / (t1 - t0), prog_bar=True)
-        pl_module.log("train/padding", padding)
-        pl_module.log("train/tokens", float(self.tokens_total))
-        metrics = kind_spec(pl_module.cfg.attention.kind).hooks.metrics
-        for key, value in (metrics(pl_module.model) if metrics is not None else {}).items():
-            pl_module.log(f"train/{key}", value)
-        # DeepSpeed's norm is the last optimizer step's: log it on the micro-batch that completed
-        # that step only (on the others of an accumulation it would be the previous step's).
-        engine = getattr(trainer.strategy, "deepspeed_engine", None)
-        if engine is not None and trainer.global_step != self._norm_step:
-            self._norm_step = trainer.global_step
-            if engine.get_global_grad_norm() is not None:
-                pl_module.log("train/grad_norm", float(engine.get_global_grad_norm()))
-
-
-class ProgressBar(RichProgressBar):
-    """Rich progress bar over the run's micro-batches (elapsed, remaining) with loss and tokens/s."""
-
-    SHORT = {"train/loss": "loss", "train/tokens_per_s": "tok/s", "val/loss": "val"}
-
-    @property
-    def total_train_batches(self) -> int | float:
-        # The stream is endless: the run ends at max_steps (the default bar shows Lightning epochs).
-        t = self.trainer
-        return min(t.num_training_batches, t.max_steps * t.accumulate_grad_batches)
-
-    def _get_train_description(self, current_epoch: int) -> str:
-        return "train"
-
-    def get_metrics(self, trainer, pl_module):
-        items = super().get_metrics(trainer, pl_module)
-        shown = {self.SHORT[k]: v for k, v in items.items() if k in self.SHORT}
-        if "tok/s" in shown:
-            shown["tok/s"] = f"{shown['tok/s']:,.0f}"
-        return shown
-
-
-class StepPrinter(Callback):
-    """One plain line every `every` steps, for logs that are not a terminal (SLURM, CI).
-
-    Args:
-        every: optimizer steps between lines.
-    """
-
-    def __init__(self, every: int):
-        self.every = every
-        self._start: float | None = None
-        self._start_step = 0
-        self._seen = -1
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self._start, self._start_step = time.perf_counter(), trainer.global_step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if not trainer.is_global_zero or step == self._seen or step % self.every:
-            return
-        self._seen = step
-        m = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        elapsed = time.perf_counter() - self._start
-        done = step - self._start_step
-        eta = elapsed / done * (trainer.max_steps - step) if done else float("nan")
-        progress = kind_spec(pl_module.cfg.attention.kind).hooks.progress
-        extra = progress(m) if progress is not None else ""  # the kind's own figures (Infini: its gates)
-        print(
-            f"step {step}/{trainer.max_steps}  loss {m.get('train/loss', float('nan')):.4f}  "
-            f"lr {m.get('train/lr', float('nan')):.2e}  tok/s {m.get('train/tokens_per_s', 0):,.0f}{extra}  "
-            f"elapsed {elapsed:.0f}s  eta {eta:.0f}s",
-            file=sys.stdout,
-            flush=True,
-        )
+    fsync_dir(final.parent)

@@ -135,3 +135,80 @@ def test_declared_torch_floor_has_every_torch_keyword_we_pass():
     assert ("scaled_dot_product_attention", "enable_gqa") in used  # the scan finds what it looks for
     for key in used:
         assert floor >= Version(TORCH_KEYWORDS_SINCE[key]), f"pyproject says torch>={floor}, {key} needs {TORCH_KEYWORDS_SINCE[key]}"
+
+
+# A kind's name outside its own files, where it means something else or is a product default.
+NOT_THE_KIND = {
+    ("longcpt/batch.py", "anchor"): "the position rule of the same name (a kind declares which it uses)",
+    ("longcpt/config.py", "anchor"): "the recipes' default attention.kind",
+    ("longcpt/cli.py", "namm"): "the `longcpt namm` command",
+    ("longcpt/namm/config.py", "full"): "CMA-ES's full covariance",
+    ("longcpt/demo/pipeline.py", "full"): "the demo's full plan (`make demo`) and its quick one",
+}
+# Packages outside model/attention/ that belong to a kind: `longcpt namm train` evolves NAMM's policy.
+ALSO_HOME = {"namm": ("longcpt/namm/",)}
+
+
+def _kind_homes() -> dict[str, tuple[str, ...]]:
+    """kind -> the source paths that own it: its module, or its folder when it is a package."""
+    from longcpt.model.attention import KINDS
+
+    homes = {}
+    for name, spec in KINDS.items():
+        top = SRC.joinpath(*spec.cls.__module__.split(".")[:4])  # longcpt/model/attention/<module or folder>
+        home = f"{top.relative_to(SRC)}/" if top.is_dir() else f"{top.relative_to(SRC)}.py"
+        homes[name] = (home, *ALSO_HOME.get(name, ()))
+    return homes
+
+
+def _named_kinds(file: Path, kinds: set[str]) -> list[tuple[int, str]]:
+    """(line, kind) for every string literal equal to a kind's name (docstrings aside) and every import
+    of a kind's module in `file`."""
+    tree = ast.parse(file.read_text(), str(file))
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and node.value in kinds and id(node) not in docstrings:
+            found.append((node.lineno, node.value))
+        elif isinstance(node, ast.ImportFrom | ast.Import):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            if isinstance(node, ast.ImportFrom):
+                names += [f"{node.module}.{a.name}" for a in node.names]
+            modules = {name.split(".")[3] for name in names if name.split(".")[:3] == ["longcpt", "model", "attention"]
+                       and len(name.split(".")) > 3}
+            found += [(node.lineno, kind) for module in sorted(modules) for kind in _MODULE_KINDS.get(module, ())]
+    return found
+
+
+_MODULE_KINDS: dict[str, list[str]] = {}
+
+
+def test_no_module_outside_a_kinds_folder_names_that_kind():
+    """Plan, doctor, export, the optimizer, the callbacks, config, eval... ask the registry; only a
+    kind's own files (and the other kinds under model/attention/, which may build on it) name it."""
+    from longcpt.model.attention import KINDS
+
+    homes = _kind_homes()
+    _MODULE_KINDS.clear()
+    for name, (home, *_) in homes.items():
+        _MODULE_KINDS.setdefault(Path(home).with_suffix("").name, []).append(name)
+    assert homes["infini"] == ("longcpt/model/attention/infini/",) and "longcpt/model/attention/full.py" in homes["full"]
+    offenders = []
+    for file in sorted((SRC / "longcpt").rglob("*.py")):
+        rel = str(file.relative_to(SRC))
+        if rel.startswith("longcpt/model/attention/"):
+            continue
+        for line, kind in _named_kinds(file, set(KINDS)):
+            if (rel, kind) not in NOT_THE_KIND and not any(rel.startswith(h) for h in homes[kind]):
+                offenders.append(f"{rel}:{line} names {kind!r}")
+    assert not offenders, "kind-specific code outside the kind's folder (give the kind a hook): " + "; ".join(offenders)
+
+
+def test_the_kind_name_scan_can_fail(tmp_path):
+    _MODULE_KINDS.update({"infini": ["infini"]})
+    file = tmp_path / "leak.py"
+    file.write_text('"""infini in a docstring is prose."""\nfrom longcpt.model.attention.infini import core\n'
+                    'def f(kind):\n    return kind == "infini"\n')
+    assert _named_kinds(file, {"infini"}) == [(2, "infini"), (4, "infini")]

@@ -83,7 +83,7 @@ def test_cycle_detection_can_fail():
 def test_repository_stands_on_its_own():
     """Code and docs never point to design notes that live outside the repository."""
     outside = re.compile(r"SPEC(\.md| section| \d)|DESIGN\.md|research/\w+\.md|\.\./shared")
-    files = [p for d in ("src", "tests", "benchmarks", "data_prep", "recipes", "slurm", "docs")
+    files = [p for d in ("src", "tests", "benchmarks", "data_prep", "recipes", "slurm", "docs", "experiments")
              for p in (REPO / d).rglob("*") if p.is_file() and p.suffix in (".py", ".md", ".yaml", ".sh", ".sbatch")]
     files += [REPO / "README.md", REPO / "Makefile"]
     hits = [f"{p.relative_to(REPO)}:{i}" for p in files for i, line in enumerate(p.read_text().splitlines(), 1)
@@ -212,3 +212,13 @@ def test_the_kind_name_scan_can_fail(tmp_path):
     file.write_text('"""infini in a docstring is prose."""\nfrom longcpt.model.attention.infini import core\n'
                     'def f(kind):\n    return kind == "infini"\n')
     assert _named_kinds(file, {"infini"}) == [(2, "infini"), (4, "infini")]
+
+
+def test_docs_hold_prose_and_the_figures_they_show():
+    """Scripts and result files of the studies live in experiments/; every figure in docs/ is shown."""
+    docs = REPO / "docs"
+    others = sorted(p.name for p in docs.iterdir() if p.suffix not in (".md", ".png"))
+    assert not others, f"move these to experiments/: {others}"
+    text = "".join(p.read_text() for p in [*docs.glob("*.md"), REPO / "README.md"])
+    unshown = sorted(p.name for p in docs.glob("*.png") if p.name not in text)
+    assert not unshown, f"figures no page shows: {unshown}"

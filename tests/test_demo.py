@@ -75,7 +75,7 @@ def test_quick_demo_runs_resumes_and_reports_what_it_measured(tmp_path, subproce
     assert f"{losses[last]:.2f} (step {last + 1})" in summary
     for name in STAGES:
         assert re.search(rf"^\s+\d+ s\s+\d+ s  {name}\b", summary, flags=re.M), name
-    assert "docs/passkey_demo.sh" in summary and "recipes/anchor_llama3_8b_128k.yaml" in summary
+    assert "experiments/passkey_demo.sh" in summary and "recipes/anchor_llama3_8b_128k.yaml" in summary
     assert "longcpt plan recipes/" in summary
 
     # A third run finds everything done; other settings in the same folder are refused.

@@ -10,7 +10,7 @@ fills one row of `seq_len` tokens, right-padded:
 so the loss falls on the target only (the model is not trained to reproduce the filler or the
 book). With `data.train_on_input=true` (torchtune's `train_on_input`) the prompt is trained on too,
 labels[t] = tokens[t+1] everywhere but the padding: a warm-up stage for a small model that has not
-learned to copy yet (the passkey prompt repeats its filler and its key; see docs/passkey_demo.sh). Rows have the window format of `pack_documents`, so the packed-data collator
+learned to copy yet (the passkey prompt repeats its filler and its key; see experiments/passkey_demo.sh). Rows have the window format of `pack_documents`, so the packed-data collator
 (`longcpt.data.collate`) derives position ids and `cu_seqlens` per attention kind exactly as for
 pretraining; nothing in the padding can reach the example (it comes after it, attention is
 causal, and it is a document of its own).

@@ -177,7 +177,7 @@ def write_summary(demo, runner) -> Path:
 
     lines += ["", "GO FURTHER",
               "  # the full passkey demonstration (longer prompts, Infini-attention; about an hour on 2 cores)",
-              f"  docs/passkey_demo.sh {runs['pretrain'] / 'hf'} {out / 'passkey_full'}",
+              f"  experiments/passkey_demo.sh {runs['pretrain'] / 'hf'} {out / 'passkey_full'}",
               "  # a GPU recipe: Llama-3-8B to 128K with AnchorAttention, two nodes of 8 GPUs under SLURM",
               "  sbatch --nodes=2 slurm/train.sbatch recipes/anchor_llama3_8b_128k.yaml \\",
               "      model.pretrained=/models/Meta-Llama-3-8B data.train=DATA/train data.val=DATA/val",

@@ -1,11 +1,12 @@
 """Tables and figures of the CPU continual-pretraining study (docs/cpt_study.md) from its outputs.
 
-    python docs/cpt_study_report.py WORK_DIR OUT_DIR
+    python experiments/cpt_study_report.py WORK_DIR OUT_DIR [FIGURES_DIR]
 
-Reads WORK_DIR/eval_{base,ARM_sSEED}/{ppl/ppl.json,ruler/ruler.json} as `docs/cpt_study.sh` writes
-them and writes OUT_DIR/cpt_study_ppl.png (perplexity by position, mean over seeds, the band
-between the seeds), OUT_DIR/cpt_study_ruler.png (RULER average and per task by length, same) and
-OUT_DIR/cpt_study.json (every number of the tables), and prints the markdown tables.
+Reads WORK_DIR/eval_{base,ARM_sSEED}/{ppl/ppl.json,ruler/ruler.json} as `experiments/cpt_study.sh` writes
+them and writes FIGURES_DIR/cpt_study_ppl.png (perplexity by position, mean over seeds, the band
+between the seeds), FIGURES_DIR/cpt_study_ruler.png (RULER average and per task by length, same) and
+OUT_DIR/cpt_study.json (every number of the tables), and prints the markdown tables. FIGURES_DIR
+defaults to OUT_DIR (the study writes its figures into docs/, which shows them).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def fmt(values: list[float], digits: int = 1) -> str:
 
 def main(argv: list[str]) -> int:
     work, out = Path(argv[0]), Path(argv[1])
+    figures = Path(argv[2]) if len(argv) > 2 else out
     runs = load(work)
     arms = by_arm(runs)
     order = [a for a in ("base", *ARMS) if a in arms]
@@ -100,9 +102,9 @@ def main(argv: list[str]) -> int:
         for t in tasks:
             print(f"| {arm} | {t} | " + " | ".join(fmt(table[arm]["ruler"][t][str(n)]) for n in lengths) + " |")
 
-    plot_ppl(arms, order, base_len, cpt_len, out / "cpt_study_ppl.png")
-    plot_ruler(table, order, lengths, tasks, out / "cpt_study_ruler.png")
-    print(f"wrote {out / 'cpt_study.json'}, {out / 'cpt_study_ppl.png'}, {out / 'cpt_study_ruler.png'}")
+    plot_ppl(arms, order, base_len, cpt_len, figures / "cpt_study_ppl.png")
+    plot_ruler(table, order, lengths, tasks, figures / "cpt_study_ruler.png")
+    print(f"wrote {out / 'cpt_study.json'}, {figures / 'cpt_study_ppl.png'}, {figures / 'cpt_study_ruler.png'}")
     return 0
 
 

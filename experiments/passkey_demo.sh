@@ -5,7 +5,7 @@
 # an Infini-attention model. The README's run had the anchor and Infini branches side by side,
 # one thread each (OMP_NUM_THREADS=1) after `data warm short` on both cores.
 #
-#   docs/passkey_demo.sh BASE_HF_DIR WORK_DIR [STAGE ...]
+#   experiments/passkey_demo.sh BASE_HF_DIR WORK_DIR [STAGE ...]
 #
 # BASE_HF_DIR  the tiny model `make demo` exported (with its tokenizer), e.g. demo/pretrain/hf
 # WORK_DIR     everything is written here; WORK_DIR/times.txt gets the wall time of every stage
@@ -39,8 +39,8 @@
 #                at ${INFLLM_LENGTHS}, ${INFLLM_TRIALS} trials    -> WORK/eval_anchor_infllm/passkey.{json,png}
 set -euo pipefail
 
-BASE=${1:?usage: docs/passkey_demo.sh BASE_HF_DIR WORK_DIR [STAGE ...]}
-WORK=${2:?usage: docs/passkey_demo.sh BASE_HF_DIR WORK_DIR [STAGE ...]}
+BASE=${1:?usage: experiments/passkey_demo.sh BASE_HF_DIR WORK_DIR [STAGE ...]}
+WORK=${2:?usage: experiments/passkey_demo.sh BASE_HF_DIR WORK_DIR [STAGE ...]}
 shift 2
 STAGES=("$@")
 [ ${#STAGES[@]} -gt 0 ] || STAGES=(data warm short anchor infini infini_4k infini_16k eval_anchor eval_anchor_ntk eval_infini eval_infini_short eval_infini_16k eval_anchor_infllm)

@@ -1,8 +1,8 @@
 """Passkey prompts through one attention kind: exact match, answer probability and cache use.
 
-    python docs/namm_demo_eval.py eval MODEL KIND OPTIONS_JSON OUT.json --lengths 128,192 --depths 0,0.5 \
+    python experiments/namm_demo_eval.py eval MODEL KIND OPTIONS_JSON OUT.json --lengths 128,192 --depths 0,0.5 \
         [--trials 8] [--seed 0] [--filler-offset 0] [--every 32]
-    python docs/namm_demo_eval.py match KV_MEAN --lengths 128,192 [--every 32] [--answer 5]
+    python experiments/namm_demo_eval.py match KV_MEAN --lengths 128,192 [--every 32] [--answer 5]
 
 For every prompt (lengths x depths x trials, keys of --seed, filler cycle starting at sentence
 --filler-offset, key written one digit per token):

@@ -3,7 +3,7 @@
 # full cache, NAMM, H2O and StreamingLLM at the same cache through the prompt, on prompts seen and
 # unseen in evolution.
 #
-#   bash docs/namm_demo.sh MODEL_HF_DIR WORK [STAGE ...]
+#   bash experiments/namm_demo.sh MODEL_HF_DIR WORK [STAGE ...]
 #
 # MODEL_HF_DIR  a passkey-fine-tuned export (make demo's WORK/passkey_finetune/hf: 96-128-token prompts)
 # WORK          output folder
@@ -18,12 +18,12 @@
 #            the text this model was fine-tuned on                              -> WORK/ppl_text.jsonl
 #   evolve   longcpt namm train recipes/namm_passkey_tiny.yaml on LENGTHS x DEPTHS (keys of seed 1: a
 #            fresh draw every generation, a validation draw to choose the policy) -> WORK/namm/namm/policy.pt
-#   eval     docs/namm_demo_eval.py on two sets of prompts, keys of seed 0:
+#   eval     experiments/namm_demo_eval.py on two sets of prompts, keys of seed 0:
 #              seen:   LENGTHS x DEPTHS, the evolution's layouts (only the keys differ);
 #              unseen: lengths, depths and filler never used in evolution (UNSEEN_LENGTHS 104,120,
 #                      UNSEEN_DEPTHS 0.1,0.3,0.5,0.7,0.9, the filler cycle started at its third sentence);
 #            full and namm first; then h2o and streaming with the cache_size that holds NAMM's mean
-#            share through the seen prompts (docs/namm_demo_eval.py match)      -> WORK/eval_SET_KIND.json
+#            share through the seen prompts (experiments/namm_demo_eval.py match)      -> WORK/eval_SET_KIND.json
 #   ppl      those texts (their first 120 tokens), the same four kinds           -> WORK/ppl_KIND/ppl.json
 #   summary  one table                                                          -> WORK/summary.json
 set -euo pipefail

@@ -5,7 +5,7 @@
 # evaluated with `longcpt eval ppl` (perplexity by position to 2x the new context) and
 # `longcpt eval ruler` (niah tasks and vt at 1x-8x the base context). Two CPT seeds per arm.
 #
-#   docs/cpt_study.sh WORK_DIR [STAGE ...]
+#   experiments/cpt_study.sh WORK_DIR [STAGE ...]
 #
 # WORK_DIR  everything is written here; WORK_DIR/times.txt gets the wall time of every stage
 # STAGE     any of: corpus tokenizer prepare synth mix base cpt eval report, or one run such as
@@ -35,14 +35,14 @@
 #              documents (WORK/eval_NAME/ppl) and RULER ${RULER_TASKS} at ${RULER_LENGTHS},
 #              ${RULER_SAMPLES} samples each (WORK/eval_NAME/ruler)
 #   report     the table and figures of docs/cpt_study.md from the eval outputs
-#              (python docs/cpt_study_report.py WORK_DIR OUT_DIR)
+#              (python experiments/cpt_study_report.py WORK_DIR experiments docs)
 #
 # JOBS=N runs up to N training runs (stage cpt) or model evaluations (stage eval) side by side.
 # The reported run: 2-core machine shared with other jobs, every process `nice -n 10` with
 # OMP_NUM_THREADS=1, JOBS=4 (docs/cpt_study.md lists the stages as they ran and times.txt).
 set -euo pipefail
 
-WORK=${1:?usage: docs/cpt_study.sh WORK_DIR [STAGE ...]}
+WORK=${1:?usage: experiments/cpt_study.sh WORK_DIR [STAGE ...]}
 shift
 STAGES=("$@")
 [ ${#STAGES[@]} -gt 0 ] || STAGES=(corpus tokenizer prepare synth mix base cpt eval report)
@@ -168,7 +168,7 @@ for stage in "${STAGES[@]}"; do
     eval_*_s*)
       run=${stage#eval_}; evaluate "$run" "$WORK/cpt_${run}/hf" ;;
     report)
-      timed report $PY docs/cpt_study_report.py "$WORK" docs ;;
+      timed report $PY experiments/cpt_study_report.py "$WORK" experiments docs ;;
     *)
       echo "cpt_study.sh: unknown stage '$stage' (corpus tokenizer prepare synth mix base cpt eval report, cpt_ARM_sSEED, eval_base, eval_ARM_sSEED)" >&2
       exit 2 ;;

@@ -23,7 +23,7 @@ from longcpt.eval import EVALS  # the registry alone (standard library)
 # command -> module providing run(args); `longcpt eval NAME` runs the module `EVALS` registers
 COMMANDS = {
     "train": "longcpt.lit.train",
-    "export": "longcpt.export.convert",
+    "export": "longcpt.export.command",
     "namm train": "longcpt.namm.evolve",
     "doctor": "longcpt.doctor",
     "plan": "longcpt.plan.report",
@@ -69,6 +69,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     export.add_argument("--output", required=True, help="output HF folder (written atomically)")
     export.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="weight dtype (default: as trained)")
     export.add_argument("--tokenizer", default=None, help="tokenizer folder to copy (default: the run's)")
+    export.add_argument("--adapter-only", action="store_true",
+                        help="a LoRA run: write a peft adapter folder (adapters and the modules trained in full) "
+                             "instead of merging the adapters into a whole model")
+    export.add_argument("--base", default=None, metavar="DIR",
+                        help="with --adapter-only: also write the frozen base model here, as the run used it "
+                             "(needed when the run changed its RoPE settings), and point the adapter at it")
     export.set_defaults(command_name="export")
 
     doctor = sub.add_parser("doctor", help="check that every path works on this machine (run it first on a new cluster)",

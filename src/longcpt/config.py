@@ -33,6 +33,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from longcpt.errors import ConfigError, DeprecatedKeyWarning, LongcptError
 from longcpt.fsio import atomic_write_text
+from longcpt.lora.config import LoraConfig
 
 TRAINER_PRECISIONS = ("bf16-mixed", "bf16-true", "32-true")
 
@@ -42,6 +43,7 @@ class ModelConfig:
     pretrained: str | None = None  # HF folder to continue from
     config: dict[str, Any] = field(default_factory=dict)  # HF-style fields for a model from scratch
     tokenizer: str | None = None  # tokenizer folder (defaults to `pretrained`)
+    lora: LoraConfig | None = None  # LoRA adapters (longcpt.lora); null: every parameter is trained
 
 
 @dataclass
@@ -110,6 +112,7 @@ class TrainerConfig:
     val_every_n_steps: int = 200
     activation_checkpointing: bool = False
     compile: str = "none"  # none | blocks (each decoder block, regional) | model (longcpt.model.compile)
+    loggers: list[str] = field(default_factory=lambda: ["csv"])  # csv | tensorboard | wandb | mlflow (longcpt.logs)
     export_hf: bool = False  # write out_dir/hf at the end
     timeout_minutes: float = 30.0  # a collective waiting longer (a hung or dead rank) becomes an error
     max_restarts: int = 3  # under SLURM: requeues of a job after such an error
@@ -185,6 +188,7 @@ def load_config(
                 problems.append(f"{key} ({origin}): unknown key{unknown}")
                 continue
             try:
+                _create_parents(merged, key, schema)
                 OmegaConf.update(merged, key, value, merge=True)
             except OmegaConfBaseException as e:
                 expected = _field_type(key, schema)
@@ -243,6 +247,26 @@ def _leaves(data: dict, prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
+def _create_parents(cfg, key: str, schema: type) -> None:
+    """Give an optional section that is still null (`model.lora`) its defaults before one of its keys
+    is set (`model.lora.r=8` on the command line)."""
+    parts = key.split(".")
+    node: Any = schema
+    for i, part in enumerate(parts[:-1]):
+        if not dataclasses.is_dataclass(node):
+            return
+        node = _section(_hints(node)[part])
+        prefix = ".".join(parts[: i + 1])
+        if dataclasses.is_dataclass(node) and OmegaConf.select(cfg, prefix) is None:
+            OmegaConf.update(cfg, prefix, {}, merge=True)
+
+
+def _section(hint: Any) -> Any:
+    """The dataclass of an optional section (`LoraConfig | None` -> `LoraConfig`), else `hint`."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else hint
+
+
 def _unknown_key(key: str, schema: type = Config) -> str:
     """'' if `key` exists in the schema, else ' (did you mean ...?)' text."""
     parts = key.split(".")
@@ -256,7 +280,7 @@ def _unknown_key(key: str, schema: type = Config) -> str:
             close = difflib.get_close_matches(part, list(hints), n=1)
             hint = f"; did you mean {'.'.join(parts[:i] + close[:1])}?" if close else ""
             return f" (not a key of {where}; valid: {', '.join(hints)}{hint})"
-        node = hints[part]
+        node = _section(hints[part])
     return ""
 
 
@@ -269,7 +293,7 @@ def _field_type(key: str, schema: type = Config) -> str:
     for part in key.split("."):
         if not dataclasses.is_dataclass(node):
             return "a value"
-        node = _hints(node)[part]
+        node = _section(_hints(node)[part])
     return getattr(node, "__name__", str(node))
 
 
@@ -347,6 +371,12 @@ def _model_problems(model: ModelConfig) -> list[str]:
                         "or model.config to HF-style fields (hidden_size, num_hidden_layers, ...)")
     if model.pretrained is None and model.config and model.tokenizer is None:
         problems.append("model.tokenizer=null: a model built from model.config needs a tokenizer folder")
+    if model.lora is not None:
+        problems += model.lora.problems("model.lora.")
+        if model.pretrained is None:
+            problems.append("model.lora is set but model.pretrained=null: LoRA adapts the frozen weights of a pretrained "
+                            "model, which export and resume read again; set model.pretrained to its folder (or remove "
+                            "model.lora to train a model from scratch)")
     return problems
 
 
@@ -423,8 +453,10 @@ def _choice_problems(cfg: Config) -> list[str]:
 
 def _other_problems(cfg: Config) -> list[str]:
     """The rules that are not a bound or a choice."""
+    from longcpt.logs import logger_problems
+
     optim, devices = cfg.optim, cfg.trainer.devices
-    problems = []
+    problems = logger_problems(list(cfg.trainer.loggers))
     if optim.lr <= 0:
         problems.append(f"optim.lr={optim.lr}: must be > 0 (e.g. 2.0e-5)")
     if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):

@@ -17,6 +17,7 @@ checkpoints on a machine without a GPU. On GPUs the stock `DeepSpeedStrategy` ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import json
@@ -256,13 +257,34 @@ def load_dtype(cfg) -> str:
       ZeRO optimizer builds the fp32 master copies from those bf16 values;
     * `bf16-true` has Lightning cast the whole module to bf16 (its precision plugin's
       `convert_module`).
+    * with `model.lora` under bf16 training, the frozen weights are never updated, so they need no
+      float32 copy: they stay in bf16 (the trained ones are made float32, `longcpt.lora.adapters`).
     Loading in bf16 then gives the same bits, with half the host memory per rank: under ZeRO-3
     every rank loads the whole model before DeepSpeed partitions it. Otherwise: "fp32".
     """
     precision = cfg.trainer.precision
     if precision == "bf16-true" or (cfg.strategy.name == "deepspeed" and precision.startswith("bf16")):
         return "bf16"
+    if cfg.model.lora is not None and precision.startswith("bf16"):
+        return "bf16"
     return "fp32"
+
+
+@contextlib.contextmanager
+def outside_zero_init(active: bool = True):
+    """Build modules whole inside a `deepspeed.zero.Init` context (`active`): the adapters peft adds
+    to a partitioned model initialise their weights in place, which a partition (an empty tensor)
+    cannot take; DeepSpeed converts them to partitions when it wraps the model."""
+    if not active:
+        yield
+        return
+    from deepspeed.runtime.zero.partition_parameters import restore_init_context, shutdown_init_context
+
+    shutdown_init_context()
+    try:
+        yield
+    finally:
+        restore_init_context()
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -377,4 +399,5 @@ def build_strategy(cfg, accelerator: str):
         return DDPStrategy(find_unused_parameters=False, gradient_as_bucket_view=True, timeout=timeout)
     config = deepspeed_config(cfg)
     cls = _cpu_deepspeed_class() if accelerator == "cpu" else DeepSpeedStrategy
-    return cls(config=config, timeout=timeout)
+    # LoRA: checkpoints hold the trained parameters only (the frozen ones are the base folder's).
+    return cls(config=config, timeout=timeout, exclude_frozen_parameters=cfg.model.lora is not None)

@@ -1,4 +1,4 @@
-"""`longcpt export CHECKPOINT --output DIR [--dtype bf16|fp16|fp32]`: training checkpoint -> HF folder.
+"""Training checkpoint -> HF folder (`longcpt export`, `longcpt.export.command`).
 
 CHECKPOINT may be
   * a Lightning `.ckpt` file (single process or DDP),
@@ -11,6 +11,11 @@ Every longcpt checkpoint carries what is needed to rebuild the model without the
 The folder is written by `longcpt.save_pretrained`, so it is what docs/reference.md describes and
 loads in plain `transformers.AutoModelForCausalLM`. The default dtype is the one the weights were
 trained in: bfloat16 for `bf16-true` runs, else the float32 master weights.
+
+A LoRA checkpoint (`model.lora`) holds only what was trained; its frozen weights are read again
+from the base folder it records (checked against the recorded fingerprint), the adapters are
+merged into them (`longcpt.lora.adapters.merge`), and the folder is a plain one. `--adapter-only`
+writes a peft adapter folder instead (`longcpt.export.adapter`).
 """
 
 from __future__ import annotations
@@ -72,6 +77,8 @@ def _strip(name: str) -> str:
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Model weights (HF parameter names, full tensors on CPU) and longcpt metadata of a checkpoint.
 
+    A LoRA checkpoint holds only the tensors it trained (`merged_state` makes the whole model).
+
     Raises:
         LongcptError: not a longcpt checkpoint, or unreadable.
     """
@@ -97,6 +104,26 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return {_strip(k): v for k, v in state.items()}, meta
 
 
+def merged_state(state: dict[str, torch.Tensor], meta: dict[str, Any], source: str) -> dict[str, torch.Tensor]:
+    """The whole model's weights (float32, base parameter names) of a LoRA checkpoint: the base folder
+    it records, with the trained tensors loaded and the adapters merged in.
+
+    Raises:
+        LongcptError: the base folder is missing or not the one trained on, or the tensors do not fit.
+    """
+    from longcpt.lora.adapters import apply_lora, check_base, load_trained, merge
+    from longcpt.lora.config import LoraConfig
+    from longcpt.model.config import ModelArgs
+    from longcpt.model.hf_io import load_pretrained
+
+    lora = meta["lora"]
+    check_base(lora["base"], lora["fingerprint"], source)
+    model = load_pretrained(lora["base"], ModelArgs(**meta["model_args"]), dtype="fp32")
+    tuner = apply_lora(model, LoraConfig(**lora["settings"]))
+    load_trained(model, {k: v.float() for k, v in state.items()}, source)
+    return merge(tuner).state_dict()
+
+
 def _read_deepspeed(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Consolidate ZeRO-2/3 shards with DeepSpeed's zero_to_fp32 (CPU only) + read the client state."""
     if not torch.cuda.is_available():
@@ -110,7 +137,8 @@ def _read_deepspeed(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     # Lightning stores its training state (and ours) as DeepSpeed client state in every rank's
     # model-states file; rank 0's is enough. Trusted: our own training output.
     client = torch.load(state_files[0], map_location="cpu", weights_only=False)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag)
+    lora = (client.get(CHECKPOINT_KEY) or {}).get("lora") is not None  # saved without its frozen weights
+    state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag, exclude_frozen_parameters=lora)
     return state, client
 
 
@@ -139,6 +167,8 @@ def load_model(
 
     path = resolve_checkpoint(checkpoint)
     state, meta = read_checkpoint(path)
+    if meta.get("lora") is not None:  # the frozen base, the trained tensors, merged
+        state = merged_state(state, meta, str(path))
     args = ModelArgs(**meta["model_args"])
     trained = kind_spec(args.attention)
     # Checkpoints of longcpt 0.1 recorded the Infini options whatever the kind: keep the kind's own.
@@ -202,10 +232,3 @@ def export_checkpoint(
             "pass --tokenizer DIR"
         )
     return save_pretrained(model, output, dtype=dtype or default_dtype(meta), tokenizer=tok)
-
-
-def run(args) -> int:
-    """Entry point of `longcpt export` (see `longcpt.cli`)."""
-    out = export_checkpoint(args.checkpoint, args.output, args.dtype, args.tokenizer)
-    print(f"longcpt export: wrote {out}")
-    return 0

@@ -83,6 +83,10 @@ class LitCausalLM(pl.LightningModule):
         self._sequence_parallel: SequenceParallel | None = None
         self._compiled = False
         self._first_step_started: float | None = None
+        # LoRA checkpoints hold the trained parameters only; `on_load_checkpoint` checks them instead.
+        self.strict_loading = cfg.model.lora is None
+        self._lora_record: dict[str, Any] | None = None
+        self._resumed_rng: dict[str, Any] | None = None
 
     def setup(self, stage: str) -> None:
         """Under `strategy.sequence_parallel`, make this rank's group (torch.distributed is up now)."""
@@ -113,6 +117,13 @@ class LitCausalLM(pl.LightningModule):
         return self.model.loss(batch["input_ids"], batch["labels"], batch.get("position_ids"), cu_seqlens)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        """Start the first step's clock (`trainer.compile`'s report). The first step after a resume
+        starts from the saved random state: restoring it at load time is not enough, as starting the
+        data loader's iterator draws a seed from torch's generator (`torch.utils.data`), so dropout
+        (LoRA's, say) would draw other masks than the uninterrupted run."""
+        if self._resumed_rng is not None:
+            set_rng_state(self._resumed_rng)
+            self._resumed_rng = None
         if self._first_step_started is None:
             self._first_step_started = time.perf_counter()
 
@@ -168,19 +179,42 @@ class LitCausalLM(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def checkpoint_metadata(self) -> dict[str, Any]:
-        """What `longcpt export` needs to rebuild the model from a checkpoint without the recipe."""
+        """What `longcpt export` needs to rebuild the model from a checkpoint without the recipe
+        (with LoRA: the section, the base folder and its fingerprint, `longcpt.lora.adapters.record`)."""
         return {
             "model_args": dataclasses.asdict(self.model.args),
             "precision": self.cfg.trainer.precision,
             "tokenizer": self.tokenizer_dir,
             "config": dataclasses.asdict(self.cfg),
+            "lora": self._lora(),
             "version": longcpt.__version__,
         }
+
+    def _lora(self) -> dict[str, Any] | None:
+        if self.cfg.model.lora is not None and self._lora_record is None:
+            from longcpt.lora.adapters import record
+
+            self._lora_record = record(self.cfg.model.lora, self.cfg.model.pretrained)
+        return self._lora_record
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = self.checkpoint_metadata()
         checkpoint["rng"] = rng_state()
+        if self.cfg.model.lora is not None and "state_dict" in checkpoint:  # DeepSpeed leaves its frozen ones out itself
+            from longcpt.lora.adapters import trained_names
+
+            keep = {f"model.{name}" for name in trained_names(self.model)}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from longcpt.lora.adapters import check_resume, trained_names
+
+        meta = checkpoint.get(CHECKPOINT_KEY, {})
+        expected = None
+        if self.cfg.model.lora is not None:
+            expected = {f"model.{name}" for name in trained_names(self.model)}
+        check_resume(meta.get("lora"), self.cfg.model.lora, self.cfg.model.pretrained,
+                     set(checkpoint["state_dict"]) if "state_dict" in checkpoint else None, expected)
         if "rng" in checkpoint:
             set_rng_state(checkpoint["rng"])
+            self._resumed_rng = checkpoint["rng"]

@@ -8,8 +8,8 @@ What a run directory (`trainer.out_dir`) holds:
     tokenizer/       copy of the tokenizer (export and evaluation use it)
     checkpoints/     step-*.ckpt (files, or folders under DeepSpeed), each with its manifest
                      (step-*.ckpt.manifest.json), `last` -> the newest; *.corrupt: failed verification
-    logs/csv/        metrics.csv per launch (version_0, version_1 after a resume, ...)
-    logs/tensorboard when tensorboard is installed
+    logs/            one folder per logger of trainer.loggers (csv/: metrics.csv per launch,
+                     tensorboard/, wandb/, mlflow/; longcpt.logs), each with the resolved recipe
     hf/              the exported model when trainer.export_hf=true
     inductor/        torch.compile's kernels when trainer.compile is not none (unless
                      TORCHINDUCTOR_CACHE_DIR is set): a resumed run reuses them
@@ -60,7 +60,8 @@ def build_model(cfg: Config, tokenizer, partitioned: bool = False):
     Its arguments are `longcpt.model.recipe.model_args`'s (architecture, RoPE overrides, attention
     kind and options, RoPE precision). Parameters are float32, except pretrained weights that the
     strategy would round to bf16 anyway, which are loaded in bf16 (`strategies.load_dtype`); the
-    Trainer's precision decides what the forward runs in.
+    Trainer's precision decides what the forward runs in. With `model.lora`, peft's adapters are
+    injected and only what the section trains stays trainable (`longcpt.lora`).
 
     Args:
         cfg: a resolved recipe (`longcpt.config.load_config`).
@@ -82,6 +83,14 @@ def build_model(cfg: Config, tokenizer, partitioned: bool = False):
         model = load_pretrained(cfg.model.pretrained, args, dtype=load_dtype(cfg), partitioned=partitioned)
     else:
         model = build_from_args(args)
+    if cfg.model.lora is not None:
+        from longcpt.lora.adapters import adapter_summary, apply_lora
+        from longcpt.strategies import outside_zero_init
+
+        with outside_zero_init(partitioned):  # adapters built whole: DeepSpeed partitions them when it wraps the model
+            apply_lora(model, cfg.model.lora, seed=cfg.trainer.seed)
+        if _is_rank_zero():
+            print(adapter_summary(model), flush=True)
     model.activation_checkpointing = cfg.trainer.activation_checkpointing
     return model
 
@@ -186,7 +195,7 @@ def _trainer(cfg: Config, accelerator: str, out: Path, callbacks: list, plugins:
                 check_val_every_n_epoch=None, limit_val_batches=cfg.data.val_batches, num_sanity_val_steps=0)
     optimisation = dict(accumulate_grad_batches=accumulate, gradient_clip_val=cfg.optim.grad_clip or None,
                         gradient_clip_algorithm="norm")
-    outputs = dict(logger=run_loggers(out), log_every_n_steps=t.log_every_n_steps, callbacks=callbacks,
+    outputs = dict(logger=run_loggers(out, t.loggers, t.resume, _is_rank_zero()), log_every_n_steps=t.log_every_n_steps, callbacks=callbacks,
                    enable_checkpointing=False,  # RunCheckpoints does it atomically
                    enable_progress_bar=_interactive(), enable_model_summary=False, default_root_dir=out)
     # longcpt.data shards by rank itself.
@@ -222,6 +231,7 @@ def train(cfg: Config, datamodule=None, callbacks: list | None = None) -> TrainR
 
     from longcpt.data import build_datamodule, load_tokenizer
     from longcpt.lit.module import LitCausalLM
+    from longcpt.logs import log_recipe
 
     out = Path(t.out_dir).resolve()
     cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(t, out_dir=str(out)))
@@ -244,6 +254,7 @@ def train(cfg: Config, datamodule=None, callbacks: list | None = None) -> TrainR
     module = LitCausalLM(model, cfg, tokenizer_dir=str(out / "tokenizer"))
     callbacks, plugins, stop = _callbacks(cfg, out, callbacks or [])
     trainer = _trainer(cfg, accelerator, out, callbacks, plugins)
+    log_recipe(trainer.loggers, cfg, out / "logs", _is_rank_zero())
     # RunCheckpoints verifies the checkpoints once the ranks can agree, sets aside damaged ones and
     # points `last` at the newest that verifies: that is what Lightning then loads.
     ckpt_path = str(out / CHECKPOINT_DIR / "last") if resume_from is not None else None

@@ -25,8 +25,13 @@ gradient partition. ZeRO-2's buckets, allocated at each backward, are left out: 
 allocates them in full (`reduce_bucket_size`) but on CPU their pages become resident only as
 gradients are written into them. Each case is a fresh set of processes.
 
-Run:  python benchmarks/plan_memory.py                # 23 cases: tiny, 4-layer x 256 and wide, 256-16K
+A case with `lora` (a `model.lora` section as a dict) adapts a pretrained folder of the same model
+(random weights, written once per case): only the adapters and the `trainable` modules get
+gradients and AdamW moments, and under bf16 the frozen weights are bf16.
+
+Run:  python benchmarks/plan_memory.py                # the grid: tiny, 4-layer x 256 and wide, 256-16K, LoRA
       python benchmarks/plan_memory.py --quick        # tiny model, 2K, one case per strategy
+      python benchmarks/plan_memory.py --lora         # the LoRA cases
       python benchmarks/plan_memory.py --case JSON    # one case (what the tests call)
 Prints a table and one JSON line.
 """
@@ -68,10 +73,15 @@ MEASURED_STEP = 2  # batch index: the third step, after AdamW's moments exist
 
 
 def case_overrides(case: dict, out_dir: Path, tokenizer: Path) -> list[str]:
-    """The recipe (as overrides) of one case."""
+    """The recipe (as overrides) of one case (a LoRA case adapts `out_dir.parent / "base"`)."""
     strategy, devices = STRATEGIES[case["strategy"]]
+    if "lora" in case:
+        lora = ", ".join(f"{k}: {v}" for k, v in case["lora"].items())
+        model = [f"model.pretrained={out_dir.parent / 'base'}", f"model.lora={{{lora}}}"]
+    else:
+        model = [f"model.config={MODELS[case['model']]}"]
     return [
-        f"model.config={MODELS[case['model']]}",
+        *model,
         f"model.tokenizer={tokenizer}",
         f"attention.kind={case['kind']}",
         f"data.seq_len={case['seq_len']}",
@@ -204,6 +214,8 @@ def measure(case: dict, timeout: float = 900) -> dict:
     with tempfile.TemporaryDirectory(prefix="plan-memory-") as tmp:
         tmp = Path(tmp)
         tokenizer = make_tokenizer(tmp / "tokenizer")
+        if "lora" in case:
+            make_base(case["model"], tmp / "base")
         env = {**os.environ, "PYTHONPATH": str(SRC), "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
         cmd = [sys.executable, __file__, "--worker", json.dumps(case), "--out", str(tmp / "run"),
                "--tokenizer", str(tokenizer)]
@@ -216,6 +228,16 @@ def measure(case: dict, timeout: float = 900) -> dict:
         measured = [json.loads(p.read_text()) for p in ranks]
         plan = plan_figures(case_overrides(case, tmp / "run", tokenizer))
     return {**case, "plan": plan, "ranks": measured, "wall_seconds": round(wall, 1)}
+
+
+def make_base(model: str, folder: Path) -> Path:
+    """A pretrained folder of `MODELS[model]` with random weights (what a LoRA case adapts)."""
+    import yaml
+
+    from longcpt.export.hf import save_pretrained
+    from longcpt.model import CausalLM, ModelArgs
+
+    return save_pretrained(CausalLM(ModelArgs.from_hf_config(yaml.safe_load(MODELS[model]))), folder)
 
 
 def make_tokenizer(folder: Path) -> Path:
@@ -274,13 +296,30 @@ def grid(quick: bool) -> list[dict]:
         {"model": "wide", "kind": "anchor", "seq_len": 256, "strategy": "zero3", "precision": "bf16-mixed"},
         {"model": "wide", "kind": "anchor", "seq_len": 256, "strategy": "zero2", "precision": "bf16-mixed",
          "overrides": ["strategy.deepspeed={zero_optimization: {reduce_bucket_size: 20000000}}"]},
+        *LORA_CASES,
     ]
+
+
+# LoRA as LongLoRA trains (adapters on the attention projections, embeddings and norms in full), and
+# adapters alone; the wide model, whose parameters outweigh its activations, shows the states most.
+_LONGLORA = {"r": 8, "alpha": 16, "trainable": "[embed_tokens, norm, input_layernorm, post_attention_layernorm]"}
+LORA_CASES = [
+    {"model": "tiny", "kind": "s2", "seq_len": 2048, "strategy": "zero0", "lora": _LONGLORA},
+    {"model": "tiny", "kind": "s2", "seq_len": 2048, "strategy": "zero0", "precision": "bf16-mixed", "lora": _LONGLORA},
+    {"model": "wide", "kind": "anchor", "seq_len": 256, "strategy": "zero0", "precision": "bf16-mixed",
+     "lora": {"r": 8, "alpha": 16}},
+    {"model": "4x256", "kind": "full", "seq_len": 8192, "strategy": "zero0", "lora": _LONGLORA, "checkpointing": True},
+    {"model": "wide", "kind": "anchor", "seq_len": 256, "strategy": "zero2", "precision": "bf16-mixed", "lora": _LONGLORA,
+     "overrides": ["strategy.deepspeed={zero_optimization: {reduce_bucket_size: 20000000}}"]},
+    {"model": "wide", "kind": "anchor", "seq_len": 256, "strategy": "zero3", "precision": "bf16-mixed", "lora": _LONGLORA},
+]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--case", default=None, help="one case as JSON")
+    parser.add_argument("--lora", action="store_true", help="the LoRA cases only")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--tokenizer", default=None, help=argparse.SUPPRESS)
@@ -288,9 +327,9 @@ def main() -> None:
     if args.worker:
         run_worker(json.loads(args.worker), Path(args.out), Path(args.tokenizer))
         return
-    cases = [json.loads(args.case)] if args.case else grid(args.quick)
+    cases = [json.loads(args.case)] if args.case else LORA_CASES if args.lora else grid(args.quick)
     load = os.getloadavg()[0]
-    print(f"{'model':<6} {'kind':<7} {'tokens':>6} {'strategy':<8} {'precision':<10} {'ckpt':<5} {'states plan/meas MiB':>22} "
+    print(f"{'model':<6} {'kind':<11} {'tokens':>6} {'strategy':<8} {'precision':<10} {'ckpt':<5} {'states plan/meas MiB':>22} "
           f"{'ratio':>6} {'peak plan/meas MiB':>20} {'ratio':>6}")
     results = []
     for case in cases:
@@ -298,7 +337,7 @@ def main() -> None:
         q = ratios(r)
         meas_states = max(x["states"] for x in r["ranks"])
         meas_peak = max(x["step_peak"] for x in r["ranks"])
-        print(f"{r['model']:<6} {r['kind']:<7} {r['seq_len']:>6} {r['strategy']:<8} {r.get('precision', '32-true'):<10} "
+        print(f"{r['model']:<6} {r['kind'] + ('+lora' if 'lora' in r else ''):<11} {r['seq_len']:>6} {r['strategy']:<8} {r.get('precision', '32-true'):<10} "
               f"{str(r.get('checkpointing', False)):<5} "
               f"{r['plan']['states'] / MIB:>10.1f} / {meas_states / MIB:>9.1f} {q['states']:>6.3f} "
               f"{r['plan']['activations'] / MIB:>9.1f} / {meas_peak / MIB:>8.1f} {q['activations']:>6.3f}", flush=True)

@@ -143,6 +143,55 @@ def test_attention_pairs_come_from_the_data(tmp_path):
     assert full.step.model_flops > anchor.step.model_flops
 
 
+LORA = "model.lora={r: 8, alpha: 16, trainable: [embed_tokens, norm]}"
+
+
+def tiny_lora(folder: Path, *overrides: str):
+    """The tiny recipe adapting a pretrained folder of that model (only its config.json is read)."""
+    import yaml
+
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(yaml.safe_load(TINY)))
+    return load_config(None, [f"model.pretrained={folder}", "model.tokenizer=none", "trainer.accelerator=cpu",
+                              "trainer.devices=1", "trainer.precision=32-true", LORA, *overrides])
+
+
+def test_lora_counts_what_training_trains_and_freezes(tmp_path):
+    """The plan's trained / frozen split is the one `longcpt train` makes (a real adapted model)."""
+    from longcpt.lora.adapters import apply_lora
+    from longcpt.model import CausalLM
+
+    cfg = tiny_lora(tmp_path)
+    model = CausalLM(model_args(cfg))
+    apply_lora(model, cfg.model.lora)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    shape = estimate(cfg).shape
+    assert (shape.parameters, shape.frozen) == (trained, frozen)
+    assert shape.lora.adapted == {"q_proj", "k_proj", "v_proj", "o_proj"} and not shape.lora.head
+
+
+def test_lora_keeps_gradients_and_moments_for_the_trained_parameters_only(tmp_path):
+    """LongLoRA's 7B recipe: gradients and AdamW states of 139M trained parameters, all 6.7B weights in
+    bf16; under DDP bf16-mixed the frozen weights are bf16 and the trained ones float32."""
+    cfg = load_config(REPO / "recipes" / "longlora_llama2_7b_32k.yaml",
+                      [f"model.pretrained={FIXTURES / 'Llama-2-7b-hf'}"])
+    plan = estimate(cfg)
+    trained = 32_000 * 4096 + 32 * 4 * 8 * (4096 + 4096) + (32 * 2 + 1) * 4096  # embed, q/k/v/o adapters, norms
+    assert plan.parameters == trained and plan.shape.weights == 6_738_415_616 + 32 * 4 * 8 * (4096 + 4096)
+    item = {i.name: i.bytes for i in plan.items}
+    assert item["parameters"] == plan.shape.weights * 2  # ZeRO-2: every rank holds every weight, bf16
+    assert item["gradient partition"] == -(-trained // 8) * 4
+    assert item["Adam moments"] == 2 * -(-trained // 8) * 4
+    ddp = estimate(tiny_lora(tmp_path, "trainer.devices=2", "strategy.name=ddp", "trainer.precision=bf16-mixed"))
+    item = {i.name: i.bytes for i in ddp.items}
+    assert item["frozen parameters"] == ddp.shape.frozen * 2
+    assert item["trained parameters"] == item["gradients"] == ddp.parameters * 4
+    assert item["AdamW moments"] == 2 * ddp.parameters * 4
+    full = estimate(tiny("trainer.devices=2", "strategy.name=ddp", "trainer.precision=bf16-mixed"))
+    assert ddp.step.model_flops < full.step.model_flops  # frozen weights' gradients are not computed
+
+
 # ----------------------------------------------------------------------------------------------
 # Verdicts
 
@@ -151,6 +200,7 @@ SHIPPED = [  # recipe, the model it names, the hardware its header states
     ("anchor_llama2_7b_64k.yaml", "Llama-2-7b-hf"),
     ("anchor_llama3_8b_128k.yaml", "Meta-Llama-3-8B"),
     ("infini_1b_8k.yaml", "Llama-3.2-1B"),
+    ("longlora_llama2_7b_32k.yaml", "Llama-2-7b-hf"),
 ]
 
 

@@ -20,7 +20,8 @@ final norm only; list `input_layernorm` and `post_attention_layernorm` for the b
 What is trained: the adapters (`...q_proj.lora_A.default.weight`, `lora_B`), every parameter of the
 `trainable` modules, and the attention kind's own parameters (Infini's gates). Everything else is
 frozen; with bf16 training the frozen weights are held in bf16 (`longcpt.strategies.load_dtype`)
-and the trained ones in float32. peft injects the adapters in place (`peft.LoraModel`), so the
+and the trained ones in float32 (under DeepSpeed, in the dtype DeepSpeed gives every parameter, with
+its own float32 masters: ZeRO-3 flattens the trained partitions into one buffer of one dtype). peft injects the adapters in place (`peft.LoraModel`), so the
 model stays a `CausalLM`: its loss, attention kinds, activation checkpointing and sequence
 parallelism are unchanged. Checkpoints hold the trained parameters only, with the base folder's
 fingerprint (`adapters.base_fingerprint`); `longcpt export` merges the adapters into a plain folder

@@ -74,9 +74,13 @@ def apply_lora(model: nn.Module, lora: LoraConfig, seed: int = 0):
     for name, p in model.named_parameters():
         if spec.own_parameter(name):  # the kind's own (Infini's gates): new, so trained
             p.requires_grad_(True)
-    for p in model.parameters():  # float32 masters of what is trained (frozen weights keep their dtype)
-        if p.requires_grad and p.dtype != torch.float32 and not hasattr(p, "ds_id"):
-            p.data = p.data.float()
+    # What is trained in float32 (the optimizer's masters; frozen weights keep their dtype). Under
+    # ZeRO-3 the new adapters take the partitions' dtype instead: DeepSpeed keeps the float32 masters
+    # itself and flattens every trained partition into one buffer of one dtype.
+    partitions = next((p.dtype for p in model.parameters() if hasattr(p, "ds_id")), None)
+    for p in model.parameters():
+        if p.requires_grad and not hasattr(p, "ds_id") and p.dtype != (partitions or torch.float32):
+            p.data = p.data.to(partitions or torch.float32)
     model.lora = lora
     return tuner
 

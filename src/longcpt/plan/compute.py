@@ -1,7 +1,7 @@
 """FLOPs of a training step and the step time they imply at an assumed utilisation.
 
 Model FLOPs per token: 6 x the matmul parameters (forward 2, backward 4: Kaplan et al. 2020,
-PaLM appendix B), plus attention: QK^T and AV cost 2 x 2 x Hq x D per attended (query, key) pair
+PaLM appendix B; with LoRA the frozen weights' 2 of the backward's 4 are not computed), plus attention: QK^T and AV cost 2 x 2 x Hq x D per attended (query, key) pair
 in the forward, and three times that forward and backward. How many pairs a window attends
 depends on the attention kind and the documents; the kind says (its `plan` hook,
 `longcpt.model.attention.PlanTerms`):
@@ -152,7 +152,14 @@ def batch_flops(shape, kind: str, options: dict, rows: list[list[int]]) -> float
 
     terms, across = plan_terms(kind), kind_spec(kind).hooks.across_documents
     pairs = sum(terms.pairs([sum(row)] if across else row, options) for row in rows)
-    return 3 * forward_flops(shape, kind, options, sum(map(sum, rows)), pairs)
+    tokens = sum(map(sum, rows))
+    return 3 * forward_flops(shape, kind, options, tokens, pairs) - frozen_weight_gradient_flops(shape, tokens)
+
+
+def frozen_weight_gradient_flops(shape, tokens: float) -> float:
+    """The backward's weight-gradient matmuls of frozen weights (LoRA's base), which are not computed:
+    2 FLOPs per frozen matmul weight and token (the input gradients still are: the adapters below need them)."""
+    return 2 * shape.frozen_matmul * tokens
 
 
 def step_time(cfg, shape, world: int, peak_flops: float, mfu: float) -> StepTime:
@@ -164,7 +171,7 @@ def step_time(cfg, shape, world: int, peak_flops: float, mfu: float) -> StepTime
     tokens = windows * t
     pairs = attention_pairs(cfg)
     forward = forward_flops(shape, cfg.attention.kind, cfg.attention.options, tokens, pairs.pairs, windows)
-    model = 3 * forward
+    model = 3 * forward - frozen_weight_gradient_flops(shape, tokens)
     recomputes = int(cfg.trainer.activation_checkpointing) + plan_terms(cfg.attention.kind).recomputes
     recompute = recomputes * forward
     seconds = model / (world * peak_flops * mfu)

@@ -46,7 +46,7 @@ class Plan:
     """What one device holds during a training step of a recipe, and how long a step takes.
 
     Attributes:
-        parameters: trainable parameters of the model.
+        parameters: trained parameters of the model (all of them, but for LoRA: `shape.frozen` more).
         per_gpu_bytes: weights, gradients, optimizer, activations, other and their total.
         fits: total <= gpu_memory, and the host memory per node <= host_memory when that is given.
         items: every term behind `per_gpu_bytes` (category, name, bytes, how it was counted).
@@ -102,7 +102,7 @@ class Plan:
             "precision": self.precision,
             "attention": self.kind,
             "strategy": self.strategy,
-            "model": {k: v for k, v in dataclasses.asdict(self.shape).items() if k != "parameter_sizes"},
+            "model": _shape_json(self.shape),
             "step": {
                 "tokens": step.tokens,
                 "model_flops": step.model_flops,
@@ -119,6 +119,14 @@ class Plan:
             "tried": [_change_json(c) for c in self.tried],
             "assumptions": list(self.assumptions),
         }
+
+
+def _shape_json(shape: ModelShape) -> dict[str, Any]:
+    """The model's counts (without the per-tensor sizes), LoRA's sets as sorted lists."""
+    out = {k: v for k, v in dataclasses.asdict(shape).items() if k not in ("parameter_sizes", "frozen_sizes")}
+    if shape.lora is not None:
+        out["lora"] = {**out["lora"], "adapted": sorted(shape.lora.adapted), "trained": sorted(shape.lora.trained)}
+    return out
 
 
 def _change_json(change: Change) -> dict[str, Any]:
@@ -156,7 +164,7 @@ def estimate(
 
     validate(cfg)  # a recipe built in Python gets the checks `load_config` runs (and its options resolved)
     gpu_memory = DEFAULT_GPU_MEMORY if gpu_memory is None else gpu_memory
-    shape = _shape or ModelShape.from_args(model_args(cfg))
+    shape = _shape or ModelShape.from_args(model_args(cfg), cfg.model.lora)
     layout, assumptions = _layout(cfg)
     prec = precision_of(cfg)
     memory = memory_plan(cfg, shape, prec, layout)

@@ -27,6 +27,13 @@ for the three ways a step can run:
     bf16   bf16-true, or bf16-mixed under DeepSpeed (which casts the model to bfloat16 and keeps
            float32 master weights in the optimizer)
 
+With LoRA (`model.lora`) gradients and optimizer state exist for the trained parameters only
+(`ModelShape.parameters`), and the frozen weights (`ModelShape.frozen`) are held in the training
+precision: bf16 under bf16 training (`longcpt.strategies.load_dtype`), as DeepSpeed holds every
+weight. A frozen layer keeps no input for the backward and its weight gradient is never computed;
+an adapter keeps its input (under autocast a bf16 copy of it) and its rank-r output
+(`layer_bytes_per_token`).
+
 Shapes: n tokens a device holds per micro-batch (micro_batch_size x seq_len / sequence_parallel),
 L layers, C hidden, F intermediate, Hq / Hk query / KV heads, D head dim, V vocabulary.
 """
@@ -150,27 +157,33 @@ def model_state_items(cfg, shape, prec: Precision, layout: Layout) -> list[Item]
     ZeRO-3 allocates it once, next to the optimizer state.
     """
     p, s, w = shape.parameters, cfg.strategy, prec.param
-    world = layout.world
+    world, frozen, everything = layout.world, shape.frozen, shape.weights
     if s.name != "deepspeed":
-        return [
-            Item("weights", "parameters", p * w, f"{p:,} x {w} B"),
+        trained = "trained parameters" if frozen else "parameters"
+        items = [Item("weights", trained, p * w, f"{p:,} x {w} B")]
+        if frozen:
+            fw = frozen_bytes(cfg, prec)
+            items.append(Item("weights", "frozen parameters", frozen * fw, f"{frozen:,} x {fw} B (the training precision)"))
+        return items + [
             Item("gradients", "gradients", p * w, f"{p:,} x {w} B (DDP buckets are the gradients)"),
             Item("optimizer", "AdamW moments", ADAM_MOMENTS * p * w, f"2 x {p:,} x {w} B"),
         ]
     shard = -(-p // world)
+    weight_shard = -(-everything // world)
     accum, _ = gradient_dtypes(cfg, prec)
     items = []
     if s.stage == 3:
         zero = _zero(cfg)
         if not s.offload_parameters:
-            items.append(Item("weights", "parameter shard", shard * w, f"{p:,} / {world} ranks x {w} B"))
+            items.append(Item("weights", "parameter shard", weight_shard * w, f"{everything:,} / {world} ranks x {w} B"))
         # Parameters under the persistence threshold stay gathered on every rank. The others are
         # gathered module by module (the largest module bounds one gather) and kept while fewer than
         # stage3_max_live_parameters are live (and for a reuse within stage3_max_reuse_distance), so
         # around the turn from forward to backward up to that many more are gathered.
-        small = sum(n for n in shape.parameter_sizes if n <= int(zero["stage3_param_persistence_threshold"]))
-        one = min(p - small, shape.largest_module)
-        live = min(p - small, int(zero["stage3_max_live_parameters"]) + shape.largest_module) - one
+        sizes = shape.parameter_sizes + shape.frozen_sizes
+        small = sum(n for n in sizes if n <= int(zero["stage3_param_persistence_threshold"]))
+        one = min(everything - small, shape.largest_module)
+        live = min(everything - small, int(zero["stage3_max_live_parameters"]) + shape.largest_module) - one
         if small:
             items.append(Item("weights", "persistent small parameters", small * w,
                               f"{small:,} x {w} B (tensors <= stage3_param_persistence_threshold)"))
@@ -179,18 +192,28 @@ def model_state_items(cfg, shape, prec: Precision, layout: Layout) -> list[Item]
         if live:
             items.append(Item("weights", "gathered parameters: kept live", live * w,
                               f"min(rest, stage3_max_live_parameters) = {live:,} x {w} B", MOMENTS))
-        items.append(Item("gradients", "gathered gradients", shape.largest_module * w,
+        largest_trained = shape.largest_trained_module if frozen else shape.largest_module
+        items.append(Item("gradients", "gathered gradients", largest_trained * w,
                           "one module's full gradients before the reduce-scatter", _LATE))
         if not s.offload_optimizer:
             items.append(Item("gradients", "gradient partition", shard * accum, f"{p:,} / {world} x {accum} B"))
     else:
-        items.append(Item("weights", "parameters", p * w, f"{p:,} x {w} B (every rank holds all of them at stage 2)"))
+        items.append(Item("weights", "parameters", everything * w,
+                          f"{everything:,} x {w} B (every rank holds all of them at stage 2)"))
         if not s.offload_optimizer or accum != w:
             items.append(Item("gradients", "gradient partition", shard * accum, f"{p:,} / {world} x {accum} B", _LATE))
     if not s.offload_optimizer:
         items.append(Item("optimizer", "float32 master weights", shard * 4, f"{p:,} / {world} x 4 B"))
         items.append(Item("optimizer", "Adam moments", shard * 8, f"2 x {p:,} / {world} x 4 B"))
     return items
+
+
+def frozen_bytes(cfg, prec: Precision) -> int:
+    """Bytes per frozen (LoRA base) weight: the dtype it is loaded in and never leaves, bf16 under bf16
+    training (`longcpt.strategies.load_dtype`)."""
+    from longcpt.strategies import load_dtype
+
+    return 2 if load_dtype(cfg) == "bf16" or prec.param == 2 else 4
 
 
 def gradient_dtypes(cfg, prec: Precision) -> tuple[int, int]:
@@ -235,7 +258,7 @@ def optimizer_step_items(cfg, shape, prec: Precision, layout: Layout) -> list[It
         items.append(Item("activations", "optimizer step: AdamW temporaries", 2 * 4 * chunk,
                           f"2 x {chunk:,} x 4 B", ("optimizer step",)))
         return items
-    updated = p if layout.device == "gpu" else shape.largest_module
+    updated = p if layout.device == "gpu" else (shape.largest_trained_module if shape.frozen else shape.largest_module)
     return [Item("activations", "optimizer step: AdamW temporaries", updated * prec.param,
                  f"{updated:,} x {prec.param} B", ("optimizer step",))]
 
@@ -303,8 +326,9 @@ def host_items(cfg, shape, prec: Precision, layout: Layout) -> list[Item]:
     shard = -(-p // layout.world)
     items = []
     if not builds_partitioned(cfg):
-        w = 2 if load_dtype(cfg) == "bf16" else 4
-        items.append(Item("host", "whole model while loading", p * w, f"{p:,} x {w} B, on every rank", ("load",)))
+        w, everything = (2 if load_dtype(cfg) == "bf16" else 4), shape.weights
+        items.append(Item("host", "whole model while loading", everything * w, f"{everything:,} x {w} B, on every rank",
+                          ("load",)))
     if s.name != "deepspeed":
         return items
     if s.offload_optimizer:
@@ -318,8 +342,9 @@ def host_items(cfg, shape, prec: Precision, layout: Layout) -> list[Item]:
             items.append(Item("host", "offload staging buffer", largest * prec.param,
                               f"the largest parameter, {largest:,} x {prec.param} B"))
     if s.offload_parameters:
-        items.append(Item("host", "parameter shard (offloaded)", shard * prec.param,
-                          f"{p:,} / {layout.world} x {prec.param} B"))
+        weight_shard = -(-shape.weights // layout.world)
+        items.append(Item("host", "parameter shard (offloaded)", weight_shard * prec.param,
+                          f"{shape.weights:,} / {layout.world} x {prec.param} B"))
     return items
 
 
@@ -361,15 +386,42 @@ def layer_bytes_per_token(shape, prec: Precision, kind: str, layout: Layout, opt
     a, r = prec.act, prec.residual
     sp = layout.sequence_parallel
     hqd, hkd = hq * d, max(shape.kv_heads, sp) * d  # after the all-to-all: KV heads repeated up to sp
-    norms = 2 * (4 * c + r * c + 4)
-    inputs = (5 if prec.name == "amp" else 2) * a * c
+    if shape.lora is None:
+        norms = 2 * (4 * c + r * c + 4)
+        inputs = (5 if prec.name == "amp" else 2) * a * c
+        mlp = 4 * a * f
+    else:
+        norms, inputs, mlp = _lora_block_terms(shape, prec)
     attention = a * (2 * hqd + 2 * hkd) + 4 * hq
-    mlp = 4 * a * f
     extra = a * hqd if sp > 1 else 0
     own = plan_terms(kind).layer_bytes
     if own is not None:
         extra += own(shape, a, layout.device, options or {})
     return norms + inputs + attention + mlp + extra
+
+
+def _lora_block_terms(shape, prec: Precision) -> tuple[int, int, int]:
+    """(norms, projection inputs, MLP) bytes per token of a block whose frozen layers keep nothing for
+    their weights' gradients (measured with saved-tensor hooks, docs/plan.md):
+      * a norm keeps its float32 input and 1/rms, and its normalised output only when its weight is trained;
+      * a projection's input is kept when it has an adapter or a trained weight: once for q/k/v and once
+        for gate/up without autocast (the same tensor), one bfloat16 copy per such layer under autocast;
+        o_proj's and down_proj's inputs are the attention output and the MLP product, kept anyway for
+        the attention and kept for down_proj only when it needs it; under autocast peft hands an
+        adapter its input in float32 and autocast copies it back, one copy per adapted o/down;
+      * every adapter keeps its rank-r output (B's input).
+    """
+    lora, c, f, hqd = shape.lora, shape.hidden, shape.intermediate, shape.heads * shape.head_dim
+    a, r = prec.act, prec.residual
+    norms = sum(4 * c + 4 + (r * c if lora.keeps_input(n) else 0) for n in ("input_layernorm", "post_attention_layernorm"))
+    attn_in = [lora.keeps_input(n) for n in ("q_proj", "k_proj", "v_proj")]
+    mlp_in = [lora.keeps_input(n) for n in ("gate_proj", "up_proj")]
+    if prec.name == "amp":
+        inputs = a * c * (sum(attn_in) + sum(mlp_in)) + a * hqd * ("o_proj" in lora.adapted)
+    else:
+        inputs = a * c * (any(attn_in) + any(mlp_in))
+    mlp = 3 * a * f + a * f * lora.keeps_input("down_proj")
+    return norms, inputs + a * lora.rank * len(lora.adapted), mlp
 
 
 def activation_items(cfg, shape, prec: Precision, layout: Layout) -> list[Item]:
@@ -394,7 +446,8 @@ def activation_items(cfg, shape, prec: Precision, layout: Layout) -> list[Item]:
     # The chunk's float32 logits and log-softmax (8 B per logit), or later its softmax gradient (in
     # the matmul dtype) with the LM-head gradient's matmul output and its float32 copy.
     grad_logits = {"fp32": 4, "bf16": 2, "amp": 4 + 2}[prec.name]  # amp: float32 + autocast's bf16 copy
-    head_grad = 4 if prec.name == "fp32" else 2 + 4
+    head_trained = shape.lora is None or shape.lora.head  # a frozen head gets no weight gradient
+    head_grad = (4 if prec.name == "fp32" else 2 + 4) if head_trained else 0
     chunk_temp = max(8 * chunk * v, grad_logits * chunk * v + head_grad * v * c)
     # The backward of the last block: the MLP's product, gate and up gradients (while its product
     # input is already freed: + 2 F) and the residual stream's incoming and accumulated gradients.
@@ -409,18 +462,19 @@ def activation_items(cfg, shape, prec: Precision, layout: Layout) -> list[Item]:
         at("loss", "activations", "layers: saved for backward", layers * n * saved_per_layer, saved_note),
         at("loss", "activations", "final norm, ids, RoPE tables", n * outside, f"{n:,} x {outside:,} B"),
         at("loss", "activations", "loss: hidden + its gradient", 2 * n * r * c, f"2 x {n:,} x {c} x {r} B"),
-        at("loss", "activations", "loss: LM-head gradient (float32)", 4 * v * c, f"{v:,} x {c} x 4 B"),
         at("loss", "activations", "loss: one chunk of logits", chunk_temp,
            f"chunk {chunk:,} x vocab {v:,}, float32 + working copies"),
         at("backward", "activations", "layers: saved for backward", layers * n * saved_per_layer, saved_note),
     ]
+    if head_trained:
+        items.insert(3, at("loss", "activations", "loss: LM-head gradient (float32)", 4 * v * c, f"{v:,} x {c} x 4 B"))
     if checkpointing:
         items.append(at("backward", "activations", "one layer recomputed", n * per_layer, f"{n:,} x {per_layer:,} B"))
     items.append(at("backward", "activations", "backward working memory", backward_work,
                     f"{n:,} x (2 x {f} x {a} + 2 x {c} x {r}) B"))
-    if prec.name == "amp":
-        items.append(Item("activations", "autocast bfloat16 weight copies", 2 * shape.matmul_parameters,
-                          f"{shape.matmul_parameters:,} x 2 B", MOMENTS[:2]))
+    if prec.name == "amp":  # of the float32 weights: LoRA's frozen ones are bf16 already
+        copied = shape.matmul_parameters - shape.frozen_matmul
+        items.append(Item("activations", "autocast bfloat16 weight copies", 2 * copied, f"{copied:,} x 2 B", MOMENTS[:2]))
     if terms.activations is not None:
         context = SimpleNamespace(cfg=cfg, shape=shape, prec=prec, layout=layout, tokens=n, item=Item, moments=MOMENTS)
         items = terms.activations(items, context)

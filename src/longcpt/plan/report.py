@@ -50,7 +50,8 @@ def format_plan(plan: Plan, title: str = "") -> str:
     s, lay, step = plan.shape, plan.layout, plan.step
     lines = [f"longcpt plan{': ' + title if title else ''}"]
     lines.append(f"model      {s.layers} layers, {s.hidden} wide, {s.heads}/{s.kv_heads} heads x {s.head_dim}, "
-                 f"MLP {s.intermediate}, vocab {s.vocab:,}: {plan.parameters:,} parameters")
+                 f"MLP {s.intermediate}, vocab {s.vocab:,}: {s.weights:,} parameters"
+                 + (f", {plan.parameters:,} trained (LoRA r={s.lora.rank}; {s.frozen:,} frozen)" if s.lora else ""))
     dp = lay.world // lay.sequence_parallel
     sp = f", sequence parallel {lay.sequence_parallel} (data parallel {dp})" if lay.sequence_parallel > 1 else ""
     lines.append(f"run        {lay.world} {lay.device.upper()}{'s' if lay.world > 1 else ''}, {plan.strategy}{sp}, "

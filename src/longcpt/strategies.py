@@ -304,7 +304,8 @@ def _cpu_deepspeed_class():
     Defined on first use so that importing this module (to validate a recipe) does not import
     Lightning. Three changes, nothing else:
       1. `setup_environment` skips the CUDA-only check but keeps the DDP setup it would call;
-      2. `setup_distributed` skips the device-index validation (CPU devices have no index);
+      2. `setup_distributed` skips the device-index validation (CPU devices have no index) and
+         DeepSpeed's shared-memory all-reduce kernel (`skip_shm_all_reduce`);
       3. `deepspeed.initialize` gets the local rank as `device_rank` (not `root_device.index`,
          which is None on CPU).
     """
@@ -320,6 +321,7 @@ def _cpu_deepspeed_class():
         def setup_distributed(self) -> None:
             reset_seed()
             self.set_world_ranks()
+            skip_shm_all_reduce()
             self._init_deepspeed_distributed()
 
         def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
@@ -340,6 +342,24 @@ def _cpu_deepspeed_class():
             return "gloo"
 
     return CPUDeepSpeedStrategy
+
+
+def skip_shm_all_reduce() -> None:
+    """Tell DeepSpeed's CPU accelerator not to build its shared-memory all-reduce kernel; call
+    before DeepSpeed starts its communication backend (`deepspeed.init_distributed`, `zero.Init`).
+
+    DeepSpeed builds that C++ kernel (gcc, through torch's extension loader) the first time a
+    process group starts on a machine: about 40 s of wall time and 57 s of CPU on 2 cores, while the
+    other ranks wait on its lock. Only `inference_all_reduce` (tensor-parallel inference) uses it;
+    training's collectives (ZeRO's gathers and reduce-scatters, the gradient all-reduce) go through
+    the process group, gloo here, with or without it.
+    """
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
 def __getattr__(name: str):

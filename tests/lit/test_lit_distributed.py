@@ -53,6 +53,13 @@ def test_zero3_steps_log_no_torch_deprecation_warnings(runs):
     assert "FutureWarning" not in log, [line for line in log.splitlines() if "FutureWarning" in line][:4]
 
 
+def test_cpu_ranks_skip_deepspeeds_shared_memory_kernel(runs):
+    """DeepSpeed builds its shared-memory all-reduce kernel with gcc when its process group starts
+    (about 40 s on a machine's first run); training never uses it (`skip_shm_all_reduce`)."""
+    log = (runs / "zero3.log").read_text()
+    assert "step-00000004.ckpt" in log and "shm_comm" not in log
+
+
 def test_checkpoint_formats(runs):
     assert (runs / "ddp" / "checkpoints" / "step-00000004.ckpt").is_file()
     for name in ("zero2", "zero3"):

@@ -6,7 +6,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
 from longcpt.config import load_config
 from longcpt.errors import ConfigError
-from longcpt.strategies import CPUDeepSpeedStrategy, build_strategy, deepspeed_config
+from longcpt.strategies import CPUDeepSpeedStrategy, build_strategy, deepspeed_config, skip_shm_all_reduce
 
 BASE = ["model.config={model_type: llama}", "model.tokenizer=tok"]
 
@@ -187,3 +187,13 @@ def test_a_window_the_group_size_does_not_divide_is_refused():
     assert sp.shard(torch.arange(8)[None]).tolist() == [[4, 5, 6, 7]]
     with pytest.raises(LongcptError, match="window length divisible by 2; this window has 5 tokens"):
         sp.shard(torch.arange(5)[None])
+
+
+def test_the_shared_memory_all_reduce_kernel_is_not_built(monkeypatch):
+    """On a CPU, DeepSpeed's communication backend gets no shared-memory kernel to build (a gcc
+    build of about 40 s on a machine's first run, used by tensor-parallel inference only)."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    from deepspeed.comm.torch import build_shm_op
+
+    skip_shm_all_reduce()
+    assert build_shm_op() is None

@@ -2,8 +2,9 @@
 
 Starts `longcpt.lit.train.train` on the recipe given as overrides (Lightning relaunches this same
 command for the other ranks), records each rank's peak resident memory (VmHWM) once the imports
-are done (the fixed runtime overhead: Python, torch, Lightning, DeepSpeed), when the model is
-ready (right after `configure_model`) and after DeepSpeed's engine and optimizer are set up
+are done (the fixed runtime overhead: Python, torch, Lightning, DeepSpeed), once the Trainer,
+the process group and the data are set up (the module's `setup` hook, which Lightning calls just
+before `configure_model`), when the model is ready (right after `configure_model`) and after DeepSpeed's engine and optimizer are set up
 (`on_fit_start`), writes OUT_DIR/rank{r}.json and exits before the first step.
 
 MODE `partitioned` is what `longcpt train` does; `whole` forces the former path (every rank builds
@@ -59,13 +60,17 @@ if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
     if mode == "whole":
         longcpt.strategies.builds_partitioned = lambda cfg: False
-    configure_model = LitCausalLM.configure_model
+    configure_model, setup = LitCausalLM.configure_model, LitCausalLM.setup
+
+    def measured_setup(self, stage: str) -> None:
+        setup(self, stage)
+        record["setup_peak_mib"] = peak_mib()
 
     def measured_configure_model(self) -> None:
         configure_model(self)
         record["model_peak_mib"] = peak_mib()
 
-    LitCausalLM.configure_model = measured_configure_model
+    LitCausalLM.configure_model, LitCausalLM.setup = measured_configure_model, measured_setup
     record["imports_peak_mib"] = peak_mib()
     cfg = load_config(None, sys.argv[3:])
     train(cfg, datamodule=SyntheticDataModule(cfg.data.seq_len, cfg.data.micro_batch_size), callbacks=[Stop(out)])

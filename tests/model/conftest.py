@@ -23,6 +23,9 @@ def zero_init(tmp_path_factory):
         env.setenv(name, value)
     import deepspeed
 
+    from longcpt.strategies import skip_shm_all_reduce
+
+    skip_shm_all_reduce()
     store = tmp_path_factory.mktemp("zero_init") / "store"
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
     yield lambda: deepspeed.zero.Init(config_dict_or_path=ZERO3_BF16)

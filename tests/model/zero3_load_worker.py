@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     hf_io.WeightFiles.__getitem__ = failing_read
     import deepspeed
 
+    from longcpt.strategies import skip_shm_all_reduce
+
+    skip_shm_all_reduce()
     config = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
     try:
         with deepspeed.zero.Init(config_dict_or_path=config):

@@ -10,6 +10,8 @@ Rows, for each model and (batch x tokens, documents) setting:
                                  positions restarting per document, as users usually pack;
   * ours full                    `CausalLM.loss` (chunked cross-entropy), attention="full";
   * ours intra_doc / anchor      the same on the packed window (cu_seqlens + the kind's positions);
+  * ours s2                      LongLoRA's shifted sparse attention on the packed window, groups of a
+                                 quarter of the window (`--s2-group`), half of the heads shifted;
   * ours full / anchor [blocks]  the same with `trainer.compile: blocks` (`longcpt.model.compile`:
                                  each decoder block compiled by inductor, C++/OpenMP on CPU).
 Each cell: seconds per step (best of the interleaved runs) and the speed-up over transformers'
@@ -56,6 +58,7 @@ MODELS = {
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
 }
 MIB = 2**20
+POSITIONS = {"s2": "intra_doc"}  # the position ids a kind reads from `packed_batch` (s2: per document)
 
 
 def parse_setting(text: str) -> tuple[int, int, int]:
@@ -101,7 +104,7 @@ def hf_labels(labels: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def build(name: str, tokens: int, compiled: bool):
+def build(name: str, tokens: int, compiled: bool, s2_group: int | None = None):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(**MODELS[name], max_position_embeddings=tokens, rope_theta=10000.0,
                                    bos_token_id=1, eos_token_id=2)
@@ -109,6 +112,7 @@ def build(name: str, tokens: int, compiled: bool):
     hf = transformers.LlamaForCausalLM(cfg).train()
     state = hf.state_dict()
     ours = {kind: build_model(_args(cfg, kind), state).train() for kind in ("full", "intra_doc", "anchor")}
+    ours["s2"] = build_model(_args(cfg, "s2", {"group_size": s2_group or max(2, tokens // 4)}), state).train()
     if compiled:
         for kind in ("full", "anchor"):
             ours[f"{kind} [blocks]"] = build_model(_args(cfg, kind), state).train()
@@ -116,9 +120,10 @@ def build(name: str, tokens: int, compiled: bool):
     return hf, ours
 
 
-def _args(cfg: transformers.LlamaConfig, kind: str) -> ModelArgs:
+def _args(cfg: transformers.LlamaConfig, kind: str, options: dict | None = None) -> ModelArgs:
     args = ModelArgs.from_hf_config(cfg.to_dict())
     args.attention = kind
+    args.attention_options = dict(options or {})
     return args
 
 
@@ -147,7 +152,7 @@ def measure(rows: dict, reps: int) -> dict[str, dict]:
 def run_setting(model: str, setting: tuple[int, int, int], args) -> dict:
     b, t, docs = setting
     compiled = args.compile == "blocks"
-    hf, ours = build(model, t, compiled)
+    hf, ours = build(model, t, compiled, args.s2_group)
     rows = [document_lengths(t, docs, args.seed + r, args.equal) for r in range(b)]
     batch = packed_batch(rows, MODELS[model]["vocab_size"])
     ids, labels, cu = batch["input_ids"], batch["labels"], batch["cu_seqlens"]
@@ -168,7 +173,7 @@ def run_setting(model: str, setting: tuple[int, int, int], args) -> dict:
 
         def loss():
             mark_dynamic(cu)
-            return m.loss(ids, labels, position_ids=batch[kind], cu_seqlens=cu)
+            return m.loss(ids, labels, position_ids=batch[POSITIONS.get(kind, kind)], cu_seqlens=cu)
 
         return step(m, loss)
 
@@ -180,6 +185,7 @@ def run_setting(model: str, setting: tuple[int, int, int], args) -> dict:
         "ours full": ours_step("full", "full"),
         "ours intra_doc": ours_step("intra_doc", "intra_doc"),
         "ours anchor": ours_step("anchor", "anchor"),
+        "ours s2": ours_step("s2", "s2"),
     }
     if compiled:
         table["ours full [blocks]"] = ours_step("full [blocks]", "full")
@@ -234,6 +240,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--equal", action="store_true", help="equal document lengths")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--skip", nargs="*", default=[], help="row names to leave out")
+    p.add_argument("--s2-group", type=int, default=None, help="s2's group_size (default: a quarter of the window)")
     p.add_argument("--inductor-cache", default=None, help="inductor's cache folder (default: a fresh one, cold)")
     args = p.parse_args(argv)
     if args.threads:
@@ -254,6 +261,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 verdict[f"{model}_full_{r['tokens']}"] = ratio
                 print(f"{model} {setting_label(r)}: ours full vs transformers {ratio:.2f}x (target >= 1: "
                       f"{'met' if ratio >= 1 else 'NOT met'}); loss difference {r['loss_diff_full']:.2e}")
+            for peer in ("full", "anchor"):  # LongLoRA's training attention against the window's
+                if "ours s2" in rows and f"ours {peer}" in rows:
+                    speedup = rows[f"ours {peer}"]["s"] / rows["ours s2"]["s"]
+                    verdict[f"{model}_s2_vs_{peer}_{r['batch']}x{r['tokens']}_{r['documents']}docs"] = speedup
+                    print(f"{model} {setting_label(r)}: s2 step {speedup:.2f}x faster than {peer}")
             for kind in ("full", "anchor"):
                 if f"ours {kind}" in rows and f"ours {kind} [blocks]" in rows:
                     gain = rows[f"ours {kind}"]["s"] / rows[f"ours {kind} [blocks]"]["s"]

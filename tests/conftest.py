@@ -38,6 +38,48 @@ def _subprocess_env_fixture():
     return subprocess_env
 
 
+class ScriptRun:
+    """What a script run printed and returned (`run_script`)."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def run_script(path: Path | str, *args: object) -> ScriptRun:
+    """Run a script the way `python PATH ARGS...` does, or a module the way `python -m MODULE ARGS...`
+    does (`path` "-m", the module first in `args`): as `__main__`, with that `sys.argv`, in this
+    process: what it imports is loaded already here, where a fresh Python spends 3-10 s on it.
+    An exception the script does not handle propagates (a fresh Python would print its traceback)."""
+    import contextlib
+    import io
+    import runpy
+
+    module = str(args[0]) if path == "-m" else None
+    if module is not None:
+        path, args = module, args[1:]
+    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
+    sys.argv, code = [str(path), *map(str, args)], 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            if module is None:
+                runpy.run_path(str(path), run_name="__main__")
+            else:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as e:  # sys.exit(n), sys.exit("message") or argparse's exit
+        if isinstance(e.code, str):
+            err.write(e.code + "\n")
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        sys.argv = argv
+    return ScriptRun(code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(name="run_script", scope="session")
+def _run_script_fixture():
+    """The `run_script` function, for tests of the data_prep scripts' command lines."""
+    return run_script
+
+
 @pytest.fixture(scope="session")
 def forkserver():
     """Starts `longcpt train` (or tests/lit/run_train.py) children without Python's start-up cost,

@@ -29,6 +29,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import platform
 import resource
 import shutil
 import subprocess
@@ -72,6 +73,9 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_runtestloop(session: pytest.Session):
     if not session.config.getoption("fast"):
         return (yield)
+    # Python's platform module asks `uname -p` once per process, for whichever test first reads
+    # platform.processor() (importing DeepSpeed does): asked here, before the watch starts.
+    platform.processor()
     with _processes_watched():  # from the first test on (xdist's start-up runs `uname` once, say)
         return (yield)
 

@@ -65,6 +65,7 @@ def launch(out, tokenizer_dir, steps):
     return keep.loggers
 
 
+@pytest.mark.subprocess  # MLflow asks git for the source version
 def test_every_installed_logger_gets_the_metrics_and_the_recipe_offline(tmp_path, tokenizer_dir, offline):
     if MISSING:
         print(f"not installed, so not tested here: {MISSING} (pip install -e '.[trackers]')")

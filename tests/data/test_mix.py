@@ -1,9 +1,6 @@
 """mix_datasets: token shares per source, long-document upsampling within a source, determinism."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -90,12 +87,9 @@ def test_bad_arguments_are_named(sources, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow
-def test_cli_prints_the_shares(sources, tmp_path):
+def test_cli_prints_the_shares(sources, tmp_path, run_script):
     a, b = sources
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    run = subprocess.run([sys.executable, str(REPO / "data_prep" / "mix.py"), "--input", f"{a}:1", f"{b}:3",
-                          "--output", str(tmp_path / "mix"), "--upsample-long", "100:2", "--seed", "1"],
-                         env=env, capture_output=True, text=True)
+    run = run_script(REPO / "data_prep" / "mix.py", "--input", f"{a}:1", f"{b}:3", "--output", tmp_path / "mix",
+                     "--upsample-long", "100:2", "--seed", "1")
     assert run.returncode == 0, run.stderr
     assert "target" in run.stdout and "25.0%" in run.stdout and (tmp_path / "mix" / "report.json").is_file()

@@ -1,9 +1,6 @@
 """prepare_corpus: formats, bad records with file:line in report.json, atomic output, splits."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -161,18 +158,14 @@ def test_num_proc_gives_the_same_data(tokenizer, tmp_path):
     assert saved_ids(tmp_path / "one") == saved_ids(tmp_path / "two")
 
 
-@pytest.mark.slow
-def test_cli_script(tokenizer, tmp_path):
+def test_cli_script(tokenizer, tmp_path, run_script):
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"text": TEXTS[0]}) + "\n{bad\n")
     script = REPO / "data_prep" / "prepare_corpus.py"
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    ok = subprocess.run([sys.executable, str(script), "--input", str(src), "--tokenizer", str(tokenizer),
-                         "--output", str(tmp_path / "out")], env=env, capture_output=True, text=True)
+    ok = run_script(script, "--input", src, "--tokenizer", tokenizer, "--output", tmp_path / "out")
     assert ok.returncode == 0, ok.stderr
     assert "kept 1, rejected 1" in ok.stdout and f"{src}:2" in ok.stdout
-    bad = subprocess.run([sys.executable, str(script), "--input", str(src), "--tokenizer", str(tmp_path / "none"),
-                          "--output", str(tmp_path / "out2")], env=env, capture_output=True, text=True)
+    bad = run_script(script, "--input", src, "--tokenizer", tmp_path / "none", "--output", tmp_path / "out2")
     assert bad.returncode == 2 and "none" in bad.stderr and "Traceback" not in bad.stderr
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -123,14 +121,10 @@ def test_pairs_fit_seq_len_with_loss_on_the_summary_only(tmp_path):
     assert labelled == target
 
 
-@pytest.mark.subprocess
-def test_prepare_booksum_script(tmp_path, subprocess_env):
+def test_prepare_booksum_script(tmp_path, run_script):
     (tmp_path / "x1.jsonl").write_text(json.dumps(CHAPTERS[0]) + "\n")
     (tmp_path / "x2.jsonl").write_text(json.dumps(CHAPTERS[1]) + "\nnot json\n")
-    env = subprocess_env()
-    res = subprocess.run([sys.executable, str(REPO / "data_prep/prepare_booksum.py"), "--input",
-                          str(tmp_path / "x*.jsonl"), "--output", str(tmp_path / "o")],
-                         env=env, capture_output=True, text=True)
+    res = run_script(REPO / "data_prep/prepare_booksum.py", "--input", tmp_path / "x*.jsonl", "--output", tmp_path / "o")
     assert res.returncode == 0, res.stderr
     assert "kept 2, rejected 1" in res.stdout and "x2.jsonl:2" in res.stdout
     assert len(load_booksum(tmp_path / "o")) == 2

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -179,19 +177,17 @@ def test_read_pairs_checks_rows_and_lengths(tmp_path, tok):
         read_passkey_pairs(str(f), 4, eos_id=2)
 
 
-@pytest.mark.subprocess
-def test_make_passkey_script(tmp_path, tok, subprocess_env):
+def test_make_passkey_script(tmp_path, tok, run_script):
     tok.save_pretrained(tmp_path / "tok")
     out = tmp_path / "pk.jsonl"
-    env = subprocess_env()
-    cmd = [sys.executable, str(REPO / "data_prep/make_passkey.py"), "--tokenizer", str(tmp_path / "tok"),
-           "--lengths", "200,300", "--depths", "0,0.5,random", "--n", "2", "--output", str(out)]
-    subprocess.run(cmd, check=True, env=env, capture_output=True)
+    cmd = [REPO / "data_prep/make_passkey.py", "--tokenizer", tmp_path / "tok",
+           "--lengths", "200,300", "--depths", "0,0.5,random", "--n", "2", "--output", out]
+    ok = run_script(*cmd)
+    assert ok.returncode == 0, ok.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 12
     assert sorted({len(r["input_ids"]) for r in rows}) == [200, 300]
-    bad = subprocess.run(cmd[:-4] + ["--depths", "1.5", "--n", "2", "--output", str(out)], env=env,
-                         capture_output=True, text=True)
+    bad = run_script(*cmd[:-4], "--depths", "1.5", "--n", "2", "--output", out)
     assert bad.returncode != 0 and "depth 1.5: must be in [0, 1]" in bad.stderr
 
 
@@ -214,17 +210,16 @@ def test_split_digits_writes_one_token_per_digit(tok, depth):
     assert tok.decode(ex.input_ids).endswith("\n" + QUESTION)
 
 
-@pytest.mark.subprocess
-def test_split_digits_rows_and_script(tmp_path, tok, subprocess_env):
+def test_split_digits_rows_and_script(tmp_path, tok, run_script):
     rows = list(make_passkey_examples(tok, [150], [0.5], n=3, seed=2, split_digits=True))
     for r in rows:
         assert len(r["input_ids"]) == 150 and r["answer"] == f" {r['key']}"
         assert len(r["answer_ids"]) >= 5  # one token per digit (the first may carry its space)
     tok.save_pretrained(tmp_path / "tok")
     out = tmp_path / "pk.jsonl"
-    cmd = [sys.executable, str(REPO / "data_prep/make_passkey.py"), "--tokenizer", str(tmp_path / "tok"),
-           "--lengths", "150", "--depths", "0.5", "--n", "3", "--seed", "2", "--split-digits", "--output", str(out)]
-    subprocess.run(cmd, check=True, env=subprocess_env(), capture_output=True)
+    run = run_script(REPO / "data_prep/make_passkey.py", "--tokenizer", tmp_path / "tok", "--lengths", "150",
+                     "--depths", "0.5", "--n", "3", "--seed", "2", "--split-digits", "--output", out)
+    assert run.returncode == 0, run.stderr
     assert [json.loads(line)["answer_ids"] for line in out.read_text().splitlines()] == [r["answer_ids"] for r in rows]
 
 

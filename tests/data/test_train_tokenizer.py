@@ -2,9 +2,6 @@
 
 import inspect
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,10 +10,6 @@ from longcpt.data.tokenizer import load_tokenizer, train_tokenizer
 from longcpt.errors import LongcptError
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def env():
-    return {**os.environ, "PYTHONPATH": str(REPO / "src")}
 
 
 @pytest.fixture(scope="module")
@@ -92,13 +85,10 @@ def test_load_tokenizer_fills_missing_pad_and_bos_from_eos(corpus, tmp_path):
     assert tok.eos_token_id == 2 and tok.bos_token_id == 2 and tok.pad_token_id == 2
 
 
-@pytest.mark.slow
-def test_cli_script(corpus, tmp_path):
+def test_cli_script(corpus, tmp_path, run_script):
     script = REPO / "data_prep" / "train_tokenizer.py"
-    ok = subprocess.run([sys.executable, str(script), "--input", str(corpus), "--vocab-size", "300",
-                         "--output", str(tmp_path / "tok")], env=env(), capture_output=True, text=True)
+    ok = run_script(script, "--input", corpus, "--vocab-size", "300", "--output", tmp_path / "tok")
     assert ok.returncode == 0, ok.stderr
     assert "300 tokens" in ok.stdout and (tmp_path / "tok" / "tokenizer.json").is_file()
-    bad = subprocess.run([sys.executable, str(script), "--input", str(tmp_path / "missing.jsonl"), "--vocab-size",
-                          "300", "--output", str(tmp_path / "tok2")], env=env(), capture_output=True, text=True)
+    bad = run_script(script, "--input", tmp_path / "missing.jsonl", "--vocab-size", "300", "--output", tmp_path / "tok2")
     assert bad.returncode == 2 and "missing.jsonl" in bad.stderr and "Traceback" not in bad.stderr

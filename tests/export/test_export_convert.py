@@ -1,15 +1,12 @@
 """`longcpt export`: Lightning checkpoint -> HF folder that plain transformers loads with the same logits."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from lit_helpers import REPO, SyntheticDataModule, tiny_overrides
+from lit_helpers import SyntheticDataModule, tiny_overrides
 from safetensors import safe_open
 from tiny import word_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -97,19 +94,15 @@ def test_tokenizer_larger_than_the_model_is_refused(trained, tmp_path):
     assert not (tmp_path / "hf").exists()
 
 
-@pytest.mark.subprocess
-def test_cli_export_and_its_errors(trained, tmp_path):
+def test_cli_export_and_its_errors(trained, tmp_path, run_script):
     result, keep = trained
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     ckpt = result.out_dir / "checkpoints" / "last"
-    ok = subprocess.run([sys.executable, "-m", "longcpt", "export", str(ckpt), "--output", str(tmp_path / "hf")],
-                        env=env, capture_output=True, text=True, timeout=300)
+    ok = run_script("-m", "longcpt", "export", ckpt, "--output", tmp_path / "hf")
     assert ok.returncode == 0, ok.stderr[-2000:]
     ids = torch.arange(3, 40).view(1, -1)
     torch.testing.assert_close(hf_logits(tmp_path / "hf", ids), trained_logits(keep, ids), rtol=1e-5, atol=1e-5)
 
-    bad = subprocess.run([sys.executable, "-m", "longcpt", "export", str(tmp_path / "missing.ckpt"), "--output",
-                          str(tmp_path / "x")], env=env, capture_output=True, text=True, timeout=300)
+    bad = run_script("-m", "longcpt", "export", tmp_path / "missing.ckpt", "--output", tmp_path / "x")
     assert bad.returncode == 2 and "missing.ckpt does not exist" in bad.stderr
     assert "Traceback" not in bad.stderr and not (tmp_path / "x").exists()
 

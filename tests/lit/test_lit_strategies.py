@@ -40,6 +40,7 @@ def test_keys_owned_by_the_recipe_are_refused_with_the_key_to_use():
         deepspeed_config(c)
 
 
+@pytest.mark.subprocess  # DeepSpeed probes its ops with gcc
 def test_strategy_per_name_and_accelerator():
     assert build_strategy(cfg(), "cpu") == "auto"
     assert isinstance(build_strategy(cfg("strategy.name=ddp"), "gpu"), DDPStrategy)
@@ -189,6 +190,7 @@ def test_a_window_the_group_size_does_not_divide_is_refused():
         sp.shard(torch.arange(5)[None])
 
 
+@pytest.mark.subprocess  # DeepSpeed probes its ops with gcc
 def test_the_shared_memory_all_reduce_kernel_is_not_built(monkeypatch):
     """On a CPU, DeepSpeed's communication backend gets no shared-memory kernel to build (a gcc
     build of about 40 s on a machine's first run, used by tensor-parallel inference only)."""

@@ -45,6 +45,17 @@ def test_every_problem_is_listed_with_a_fix(tmp_path):
     assert "'nonsense': expected key=value" in msg
 
 
+def test_an_override_that_is_not_yaml_is_named_with_the_others():
+    """A bracket left open (or split by an unquoted shell word) is one listed problem, not a parser traceback."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model.tokenizer=tok", "model.config={model_type: llama", "trainer.max_steps=[1", "optim.lr=-1"])
+    msg = str(e.value)
+    assert len(e.value.problems) == 4, msg  # and model.config is empty
+    assert "override 'model.config={model_type: llama': the value is not valid YAML (did not find expected ',' or '}')" in msg
+    assert "override 'trainer.max_steps=[1'" in msg and "quote the whole override" in msg
+    assert "optim.lr=-1.0: must be > 0" in msg
+
+
 def test_cross_field_checks(tmp_path):
     path = _recipe(tmp_path, "strategy:\n  name: ddp\n  stage: 2\n  offload_parameters: true\n")
     with pytest.raises(ConfigError) as e:

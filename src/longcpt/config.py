@@ -151,6 +151,19 @@ DEPRECATED = {
 _FREE_FORM = {"model.config", "rope.scaling", "model.rope_scaling", "strategy.deepspeed", "attention.options"}
 
 
+def _parse_override(override: str) -> tuple[dict, str | None]:
+    """One `key=value` override as a nested dict (the value read as YAML, as OmegaConf reads it), or
+    the problem with it."""
+    if "=" not in override or override.startswith("="):
+        return {}, f"override {override!r}: expected key=value (e.g. trainer.max_steps=100)"
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist([override])), None
+    except (yaml.YAMLError, OmegaConfBaseException) as e:
+        reason = " ".join(str(getattr(e, "problem", None) or e).split())
+        return {}, (f"override {override!r}: the value is not valid YAML ({reason}); close every bracket and "
+                    "quote the whole override for the shell, e.g. 'model.config={model_type: llama, hidden_size: 64}'")
+
+
 def load_config(
     recipe: str | Path | None, overrides: list[str] = (), check_paths: bool = False, schema: type = Config
 ) -> Config:
@@ -173,11 +186,12 @@ def load_config(
     layers: list[tuple[str, dict]] = []
     if recipe is not None:
         layers.append((str(recipe), _read_yaml(Path(recipe))))
-    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
-    problems += [f"override {o!r}: expected key=value (e.g. trainer.max_steps=100)" for o in bad]
-    good = [o for o in overrides if o not in bad]
-    if good:
-        layers.append(("command line", OmegaConf.to_container(OmegaConf.from_dotlist(good))))
+    for override in overrides:
+        parsed, problem = _parse_override(override)
+        if problem:
+            problems.append(problem)
+        else:
+            layers.append(("command line", parsed))
 
     merged = OmegaConf.structured(schema)
     for origin, data in layers:

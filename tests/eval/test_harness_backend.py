@@ -19,7 +19,8 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
 from longcpt.errors import LongcptError  # noqa: E402
-from longcpt.eval.harness.backend import LongcptLM  # noqa: E402
+from longcpt.eval.harness.backend import UNBOUNDED, LongcptLM  # noqa: E402
+from longcpt.model.attention import reads_any_length  # noqa: E402
 from longcpt.model.generation import generate  # noqa: E402
 
 MAX_LENGTH = 48  # the model's max_position_embeddings: short, so that truncation and windows happen
@@ -143,9 +144,11 @@ def test_greedy_generations_equal_hf(backends, batch_size):
     ("streaming", {"cache_size": 64, "sinks": 4}),
 ])
 def test_memory_kinds_equal_hf_within_their_window(backends, attention, options):
-    """InfLLM and StreamingLLM equal full attention while the input fits their window."""
+    """InfLLM and StreamingLLM equal full attention while the input fits their window (cut as `hf`
+    cuts it: max_length given)."""
     reference, _, folder = backends
-    kind = LongcptLM(str(folder), attention=attention, attention_options=options, progress=False)
+    kind = LongcptLM(str(folder), attention=attention, attention_options=options, max_length=MAX_LENGTH,
+                     progress=False)
     assert kind.settings["attention"] == attention
     pairs = [(c, x) for c in CONTEXTS for x in CONTINUATIONS[:2]]
     expected = reference.loglikelihood(requests("loglikelihood", pairs))
@@ -154,6 +157,22 @@ def test_memory_kinds_equal_hf_within_their_window(backends, attention, options)
     args = [(c, {"max_gen_toks": 10, "until": ["\n\n"]}) for c in CONTEXTS]
     assert kind.generate_until(requests("generate_until", args)) == reference.generate_until(
         requests("generate_until", args))
+
+
+@pytest.mark.parametrize("attention, options", [("streaming", {"cache_size": 32}), ("h2o", {"cache_size": 32}),
+                                                ("infllm", {})])
+def test_kinds_that_read_any_length_get_whole_inputs_by_default(backends, attention, options):
+    """A memory's evaluation reads past the window unless max_length says otherwise; full keeps the window."""
+    _, _, folder = backends
+    kind = LongcptLM(str(folder), attention=attention, attention_options=options, progress=False)
+    full = LongcptLM(str(folder), progress=False)
+    assert kind.max_length == kind.settings["max_length"] == UNBOUNDED and full.max_length == MAX_LENGTH
+    assert reads_any_length("infini") and not reads_any_length("full") and not reads_any_length("anchor")
+    long = [(CONTEXTS[1], " blue.")]  # longer than the window
+    kind.loglikelihood(requests("loglikelihood", long))
+    full.loglikelihood(requests("loglikelihood", long))
+    assert kind.stats["truncated"] == 0 and full.stats["truncated"] == 1
+    assert kind.stats["tokens"] > full.stats["tokens"]
 
 
 def test_model_args_of_the_harness_command_line(backends):

@@ -29,8 +29,10 @@ step of its own (InfLLM retrieves once per step), then the rest of the continuat
 this is the same computation as one forward pass, cut differently.
 
 max_length is the model's context length with its RoPE scaling (`ModelArgs.context_length`)
-unless `max_length` is given: a kind that reads past the model's window (infllm, infini, ...) takes
-the longest input to read. Inputs cut to max_length are counted (`truncated` in `stats`).
+unless `max_length` is given; a kind that reads any length with bounded state (infllm, namm, h2o,
+streaming, infini: `longcpt.model.attention.reads_any_length`) reads every input whole by default
+(max_length `UNBOUNDED`): cutting it to the window would hide what the memory is for. Inputs cut
+to max_length are counted (`truncated` in `stats`).
 
 Batches: requests whose inputs have the same number of tokens (and, for log-likelihoods, the same
 number of scored tokens) run as rows of one batch, up to `batch_tokens` tokens and `batch_size`
@@ -60,6 +62,8 @@ from longcpt.errors import LongcptError
 from longcpt.model.generation import DEFAULT_PREFILL_CHUNK, cache_use, forward_chunks, generate, prefill
 
 DEFAULT_MAX_GEN_TOKS = 256  # as `hf`
+# The max_length of a kind that reads any length: longer than any input (a whole input, one rolling window).
+UNBOUNDED = 2**31 - 1
 LOGIT_CHUNK = 1024  # hidden states turned into (t, V) float32 log-probabilities this many at a time
 SAMPLING_KEYS = ("do_sample", "temperature", "top_p")  # generation kwargs besides until / max_gen_toks
 
@@ -166,7 +170,11 @@ class LongcptLM(TemplateLM):
 
     @property
     def max_length(self) -> int:
-        return self._max_length or self.model.args.context_length
+        if self._max_length:
+            return self._max_length
+        from longcpt.model.attention import reads_any_length
+
+        return UNBOUNDED if reads_any_length(self.model.args.attention) else self.model.args.context_length
 
     @property
     def max_gen_toks(self) -> int:

@@ -206,6 +206,8 @@ class KindHooks:
         telemetry: what the kind's inference state reports (`kept_fraction`, `cache_use`,
             `visible_share`, `attention_on`).
         no_sequence_parallel: why `strategy.sequence_parallel` does not apply, for the error.
+        reads_any_length: its inference state stays bounded however long the input (Infini's
+            compressive memory); kinds with `inference_memory` do so too (`reads_any_length`).
     """
 
     training_loss: Callable[..., Any] | None = None
@@ -220,6 +222,14 @@ class KindHooks:
     across_documents: bool = False
     telemetry: tuple[str, ...] = ()
     no_sequence_parallel: str = ""
+    reads_any_length: bool = False
+
+
+def reads_any_length(kind: str) -> bool:
+    """Does `kind` read an input of any length with bounded state (an inference-time memory,
+    Infini's compressive memory), so that an evaluation need not cut inputs to the model's window?"""
+    spec = kind_spec(kind)
+    return spec.inference_memory or spec.hooks.reads_any_length
 
 
 TELEMETRY = ("kept_fraction", "cache_use", "visible_share", "attention_on")

@@ -60,6 +60,7 @@ HOOKS = KindHooks(
                    layer_bytes=plan.layer_bytes, activations=plan.activations, live_tokens=plan.live_tokens),
     doctor=doctor.checks,
     no_sequence_parallel="its memory is already constant in the window length, so it does not need it",
+    reads_any_length=True,
 )
 # compiles=False: the segment plan is built in Python from the values of cu_seqlens and positions.
 register("infini", options={**OPTIONS, **TRAINING_OPTIONS}, positions="document", hooks=HOOKS,

@@ -63,6 +63,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # This checkout's byte-code is written once and reused by every test process and every process
+    # they start (dozens; compiling longcpt from source costs each about 1 s of CPU): some images set
+    # PYTHONDONTWRITEBYTECODE=1, which would make every one of them compile it again.
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    sys.dont_write_bytecode = False
     if WORKERS > 1:
         torch.set_num_threads(1)
         os.environ["OMP_NUM_THREADS"] = "1"

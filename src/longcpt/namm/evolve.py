@@ -311,7 +311,11 @@ class _Evaluator:
         if workers == 1:
             self.local = PolicyScorer(*args, "cuda:0" if gpus else "cpu")
             return
-        context = multiprocessing.get_context("spawn")
+        # Workers fork from a server that imported this module (torch, the model code) once: a
+        # spawned worker imports them itself (about 7 s of CPU each). The server starts clean, so a
+        # worker may still initialise CUDA (which a plain fork of this process could not).
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
         if gpus:
             devices = context.Queue()
             for i in range(workers):

@@ -138,3 +138,20 @@ def tiny_infini(seed: int = 0, gates: float = 2.0, dtype=torch.float32, layers: 
             if name.endswith(".core.gate"):
                 p.uniform_(-gates, gates)
     return model.to(dtype)
+
+
+def eager_fused_kernels(calls: dict):
+    """Stand-ins for `model.fused_kernels` (rms_norm, silu_mul) with the eager code's numerics, each
+    counting its calls in calls["norm"] / calls["mlp"]: the fused kernels' wiring, on a CPU."""
+    import torch.nn.functional as F
+
+    def rms_norm(x, weight, eps):
+        calls["norm"] += 1
+        xf = x.float()
+        return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    def silu_mul(gate, up):
+        calls["mlp"] += 1
+        return F.silu(gate) * up
+
+    return rms_norm, silu_mul

@@ -44,6 +44,7 @@ class ModelConfig:
     config: dict[str, Any] = field(default_factory=dict)  # HF-style fields for a model from scratch
     tokenizer: str | None = None  # tokenizer folder (defaults to `pretrained`)
     lora: LoraConfig | None = None  # LoRA adapters (longcpt.lora); null: every parameter is trained
+    fused_kernels: str = "none"  # none | liger: Liger Kernel's RMSNorm and SwiGLU on CUDA (longcpt.model.fused)
 
 
 @dataclass
@@ -468,9 +469,11 @@ def _choice_problems(cfg: Config) -> list[str]:
 def _other_problems(cfg: Config) -> list[str]:
     """The rules that are not a bound or a choice."""
     from longcpt.logs import logger_problems
+    from longcpt.model.fused import fused_kernels_problems
 
     optim, devices = cfg.optim, cfg.trainer.devices
     problems = logger_problems(list(cfg.trainer.loggers))
+    problems += fused_kernels_problems(cfg.model.fused_kernels, cfg.trainer.accelerator)
     if optim.lr <= 0:
         problems.append(f"optim.lr={optim.lr}: must be > 0 (e.g. 2.0e-5)")
     if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):

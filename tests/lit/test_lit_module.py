@@ -90,3 +90,16 @@ def test_loss_is_next_token_cross_entropy(tmp_path, tokenizer_dir):
     torch.testing.assert_close(expected, ref, rtol=1e-5, atol=1e-6)
     # And the batch the LightningModule feeds it is that batch: its training step returns the same loss.
     torch.testing.assert_close(module._loss(batch), expected)
+
+
+def test_model_fused_kernels_are_applied_when_training_builds_the_model(tmp_path, tokenizer_dir, monkeypatch):
+    """model.fused_kernels=liger reaches every block (Liger's kernels replaced by eager stand-ins on a CPU)."""
+    from tiny import eager_fused_kernels
+
+    from longcpt.model import fused
+
+    calls = {"norm": 0, "mlp": 0}
+    monkeypatch.setattr(fused, "liger_functions", lambda: eager_fused_kernels(calls))
+    module = make_module(tmp_path, tokenizer_dir, model__fused_kernels="liger", trainer__accelerator="gpu")
+    module.model.loss(torch.randint(3, 96, (1, 16)), torch.randint(3, 96, (1, 16)))
+    assert calls == {"norm": 2 * 2 + 1, "mlp": 2}

@@ -56,6 +56,9 @@ def build_checks(cfg, device, quick: bool, scratch: Path, peak: float | None = N
         Check(env.SECTION, "disk", lambda: _check_disk(cfg)),
         *(c for c in kind_checks if c.section != env.SECTION),
     ]
+    if cfg is not None and cfg.model.fused_kernels != "none":
+        checks.append(Check(kernels.SECTION, f"fused kernels ({cfg.model.fused_kernels})",
+                            lambda: _check_fused(device, cfg.model.fused_kernels)))
     accelerator = "gpu" if device.type == "cuda" else "cpu"
     path = steps.RecipePath.of(cfg)
 
@@ -78,6 +81,15 @@ def build_checks(cfg, device, quick: bool, scratch: Path, peak: float | None = N
             steps.SECTION, "step sequence parallel", "SKIP", f"skipped: {reason}")))
     checks.append(Check(steps.SECTION, "throughput", lambda: steps.check_throughput(cfg, device, quick, peak)))
     return checks
+
+
+def _check_fused(device, name: str) -> Result:
+    """`model.fused_kernels` against the eager model (`longcpt.model.fused.check`)."""
+    from longcpt.doctor import kernels
+    from longcpt.model import fused
+
+    status, detail = fused.check(device)
+    return Result(kernels.SECTION, f"fused kernels ({name})", status, detail)
 
 
 def _bf16_ok(device) -> bool:

@@ -92,6 +92,10 @@ def build_model(cfg: Config, tokenizer, partitioned: bool = False):
         if _is_rank_zero():
             print(adapter_summary(model), flush=True)
     model.activation_checkpointing = cfg.trainer.activation_checkpointing
+    if cfg.model.fused_kernels != "none":
+        from longcpt.model.fused import apply_fused_kernels
+
+        apply_fused_kernels(model, cfg.model.fused_kernels)
     return model
 
 

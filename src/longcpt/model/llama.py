@@ -11,6 +11,7 @@ Packed batches carry `position_ids` (B, T) and `cu_seqlens` (N+1,) as `longcpt.b
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +31,12 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        # A fused kernel (x, weight, eps) -> y with the same numerics (`longcpt.model.fused`), or None.
+        self.kernel: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel(x, self.weight, self.eps)
         # Normalise in float32, cast back, then scale: transformers' order, bit for bit.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -47,9 +52,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(c, f, bias=bias)
         self.up_proj = nn.Linear(c, f, bias=bias)
         self.down_proj = nn.Linear(f, c, bias=bias)
+        # A fused silu(gate) * up kernel (`longcpt.model.fused`), or None.
+        self.silu_mul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.silu_mul is not None:
+            return self.down_proj(self.silu_mul(gate, up))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Attention(nn.Module):

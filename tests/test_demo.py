@@ -15,7 +15,7 @@ from longcpt.demo.summary import loss_table, sparkline
 from longcpt.lit.logs import read_metrics
 
 STAGES = ["corpus", "tokenizer", "prepare", "pretrain", "ppl_before", "extend", "ppl_after", "passkey_data",
-          "warmup", "finetune", "passkey_eval"]
+          "warmup", "finetune", "upto512", "upto2k", "passkey_eval"]
 
 
 def demo(forkserver, output, *args, timeout=600):
@@ -27,7 +27,7 @@ def demo(forkserver, output, *args, timeout=600):
 
 
 def reused(stdout: str) -> list[str]:
-    """Titles of the stages a run skipped, as "[n/11] title"."""
+    """Titles of the stages a run skipped, as "[n/13] title"."""
     return re.findall(r"^(\[\d+/\d+\] .*): finished by an earlier run", stdout, flags=re.M)
 
 
@@ -47,7 +47,7 @@ def test_quick_demo_runs_resumes_and_reports_what_it_measured(tmp_path, subproce
 
     code, stdout, stderr = demo(forkserver, out)
     assert code == 0, stdout[-3000:] + stderr[-3000:]
-    assert [t.split("] ")[0] for t in reused(stdout)] == [f"[{i}/11" for i in range(1, 6)]
+    assert [t.split("] ")[0] for t in reused(stdout)] == [f"[{i}/{len(STAGES)}" for i in range(1, 6)]
     assert f"resuming from {out / 'extend' / 'checkpoints'}" in stdout
     assert sorted(p.stem for p in (out / "stages").glob("*.json")) == sorted(STAGES)
 

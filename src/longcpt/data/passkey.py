@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -264,6 +265,18 @@ def make_passkey_examples(
                     "prompt": tokenizer.decode(ex.input_ids),
                     "answer": tokenizer.decode(ex.answer_ids),
                 }
+
+
+def log_spaced_lengths(lo: int, hi: int, n: int) -> tuple[int, ...]:
+    """`n` prompt lengths from `lo` to `hi` tokens, evenly spaced in log length (rounded, repeats
+    dropped): fine-tuning data spread over a window, as many short lengths as long ones.
+
+    Example: log_spaced_lengths(96, 512, 4) == (96, 168, 293, 512).
+    """
+    if not 0 < lo <= hi or n < 2:
+        raise LongcptError(f"log-spaced lengths {lo}:{hi}:{n}: need 0 < LO <= HI and N >= 2")
+    ratio = math.log(hi / lo)
+    return tuple(sorted({round(lo * math.exp(ratio * i / (n - 1))) for i in range(n)}))
 
 
 def write_passkey_jsonl(

@@ -6,8 +6,10 @@
       -> context extension to 4K, rope_theta raised             recipes/tiny_cpu_extend.yaml
       -> perplexity by position at 4K (after)
       -> passkey prompts -> warm-up (loss on every token)       recipes/tiny_cpu_passkey_warmup.yaml
-      -> passkey fine-tuning (loss on the answer)               recipes/tiny_cpu_passkey.yaml
-      -> passkey sweep from the fine-tuning length to 32x it    longcpt eval passkey
+      -> passkey fine-tuning, loss on the answer, on 96-128-token prompts, then on prompts
+         spread over 96-512 and over 96-2,048 tokens (a length curriculum; the longer prompts
+         packed several to a row)                               recipes/tiny_cpu_passkey{,_512,_2k}.yaml
+      -> passkey sweep from 128 tokens to twice the window      longcpt eval passkey
       -> loss.png, ppl.png, passkey/passkey.png and summary.txt: the measured numbers, every
          artifact, stage times and the commands to go further
 
@@ -20,7 +22,8 @@ finished stages and continues an interrupted training run from its last checkpoi
 
 Options: `--quick` runs the same stages shrunk to about a minute (what the tests run);
 `--stop-after STAGE`; `key=value` overrides every training recipe, `STAGE.key=value` one of them
-(`pretrain`, `extend`, `warmup`, `finetune`), e.g. `pretrain.trainer.max_steps=100`.
+(`pretrain`, `extend`, `warmup`, `finetune`, `upto512`, `upto2k`), e.g.
+`pretrain.trainer.max_steps=100`.
 """
 
 from longcpt.demo.pipeline import FULL, QUICK, Demo, DemoPlan, main

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from longcpt.data.passkey import log_spaced_lengths
 from longcpt.demo.stages import StageRunner
 from longcpt.errors import LongcptError
 from longcpt.fsio import record_settings
@@ -26,13 +28,19 @@ from longcpt.fsio import record_settings
 REPO = Path(__file__).resolve().parents[3]
 RECIPES = REPO / "recipes"
 
-# Training stage -> (recipe, run folder under the output folder).
+# Training stage -> (recipe, run folder under the output folder), in the order they run; each
+# starts from the export of the one before it.
 TRAINING = {
     "pretrain": ("tiny_cpu.yaml", "pretrain"),
     "extend": ("tiny_cpu_extend.yaml", "extend"),
     "warmup": ("tiny_cpu_passkey_warmup.yaml", "passkey_warmup"),
     "finetune": ("tiny_cpu_passkey.yaml", "passkey_finetune"),
+    "upto512": ("tiny_cpu_passkey_512.yaml", "passkey_512"),
+    "upto2k": ("tiny_cpu_passkey_2k.yaml", "passkey_2k"),
 }
+# Passkey stage -> the prompt set it trains on (a key of `DemoPlan.passkey_sets`).
+PASSKEY_SET = {"warmup": "short", "finetune": "short", "upto512": "upto512", "upto2k": "upto2k"}
+LAST = list(TRAINING)[-1]  # the model the passkey sweep evaluates
 
 
 @dataclass(frozen=True)
@@ -46,9 +54,9 @@ class DemoPlan:
         vocab_size: BPE vocabulary.
         val_fraction: documents held out (validation loss, and the long ones for `eval ppl`).
         ppl_docs: held-out documents read by `eval ppl` (each at the extended window length).
-        passkey_train_lengths: prompt lengths of the passkey fine-tuning data (random depths).
-        passkey_train_n: fine-tuning examples per length.
-        passkey_lengths: the evaluation sweep; the first one is the fine-tuning length.
+        passkey_sets: the passkey fine-tuning prompts (random depths), name -> (lengths, prompts per
+            length); `PASSKEY_SET` says which stage trains on which. Every prompt is seen once.
+        passkey_lengths: the evaluation sweep, to twice the extended window.
         passkey_depths: needle depths of the sweep.
         passkey_trials: prompts per (length, depth).
         overrides: recipe overrides per training stage (keys of `TRAINING`).
@@ -59,9 +67,12 @@ class DemoPlan:
     vocab_size: int = 2048
     val_fraction: float = 0.08
     ppl_docs: int = 8
-    passkey_train_lengths: tuple[int, ...] = tuple(range(96, 129, 4))
-    passkey_train_n: int = 3000
-    passkey_lengths: tuple[int, ...] = (128, 256, 512, 1024, 2048, 4096)
+    passkey_sets: dict[str, tuple[tuple[int, ...], int]] = field(default_factory=lambda: {
+        "short": (tuple(range(96, 129, 4)), 3000),
+        "upto512": (log_spaced_lengths(96, 512, 16), 200),
+        "upto2k": (log_spaced_lengths(96, 2048, 24), 110),
+    })
+    passkey_lengths: tuple[int, ...] = (128, 256, 512, 1024, 2048, 4096, 8192)
     passkey_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     passkey_trials: int = 4
     overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -78,8 +89,8 @@ QUICK = DemoPlan(
     vocab_size=512,
     val_fraction=0.1,
     ppl_docs=2,
-    passkey_train_lengths=(160, 192),  # the 512-token BPE needs ~145 tokens for the fixed text
-    passkey_train_n=16,
+    passkey_sets={"short": ((160, 192), 16),  # the 512-token BPE needs ~145 tokens for the fixed text
+                  "upto512": ((160, 256), 4), "upto2k": ((160, 384), 4)},
     passkey_lengths=(192, 384),
     passkey_depths=(0.0, 1.0),
     passkey_trials=1,
@@ -92,13 +103,17 @@ QUICK = DemoPlan(
                    "optim.warmup_steps=1"),
         "finetune": (*_QUICK_COMMON, "trainer.max_steps=2", "data.seq_len=200", "data.micro_batch_size=4",
                      "optim.warmup_steps=1"),
+        "upto512": (*_QUICK_COMMON, "trainer.max_steps=2", "data.seq_len=264", "data.micro_batch_size=2",
+                    "optim.warmup_steps=1"),
+        "upto2k": (*_QUICK_COMMON, "trainer.max_steps=2", "data.seq_len=392", "data.micro_batch_size=1",
+                   "optim.warmup_steps=1"),
     },
 )
 PLANS = {"full": FULL, "quick": QUICK}
 
 
 def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
-    """`STAGE.key=value` goes to that training stage, a plain `key=value` to all four.
+    """`STAGE.key=value` goes to that training stage, a plain `key=value` to all of them.
 
     Example: ["trainer.max_steps=50", "extend.optim.lr=5e-4"] ->
     {"pretrain": ["trainer.max_steps=50"], "extend": ["trainer.max_steps=50", "optim.lr=5e-4"], ...}
@@ -141,10 +156,17 @@ class Demo:
         self.corpus = self.out / "corpus" / "corpus.jsonl"
         self.tokenizer = self.out / "tokenizer"
         self.data = self.out / "data"
-        self.passkey_data = self.out / "passkey_data" / "train.jsonl"
+        self.passkey_data = {name: self.out / "passkey_data" / f"{name}.jsonl" for name in plan.passkey_sets}
         self.ppl_before = self.out / "ppl_before"
         self.ppl_after = self.out / "ppl_after"
         self.passkey = self.out / "passkey"
+
+    training_stages = tuple(TRAINING)
+    passkey_stages = tuple(PASSKEY_SET)
+
+    def passkey_set(self, stage: str) -> tuple[tuple[int, ...], int]:
+        """(prompt lengths, prompts per length) that passkey stage `stage` trains on."""
+        return self.plan.passkey_sets[PASSKEY_SET[stage]]
 
     def run_dir(self, stage: str) -> Path:
         return self.out / TRAINING[stage][1]
@@ -153,14 +175,15 @@ class Demo:
         """The resolved recipe of a training stage: recipe, this folder's paths, plan, user overrides."""
         from longcpt.config import load_config
 
-        paths = {
-            "pretrain": [f"model.tokenizer={self.tokenizer}", f"data.train={self.data / 'train'}",
-                         f"data.val={self.data / 'val'}"],
-            "extend": [f"model.pretrained={self.run_dir('pretrain') / 'hf'}", f"data.train={self.data / 'train'}",
-                       f"data.val={self.data / 'val'}"],
-            "warmup": [f"model.pretrained={self.run_dir('extend') / 'hf'}", f"data.train={self.passkey_data}"],
-            "finetune": [f"model.pretrained={self.run_dir('warmup') / 'hf'}", f"data.train={self.passkey_data}"],
-        }[stage]
+        stages = list(TRAINING)
+        if stage == "pretrain":
+            paths = [f"model.tokenizer={self.tokenizer}"]
+        else:
+            paths = [f"model.pretrained={self.run_dir(stages[stages.index(stage) - 1]) / 'hf'}"]
+        if stage in PASSKEY_SET:
+            paths.append(f"data.train={self.passkey_data[PASSKEY_SET[stage]]}")
+        else:
+            paths += [f"data.train={self.data / 'train'}", f"data.val={self.data / 'val'}"]
         overrides = [*paths, f"trainer.out_dir={self.run_dir(stage)}", "trainer.export_hf=true",
                      *self.plan.overrides.get(stage, ()), *self.overrides[stage]]
         return load_config(RECIPES / TRAINING[stage][0], overrides, check_paths=check_paths)
@@ -243,21 +266,28 @@ class Demo:
         from longcpt.data.passkey import write_passkey_jsonl
 
         tokenizer = load_tokenizer(str(self.tokenizer))
-        n = write_passkey_jsonl(self.passkey_data, tokenizer, self.plan.passkey_train_lengths, ["random"],
-                                self.plan.passkey_train_n, seed=1, split_digits=True)
-        return {"examples": n}
+        counts = {}
+        for seed, (name, (lengths, n)) in enumerate(self.plan.passkey_sets.items(), start=1):
+            counts[name] = write_passkey_jsonl(self.passkey_data[name], tokenizer, lengths, ["random"], n,
+                                               seed=seed, split_digits=True)
+        return {"examples": counts}
 
     def eval_passkey(self) -> dict:
         from longcpt.cli import main
 
         p = self.plan
-        code = main(["eval", "passkey", "--model", str(self.run_dir("finetune") / "hf"), "--split-digits",
+        code = main(["eval", "passkey", "--model", str(self.run_dir(LAST) / "hf"), "--split-digits",
                      "--lengths", ",".join(map(str, p.passkey_lengths)),
                      "--depths", ",".join(map(str, p.passkey_depths)),
                      "--trials", str(p.passkey_trials), "--output", str(self.passkey)])
         if code != 0:
             raise LongcptError(f"passkey evaluation failed (exit {code}); see the message above")
         return {"by_length": json.loads((self.passkey / "passkey.json").read_text())["by_length"]}
+
+    def _lengths(self, stage: str) -> str:
+        """"96-512": the prompt lengths a passkey stage trains on."""
+        lengths, _ = self.passkey_set(stage)
+        return f"{min(lengths):,}-{max(lengths):,}"
 
     def run(self, stop_after: str | None = None) -> tuple[StageRunner, Path | None]:
         """Run (or resume) every stage; returns the stage runner and the summary file (None when
@@ -285,10 +315,11 @@ class Demo:
             ("ppl_after", f"perplexity by position at {new:,} tokens, after context extension",
              lambda: self.eval_ppl(self.run_dir("extend") / "hf", self.ppl_after)),
             ("passkey_data", "passkey prompts for fine-tuning (key one digit per token)", self.make_passkey_data),
-            ("warmup", f"passkey warm-up, loss on every token (recipes/{TRAINING['warmup'][0]})",
-             lambda: self.train("warmup")),
-            ("finetune", f"passkey fine-tuning, loss on the answer (recipes/{TRAINING['finetune'][0]})",
-             lambda: self.train("finetune")),
+            ("warmup", f"passkey warm-up on {self._lengths('warmup')}-token prompts, loss on every token "
+                       f"(recipes/{TRAINING['warmup'][0]})", lambda: self.train("warmup")),
+            *[(stage, f"passkey fine-tuning on {self._lengths(stage)}-token prompts, loss on the answer "
+                      f"(recipes/{TRAINING[stage][0]})", functools.partial(self.train, stage))
+              for stage in ("finetune", "upto512", "upto2k")],
             ("passkey_eval", "passkey evaluation: " + ", ".join(f"{n:,}" for n in self.plan.passkey_lengths)
              + " tokens", self.eval_passkey),
         ]
@@ -319,8 +350,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(checks the installation; the figures mean nothing)")
     parser.add_argument("--stop-after", default=None, metavar="STAGE", help="stop after this stage (e.g. pretrain)")
     parser.add_argument("overrides", nargs="*", metavar="[STAGE.]key=value",
-                        help="recipe overrides: plain ones apply to the four training stages, "
-                             "pretrain./extend./warmup./finetune. ones to that stage only "
+                        help="recipe overrides: plain ones apply to every training stage, "
+                             f"{'./'.join(TRAINING)}. ones to that stage only "
                              "(e.g. extend.trainer.max_steps=20)")
     args = parser.parse_args(argv)
     start = time.perf_counter()

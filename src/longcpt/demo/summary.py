@@ -55,6 +55,12 @@ def _parameters(hf_dir: Path) -> int:
     return total
 
 
+def _prompts(demo, stage: str) -> str:
+    """"1,800 prompts of 96-128 tokens": the prompt set a passkey stage trains on."""
+    lengths, n = demo.passkey_set(stage)
+    return f"{len(lengths) * n:,} prompts of {min(lengths):,}-{max(lengths):,} tokens"
+
+
 def loss_table(train: list[tuple[int, float]], val: list[tuple[int, float]], rows: int = 8) -> list[str]:
     """A few rows of step / training loss / validation loss (the validation steps, else evenly spaced)."""
     val_at = dict(val)
@@ -77,9 +83,9 @@ def write_summary(demo, runner) -> Path:
 
     out = demo.out
     results = {t.name: json.loads(runner.marker(t.name).read_text())["result"] for t in runner.times}
-    pre, ext, warm, ft = (results[s] for s in ("pretrain", "extend", "warmup", "finetune"))
+    pre, ext = results["pretrain"], results["extend"]
     m_pre, m_ext = read_metrics(demo.run_dir("pretrain")), read_metrics(demo.run_dir("extend"))
-    m_warm, m_ft = read_metrics(demo.run_dir("warmup")), read_metrics(demo.run_dir("finetune"))
+    passkey_stages = demo.passkey_stages
     old, new = pre["seq_len"], ext["seq_len"]
     vocab = results["tokenizer"]["vocab_size"]
     params = _parameters(Path(pre["hf"]))
@@ -123,9 +129,10 @@ def write_summary(demo, runner) -> Path:
              f"({tokens(m_pre):,} tokens), rope_theta {pre['rope_theta']:,.0f}",
              f"  2. context extension: {ext['steps']} steps of {ext['micro_batch_size']} x {new:,} tokens "
              f"({tokens(m_ext):,} tokens), rope_theta raised to {ext['rope_theta']:,.0f}",
-             f"  3. passkey: {warm['steps']} warm-up steps (loss on every token), then {ft['steps']} steps with "
-             f"the loss on the answer only; {results['passkey_data']['examples']:,} prompts of "
-             f"{min(demo.plan.passkey_train_lengths)}-{max(demo.plan.passkey_train_lengths)} tokens",
+             "  3. passkey fine-tuning (prompts packed several to a row where rows are long):",
+             *[f"     {stage:<9} {results[stage]['steps']:>4} steps of {results[stage]['micro_batch_size']} x "
+               f"{results[stage]['seq_len']:,} tokens, {_prompts(demo, stage)}, "
+               f"loss on {'every token' if stage == 'warmup' else 'the answer'}" for stage in passkey_stages],
              "", "LOSS (nats per token; a uniform guess over the vocabulary is "
              f"ln {vocab:,} = {math.log(vocab):.2f})"]
     for label, train, val in (("pretraining", train_pre, val_pre), ("context extension", train_ext, val_ext)):
@@ -136,10 +143,10 @@ def write_summary(demo, runner) -> Path:
             lines.append(f"  {'':<18} validation {val[0][1]:.2f} (step {val[0][0]}) "
                          f"{sparkline([v for _, v in val])} {val[-1][1]:.2f} (step {val[-1][0]})")
     lines += loss_table(train_pre + train_ext, val_pre + val_ext)
-    for label, m in (("passkey warm-up", m_warm), ("passkey fine-tune", m_ft)):
-        train = _points(m, "train/loss")
+    for stage in passkey_stages:
+        train = _points(read_metrics(demo.run_dir(stage)), "train/loss")
         if train:
-            lines.append(f"  {label:<18} training   {train[0][1]:.2f} (step {train[0][0]}) "
+            lines.append(f"  {'passkey ' + stage:<18} training   {train[0][1]:.2f} (step {train[0][0]}) "
                          f"{sparkline([v for _, v in train])} {train[-1][1]:.2f} (step {train[-1][0]})")
 
     lines += ["", f"PERPLEXITY BY POSITION ({before['n_docs']} held-out documents of {new:,} tokens; "
@@ -152,18 +159,19 @@ def write_summary(demo, runner) -> Path:
                  f"{at_old[1]['ppl']:.1f} after; at the new length (positions {at_new[0]['start']:,}-{new:,}): "
                  f"{at_new[0]['ppl']:.1f} before, {at_new[1]['ppl']:.1f} after")
 
+    longest = max(max(lengths) for lengths, _ in demo.plan.passkey_sets.values())
     lines += ["", f"PASSKEY (exact match of the 5-digit key; {len(passkey['depths'])} depths x {passkey['trials']} "
-              f"trials per length; fine-tuned at <= {max(demo.plan.passkey_train_lengths)} tokens)"]
+              f"trials per length; fine-tuned on prompts of <= {longest:,} tokens, window {new:,})"]
     lines.append("  " + "  ".join(f"{_length(int(n))}: {acc:.0%}" for n, acc in passkey["by_length"].items()))
 
-    runs = {stage: demo.run_dir(stage) for stage in ("pretrain", "extend", "warmup", "finetune")}
+    runs = {stage: demo.run_dir(stage) for stage in demo.training_stages}
     lines += ["", "ARTIFACTS",
               f"  loss curve            {loss_png}",
               f"  perplexity plot       {ppl_png}   (data: {demo.ppl_before / 'ppl.json'}, {demo.ppl_after / 'ppl.json'})",
               f"  passkey heatmap       {demo.passkey / 'passkey.png'}   (data: {demo.passkey / 'passkey.json'})",
               f"  corpus, tokenizer     {demo.corpus}, {demo.tokenizer}",
               f"  prepared data         {demo.data} (train, val)",
-              f"  passkey prompts       {demo.passkey_data}"]
+              f"  passkey prompts       {demo.passkey_data[next(iter(demo.passkey_data))].parent}"]
     for stage, run in runs.items():
         lines.append(f"  {stage + ' run':<21} {run}  (Hugging Face export: {run / 'hf'}; logs/csv, checkpoints/)")
     lines += [f"  stage markers         {out / 'stages'}  (delete one to redo that stage)", "",

@@ -69,7 +69,7 @@ class DemoPlan:
     ppl_docs: int = 8
     passkey_sets: dict[str, tuple[tuple[int, ...], int]] = field(default_factory=lambda: {
         "short": (tuple(range(96, 129, 4)), 3000),
-        "upto512": (log_spaced_lengths(96, 512, 16), 200),
+        "upto512": (log_spaced_lengths(96, 512, 16), 250),
         "upto2k": (log_spaced_lengths(96, 2048, 24), 110),
     })
     passkey_lengths: tuple[int, ...] = (128, 256, 512, 1024, 2048, 4096, 8192)

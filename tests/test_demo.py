@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -75,6 +76,13 @@ def test_quick_demo_runs_resumes_and_reports_what_it_measured(tmp_path, subproce
     assert f"{losses[last]:.2f} (step {last + 1})" in summary
     for name in STAGES:
         assert re.search(rf"^\s+\d+ s\s+\d+ s  {name}\b", summary, flags=re.M), name
+
+    # The answer-only fine-tune learns to read the key: a model that does not look at the prompt can
+    # do no better than guess the digits of a random 5-digit key (first 1-9, then 0-9; EOS is free).
+    floor = (math.log(9) + 4 * math.log(10)) / 6
+    answer_loss = read_metrics(out / "passkey_finetune")["train/loss"]
+    last = [answer_loss[step] for step in sorted(answer_loss)[-20:]]
+    assert sum(last) / len(last) < floor - 0.1, (floor, last)
     assert "experiments/passkey_demo.sh" in summary and "recipes/anchor_llama3_8b_128k.yaml" in summary
     assert "longcpt plan recipes/" in summary
 

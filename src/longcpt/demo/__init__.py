@@ -13,7 +13,7 @@
       -> loss.png, ppl.png, passkey/passkey.png and summary.txt: the measured numbers, every
          artifact, stage times and the commands to go further
 
-Sized for 2 CPU cores (about 9 minutes of stages on a quiet machine); every core is used
+Sized for 2 CPU cores (about 11.5 minutes of stages on a quiet machine); every core is used
 (`use_all_cores`). Each training run is exported to Hugging Face format (`RUN/hf`).
 
 Resuming: every stage writes its outputs completely or not at all and then a marker

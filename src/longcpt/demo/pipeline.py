@@ -158,7 +158,8 @@ class Demo:
         self.corpus = self.out / "corpus" / "corpus.jsonl"
         self.tokenizer = self.out / "tokenizer"
         self.data = self.out / "data"
-        self.passkey_data = {name: self.out / "passkey_data" / f"{name}.jsonl" for name in plan.passkey_sets}
+        self.passkey_dir = self.out / "passkey_data"
+        self.passkey_data = {name: self.passkey_dir / f"{name}.jsonl" for name in plan.passkey_sets}
         self.ppl_before = self.out / "ppl_before"
         self.ppl_after = self.out / "ppl_after"
         self.passkey = self.out / "passkey"
@@ -169,6 +170,11 @@ class Demo:
     def passkey_set(self, stage: str) -> tuple[tuple[int, ...], int]:
         """(prompt lengths, prompts per length) that passkey stage `stage` trains on."""
         return self.plan.passkey_sets[PASSKEY_SET[stage]]
+
+    def loss_on(self, stage: str) -> str:
+        """What passkey stage `stage` puts its loss on: "every token" (its recipe's
+        `data.train_on_input`) or "the answer"."""
+        return "every token" if self.config(stage, check_paths=False).data.train_on_input else "the answer"
 
     def run_dir(self, stage: str) -> Path:
         return self.out / TRAINING[stage][1]
@@ -286,10 +292,12 @@ class Demo:
             raise LongcptError(f"passkey evaluation failed (exit {code}); see the message above")
         return {"by_length": json.loads((self.passkey / "passkey.json").read_text())["by_length"]}
 
-    def _lengths(self, stage: str) -> str:
-        """"96-512": the prompt lengths a passkey stage trains on."""
+    def _passkey_title(self, stage: str) -> str:
+        """"passkey fine-tuning on 96-512-token prompts, loss on the answer (recipes/...)"."""
         lengths, _ = self.passkey_set(stage)
-        return f"{min(lengths):,}-{max(lengths):,}"
+        loss = self.loss_on(stage)
+        return (f"passkey {'warm-up' if loss == 'every token' else 'fine-tuning'} on {min(lengths):,}-"
+                f"{max(lengths):,}-token prompts, loss on {loss} (recipes/{TRAINING[stage][0]})")
 
     def run(self, stop_after: str | None = None) -> tuple[StageRunner, Path | None]:
         """Run (or resume) every stage; returns the stage runner and the summary file (None when
@@ -317,11 +325,7 @@ class Demo:
             ("ppl_after", f"perplexity by position at {new:,} tokens, after context extension",
              lambda: self.eval_ppl(self.run_dir("extend") / "hf", self.ppl_after)),
             ("passkey_data", "passkey prompts for fine-tuning (key one digit per token)", self.make_passkey_data),
-            ("warmup", f"passkey warm-up on {self._lengths('warmup')}-token prompts, loss on every token "
-                       f"(recipes/{TRAINING['warmup'][0]})", lambda: self.train("warmup")),
-            *[(stage, f"passkey fine-tuning on {self._lengths(stage)}-token prompts, loss on the answer "
-                      f"(recipes/{TRAINING[stage][0]})", functools.partial(self.train, stage))
-              for stage in ("finetune", "upto512", "upto2k")],
+            *[(stage, self._passkey_title(stage), functools.partial(self.train, stage)) for stage in PASSKEY_SET],
             ("passkey_eval", "passkey evaluation: " + ", ".join(f"{n:,}" for n in self.plan.passkey_lengths)
              + " tokens", self.eval_passkey),
         ]

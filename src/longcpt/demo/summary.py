@@ -132,7 +132,7 @@ def write_summary(demo, runner) -> Path:
              "  3. passkey fine-tuning (prompts packed several to a row where rows are long):",
              *[f"     {stage:<9} {results[stage]['steps']:>4} steps of {results[stage]['micro_batch_size']} x "
                f"{results[stage]['seq_len']:,} tokens, {_prompts(demo, stage)}, "
-               f"loss on {'every token' if stage == 'warmup' else 'the answer'}" for stage in passkey_stages],
+               f"loss on {demo.loss_on(stage)}" for stage in passkey_stages],
              "", "LOSS (nats per token; a uniform guess over the vocabulary is "
              f"ln {vocab:,} = {math.log(vocab):.2f})"]
     for label, train, val in (("pretraining", train_pre, val_pre), ("context extension", train_ext, val_ext)):
@@ -171,7 +171,7 @@ def write_summary(demo, runner) -> Path:
               f"  passkey heatmap       {demo.passkey / 'passkey.png'}   (data: {demo.passkey / 'passkey.json'})",
               f"  corpus, tokenizer     {demo.corpus}, {demo.tokenizer}",
               f"  prepared data         {demo.data} (train, val)",
-              f"  passkey prompts       {demo.passkey_data[next(iter(demo.passkey_data))].parent}"]
+              f"  passkey prompts       {demo.passkey_dir}"]
     for stage, run in runs.items():
         lines.append(f"  {stage + ' run':<21} {run}  (Hugging Face export: {run / 'hf'}; logs/csv, checkpoints/)")
     lines += [f"  stage markers         {out / 'stages'}  (delete one to redo that stage)", "",
